@@ -1,0 +1,1 @@
+"""The memory store: chunking, embedding, FAISS indexes, LMDB storage (`memlm.index`)."""

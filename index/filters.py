@@ -1,0 +1,1 @@
+"""Placeholder: written by the index work. Filter, Condition, parse_filter, MetadataIndex."""

@@ -1,0 +1,11 @@
+"""memlm: a retrieval- and memory-augmented language-model service."""
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The client pulls in grpc; import it lazily so `import memlm.index` stays light.
+    if name == "Client":
+        from memlm.client import Client
+
+        return Client
+    raise AttributeError(name)

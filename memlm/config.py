@@ -1,0 +1,94 @@
+"""Settings, one typed model per component, read from `MEMLM_*` environment variables and a
+TOML file (pydantic-settings).
+
+Precedence, highest first: keyword arguments (the CLI's options), environment variables
+(`MEMLM_PORT=50052`, nested with `__`: `MEMLM_STORE__MAX_K=500`), the TOML file named by
+`MEMLM_CONFIG` (else `./memlm.toml` when present), the defaults below.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class StoreSettings(BaseModel):
+    """The memory store (LMDB + FAISS)."""
+
+    map_size_gib: float = Field(64.0, gt=0, description="LMDB map size; sparse on disk, grows as written")
+    max_document_bytes: int = Field(1_000_000, gt=0, description="largest document text accepted, UTF-8 bytes")
+    max_ingest_call_bytes: int = Field(64_000_000, gt=0, description="largest total text in one Ingest call")
+    max_k: int = Field(1000, gt=0, description="largest k a Search may ask for")
+    default_index_factory: str = Field("Flat", description="FAISS factory string for new collections")
+    default_chunk_tokens: int = Field(64, gt=0, description="chunk size in language-model tokens (RETRO's 64)")
+    embed_batch_size: int = Field(64, gt=0, description="chunks embedded per forward pass")
+    snapshot_every_ops: int = Field(
+        1000, gt=0, description="write the FAISS index to disk after this many logged index operations"
+    )
+    exact_filter_below: int = Field(
+        20_000, gt=0, description="filtered searches matching fewer chunks than this are exact brute force"
+    )
+
+
+class ModelSettings(BaseModel):
+    """The language model and generation defaults."""
+
+    path: Optional[str] = Field(None, description='a local Hugging Face causal-LM folder; None = the bundled SmolLM2')
+    dtype: Optional[str] = Field(None, description="torch dtype name; None = float32 (fastest on CPU)")
+    max_context_tokens: Optional[int] = Field(None, gt=0, description="cap on prompt + new tokens; None = the model's own")
+    max_new_tokens_limit: int = Field(2048, gt=0, description="largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = Field(128, gt=0)
+    torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch's default")
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    api_key: Optional[str] = Field(None, description="when set, calls need `authorization: Bearer <key>`")
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    grace_seconds: float = Field(10.0, ge=0, description="how long in-flight calls may drain on SIGTERM")
+    max_message_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
+
+    @field_validator("tls_key")
+    @classmethod
+    def _pair(cls, key, info):
+        if (key is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return key
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "memlm"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMLM_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="LMDB, FAISS and KV-memory files")
+    cache_dir: Optional[Path] = Field(None, description="converted model cache; None = ~/.cache/memlm")
+    log_level: str = "INFO"
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    model: ModelSettings = ModelSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get("MEMLM_CONFIG") or ("memlm.toml" if Path("memlm.toml").is_file() else None)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            if not Path(toml_path).is_file():
+                raise FileNotFoundError(f"MEMLM_CONFIG names {toml_path}, which does not exist")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)

@@ -1,0 +1,1 @@
+"""gRPC servicers (thin), server start-up, health, auth (`memlm.services`)."""
