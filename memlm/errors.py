@@ -41,3 +41,35 @@ class Unimplemented(MemlmError, NotImplementedError):
 
 class Cancelled(MemlmError):
     code = "CANCELLED"
+
+
+class Unauthenticated(MemlmError):
+    code = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(MemlmError, TimeoutError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(MemlmError, ConnectionError):
+    code = "UNAVAILABLE"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument, NotFound, AlreadyExists, ResourceExhausted, FailedPrecondition,
+        Unimplemented, Cancelled, Unauthenticated, DeadlineExceeded, Unavailable,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> MemlmError:
+    """The exception a client raises for a gRPC status: the matching class, else a MemlmError
+    whose `code` is the status name."""
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    err = MemlmError(message)
+    err.code = code
+    return err

@@ -1,0 +1,354 @@
+"""The Python client: `memlm.Client(address)` over gRPC.
+
+Every call carries a deadline (`timeout`, per call or the client's default). Server errors are
+raised as `memlm.errors` exceptions carrying the gRPC status name in `.code` (NotFound,
+InvalidArgument, ResourceExhausted, ...), so callers catch what they mean rather than RpcError.
+
+    with memlm.Client("127.0.0.1:50051") as client:
+        client.create_collection("docs", if_not_exists=True)
+        client.ingest([{"id": "a", "text": "...", "metadata": {"lang": "en"}}], collection="docs")
+        hits = client.search("question", collection="docs", k=5, filter={"lang": "en"})
+        stream = client.generate("question", collection="docs", memory="rag")
+        for piece in stream:
+            print(piece, end="")
+        print(stream.result.citations)
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from memlm import wire
+from memlm.engine import GenerationResult, MemoryMode
+from memlm.errors import InvalidArgument, error_for_code
+from memlm.index.types import CollectionConfig, CollectionStats, DocumentResult, Filter, SearchHit, StoredDocument
+from memlm.v1 import memlm_pb2 as pb
+from memlm.v1 import memlm_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+FilterLike = Union[Filter, Mapping[str, Any], None]
+DocumentLike = Union[Mapping[str, Any], Any]
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    results: list[DocumentResult]  # one per document, in the order given
+
+    @property
+    def created(self) -> int:
+        return sum(r.status == "created" for r in self.results)
+
+    @property
+    def replaced(self) -> int:
+        return sum(r.status == "replaced" for r in self.results)
+
+    @property
+    def rejected(self) -> list[DocumentResult]:
+        return [r for r in self.results if r.status == "rejected"]
+
+    @property
+    def chunks(self) -> int:
+        return sum(r.chunks for r in self.results)
+
+
+def _raise_from(err: grpc.RpcError) -> None:
+    code = err.code().name if err.code() is not None else "UNKNOWN"
+    raise error_for_code(code, err.details() or code) from None
+
+
+def _to_filter(filter: FilterLike) -> Optional[pb.Filter]:
+    if filter is None:
+        return None
+    if not isinstance(filter, Filter):
+        from memlm.index.filters import parse_filter
+
+        filter = parse_filter(filter)
+    return None if filter is None or filter.is_empty() else wire.filter_to_pb(filter)
+
+
+def _document_fields(doc: DocumentLike, position: int) -> tuple[str, str, Mapping[str, Any]]:
+    """Accept dicts `{id, text, metadata}` and objects such as LangChain (`page_content`) or
+    LlamaIndex (`id_`, `text`) documents."""
+    if isinstance(doc, Mapping):
+        get = doc.get
+    else:
+        def get(name, default=None):
+            return getattr(doc, name, default)
+    doc_id = get("id") or get("id_") or get("doc_id")
+    text = get("text")
+    if text is None:
+        text = get("page_content")
+    if doc_id is None:
+        raise InvalidArgument(f"document {position} has no id (expected an `id` field)")
+    if not isinstance(text, str):
+        raise InvalidArgument(f"document {position} ({doc_id!r}) has no text string")
+    return str(doc_id), text, dict(get("metadata") or {})
+
+
+class GenerationStream:
+    """Iterates the generated text piece by piece; `.result` then holds the citations, token
+    counts and timings. Reading `.result` early drains the rest of the stream."""
+
+    def __init__(self, call):
+        self._call = call
+        self._result: Optional[GenerationResult] = None
+        self._pieces = self._iterate()
+
+    def _iterate(self) -> Iterator[str]:
+        try:
+            for msg in self._call:
+                if msg.WhichOneof("event") == "delta":
+                    yield msg.delta
+                else:
+                    self._result = wire.done_from_pb(msg.done)
+        except grpc.RpcError as err:
+            _raise_from(err)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def result(self) -> GenerationResult:
+        for _ in self._pieces:
+            pass
+        if self._result is None:
+            raise RuntimeError("the stream ended without a final result (it was cancelled)")
+        return self._result
+
+    @property
+    def text(self) -> str:
+        return self.result.text
+
+    def cancel(self) -> None:
+        """Stop generation on the server."""
+        self._call.cancel()
+
+
+class Client:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        api_key: Optional[str] = None,
+        timeout: float = 60.0,
+        tls: bool = False,
+        root_certificates: Optional[bytes] = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ):
+        opts = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls or root_certificates:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._memory = pb_grpc.MemoryStub(self._channel)
+        self._generation = pb_grpc.GenerationStub(self._channel)
+
+    # --- plumbing ---
+
+    def _call(self, method, request, timeout: Optional[float]):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            _raise_from(err)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server accepts connections (raises Unavailable after `timeout`)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise error_for_code("UNAVAILABLE", f"no memlm server at {self.address} after {timeout} s") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- collections ---
+
+    def create_collection(
+        self,
+        name: str,
+        *,
+        index_factory: str = "",
+        embedding_model: str = "",
+        chunk_tokens: int = 0,
+        chunk_overlap: int = 0,
+        kv_memory: bool = False,
+        if_not_exists: bool = False,
+        timeout: Optional[float] = None,
+    ) -> CollectionConfig:
+        reply = self._call(
+            self._memory.CreateCollection,
+            pb.CreateCollectionRequest(
+                name=name, index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
+                chunk_overlap=chunk_overlap, kv_memory=kv_memory, if_not_exists=if_not_exists,
+            ),
+            timeout,
+        )
+        return wire.config_from_pb(reply.config)
+
+    def list_collections(self, *, timeout: Optional[float] = None) -> list[CollectionConfig]:
+        reply = self._call(self._memory.ListCollections, pb.ListCollectionsRequest(), timeout)
+        return [wire.config_from_pb(c) for c in reply.collections]
+
+    def describe_collection(self, name: str, *, timeout: Optional[float] = None) -> CollectionStats:
+        reply = self._call(self._memory.DescribeCollection, pb.DescribeCollectionRequest(collection=name), timeout)
+        return wire.stats_from_pb(reply)
+
+    def drop_collection(self, name: str, *, timeout: Optional[float] = None) -> None:
+        self._call(self._memory.DropCollection, pb.DropCollectionRequest(collection=name), timeout)
+
+    def stats(self, collection: str = "", *, timeout: Optional[float] = None) -> pb.StatsResponse:
+        return self._call(self._memory.Stats, pb.StatsRequest(collection=collection), timeout)
+
+    # --- documents ---
+
+    def ingest(
+        self,
+        docs: Iterable[DocumentLike],
+        *,
+        collection: str,
+        batch_size: int = 64,
+        skip_invalid: bool = False,
+        progress: Union[bool, Callable[[int], None]] = False,
+        total: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> IngestReport:
+        """Upsert documents in batches of `batch_size`, one atomic Ingest call per batch.
+
+        When this returns, every document reported "created"/"replaced" is durable. If a batch
+        fails, earlier batches stay stored; the exception says which batch failed.
+        `progress=True` shows a progress bar; a callable gets the count of documents done.
+        """
+        if batch_size < 1:
+            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
+        bar = None
+        if progress is True:
+            from tqdm import tqdm
+
+            if total is None and isinstance(docs, Sequence):
+                total = len(docs)
+            bar = tqdm(total=total, unit="doc", desc=f"ingest {collection}")
+        results: list[DocumentResult] = []
+        it = iter(docs)
+        start = 0
+        try:
+            while batch := list(itertools.islice(it, batch_size)):
+                msgs = []
+                for i, doc in enumerate(batch):
+                    doc_id, text, metadata = _document_fields(doc, start + i)
+                    msgs.append(pb.Document(id=doc_id, text=text, metadata=wire.dict_to_struct(metadata)))
+                request = pb.IngestRequest(collection=collection, documents=msgs, skip_invalid=skip_invalid)
+                try:
+                    reply = self._call(self._memory.Ingest, iter([request]), timeout)
+                except Exception as exc:
+                    if start:
+                        exc.args = (f"{exc} (documents {start}..{start + len(batch) - 1}; the {start} before are stored)",)
+                    raise
+                results.extend(wire.result_from_pb(r) for r in reply.results)
+                start += len(batch)
+                if bar is not None:
+                    bar.update(len(batch))
+                elif callable(progress):
+                    progress(start)
+        finally:
+            if bar is not None:
+                bar.close()
+        return IngestReport(results=results)
+
+    def search(
+        self,
+        query: Union[str, Sequence[float], np.ndarray],
+        *,
+        collection: str,
+        k: int = 10,
+        filter: FilterLike = None,
+        timeout: Optional[float] = None,
+    ) -> list[SearchHit]:
+        """Text (embedded by the server) or vector query. `filter`: `{"lang": "en", "tag": ["a", "b"]}`
+        (equality; a list means any of) or the explicit `{"must": [...], "should": [...], "must_not": [...]}`."""
+        request = pb.SearchRequest(collection=collection, k=k)
+        if isinstance(query, str):
+            request.text = query
+        else:
+            request.vector.values.extend(np.asarray(query, dtype=np.float32).ravel().tolist())
+        if (f := _to_filter(filter)) is not None:
+            request.filter.CopyFrom(f)
+        reply = self._call(self._memory.Search, request, timeout)
+        return [wire.hit_from_pb(h) for h in reply.hits]
+
+    def get(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[StoredDocument]:
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        reply = self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=ids), timeout)
+        return [wire.stored_from_pb(d) for d in reply.documents]
+
+    def delete(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[str]:
+        """Delete documents; returns the ids that existed and are now gone."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        reply = self._call(self._memory.Delete, pb.DeleteRequest(collection=collection, ids=ids), timeout)
+        return list(reply.deleted)
+
+    # --- generation ---
+
+    def generate(
+        self,
+        prompt: Optional[str] = None,
+        *,
+        messages: Optional[Sequence[Mapping[str, str]]] = None,
+        collection: str = "",
+        memory: Union[str, MemoryMode] = "rag",
+        k: int = 0,
+        filter: FilterLike = None,
+        max_new_tokens: int = 0,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+        timeout: Optional[float] = None,
+    ) -> GenerationStream:
+        """Stream a completion. `memory="rag"` needs a collection; `memory="none"` does not.
+        0 for `k` / `max_new_tokens` means the server's default."""
+        mode = MemoryMode.parse(memory)
+        if mode is not MemoryMode.NONE and not collection:
+            raise InvalidArgument(f"memory={mode.value!r} reads a collection: pass collection=...")
+        request = pb.GenerateRequest(
+            collection=collection, memory=wire.memory_mode_to_pb(mode), k=k, max_new_tokens=max_new_tokens,
+            stop=list(stop),
+        )
+        if (prompt is None) == (messages is None):
+            raise InvalidArgument("pass exactly one of prompt or messages")
+        if prompt is not None:
+            request.prompt = prompt
+        else:
+            request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        if temperature is not None:
+            request.temperature = temperature
+        if top_p is not None:
+            request.top_p = top_p
+        if seed is not None:
+            request.seed = seed
+        if (f := _to_filter(filter)) is not None:
+            request.filter.CopyFrom(f)
+        call = self._generation.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return GenerationStream(call)
+
+    def model_info(self, *, timeout: Optional[float] = None) -> pb.ModelInfoResponse:
+        return self._call(self._generation.ModelInfo, pb.ModelInfoRequest(), timeout)

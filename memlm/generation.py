@@ -1,0 +1,241 @@
+"""The token loop: prefill, decode one token at a time, sample, detokenize as a stream.
+
+Split gpt-fast style into tiny functions (`prefill`, `decode_one_token`, `sample`) so each can be
+swapped (a static KV cache, a compiled decode step, a batched scheduler) without touching the
+rest. Runs any Hugging Face causal LM through its own forward with a `DynamicCache`; batch size
+is 1 here: the host serialises requests, and batching would replace `generate_tokens`, not its
+callers.
+
+Limits: the caller keeps prompt + new tokens inside the model's context (see
+`memlm.prompts.prompt_budget`); nothing here truncates. Detokenization re-decodes all generated ids
+each step (byte-level BPE decodes prefix-stably), which costs well under 1 ms per step for a few
+thousand tokens, next to ~70 ms for the forward pass on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from memlm.engine import SamplingParams, TextDelta
+
+# Prompts longer than this are prefilled in pieces, so attention scores for an 8k-token prompt
+# never need a (heads, T, T) matrix at once; shorter prompts take one forward pass, exactly as
+# `model.generate` does.
+PREFILL_CHUNK_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class GenerationOutcome:
+    """The last item `generate_tokens` yields. Times are `time.perf_counter()` seconds."""
+
+    text: str  # everything generated, ending before a stop sequence if one was hit
+    token_ids: tuple[int, ...]  # every sampled token, EOS included when it was sampled
+    finish_reason: str  # "stop" | "eos" | "length" | "cancelled"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    first_token_at: Optional[float] = None  # perf_counter() when the first token was sampled
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def new_cache(model):
+    """An empty KV cache for `model` (grows as tokens are added)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def prefill(model, input_ids: torch.Tensor, cache, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> torch.Tensor:
+    """Run the prompt `input_ids` (1, T) through the model, filling `cache`.
+
+    Returns the logits of the last position, (1, vocab).
+    """
+    assert input_ids.dim() == 2 and input_ids.shape[0] == 1, f"expected (1, T) ids, got {tuple(input_ids.shape)}"
+    logits = None
+    for start in range(0, input_ids.shape[1], chunk_tokens):
+        piece = input_ids[:, start : start + chunk_tokens]  # (1, <=chunk)
+        # logits_to_keep=1: only the last position's logits are needed (saves a (T, vocab) matmul).
+        out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]  # (1, vocab)
+    assert logits is not None, "prefill needs at least one prompt token"
+    return logits
+
+
+def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
+    """Feed one token (1, 1) after what `cache` holds; return the next-token logits, (1, vocab)."""
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1, :]
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Pick the next token from `logits` (1, vocab); returns (1, 1) token ids.
+
+    temperature 0 is greedy (argmax, the generator unused); otherwise nucleus sampling over the
+    smallest set of tokens whose probability reaches `top_p` (the most likely token is always kept).
+    """
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (1, vocab)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)  # (1, vocab) each
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly before each token
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # first token: before == 0, kept
+        choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # (1, 1)
+        return sorted_ids.gather(-1, choice)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (1, 1)
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """A CPU generator: seeded when asked (same seed, same text), else from fresh entropy."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else random.SystemRandom().getrandbits(63))
+    return gen
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """The tokenizer's EOS and every EOS id in the model's generation config (for SmolLM2-Instruct
+    both name <|im_end|>)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_config = getattr(model, "generation_config", None)
+    for source in (getattr(gen_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update(int(i) for i in (source if isinstance(source, (list, tuple)) else [source]))
+    return frozenset(ids)
+
+
+class StreamingText:
+    """Turns a growing list of token ids into safe-to-show text deltas.
+
+    Holds back (a) a trailing partial UTF-8 character (the decoded text ends with U+FFFD) and
+    (b) any tail that could be the start of a stop sequence, so no part of a stop sequence is
+    ever emitted. `text` is what has been emitted so far.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self._tokenizer = tokenizer
+        self._stop = tuple(s for s in stop if s)
+        self._ids: list[int] = []
+        self.decoded = ""  # all generated ids decoded
+        self.text = ""  # the emitted prefix of `decoded`
+        self.stopped = False
+
+    def _decode(self) -> str:
+        return self._tokenizer.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Add one token; return the new text that may be shown (possibly ""). After a stop
+        sequence appears, `stopped` is True and the text ends just before it."""
+        self._ids.append(token_id)
+        self.decoded = self._decode()
+        if self._stop:
+            # Emitted text never ends with a stop sequence's prefix, so a stop can only begin
+            # after it (the margin is belt and braces).
+            search_from = max(0, len(self.text) - max(len(s) for s in self._stop) + 1)
+            hits = [i for i in (self.decoded.find(s, search_from) for s in self._stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._emit_upto(min(hits))
+        safe = len(self.decoded)
+        while safe > len(self.text) and self.decoded[safe - 1] == "\ufffd":
+            safe -= 1
+        safe -= self._stop_prefix_len(self.decoded[:safe])
+        return self._emit_upto(safe)
+
+    def flush(self) -> str:
+        """Generation ended without a stop sequence: release whatever was held back."""
+        return "" if self.stopped else self._emit_upto(len(self.decoded))
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
+        longest = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _emit_upto(self, end: int) -> str:
+        if end <= len(self.text):
+            return ""
+        # Byte-level BPE decodes prefix-stably, so the emitted text is a prefix of `decoded`.
+        delta = self.decoded[len(self.text) : end]
+        self.text = self.decoded[:end]
+        return delta
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    tokenizer,
+    input_ids: Union[torch.Tensor, Sequence[int]],
+    sampling: SamplingParams,
+    cancel: threading.Event,
+    eos_ids: Optional[Iterable[int]] = None,
+) -> Iterator[Union[TextDelta, GenerationOutcome]]:
+    """Generate after `input_ids` ((1, T) tensor or a list of ids), yielding non-empty
+    `TextDelta`s as text becomes safe to show, then one `GenerationOutcome`.
+
+    Stops on an EOS token (not part of the text), `sampling.max_new_tokens`, a stop sequence
+    (the text ends before it) or `cancel.set()` (checked before every forward pass).
+    """
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
+    eos = frozenset(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
+    generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
+    stream = StreamingText(tokenizer, sampling.stop)
+    token_ids: list[int] = []
+    prefill_s = decode_s = 0.0
+    first_token_at = None
+
+    def outcome(reason: str) -> GenerationOutcome:
+        return GenerationOutcome(stream.text, tuple(token_ids), reason, prefill_s, decode_s, first_token_at)
+
+    if cancel.is_set():
+        yield outcome("cancelled")
+        return
+    cache = new_cache(model)
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, cache)
+    token = sample(logits, sampling.temperature, sampling.top_p, generator)  # (1, 1)
+    first_token_at = time.perf_counter()
+    prefill_s = first_token_at - t0
+    t_decode = first_token_at
+    reason = "length"
+    while True:
+        token_id = int(token)
+        token_ids.append(token_id)
+        if token_id in eos:
+            reason = "eos"
+            break
+        delta = stream.add(token_id)
+        if delta:
+            yield TextDelta(delta)
+        if stream.stopped:
+            reason = "stop"
+            break
+        if len(token_ids) >= sampling.max_new_tokens:
+            reason = "length"
+            break
+        if cancel.is_set():
+            reason = "cancelled"
+            break
+        logits = decode_one_token(model, token, cache)
+        token = sample(logits, sampling.temperature, sampling.top_p, generator)
+        decode_s = time.perf_counter() - t_decode
+    tail = stream.flush()
+    if tail:
+        yield TextDelta(tail)
+    decode_s = time.perf_counter() - t_decode
+    yield outcome(reason)

@@ -1,0 +1,146 @@
+"""`memlm.v1.Memory`: translates wire messages to `MemoryStore` calls and back, nothing more.
+
+The store is blocking (LMDB, FAISS, the embedder), so every call runs in the server's thread pool;
+the event loop stays free for other calls while an ingest embeds or a search scans.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from memlm import wire
+from memlm.errors import InvalidArgument, ResourceExhausted
+from memlm.index.types import Document
+from memlm.services.errors import unary
+from memlm.v1 import memlm_pb2 as pb
+from memlm.v1 import memlm_pb2_grpc as pb_grpc
+
+
+class MemoryServicer(pb_grpc.MemoryServicer):
+    def __init__(self, store, executor: Executor, *, max_ingest_call_bytes: int, stats_extra: Callable[[], dict]):
+        self._store = store
+        self._executor = executor
+        self._max_call_bytes = max_ingest_call_bytes
+        self._stats_extra = stats_extra  # version, uptime and model info, from the server
+
+    async def _run(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    @unary
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.CreateCollectionResponse:
+        existing = {c.name: c for c in await self._run(self._store.list_collections)}
+        if request.if_not_exists and request.name in existing:
+            return pb.CreateCollectionResponse(config=wire.config_to_pb(existing[request.name]), created=False)
+        config = await self._run(
+            self._store.create_collection,
+            request.name,
+            index_factory=request.index_factory or None,
+            chunk_tokens=request.chunk_tokens or None,
+            chunk_overlap=request.chunk_overlap,
+            embedding_model=request.embedding_model or "all-MiniLM-L6-v2",
+            kv_memory=request.kv_memory,
+        )
+        return pb.CreateCollectionResponse(config=wire.config_to_pb(config), created=True)
+
+    @unary
+    async def ListCollections(self, request, context) -> pb.ListCollectionsResponse:
+        configs = await self._run(self._store.list_collections)
+        return pb.ListCollectionsResponse(collections=[wire.config_to_pb(c) for c in configs])
+
+    @unary
+    async def DescribeCollection(self, request: pb.DescribeCollectionRequest, context) -> pb.CollectionInfo:
+        return wire.stats_to_pb(await self._run(self._store.describe, request.collection))
+
+    @unary
+    async def DropCollection(self, request: pb.DropCollectionRequest, context) -> pb.DropCollectionResponse:
+        await self._run(self._store.drop, request.collection)
+        return pb.DropCollectionResponse()
+
+    @unary
+    async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest], context) -> pb.IngestResponse:
+        started = time.perf_counter()
+        collection, skip_invalid, docs, total_bytes = "", False, [], 0
+        async for i, msg in _enumerate(request_iterator):
+            if i == 0:
+                if not msg.collection:
+                    raise InvalidArgument("the first IngestRequest must name the collection")
+                collection, skip_invalid = msg.collection, msg.skip_invalid
+            elif msg.collection and msg.collection != collection:
+                raise InvalidArgument(
+                    f"one Ingest call writes one collection: message {i} names {msg.collection!r}, "
+                    f"the first named {collection!r}"
+                )
+            for d in msg.documents:
+                total_bytes += len(d.text.encode("utf-8"))
+                if total_bytes > self._max_call_bytes:
+                    raise ResourceExhausted(
+                        f"Ingest call exceeds max_ingest_call_bytes={self._max_call_bytes}; "
+                        "send the documents in several calls"
+                    )
+                docs.append(Document(id=d.id, text=d.text, metadata=wire.struct_to_dict(d.metadata)))
+        if not collection:
+            raise InvalidArgument("empty Ingest call: no message named a collection")
+        results = await self._run(self._store.ingest, collection, docs, skip_invalid=skip_invalid)
+        counts = {s: sum(r.status == s for r in results) for s in ("created", "replaced", "rejected")}
+        return pb.IngestResponse(
+            results=[wire.result_to_pb(r) for r in results],
+            chunks=sum(r.chunks for r in results),
+            took_ms=(time.perf_counter() - started) * 1e3,
+            **counts,
+        )
+
+    @unary
+    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        started = time.perf_counter()
+        which = request.WhichOneof("query")
+        if which is None:
+            raise InvalidArgument("SearchRequest needs a query: set text or vector")
+        query = request.text if which == "text" else None
+        vector = None
+        if which == "vector":
+            import numpy as np
+
+            vector = np.asarray(request.vector.values, dtype=np.float32)
+        hits = await self._run(
+            self._store.search,
+            request.collection,
+            query=query,
+            vector=vector,
+            k=request.k,
+            filter=wire.filter_from_pb(request.filter, request.HasField("filter")),
+        )
+        return pb.SearchResponse(
+            hits=[wire.hit_to_pb(h) for h in hits], took_ms=(time.perf_counter() - started) * 1e3
+        )
+
+    @unary
+    async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
+        docs = await self._run(self._store.get, request.collection, list(request.ids))
+        return pb.GetResponse(documents=[wire.stored_to_pb(d) for d in docs])
+
+    @unary
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        deleted = await self._run(self._store.delete, request.collection, list(request.ids))
+        gone = set(deleted)
+        return pb.DeleteResponse(deleted=deleted, not_found=[i for i in request.ids if i not in gone])
+
+    @unary
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        if request.collection:
+            infos = [await self._run(self._store.describe, request.collection)]
+        else:
+            names = [c.name for c in await self._run(self._store.list_collections)]
+            infos = [await self._run(self._store.describe, n) for n in names]
+        return pb.StatsResponse(collections=[wire.stats_to_pb(s) for s in infos], **self._stats_extra())
+
+
+async def _enumerate(iterator):
+    i = 0
+    async for item in iterator:
+        yield i, item
+        i += 1

@@ -1,0 +1,14 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/server_process.py
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir():
+    """The bundled SmolLM2 as a safetensors folder (converted once per machine, then cached)."""
+    from memlm.models import bundled_model_dir as resolve
+
+    return resolve()

@@ -1,0 +1,60 @@
+"""Start the real `memlm serve` in a child process on a free loopback port, for tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+_READY = re.compile(r"serving on grpcs?://([\d.]+):(\d+)")
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, *, env: Optional[dict] = None, args: tuple = (), timeout: float = 300.0):
+        self.data_dir = Path(data_dir)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(data_dir), "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        )
+        self.lines: list[str] = []
+        self.address = ""
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if not ready.is_set() and (m := _READY.search(line)):
+                    self.address = f"{m.group(1)}:{m.group(2)}"
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"memlm serve not ready after {timeout} s:\n{self.output}")
+        if not self.address:
+            raise RuntimeError(f"memlm serve exited with {self.proc.wait()}:\n{self.output}")
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM (graceful shutdown) and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)

@@ -1,0 +1,37 @@
+import pytest
+
+from server_process import ServerProcess
+
+# Small limits so the limit paths are cheap to reach; a short context keeps the over-long-prompt
+# case fast on 2 cores.
+SERVER_ENV = {
+    "MEMLM_STORE__MAX_DOCUMENT_BYTES": "20000",
+    "MEMLM_STORE__MAX_K": "50",
+    "MEMLM_MODEL__MAX_CONTEXT_TOKENS": "1024",
+    "MEMLM_MODEL__DEFAULT_MAX_NEW_TOKENS": "16",
+}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundled_model_dir):
+    proc = ServerProcess(tmp_path_factory.mktemp("server-data"), env=SERVER_ENV)
+    yield proc
+    code = proc.terminate()
+    assert code == 0, f"server did not shut down cleanly (exit {code}):\n{proc.output}"
+
+
+@pytest.fixture()
+def client(server):
+    import memlm
+
+    with memlm.Client(server.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def collection(client, request):
+    """A fresh collection named after the test."""
+    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
+    client.create_collection(name)
+    yield name
+    client.drop_collection(name)
