@@ -207,14 +207,7 @@ class VectorIndex:
         if self._vectors is not None:
             for i, v in zip(ids.tolist(), vectors):
                 self._vectors[i] = v.copy()
-        if self._staging is not None:
-            self._staging.add_with_ids(vectors, ids)
-            self._live.update(ids.tolist())
-            if self._staging.ntotal >= self._min_train:
-                self._train_from_staging()
-        else:
-            self._main.add_with_ids(vectors, ids)
-            self._live.update(ids.tolist())
+        self._add_vectors(ids, vectors)
 
     def _train_from_staging(self) -> None:
         staging = self._staging
@@ -253,24 +246,17 @@ class VectorIndex:
         return len(present)
 
     def rebuild(self) -> None:
-        """Rebuild the FAISS index from the live vectors (drops tombstones, retrains)."""
+        """Rebuild the FAISS index from the live vectors (drops tombstones; retrains when needed)."""
         live = self.ids()
         self._main = self._new_main()
         self._staging = None if self._main.is_trained else self._new_staging()
         self._tombstones = set()
         self._live = set()
-        vectors_backup = self._vectors
         for lo in range(0, len(live), _FETCH_BATCH):
             batch = live[lo : lo + _FETCH_BATCH]
-            if vectors_backup is not None:
-                vecs = np.stack([vectors_backup[int(i)] for i in batch])
-            else:
-                vecs = self.fetch(batch)
-            self._vectors = None if vectors_backup is None else vectors_backup  # keep the same dict
-            self._add_no_copy(batch, vecs)
+            self._add_vectors(batch, self.fetch(batch))  # own vectors, if any, are kept as they are
 
-    def _add_no_copy(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        ids, vectors = self._check_vectors(ids, vectors)
+    def _add_vectors(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if self._staging is not None:
             self._staging.add_with_ids(vectors, ids)
             self._live.update(ids.tolist())
@@ -282,12 +268,12 @@ class VectorIndex:
 
     # ---------------------------------------------------------------- search
 
-    def _params(self, sel: Optional[faiss.IDSelector]):
+    def _params(self, sel: Optional[faiss.IDSelector], k: int):
         inner = _unwrap(self._main)
         if self._nlist:
             return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe) if sel is not None else faiss.SearchParametersIVF(nprobe=self.nprobe)
         if isinstance(inner, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search) if sel is not None else faiss.SearchParametersHNSW(efSearch=self.ef_search)
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k)) if sel is not None else faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
     def _search_main(self, queries: np.ndarray, k: int, allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +295,7 @@ class VectorIndex:
         kk = min(k, n_main)
         if self._supports_selector or sel is None:
             try:
-                params = self._params(sel)
+                params = self._params(sel, kk)
                 scores, ids = self._main.search(queries, kk, params=params) if params is not None else self._main.search(queries, kk)
                 return scores, ids
             except RuntimeError:
@@ -320,7 +306,7 @@ class VectorIndex:
         fetch_k = kk
         while True:
             fetch_k = min(max(fetch_k * 4, 64), n_main)
-            params = self._params(None)
+            params = self._params(None, fetch_k)
             scores, ids = self._main.search(queries, fetch_k, params=params) if params is not None else self._main.search(queries, fetch_k)
             if allowed is not None:
                 ok = np.isin(ids, allowed)

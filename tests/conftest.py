@@ -1,9 +1,4 @@
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/server_process.py
 
 
 @pytest.fixture(scope="session")

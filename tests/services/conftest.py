@@ -1,6 +1,6 @@
 import pytest
 
-from server_process import ServerProcess
+from memlm.services.process import ServerProcess
 
 # Small limits so the limit paths are cheap to reach; a short context keeps the over-long-prompt
 # case fast on 2 cores.

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import memlm
-from server_process import ServerProcess
+from memlm.services.process import ServerProcess
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,7 @@ import pytest
 
 import memlm
 from memlm.errors import Unauthenticated
-from server_process import ServerProcess
+from memlm.services.process import ServerProcess
 
 pytestmark = pytest.mark.server
 

@@ -1,4 +1,9 @@
-"""Start the real `memlm serve` in a child process on a free loopback port, for tests and benchmarks."""
+"""Run `memlm serve` in a child process on a free loopback port and wait until it serves.
+
+Used by the tests, the benchmarks and anyone who wants a throwaway server from Python:
+
+    server = ServerProcess(tmp_dir); memlm.Client(server.address) ...; server.terminate()
+"""
 from __future__ import annotations
 
 import os
