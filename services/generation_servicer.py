@@ -9,7 +9,7 @@ from contextlib import aclosing
 
 from memlm import wire
 from memlm.engine import EngineClient, GenerationResult, ModelInfo
-from memlm.services.errors import streaming, unary
+from memlm.services.rpc import streaming, unary
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
 

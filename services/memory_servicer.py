@@ -15,7 +15,7 @@ import grpc
 from memlm import wire
 from memlm.errors import InvalidArgument, ResourceExhausted
 from memlm.index.types import Document
-from memlm.services.errors import unary
+from memlm.services.rpc import unary
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
 

@@ -82,6 +82,10 @@ async def start_server(settings: Settings, store, engine: EngineClient) -> Runni
     else:
         port = server.add_insecure_port(address)
     await server.start()
+    if settings.server.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.server.metrics_port, addr=settings.server.host)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server=server, health=health_servicer, port=port, executor=executor)

@@ -1,0 +1,89 @@
+"""What every RPC handler shares: memlm errors become gRPC statuses, and each call is counted
+and timed in Prometheus metrics (served on /metrics when `server.metrics_port` is set).
+
+A `MemlmError` becomes its own status code with its message; anything else is a bug: it is logged
+with its traceback and answered INTERNAL without leaking internals.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from memlm.errors import MemlmError
+
+log = logging.getLogger(__name__)
+
+RPC_CALLS = Counter("memlm_rpc_calls_total", "RPCs handled, by method and status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "memlm_rpc_duration_seconds", "RPC wall time, by method", ["method"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, MemlmError):
+        await context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), str(exc))
+    log.exception("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+
+
+def _code(exc: BaseException | None) -> str:
+    if exc is None:
+        return "OK"
+    if isinstance(exc, MemlmError):
+        return exc.code
+    if isinstance(exc, grpc.aio.AbortError):
+        return "ABORTED_BY_HANDLER"
+    if isinstance(exc, asyncio.CancelledError):  # the client cancelled or its deadline passed
+        return "CANCELLED"
+    return "INTERNAL"
+
+
+def unary(method):
+    """Wrap a unary (or client-streaming) servicer method."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        started, failure = time.perf_counter(), None
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - translated, never swallowed
+            failure = exc
+            if not isinstance(exc, Exception):
+                raise
+            await abort_with(context, exc, method.__name__)
+        finally:
+            RPC_CALLS.labels(method.__name__, _code(failure)).inc()
+            RPC_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
+
+    return wrapper
+
+
+def streaming(method):
+    """Wrap a server-streaming servicer method (an async generator)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        started, failure = time.perf_counter(), None
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            failure = exc
+            if not isinstance(exc, Exception):
+                raise
+            await abort_with(context, exc, method.__name__)
+        finally:
+            RPC_CALLS.labels(method.__name__, _code(failure)).inc()
+            RPC_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
+
+    return wrapper
