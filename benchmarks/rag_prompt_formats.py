@@ -3,7 +3,8 @@
 A seeded synthetic QA set: each item is one invented fact ("The capital of Zorbia is Quillon.")
 and three distractor passages of the same kind about other invented entities, shuffled so the
 answer is not always passage [1]. Every format in `memlm.prompts.RAG_FORMATS` is run with greedy
-decoding (12 new tokens, stop at a newline); accuracy = the answer appears in the output.
+decoding (12 new tokens); accuracy = the answer appears in the first non-empty line of the
+output (the model often starts with a newline, and a later line may just recite another passage).
 
     .venv/bin/python benchmarks/rag_prompt_formats.py [--items 40] [--seed 0]
 """
@@ -74,7 +75,7 @@ def main() -> None:
     model_dir = resolve_model_dir(None)
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     items = make_items(args.items, args.seed)
-    sampling = SamplingParams(max_new_tokens=12, temperature=0.0, stop=("\n",))
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.0)
     print(f"{len(items)} items, 3 distractors each, greedy, 12 new tokens, torch threads={torch.get_num_threads()}")
     for fmt in args.formats:
         correct, t0, prompt_tokens = 0, time.perf_counter(), 0
@@ -83,7 +84,8 @@ def main() -> None:
             prompt_tokens += len(built.input_ids)
             *_, outcome = generate_tokens(model, tokenizer, list(built.input_ids), sampling, threading.Event())
             assert isinstance(outcome, GenerationOutcome)
-            correct += answer.lower() in outcome.text.lower()
+            first_line = next((line for line in outcome.text.splitlines() if line.strip()), "")
+            correct += answer.lower() in first_line.lower()
         elapsed = time.perf_counter() - t0
         print(
             f"{fmt:>11}: accuracy {correct}/{len(items)} = {correct / len(items):.0%}  "

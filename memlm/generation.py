@@ -212,7 +212,6 @@ def generate_tokens(
     first_token_at = time.perf_counter()
     prefill_s = first_token_at - t0
     t_decode = first_token_at
-    reason = "length"
     while True:
         token_id = int(token)
         token_ids.append(token_id)
@@ -233,7 +232,6 @@ def generate_tokens(
             break
         logits = decode_one_token(model, token, cache)
         token = sample(logits, sampling.temperature, sampling.top_p, generator)
-        decode_s = time.perf_counter() - t_decode
     tail = stream.flush()
     if tail:
         yield TextDelta(tail)
