@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 
 from memlm.services.process import ServerProcess
@@ -12,9 +14,17 @@ SERVER_ENV = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, bundled_model_dir):
-    proc = ServerProcess(tmp_path_factory.mktemp("server-data"), env=SERVER_ENV)
+    env = {**SERVER_ENV, "MEMLM_SERVER__METRICS_PORT": str(free_port())}
+    proc = ServerProcess(tmp_path_factory.mktemp("server-data"), env=env)
+    proc.metrics_port = int(env["MEMLM_SERVER__METRICS_PORT"])
     yield proc
     code = proc.terminate()
     assert code == 0, f"server did not shut down cleanly (exit {code}):\n{proc.output}"

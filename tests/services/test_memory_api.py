@@ -270,3 +270,15 @@ def test_stats(client, collection):
     assert [c.config.name for c in reply.collections] == [collection]
     assert reply.collections[0].documents == 4 and reply.model.name
     assert collection in {c.config.name for c in client.stats().collections}
+
+
+def test_prometheus_metrics(server, client, collection):
+    import urllib.request
+
+    client.search("anything", collection=collection, k=1)
+    with pytest.raises(NotFound):
+        client.search("anything", collection="no-such-collection-metrics", k=1)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'memlm_rpc_calls_total{code="OK",method="Search"}' in body
+    assert 'memlm_rpc_calls_total{code="NOT_FOUND",method="Search"}' in body
+    assert "memlm_rpc_duration_seconds_bucket" in body

@@ -1,0 +1,385 @@
+"""The durable half of the memory store: one LMDB environment holding every collection.
+
+Layout of `data_dir/store.lmdb` (named databases):
+  `_collections`         name -> JSON {config, next_chunk_id, next_op_seq}
+  `<name>/docs`          doc id (UTF-8) -> doc record: b"D1", u32 header length, JSON header
+                         {metadata, chunk_ids, updated_at}, then the text as UTF-8. The header comes
+                         first so metadata reads (search hits, the filter index at open) skip the text.
+  `<name>/chunks`        u64 big-endian chunk id -> u32 header length, JSON {d: doc id, i: chunk index,
+                         s: start, e: end, t: text}, then the LM token ids as little-endian int32.
+  `<name>/vectors`       u64 big-endian chunk id -> float32 embedding (kept so the FAISS index can be
+                         rebuilt or replayed without re-embedding).
+  `<name>/oplog`         u64 big-endian seq -> JSON {"add": [chunk ids], "remove": [chunk ids]}.
+
+Every write path is a method marked `# WRITE`; each is ONE LMDB write transaction, and the
+environment is opened with sync and metasync on, so a returned commit is on disk (fsync) and a crash
+before it leaves nothing of it. Chunk ids and oplog seqs come from counters in the collection record,
+bumped in the same transaction, so they are never reused. An exclusive `flock` on `data_dir/LOCK`
+keeps a second process (or a second store in this process) out of the same data dir.
+Limits: LMDB keys are at most 511 bytes (doc ids are capped below that); one writer at a time for the
+whole environment; the map size caps the total data size.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import lmdb
+import numpy as np
+
+from memlm.errors import AlreadyExists, FailedPrecondition, NotFound
+from memlm.index.types import Chunk, CollectionConfig, Document, Metadata
+
+_COLLECTIONS_DB = b"_collections"
+_PARTS = ("docs", "chunks", "vectors", "oplog")
+MAX_DBS = 4 * 4096 + 8  # room for ~4096 collections; LMDB looks handles up linearly, so not unbounded
+
+
+def u64(n: int) -> bytes:
+    return struct.pack(">Q", n)  # big-endian keeps LMDB's byte order equal to numeric order
+
+
+def from_u64(b: bytes) -> int:
+    return struct.unpack(">Q", b)[0]
+
+
+# ---------------------------------------------------------------- record encodings
+
+
+@dataclass
+class CollectionRecord:
+    config: CollectionConfig
+    next_chunk_id: int = 0
+    next_op_seq: int = 1  # seq 0 means "nothing logged yet"
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"config": asdict(self.config), "next_chunk_id": self.next_chunk_id, "next_op_seq": self.next_op_seq}
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "CollectionRecord":
+        obj = json.loads(raw)
+        return cls(CollectionConfig(**obj["config"]), obj["next_chunk_id"], obj["next_op_seq"])
+
+
+@dataclass(frozen=True)
+class DocHeader:
+    metadata: Metadata
+    chunk_ids: tuple[int, ...]
+    updated_at: float
+
+
+def encode_doc(text: str, header: DocHeader) -> bytes:
+    h = json.dumps({"metadata": header.metadata, "chunk_ids": list(header.chunk_ids), "updated_at": header.updated_at}).encode()
+    return b"D1" + struct.pack("<I", len(h)) + h + text.encode("utf-8")
+
+
+def decode_doc_header(raw: bytes) -> DocHeader:
+    (n,) = struct.unpack_from("<I", raw, 2)
+    obj = json.loads(bytes(raw[6 : 6 + n]))
+    return DocHeader(obj["metadata"], tuple(obj["chunk_ids"]), obj["updated_at"])
+
+
+def decode_doc(raw: bytes) -> tuple[str, DocHeader]:
+    (n,) = struct.unpack_from("<I", raw, 2)
+    return bytes(raw[6 + n :]).decode("utf-8"), decode_doc_header(raw)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    doc_id: str
+    chunk_index: int
+    start: int
+    end: int
+    text: str
+    token_ids: np.ndarray  # (n,) int32
+
+
+def encode_chunk(doc_id: str, index: int, chunk: Chunk) -> bytes:
+    h = json.dumps({"d": doc_id, "i": index, "s": chunk.start, "e": chunk.end, "t": chunk.text}).encode()
+    return struct.pack("<I", len(h)) + h + np.asarray(chunk.token_ids, dtype="<i4").tobytes()
+
+
+def decode_chunk(raw: bytes) -> ChunkRecord:
+    (n,) = struct.unpack_from("<I", raw, 0)
+    obj = json.loads(bytes(raw[4 : 4 + n]))
+    tokens = np.frombuffer(bytes(raw[4 + n :]), dtype="<i4").astype(np.int32)
+    return ChunkRecord(obj["d"], obj["i"], obj["s"], obj["e"], obj["t"], tokens)
+
+
+# ---------------------------------------------------------------- what writes report back
+
+
+@dataclass(frozen=True)
+class PreparedDocument:
+    """A validated document, chunked and embedded, ready to write."""
+
+    doc: Document
+    chunks: list[Chunk]
+    vectors: np.ndarray  # (len(chunks), dim) float32
+
+
+@dataclass(frozen=True)
+class WrittenDocument:
+    doc_id: str
+    chunk_ids: tuple[int, ...]
+    replaced: Optional[DocHeader]  # the previous version's header when this was an upsert
+
+
+@dataclass
+class Commit:
+    """What one write transaction did, for the in-memory indexes to follow."""
+
+    seq: int
+    written: list[WrittenDocument] = field(default_factory=list)
+    removed: list[tuple[str, DocHeader]] = field(default_factory=list)  # (doc id, old header) of deletes/replacements
+
+
+@dataclass
+class _Dbs:
+    docs: Any
+    chunks: Any
+    vectors: Any
+    oplog: Any
+
+
+class LmdbStore:
+    def __init__(self, data_dir: Path, map_size_bytes: int) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.data_dir / "LOCK", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            self._lock_file.close()
+            raise FailedPrecondition(
+                f"data dir {self.data_dir} is already open in another memlm store (lock held by pid {holder}); "
+                "stop that process or use another data dir"
+            ) from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
+        # sync/metasync on: commit returns only after fsync, which is what acknowledges a write.
+        self.env = lmdb.open(
+            str(self.data_dir / "store.lmdb"),
+            map_size=int(map_size_bytes),
+            max_dbs=MAX_DBS,
+            max_readers=1024,
+            subdir=True,
+            sync=True,
+            metasync=True,
+            readahead=False,
+        )
+        self._handles_lock = threading.Lock()  # dbi opens must not run concurrently (LMDB rule)
+        self._dbs: dict[str, _Dbs] = {}
+        with self._handles_lock, self.env.begin(write=True) as txn:
+            self._collections = self.env.open_db(_COLLECTIONS_DB, txn=txn, create=True)
+            for key, _ in txn.cursor(db=self._collections):
+                name = bytes(key).decode()
+                self._dbs[name] = self._open_dbs(name, txn)
+
+    def _open_dbs(self, name: str, txn: lmdb.Transaction) -> _Dbs:
+        return _Dbs(*(self.env.open_db(f"{name}/{part}".encode(), txn=txn, create=True) for part in _PARTS))
+
+    def dbs(self, name: str) -> _Dbs:
+        d = self._dbs.get(name)
+        if d is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return d
+
+    def close(self) -> None:
+        self.env.close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        finally:
+            self._lock_file.close()
+
+    # ---------------------------------------------------------------- collections
+
+    def records(self) -> dict[str, CollectionRecord]:
+        with self.env.begin() as txn:
+            return {bytes(k).decode(): CollectionRecord.decode(v) for k, v in txn.cursor(db=self._collections)}
+
+    def record(self, name: str) -> CollectionRecord:
+        with self.env.begin() as txn:
+            raw = txn.get(name.encode(), db=self._collections)
+        if raw is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return CollectionRecord.decode(raw)
+
+    def create_collection(self, config: CollectionConfig) -> None:  # WRITE
+        """Durable: the record and the empty named DBs commit together."""
+        with self._handles_lock, self.env.begin(write=True) as txn:
+            if txn.get(config.name.encode(), db=self._collections) is not None:
+                raise AlreadyExists(f"collection {config.name!r} already exists")
+            txn.put(config.name.encode(), CollectionRecord(config).encode(), db=self._collections)
+            dbs = self._open_dbs(config.name, txn)
+        self._dbs[config.name] = dbs
+
+    def drop_collection(self, name: str) -> None:  # WRITE
+        """Durable: the record and all four DBs go in one transaction. The caller holds the
+        collection's lock so no other thread uses the handles being deleted."""
+        with self._handles_lock:
+            dbs = self.dbs(name)
+            with self.env.begin(write=True) as txn:
+                if not txn.delete(name.encode(), db=self._collections):
+                    raise NotFound(f"collection {name!r} does not exist")
+                for part in _PARTS:
+                    txn.drop(getattr(dbs, part), delete=True)
+            del self._dbs[name]
+
+    # ---------------------------------------------------------------- documents and chunks: writes
+
+    def write_ingest(self, name: str, prepared: Sequence[PreparedDocument], now: float) -> Commit:  # WRITE
+        """Store documents, replacing earlier versions of the same ids, in ONE transaction with one
+        oplog entry. Durable when it returns; nothing of it exists if it raises."""
+        dbs = self.dbs(name)
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(name.encode(), db=self._collections)
+            if raw is None:
+                raise NotFound(f"collection {name!r} does not exist")
+            rec = CollectionRecord.decode(raw)
+            commit = Commit(seq=rec.next_op_seq)
+            added: list[int] = []
+            removed: list[int] = []
+            for p in prepared:
+                key = p.doc.id.encode()
+                old_raw = txn.get(key, db=dbs.docs)
+                old = decode_doc_header(old_raw) if old_raw is not None else None
+                if old is not None:
+                    self._delete_chunks(txn, dbs, old.chunk_ids)
+                    removed.extend(old.chunk_ids)
+                    commit.removed.append((p.doc.id, old))
+                ids = tuple(range(rec.next_chunk_id, rec.next_chunk_id + len(p.chunks)))
+                rec.next_chunk_id += len(p.chunks)
+                vectors = np.ascontiguousarray(p.vectors, dtype="<f4")
+                for i, (cid, chunk) in enumerate(zip(ids, p.chunks)):
+                    txn.put(u64(cid), encode_chunk(p.doc.id, i, chunk), db=dbs.chunks)
+                    txn.put(u64(cid), vectors[i].tobytes(), db=dbs.vectors)
+                header = DocHeader(dict(p.doc.metadata), ids, now)
+                txn.put(key, encode_doc(p.doc.text, header), db=dbs.docs)
+                added.extend(ids)
+                commit.written.append(WrittenDocument(p.doc.id, ids, old))
+            txn.put(u64(commit.seq), json.dumps({"add": added, "remove": removed}).encode(), db=dbs.oplog)
+            rec.next_op_seq += 1
+            txn.put(name.encode(), rec.encode(), db=self._collections)
+        return commit
+
+    def write_delete(self, name: str, doc_ids: Sequence[str]) -> Commit:  # WRITE
+        """Delete documents with their chunks and vectors, plus one oplog entry, in ONE transaction.
+        Unknown ids are skipped; when none is known nothing is written (seq is then 0)."""
+        dbs = self.dbs(name)
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(name.encode(), db=self._collections)
+            if raw is None:
+                raise NotFound(f"collection {name!r} does not exist")
+            rec = CollectionRecord.decode(raw)
+            commit = Commit(seq=0)
+            removed: list[int] = []
+            for doc_id in dict.fromkeys(doc_ids):  # de-duplicated, order kept
+                key = doc_id.encode()
+                old_raw = txn.get(key, db=dbs.docs)
+                if old_raw is None:
+                    continue
+                old = decode_doc_header(old_raw)
+                self._delete_chunks(txn, dbs, old.chunk_ids)
+                txn.delete(key, db=dbs.docs)
+                removed.extend(old.chunk_ids)
+                commit.removed.append((doc_id, old))
+            if not commit.removed:
+                return commit  # the with-block commits an empty transaction: harmless
+            commit.seq = rec.next_op_seq
+            txn.put(u64(commit.seq), json.dumps({"add": [], "remove": removed}).encode(), db=dbs.oplog)
+            rec.next_op_seq += 1
+            txn.put(name.encode(), rec.encode(), db=self._collections)
+        return commit
+
+    @staticmethod
+    def _delete_chunks(txn: lmdb.Transaction, dbs: _Dbs, chunk_ids: Sequence[int]) -> None:
+        for cid in chunk_ids:
+            txn.delete(u64(cid), db=dbs.chunks)
+            txn.delete(u64(cid), db=dbs.vectors)
+
+    def truncate_oplog(self, name: str, upto_seq: int) -> int:  # WRITE
+        """Delete oplog entries with seq <= upto_seq (they are in an index file on disk now).
+        Durable on return; losing it to a crash only means replaying entries already applied,
+        which replay tolerates."""
+        dbs = self.dbs(name)
+        n = 0
+        with self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=dbs.oplog)
+            key = cur.key() if cur.first() else b""
+            while key and from_u64(key) <= upto_seq:
+                cur.delete()  # moves the cursor to the next record (or unpositions it at the end)
+                n += 1
+                key = cur.key()
+        return n
+
+    # ---------------------------------------------------------------- reads
+
+    def begin(self) -> lmdb.Transaction:
+        return self.env.begin()
+
+    def read_doc(self, name: str, doc_id: str, txn: lmdb.Transaction) -> Optional[tuple[str, DocHeader]]:
+        raw = txn.get(doc_id.encode(), db=self.dbs(name).docs)
+        return decode_doc(raw) if raw is not None else None
+
+    def read_doc_header(self, name: str, doc_id: str, txn: lmdb.Transaction) -> Optional[DocHeader]:
+        raw = txn.get(doc_id.encode(), db=self.dbs(name).docs)
+        return decode_doc_header(raw) if raw is not None else None
+
+    def iter_doc_headers(self, name: str) -> Iterator[tuple[str, DocHeader]]:
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.dbs(name).docs):
+                yield bytes(k).decode(), decode_doc_header(v)
+
+    def read_chunk(self, name: str, chunk_id: int, txn: lmdb.Transaction) -> Optional[ChunkRecord]:
+        raw = txn.get(u64(chunk_id), db=self.dbs(name).chunks)
+        return decode_chunk(raw) if raw is not None else None
+
+    def read_vectors(self, name: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) ids -> (found ids (m,), vectors (m, dim)); ids without a vector are left out."""
+        dbs = self.dbs(name)
+        found: list[int] = []
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        with self.env.begin() as txn:
+            for cid in np.asarray(ids, dtype=np.int64).tolist():
+                raw = txn.get(u64(cid), db=dbs.vectors)
+                if raw is not None:
+                    out[len(found)] = np.frombuffer(raw, dtype="<f4")
+                    found.append(cid)
+        return np.array(found, dtype=np.int64), out[: len(found)]
+
+    def chunk_ids(self, name: str) -> np.ndarray:
+        """All chunk ids of a collection, sorted."""
+        with self.env.begin() as txn:
+            keys = [from_u64(k) for k in txn.cursor(db=self.dbs(name).chunks).iternext(keys=True, values=False)]
+        return np.array(keys, dtype=np.int64)
+
+    def oplog(self, name: str, after_seq: int) -> Iterator[tuple[int, list[int], list[int]]]:
+        """(seq, added chunk ids, removed chunk ids) for entries with seq > after_seq, in order."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs(name).oplog)
+            if cur.set_range(u64(after_seq + 1)):
+                for k, v in cur:
+                    obj = json.loads(bytes(v))
+                    yield from_u64(k), obj["add"], obj["remove"]
+
+    def counts(self, name: str) -> tuple[int, int, int]:
+        """(documents, chunks, approximate bytes of this collection's pages)."""
+        dbs = self.dbs(name)
+        with self.env.begin() as txn:
+            stats = [txn.stat(getattr(dbs, p)) for p in _PARTS]
+        nbytes = sum(s["psize"] * (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) for s in stats)
+        return stats[0]["entries"], stats[1]["entries"], nbytes

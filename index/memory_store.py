@@ -1,0 +1,662 @@
+"""`MemoryStore`: the memory store the servicers and the engine use (it implements
+`memlm.engine.MemoryReader`).
+
+LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in memory a FAISS
+`VectorIndex` and a `MetadataIndex`, both derived from LMDB. A write is: validate, chunk and embed
+(outside any lock), ONE durable LMDB transaction (the acknowledgement), then the same change applied
+to the in-memory indexes. Index files are snapshots: `collections/<name>/index-<seq>.faiss` holds
+every oplog entry up to `seq`; entries after it are replayed at open, and if no file loads the index
+is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
+
+Concurrency: every method may be called from many threads. LMDB readers run concurrently; writers
+and searches of one collection share a per-collection lock (FAISS is not safe under concurrent
+mutation), so a search waits for at most one commit. Embedding runs outside that lock.
+Limits: one process per data dir (a file lock); the metadata index and the set of live ids live in
+memory; a collection's index file is rewritten whole at each snapshot.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from memlm.config import StoreSettings
+from memlm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MemlmError, NotFound, ResourceExhausted
+from memlm.index.chunking import Chunker
+from memlm.index.embedding import Embedder, embedder_dim, load_embedder
+from memlm.index.filters import MetadataIndex, parse_filter
+from memlm.index.lmdb_store import Commit, DocHeader, LmdbStore, PreparedDocument
+from memlm.index.types import (
+    CollectionConfig,
+    CollectionStats,
+    Document,
+    DocumentResult,
+    Filter,
+    SearchHit,
+    StoredDocument,
+)
+from memlm.index.vector_index import IndexFileError, VectorIndex
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_DOC_ID_BYTES = 256  # LMDB keys stop at 511 bytes; leave room
+_INDEX_FILE_RE = re.compile(r"index-(\d{16})\.faiss")
+DEFAULT_TOKENIZER_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class _Collection:
+    config: CollectionConfig
+    index: VectorIndex
+    metadata: MetadataIndex
+    lock: threading.RLock
+    applied_seq: int  # last oplog seq reflected in `index`
+    snapshot_seq: int  # last oplog seq in the newest index file on disk (0: none)
+    dropped: bool = False
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument(
+            f"invalid collection name {name!r}; expected 1-64 characters from A-Z a-z 0-9 _ . - (not '.' or '..')"
+        )
+    return name
+
+
+def _check_metadata(doc_id: str, metadata: Any) -> None:
+    if not isinstance(metadata, dict):
+        raise InvalidArgument(f"document {doc_id!r}: metadata must be an object, got {type(metadata).__name__}")
+
+    def scalar_ok(v: Any) -> bool:
+        if v is None or isinstance(v, (str, bool, int)):
+            return True
+        return isinstance(v, float) and math.isfinite(v)
+
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"document {doc_id!r}: metadata keys must be non-empty strings, got {key!r}")
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if not scalar_ok(v)]
+            if bad:
+                raise InvalidArgument(
+                    f"document {doc_id!r}: metadata {key!r} holds {bad[0]!r}; list elements must be "
+                    "strings, numbers (finite), booleans or null"
+                )
+        elif not scalar_ok(value):
+            raise InvalidArgument(
+                f"document {doc_id!r}: metadata {key!r} is {value!r} ({type(value).__name__}); expected a string, "
+                "finite number, boolean, null, or a list of those"
+            )
+
+
+class MemoryStore:
+    """Collections of documents, chunked, embedded, indexed and stored durably."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: StoreSettings = StoreSettings(),
+        embedder: Optional[Embedder] = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.settings = settings
+        self._embedder = embedder
+        self._tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()
+        self._chunkers: dict[tuple[int, int], Chunker] = {}
+        self._global = threading.RLock()  # create / drop / close
+        self._closed = False
+        self._lmdb = LmdbStore(self.data_dir, int(settings.map_size_gib * 2**30))
+        self._collections: dict[str, _Collection] = {}
+        try:
+            for name, rec in self._lmdb.records().items():
+                self._collections[name] = self._recover(rec.config, last_seq=rec.next_op_seq - 1)
+        except BaseException:
+            self._lmdb.close()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        settings: StoreSettings = StoreSettings(),
+        embedder: Optional[Embedder] = None,
+        tokenizer: Any = None,
+    ) -> "MemoryStore":
+        """Open (creating if needed) the store in `data_dir`, recovering every collection's index."""
+        return cls(data_dir, settings, embedder, tokenizer)
+
+    def __enter__(self) -> "MemoryStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- models, lazily
+
+    def _embedder_for(self, config: CollectionConfig) -> Embedder:
+        if self._embedder is not None and self._embedder.name == config.embedding_model:
+            return self._embedder
+        return load_embedder(config.embedding_model, self.settings.embed_batch_size)
+
+    def _chunker(self, config: CollectionConfig) -> Chunker:
+        key = (config.chunk_tokens, config.chunk_overlap)
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from memlm.models.loading import bundled_model_dir, load_tokenizer
+
+                self._tokenizer = load_tokenizer(bundled_model_dir())
+            if key not in self._chunkers:
+                self._chunkers[key] = Chunker(self._tokenizer, config.chunk_tokens, config.chunk_overlap)
+            return self._chunkers[key]
+
+    # ---------------------------------------------------------------- recovery
+
+    def _dir(self, name: str) -> Path:
+        return self.data_dir / "collections" / name
+
+    def _fetch(self, name: str, dim: int):
+        def fetch(ids: np.ndarray) -> np.ndarray:
+            found, vecs = self._lmdb.read_vectors(name, ids, dim)
+            if len(found) != len(ids):
+                missing = sorted(set(np.asarray(ids).tolist()) - set(found.tolist()))
+                raise RuntimeError(f"collection {name!r}: no stored vector for chunk ids {missing[:10]}")
+            return vecs
+
+        return fetch
+
+    def _new_index(self, config: CollectionConfig) -> VectorIndex:
+        return VectorIndex(
+            config.dim,
+            config.index_factory,
+            self._fetch(config.name, config.dim),
+            exact_filter_below=self.settings.exact_filter_below,
+        )
+
+    def _rebuild(self, config: CollectionConfig) -> VectorIndex:
+        index = self._new_index(config)
+        ids = self._lmdb.chunk_ids(config.name)
+        for lo in range(0, len(ids), 4096):
+            found, vecs = self._lmdb.read_vectors(config.name, ids[lo : lo + 4096], config.dim)
+            index.add(found, vecs)
+        return index
+
+    def _recover(self, config: CollectionConfig, last_seq: int) -> _Collection:
+        """Load the newest loadable index file, replay the oplog after it, check against LMDB, and
+        rebuild from the stored vectors whenever that does not give exactly LMDB's chunks."""
+        name = config.name
+        folder = self._dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = sorted(
+            ((int(m.group(1)), p) for p in folder.iterdir() if (m := _INDEX_FILE_RE.fullmatch(p.name))),
+            reverse=True,
+        )
+        index: Optional[VectorIndex] = None
+        snapshot_seq = 0
+        how = "rebuilt from stored vectors"
+        for seq, path in files:
+            if seq > last_seq:  # cannot belong to this collection's history (a dropped namesake's)
+                log.warning("collection %r: ignoring index file %s from the future (last seq %d)", name, path, last_seq)
+                continue
+            try:
+                index = VectorIndex.load(path, self._fetch(name, config.dim))
+                snapshot_seq = seq
+                break
+            except (IndexFileError, RuntimeError) as e:
+                log.warning("collection %r: cannot load %s (%s); trying an older one", name, path, e)
+        if index is not None:
+            index.exact_filter_below = self.settings.exact_filter_below
+            try:
+                # Replay the net effect of the entries after the file: chunk ids are never reused,
+                # so "remove everything removed, then add what was added and is still stored" is
+                # the same as applying entries one by one, and it never asks LMDB for a vector
+                # that a later entry deleted (an HNSW rebuild mid-replay would).
+                added: list[int] = []
+                removed: list[int] = []
+                replayed = 0
+                for _seq, add, remove in self._lmdb.oplog(name, snapshot_seq):
+                    added.extend(add)
+                    removed.extend(remove)
+                    replayed += 1
+                gone = set(removed)
+                index.remove(np.asarray(sorted(gone), dtype=np.int64))
+                new = np.array([i for i in added if i not in gone and i not in index], dtype=np.int64)
+                found, vecs = self._lmdb.read_vectors(name, new, config.dim)  # missing: deleted since
+                index.add(found, vecs)
+                how = f"loaded index-{snapshot_seq:016d}.faiss and replayed {replayed} oplog entries"
+            except Exception as e:  # derived data: any trouble here is repaired by a rebuild
+                log.warning("collection %r: replaying the oplog failed (%s); rebuilding", name, e)
+                index = None
+
+        stored = self._lmdb.chunk_ids(name)
+        if index is None or not np.array_equal(index.ids(), stored):
+            if index is not None:
+                log.warning(
+                    "collection %r: index holds %d vectors but LMDB %d chunks (or other ids); rebuilding",
+                    name, index.ntotal, len(stored),
+                )
+            index = self._rebuild(config)
+            how = "rebuilt from stored vectors"
+            snapshot_seq = -1  # force a snapshot below
+        metadata = MetadataIndex()
+        docs = 0
+        for _doc_id, header in self._lmdb.iter_doc_headers(name):
+            metadata.add(header.chunk_ids, header.metadata)
+            docs += 1
+        assert index.ntotal == len(stored) == len(metadata), "index, LMDB and metadata index disagree after recovery"
+        log.info("collection %r: %s; %d documents, %d chunks, %d vectors", name, how, docs, len(stored), index.ntotal)
+        col = _Collection(config, index, metadata, threading.RLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq)
+        if snapshot_seq < 0:
+            self._snapshot_locked(col)
+        return col
+
+    # ---------------------------------------------------------------- collections
+
+    def _collection(self, name: str) -> _Collection:
+        if self._closed:
+            raise FailedPrecondition(f"the memory store at {self.data_dir} is closed")
+        col = self._collections.get(name) if isinstance(name, str) else None
+        if col is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return col
+
+    def create_collection(
+        self,
+        name: str,
+        *,
+        index_factory: Optional[str] = None,
+        chunk_tokens: Optional[int] = None,
+        chunk_overlap: int = 0,
+        embedding_model: str = "all-MiniLM-L6-v2",
+        kv_memory: bool = False,
+    ) -> CollectionConfig:
+        """Create a collection. Creating one that exists with the same settings returns its config
+        (so start-up scripts can be re-run); with different settings raises AlreadyExists."""
+        _check_name(name)
+        factory = index_factory or self.settings.default_index_factory
+        chunk_tokens = self.settings.default_chunk_tokens if chunk_tokens is None else chunk_tokens
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+            raise InvalidArgument(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+        if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, int) or not 0 <= chunk_overlap < chunk_tokens:
+            raise InvalidArgument(f"chunk_overlap must be an integer in [0, {chunk_tokens}), got {chunk_overlap!r}")
+        if self._embedder is not None and self._embedder.name == embedding_model:
+            dim = self._embedder.dim
+        else:
+            dim = embedder_dim(embedding_model)  # InvalidArgument naming the known models
+        VectorIndex(dim, factory)  # InvalidArgument naming a bad factory string
+        tokenizer_name = DEFAULT_TOKENIZER_NAME
+        if self._tokenizer is not None and getattr(self._tokenizer, "name_or_path", ""):
+            tokenizer_name = Path(str(self._tokenizer.name_or_path)).name
+        config = CollectionConfig(
+            name=name,
+            embedding_model=embedding_model,
+            dim=dim,
+            index_factory=factory,
+            chunk_tokens=chunk_tokens,
+            chunk_overlap=chunk_overlap,
+            tokenizer=tokenizer_name,
+            kv_memory=bool(kv_memory),
+            created_at=time.time(),
+        )
+        with self._global:
+            if self._closed:
+                raise FailedPrecondition(f"the memory store at {self.data_dir} is closed")
+            existing = self._collections.get(name)
+            if existing is not None:
+                if replace(existing.config, created_at=0.0) == replace(config, created_at=0.0):
+                    return existing.config
+                diff = [
+                    f"{f}={getattr(existing.config, f)!r} (asked {getattr(config, f)!r})"
+                    for f in ("embedding_model", "dim", "index_factory", "chunk_tokens", "chunk_overlap", "tokenizer", "kv_memory")
+                    if getattr(existing.config, f) != getattr(config, f)
+                ]
+                raise AlreadyExists(f"collection {name!r} already exists with different settings: {', '.join(diff)}")
+            shutil.rmtree(self._dir(name), ignore_errors=True)  # leftovers of a drop cut short by a crash
+            self._lmdb.create_collection(config)
+            self._dir(name).mkdir(parents=True, exist_ok=True)
+            self._collections[name] = _Collection(
+                config, self._new_index(config), MetadataIndex(), threading.RLock(), applied_seq=0, snapshot_seq=0
+            )
+        log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
+        return config
+
+    def list_collections(self) -> list[CollectionConfig]:
+        return [c.config for _, c in sorted(self._collections.items())]
+
+    def describe(self, name: str) -> CollectionStats:
+        col = self._collection(name)
+        with col.lock:
+            docs, chunks, lmdb_bytes = self._lmdb.counts(name)
+            files = sum(p.stat().st_size for p in self._dir(name).glob("*") if p.is_file())
+            return CollectionStats(
+                config=col.config,
+                documents=docs,
+                chunks=chunks,
+                index_vectors=col.index.ntotal,
+                index_trained=col.index.is_trained,
+                pending_ops=col.applied_seq - max(col.snapshot_seq, 0),
+                disk_bytes=lmdb_bytes + files,
+            )
+
+    stats = describe
+
+    def drop(self, name: str) -> None:
+        """Delete a collection: its LMDB databases (one durable transaction), then its index files."""
+        with self._global:
+            col = self._collection(name)
+            with col.lock:
+                self._lmdb.drop_collection(name)
+                col.dropped = True
+                del self._collections[name]
+                shutil.rmtree(self._dir(name), ignore_errors=True)
+        log.info("dropped collection %r", name)
+
+    # ---------------------------------------------------------------- ingest
+
+    def _validate(self, doc: Any, seen: set[str]) -> None:
+        if not isinstance(doc, Document):
+            raise InvalidArgument(f"expected a Document, got {type(doc).__name__}")
+        if not isinstance(doc.id, str) or not doc.id:
+            raise InvalidArgument(f"document id must be a non-empty string, got {doc.id!r}")
+        if len(doc.id.encode("utf-8")) > MAX_DOC_ID_BYTES:
+            raise InvalidArgument(f"document id {doc.id[:40]!r}... is longer than {MAX_DOC_ID_BYTES} UTF-8 bytes")
+        if doc.id in seen:
+            raise InvalidArgument(f"document id {doc.id!r} appears more than once in this call")
+        if not isinstance(doc.text, str) or not doc.text.strip():
+            raise InvalidArgument(f"document {doc.id!r} has empty text; expected some non-whitespace text")
+        size = len(doc.text.encode("utf-8"))
+        if size > self.settings.max_document_bytes:
+            raise ResourceExhausted(
+                f"document {doc.id!r} is {size} bytes of UTF-8 text; the limit is "
+                f"{self.settings.max_document_bytes} (store.max_document_bytes)"
+            )
+        _check_metadata(doc.id, doc.metadata)
+
+    def ingest(self, name: str, docs: Sequence[Document], *, skip_invalid: bool = False) -> list[DocumentResult]:
+        """Store documents (upserting by id). Returns one result per input, in order.
+
+        With skip_invalid=False the first invalid document raises and nothing from the call is
+        stored; with True invalid ones come back "rejected" and the rest are stored. When this
+        returns, the stored documents are durable (one LMDB commit) and searchable.
+        """
+        col = self._collection(name)
+        if isinstance(docs, (Document, str)) or not isinstance(docs, Sequence):
+            raise InvalidArgument(f"ingest takes a sequence of Documents, got {type(docs).__name__}")
+        total = sum(len(d.text.encode("utf-8")) for d in docs if isinstance(d, Document) and isinstance(d.text, str))
+        if total > self.settings.max_ingest_call_bytes:
+            raise ResourceExhausted(
+                f"this ingest call carries {total} bytes of text; the limit is {self.settings.max_ingest_call_bytes} "
+                "(store.max_ingest_call_bytes): split it into smaller calls"
+            )
+        results: list[Optional[DocumentResult]] = [None] * len(docs)
+        seen: set[str] = set()
+        valid: list[int] = []
+        for i, doc in enumerate(docs):
+            try:
+                self._validate(doc, seen)
+            except MemlmError as e:
+                if not skip_invalid:
+                    raise
+                results[i] = DocumentResult(
+                    id=str(getattr(doc, "id", "")), status="rejected", error_code=e.code, message=str(e)
+                )
+                continue
+            seen.add(doc.id)
+            valid.append(i)
+
+        # Chunk and embed outside every lock: this is the slow part.
+        chunker = self._chunker(col.config)
+        chunk_lists = [chunker.chunk(docs[i].text) for i in valid]
+        texts = [c.text for cl in chunk_lists for c in cl]
+        vectors = self._embedder_for(col.config).embed(texts) if texts else np.zeros((0, col.config.dim), np.float32)
+        prepared: list[PreparedDocument] = []
+        offset = 0
+        for i, cl in zip(valid, chunk_lists):
+            prepared.append(PreparedDocument(docs[i], cl, vectors[offset : offset + len(cl)]))  # (len(cl), dim)
+            offset += len(cl)
+
+        if prepared:
+            with col.lock:
+                if col.dropped:
+                    raise NotFound(f"collection {name!r} does not exist")
+                commit = self._lmdb.write_ingest(name, prepared, time.time())  # durable from here
+                self._apply(col, commit, prepared)
+                self._maybe_snapshot(col)
+            for i, written in zip(valid, commit.written):
+                results[i] = DocumentResult(
+                    id=written.doc_id,
+                    status="replaced" if written.replaced is not None else "created",
+                    chunks=len(written.chunk_ids),
+                    chunk_ids=written.chunk_ids,
+                )
+        return [r for r in results if r is not None]
+
+    def _apply(self, col: _Collection, commit: Commit, prepared: Sequence[PreparedDocument] = ()) -> None:
+        """Mirror a committed LMDB transaction in the in-memory indexes (caller holds col.lock).
+        `prepared` is what was written, in the order of `commit.written`."""
+        for _doc_id, old in commit.removed:
+            col.metadata.remove(old.chunk_ids, old.metadata)
+        removed = [cid for _, old in commit.removed for cid in old.chunk_ids]
+        if removed:
+            col.index.remove(np.asarray(removed, dtype=np.int64))
+        if commit.written:
+            ids = np.asarray([cid for w in commit.written for cid in w.chunk_ids], dtype=np.int64)
+            vectors = np.concatenate([p.vectors for p in prepared])  # (len(ids), dim)
+            col.index.add(ids, vectors)
+            for w, p in zip(commit.written, prepared):
+                col.metadata.add(w.chunk_ids, p.doc.metadata)
+        col.applied_seq = max(col.applied_seq, commit.seq)
+
+    # ---------------------------------------------------------------- reads
+
+    def search(
+        self,
+        collection: str,
+        query: Optional[str] = None,
+        vector: Optional[np.ndarray] = None,
+        k: int = 10,
+        filter: Optional[Filter] = None,
+    ) -> list[SearchHit]:
+        """The k chunks nearest to `query` (embedded with the collection's embedder) or to `vector`
+        (normalised to unit length), best first, among those `filter` allows."""
+        if (query is None) == (vector is None):
+            self._both_or_neither(query, vector)
+        if query is not None:
+            return self.search_batch(collection, queries=[query], k=k, filter=filter)[0]
+        try:
+            vec = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"vector must be a list of numbers, got {type(vector).__name__}") from None
+        if vec.ndim != 1 and not (vec.ndim == 2 and vec.shape[0] == 1):
+            raise InvalidArgument(f"vector must be one (dim,) vector, got shape {vec.shape}")
+        return self.search_batch(collection, vectors=vec.reshape(1, -1), k=k, filter=filter)[0]
+
+    @staticmethod
+    def _both_or_neither(query: Any, vector: Any) -> None:
+        raise InvalidArgument(
+            "give exactly one of query (text) or vector, got "
+            + ("both" if query is not None and vector is not None else "neither")
+        )
+
+    def search_batch(
+        self,
+        collection: str,
+        queries: Optional[Sequence[str]] = None,
+        vectors: Optional[np.ndarray] = None,
+        k: int = 10,
+        filter: Optional[Filter] = None,
+    ) -> list[list[SearchHit]]:
+        """Like `search` for several queries (texts, or (nq, dim) vectors) sharing k and filter."""
+        col = self._collection(collection)
+        dim = col.config.dim
+        if (queries is None) == (vectors is None):
+            self._both_or_neither(queries, vectors)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.settings.max_k:
+            raise InvalidArgument(f"k must be an integer in [1, {self.settings.max_k}] (store.max_k), got {k!r}")
+        f = parse_filter(filter)
+        if queries is not None:
+            for q in queries:
+                if not isinstance(q, str) or not q.strip():
+                    raise InvalidArgument(f"query must be non-empty text, got {q!r}")
+            q_vecs = self._embedder_for(col.config).embed(list(queries))  # (nq, dim), unit rows
+        else:
+            try:
+                q_vecs = np.asarray(vectors, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"vector must be numeric with {dim} values, got {type(vectors).__name__}") from None
+            if q_vecs.ndim == 1:
+                q_vecs = q_vecs[None, :]
+            if q_vecs.ndim != 2 or q_vecs.shape[1] != dim:
+                raise InvalidArgument(
+                    f"vector must have {dim} values (collection {collection!r} uses {col.config.embedding_model}), "
+                    f"got shape {tuple(np.shape(vectors))}"
+                )
+            if not np.isfinite(q_vecs).all():
+                raise InvalidArgument("vector holds NaN or infinite values; expected finite numbers")
+            norms = np.linalg.norm(q_vecs, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise InvalidArgument("vector is all zeros; expected a direction to search along")
+            q_vecs = q_vecs / norms
+        with col.lock:
+            allowed = col.metadata.select(f) if f is not None else None
+            if allowed is not None and len(allowed) == 0:
+                return [[] for _ in range(len(q_vecs))]
+            scores, ids = col.index.search(q_vecs, int(k), allowed)  # (nq, k) each
+        return self._hits(collection, scores, ids)
+
+    def _hits(self, name: str, scores: np.ndarray, ids: np.ndarray) -> list[list[SearchHit]]:
+        out: list[list[SearchHit]] = []
+        headers: dict[str, Optional[DocHeader]] = {}
+        with self._lmdb.begin() as txn:
+            for row_s, row_i in zip(scores, ids):
+                hits = []
+                for s, cid in zip(row_s.tolist(), row_i.tolist()):
+                    if cid < 0:
+                        continue
+                    chunk = self._lmdb.read_chunk(name, cid, txn)
+                    if chunk is None:
+                        continue  # deleted after the index answered
+                    if chunk.doc_id not in headers:
+                        headers[chunk.doc_id] = self._lmdb.read_doc_header(name, chunk.doc_id, txn)
+                    header = headers[chunk.doc_id]
+                    if header is None:
+                        continue
+                    hits.append(
+                        SearchHit(
+                            chunk_id=cid,
+                            doc_id=chunk.doc_id,
+                            score=float(s),
+                            text=chunk.text,
+                            metadata=header.metadata,
+                            chunk_index=chunk.chunk_index,
+                            start=chunk.start,
+                            end=chunk.end,
+                        )
+                    )
+                out.append(hits)
+        return out
+
+    def get(self, name: str, ids: Sequence[str]) -> list[StoredDocument]:
+        """The stored documents, in the order asked. Raises NotFound naming every missing id."""
+        self._collection(name)
+        if isinstance(ids, str):
+            raise InvalidArgument(f"get takes a list of document ids, got the string {ids!r}")
+        found: list[StoredDocument] = []
+        missing: list[str] = []
+        with self._lmdb.begin() as txn:
+            for doc_id in ids:
+                rec = self._lmdb.read_doc(name, doc_id, txn) if isinstance(doc_id, str) and doc_id else None
+                if rec is None:
+                    missing.append(doc_id)
+                    continue
+                text, header = rec
+                found.append(StoredDocument(doc_id, text, header.metadata, header.chunk_ids, header.updated_at))
+        if missing:
+            raise NotFound(f"collection {name!r} has no document(s) {missing}")
+        return found
+
+    def chunk_tokens(self, name: str, chunk_ids: Sequence[int]) -> list[np.ndarray]:
+        """LM token ids of chunks (int32 arrays), for the memory modes that read tokens."""
+        self._collection(name)
+        out = []
+        with self._lmdb.begin() as txn:
+            for cid in chunk_ids:
+                rec = self._lmdb.read_chunk(name, int(cid), txn)
+                if rec is None:
+                    raise NotFound(f"collection {name!r} has no chunk {cid}")
+                out.append(rec.token_ids)
+        return out
+
+    # ---------------------------------------------------------------- delete
+
+    def delete(self, name: str, ids: Sequence[str]) -> list[str]:
+        """Delete documents everywhere (LMDB, index, filters). Unknown ids are ignored; returns the
+        ids actually deleted. Durable when it returns."""
+        col = self._collection(name)
+        if isinstance(ids, str):
+            raise InvalidArgument(f"delete takes a list of document ids, got the string {ids!r}")
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise InvalidArgument(f"document ids must be strings, got {bad[0]!r}")
+        with col.lock:
+            if col.dropped:
+                raise NotFound(f"collection {name!r} does not exist")
+            commit = self._lmdb.write_delete(name, list(ids))  # durable from here
+            if not commit.removed:
+                return []
+            self._apply(col, commit)
+            self._maybe_snapshot(col)
+        return [doc_id for doc_id, _ in commit.removed]
+
+    # ---------------------------------------------------------------- snapshots
+
+    def _maybe_snapshot(self, col: _Collection) -> None:
+        if col.applied_seq - max(col.snapshot_seq, 0) >= self.settings.snapshot_every_ops:
+            self._snapshot_locked(col)
+
+    def _snapshot_locked(self, col: _Collection) -> None:
+        """Write the index as `index-<applied_seq>.faiss` (atomic, fsynced), then drop the oplog
+        entries it holds, then older files. A crash between steps leaves a state recovery handles:
+        an older file plus the oplog, or the new file plus entries it already holds."""
+        name = col.config.name
+        folder = self._dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"index-{col.applied_seq:016d}.faiss"
+        if col.snapshot_seq == col.applied_seq and path.exists():
+            return
+        col.index.save(path)
+        self._lmdb.truncate_oplog(name, col.applied_seq)
+        for p in folder.iterdir():
+            if p != path and (_INDEX_FILE_RE.fullmatch(p.name) or p.name.endswith(".faiss.tmp")):
+                p.unlink(missing_ok=True)
+        col.snapshot_seq = col.applied_seq
+
+    def snapshot(self, name: Optional[str] = None) -> None:
+        """Write index files for one collection (or all) and truncate their oplogs."""
+        names = [name] if name is not None else list(self._collections)
+        for n in names:
+            col = self._collection(n)
+            with col.lock:
+                if not col.dropped:
+                    self._snapshot_locked(col)
+
+    def close(self) -> None:
+        """Snapshot every collection and close LMDB. Idempotent."""
+        with self._global:
+            if self._closed:
+                return
+            try:
+                self.snapshot()
+            finally:
+                self._closed = True
+                self._lmdb.close()
