@@ -8,6 +8,7 @@ from memlm.errors import DeadlineExceeded, InvalidArgument, NotFound, Unimplemen
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
 
+STORY = "Once upon a time, in a land far away, there lived a dragon who"  # the model continues this at length
 pytestmark = [pytest.mark.server, pytest.mark.model]
 
 FACTS = [
@@ -100,12 +101,12 @@ def test_generation_errors(server, client):
 
 
 def test_cancel_and_deadline_stop_generation(client):
-    stream = client.generate("Write a long story about a dragon.", memory="none", max_new_tokens=400)
+    stream = client.generate(STORY, memory="none", max_new_tokens=400)
     first = next(iter(stream))
     assert first
     stream.cancel()
     with pytest.raises(DeadlineExceeded):
-        list(client.generate("Write a long story about a dragon.", memory="none", max_new_tokens=400, timeout=1.5))
+        list(client.generate(STORY, memory="none", max_new_tokens=400, timeout=1.5))
     # A cancelled or expired generation frees the model at once: the next request runs promptly.
     started = time.perf_counter()
     result = client.generate("Hello", memory="none", max_new_tokens=2).result
@@ -115,7 +116,7 @@ def test_cancel_and_deadline_stop_generation(client):
 
 def test_search_is_not_stalled_by_generation(client, collection):
     client.ingest(FACTS, collection=collection)
-    stream = client.generate("Write a long story about a dragon.", memory="none", max_new_tokens=120)
+    stream = client.generate(STORY, memory="none", max_new_tokens=120)
     next(iter(stream))  # generation is running now
     started = time.perf_counter()
     for _ in range(5):

@@ -10,6 +10,7 @@ import memlm
 from memlm.errors import Unauthenticated
 from memlm.services.process import ServerProcess
 
+STORY = "Once upon a time, in a land far away, there lived a dragon who"  # the model continues this at length
 pytestmark = pytest.mark.server
 
 
@@ -61,7 +62,7 @@ def test_sigterm_drains_in_flight_generation(tmp_path, bundled_model_dir):
     with memlm.Client(server.address, timeout=120) as client:
         client.create_collection("c")
         client.ingest([{"id": "a", "text": "kept across the restart"}], collection="c")
-        stream = client.generate("Tell me a story.", memory="none", max_new_tokens=24)
+        stream = client.generate(STORY, memory="none", max_new_tokens=24)
         first = next(iter(stream))
 
         def finish():
