@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -54,12 +54,11 @@ class ServerSettings(BaseModel):
     max_message_bytes: int = Field(64 * 1024 * 1024, gt=0)
     metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
 
-    @field_validator("tls_key")
-    @classmethod
-    def _pair(cls, key, info):
-        if (key is None) != (info.data.get("tls_cert") is None):
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServerSettings":
+        if (self.tls_key is None) != (self.tls_cert is None):
             raise ValueError("tls_cert and tls_key must be given together")
-        return key
+        return self
 
 
 def _default_data_dir() -> Path:
