@@ -3,7 +3,7 @@ transformers, in the same run (goal: the service keeps at least 95% of the direc
 
     python benchmarks/generation_service.py [--new-tokens 128] [--runs 3]
 
-Both sides: greedy, the same ~200-token prompt, EOS ignored so both make exactly --new-tokens
+Both sides: greedy, the same ~110-token prompt, EOS ignored so both make exactly --new-tokens
 tokens; tokens/s = new tokens / wall time from request to last token (prefill included). The
 server runs alone while it is measured, then the direct model runs in this process, so the two
 never compete for the 2 cores.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -29,15 +30,21 @@ ApiKeyOpt = typer.Option(None, "--api-key", envvar="MEMLM_API_KEY", help="API ke
 TimeoutOpt = typer.Option(600.0, "--timeout", help="deadline per call, seconds")
 
 
-def _client(address: str, api_key: Optional[str], timeout: float):
-    from memlm.client import Client
-
-    return Client(address, api_key=api_key, timeout=timeout)
-
-
 def _fail(exc: MemlmError) -> None:
     err.print(f"[red]error:[/red] {exc.code}: {exc}", markup=True, highlight=False)
     raise typer.Exit(1)
+
+
+@contextmanager
+def _connected(address: str, api_key: Optional[str], timeout: float):
+    """A client for one command; a server error ends the command with `error: CODE: message`."""
+    from memlm.client import Client
+
+    try:
+        with Client(address, api_key=api_key, timeout=timeout) as client:
+            yield client
+    except MemlmError as exc:
+        _fail(exc)
 
 
 def _parse_filter(text: Optional[str]):
@@ -146,24 +153,21 @@ def ingest(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     skipped: list = []
-    try:
-        with _client(address, api_key, timeout) as client:
-            client.create_collection(
-                collection, index_factory=index_factory, chunk_tokens=chunk_tokens, kv_memory=kv_memory,
-                if_not_exists=True,
+    with _connected(address, api_key, timeout) as client:
+        client.create_collection(
+            collection, index_factory=index_factory, chunk_tokens=chunk_tokens, kv_memory=kv_memory,
+            if_not_exists=True,
+        )
+        files = list(_iter_files(paths))
+        with Progress(
+            TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeElapsedColumn(),
+            console=err, transient=False,
+        ) as bar:
+            task = bar.add_task("ingest", total=None)
+            report = client.ingest(
+                _read_documents(paths, skipped), collection=collection, batch_size=batch_size,
+                skip_invalid=True, progress=lambda n: bar.update(task, completed=n),
             )
-            files = list(_iter_files(paths))
-            with Progress(
-                TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeElapsedColumn(),
-                console=err, transient=False,
-            ) as bar:
-                task = bar.add_task("ingest", total=None)
-                report = client.ingest(
-                    _read_documents(paths, skipped), collection=collection, batch_size=batch_size,
-                    skip_invalid=True, progress=lambda n: bar.update(task, completed=n),
-                )
-    except MemlmError as exc:
-        _fail(exc)
     for r in report.rejected:
         err.print(f"rejected {r.id}: {r.error_code}: {r.message}", highlight=False)
     out.print(
@@ -189,11 +193,8 @@ def search(
     timeout: float = TimeoutOpt,
 ) -> None:
     """Ranked chunks with scores, document ids and metadata."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            hits = client.search(query, collection=collection, k=k, filter=_parse_filter(filter))
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        hits = client.search(query, collection=collection, k=k, filter=_parse_filter(filter))
     if as_json:
         sys.stdout.write(json.dumps([_hit_json(h) for h in hits], ensure_ascii=False) + "\n")
         return
@@ -221,19 +222,15 @@ def ask(
     timeout: float = TimeoutOpt,
 ) -> None:
     """Stream an answer to the terminal, then the chunks it used."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            stream = client.generate(
-                prompt, collection=collection, memory=memory, k=k, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, seed=seed, stop=stop, filter=_parse_filter(filter),
-            )
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            result = stream.result
-    except MemlmError as exc:
-        sys.stdout.write("\n")
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        stream = client.generate(
+            prompt, collection=collection, memory=memory, k=k, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, stop=stop, filter=_parse_filter(filter),
+        )
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        result = stream.result
     sys.stdout.write("\n")
     if result.citations:
         out.print("\n[bold]citations[/bold]")
@@ -255,11 +252,8 @@ def collections(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List collections."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            configs = client.list_collections()
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        configs = client.list_collections()
     if as_json:
         from dataclasses import asdict
 
@@ -280,11 +274,8 @@ def stats(
     """Document, chunk and index counts."""
     from google.protobuf.json_format import MessageToDict
 
-    try:
-        with _client(address, api_key, timeout) as client:
-            reply = client.stats(collection)
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        reply = client.stats(collection)
     if as_json:
         sys.stdout.write(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)) + "\n")
         return
@@ -308,14 +299,11 @@ def create_collection(
     address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
 ) -> None:
     """Create a collection (its index type and chunking are fixed from then on)."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            c = client.create_collection(
-                name, index_factory=index_factory, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-                kv_memory=kv_memory,
-            )
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        c = client.create_collection(
+            name, index_factory=index_factory, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+            kv_memory=kv_memory,
+        )
     out.print(f"created '{c.name}': {c.index_factory}, {c.dim}-d {c.embedding_model}, {c.chunk_tokens}-token chunks")
 
 
@@ -325,11 +313,8 @@ def drop(
     address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
 ) -> None:
     """Drop a collection and everything in it."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            client.drop_collection(collection)
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        client.drop_collection(collection)
     out.print(f"dropped '{collection}'")
 
 
@@ -340,11 +325,8 @@ def get(
     address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
 ) -> None:
     """Print documents as JSON lines."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            docs = client.get(ids, collection=collection)
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        docs = client.get(ids, collection=collection)
     for d in docs:
         sys.stdout.write(json.dumps({"id": d.id, "text": d.text, "metadata": d.metadata}, ensure_ascii=False) + "\n")
 
@@ -356,11 +338,8 @@ def delete(
     address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
 ) -> None:
     """Delete documents everywhere they went."""
-    try:
-        with _client(address, api_key, timeout) as client:
-            deleted = client.delete(ids, collection=collection)
-    except MemlmError as exc:
-        _fail(exc)
+    with _connected(address, api_key, timeout) as client:
+        deleted = client.delete(ids, collection=collection)
     missing = [i for i in ids if i not in set(deleted)]
     out.print(f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else ""), highlight=False)
 

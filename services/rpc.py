@@ -7,6 +7,7 @@ with its traceback and answered INTERNAL without leaking internals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -37,11 +38,28 @@ def _code(exc: BaseException | None) -> str:
         return "OK"
     if isinstance(exc, MemlmError):
         return exc.code
-    if isinstance(exc, grpc.aio.AbortError):
-        return "ABORTED_BY_HANDLER"
     if isinstance(exc, asyncio.CancelledError):  # the client cancelled or its deadline passed
         return "CANCELLED"
     return "INTERNAL"
+
+
+@contextlib.asynccontextmanager
+async def _handled(context: grpc.aio.ServicerContext, method: str):
+    """Translate errors raised inside into statuses, and count and time the call."""
+    started, failure = time.perf_counter(), None
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+        failure = exc
+        await abort_with(context, exc, method)
+    except BaseException as exc:  # cancellation: let it propagate, but count it
+        failure = exc
+        raise
+    finally:
+        RPC_CALLS.labels(method, _code(failure)).inc()
+        RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
 def unary(method):
@@ -49,19 +67,8 @@ def unary(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        started, failure = time.perf_counter(), None
-        try:
+        async with _handled(context, method.__name__):
             return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - translated, never swallowed
-            failure = exc
-            if not isinstance(exc, Exception):
-                raise
-            await abort_with(context, exc, method.__name__)
-        finally:
-            RPC_CALLS.labels(method.__name__, _code(failure)).inc()
-            RPC_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
 
     return wrapper
 
@@ -71,19 +78,8 @@ def streaming(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        started, failure = time.perf_counter(), None
-        try:
+        async with _handled(context, method.__name__):
             async for item in method(self, request, context):
                 yield item
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as exc:  # noqa: BLE001
-            failure = exc
-            if not isinstance(exc, Exception):
-                raise
-            await abort_with(context, exc, method.__name__)
-        finally:
-            RPC_CALLS.labels(method.__name__, _code(failure)).inc()
-            RPC_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
 
     return wrapper
