@@ -1,0 +1,396 @@
+"""`KVMemory`: the keys and values a language model computed over a collection's text, on disk,
+for the `knn` memory mode (Memorizing / Extended Mind Transformers).
+
+Layout of one collection's folder:
+    manifest.json            the commit point: shape facts, live segments, deleted chunk ids
+    seg-000001/              one immutable segment per `build`/`add` call
+        k_L07.npy            (Hkv, n, D) keys of layer 7, BEFORE RoPE, fp16 (or bf16 bits as uint16)
+        v_L07.npy            (Hkv, n, D) values of layer 7
+        chunk_ids.npy        (n,) int64: the chunk each row (token) belongs to
+        positions.npy        (n,) int32: the position the token had when its K/V were computed
+
+Keys are kept un-rotated with their positions so that the position strategy (see
+`memlm.knn_memory`) is chosen at read time: "original" re-rotates each key to its stored position,
+"fixed" gives all of them one position, without rebuilding the memory.
+
+Durability: a segment is written under a temporary folder (each file flushed and fsynced), renamed
+into place, and only becomes part of the memory when manifest.json, written tmp + fsync +
+os.replace + fsync of the folder, lists it. A crash leaves either the old manifest (the new segment
+is garbage, removed on open) or the new one. Deleting chunks writes their ids into the manifest
+(tombstones); `compact()` rewrites live rows into one segment. The store (LMDB) stays the source
+of truth: this folder can be rebuilt from its token ids at any time.
+
+Size: 2 (K, V) x Hkv x D x 2 bytes per stored layer and token, plus 12 bytes of row metadata;
+`bytes_per_token`. For SmolLM2-135M with all 30 layers: 23,052 bytes/token (a 16k-token memory is
+~378 MB); with 8 layers 6,156 bytes/token. Product quantization of keys/values (e.g. faiss
+ProductQuantizer, 64 dims -> 16 bytes) would slot in at `_write_segment`/`layer`: not done.
+
+Limits: rows of all segments are concatenated into RAM by `layer()`; fine up to a few hundred
+thousand tokens per layer on CPU, not beyond.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "bfloat16")
+
+
+@dataclass
+class KVMemoryManifest:
+    layers: list[int]  # which decoder layers are stored
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float16"  # on-disk dtype of K and V: "float16" | "bfloat16" (stored as uint16 bits)
+    window: int = 1024  # tokens per forward pass when building (positions lie in [0, window))
+    overlap: int = 128  # tokens of left context a window shares with the one before
+    segments: list[str] = field(default_factory=list)
+    deleted_chunks: list[int] = field(default_factory=list)
+    next_segment: int = 1
+    version: int = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy_durably(path: Path, array: np.ndarray) -> None:
+    """np.save, then flush + fsync the file (the caller fsyncs the folder / renames)."""
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _to_disk(t: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        return t.to(torch.float16).contiguous().numpy()
+    return t.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()  # numpy has no bf16
+
+
+def _from_disk(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a))  # a copy: memmaps are read-only
+    return t if dtype == "float16" else t.view(torch.bfloat16)
+
+
+class KVMemory:
+    """Per-layer keys (pre-RoPE) and values of every memory token of one collection, on disk."""
+
+    def __init__(self, path: Path, manifest: KVMemoryManifest):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._deleted = set(manifest.deleted_chunks)
+
+    # --- opening --------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: "str | os.PathLike",
+        layers: Sequence[int],
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: str = "float16",
+        window: int = 1024,
+        overlap: int = 128,
+    ) -> "KVMemory":
+        if dtype not in DTYPES:
+            raise ValueError(f"KV memory dtype {dtype!r} is not one of {DTYPES}")
+        if not 0 <= overlap < window:
+            raise ValueError(f"overlap={overlap} must lie in [0, window={window})")
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise FileExistsError(f"a KV memory already exists at {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        mem = cls(path, KVMemoryManifest(sorted(set(int(l) for l in layers)), num_kv_heads, head_dim, dtype, window, overlap))
+        mem._write_manifest()
+        return mem
+
+    @classmethod
+    def for_model(cls, path: "str | os.PathLike", model, layers: Optional[Sequence[int]] = None, **kw) -> "KVMemory":
+        """`create` with the shape facts read from a Hugging Face causal LM's config (all layers by default)."""
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        layers = range(c.num_hidden_layers) if layers is None else layers
+        return cls.create(path, layers, c.num_key_value_heads, head_dim, **kw)
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike") -> "KVMemory":
+        path = Path(path)
+        try:
+            raw = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no KV memory at {path} (expected {path / MANIFEST})") from None
+        mem = cls(path, KVMemoryManifest(**raw))
+        # Segments the manifest does not list never committed (a crash mid-write): remove them.
+        live = set(mem.manifest.segments)
+        for p in path.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("seg-") and p.name not in live)):
+                shutil.rmtree(p, ignore_errors=True)
+        return mem
+
+    # --- facts ----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest.layers)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """On-disk bytes per memory token: K and V of every stored layer, plus chunk id and position."""
+        m = self.manifest
+        return 2 * len(m.layers) * m.num_kv_heads * m.head_dim * 2 + 8 + 4
+
+    def _segment_meta(self, seg: str) -> tuple[np.ndarray, np.ndarray]:
+        d = self.path / seg
+        return np.load(d / "chunk_ids.npy", mmap_mode="r"), np.load(d / "positions.npy", mmap_mode="r")
+
+    def _live_mask(self, chunk_ids: np.ndarray) -> np.ndarray:
+        if not self._deleted:
+            return np.ones(len(chunk_ids), dtype=bool)
+        return ~np.isin(chunk_ids, np.fromiter(self._deleted, dtype=np.int64))
+
+    def __len__(self) -> int:
+        """Live rows (tokens) across segments."""
+        return int(sum(self._live_mask(np.asarray(self._segment_meta(s)[0])).sum() for s in self.manifest.segments))
+
+    def chunk_ids(self) -> np.ndarray:
+        """(N,) int64 chunk id of every live row, in the order `layer()` returns rows."""
+        parts = []
+        for s in self.manifest.segments:
+            c = np.asarray(self._segment_meta(s)[0])
+            parts.append(c[self._live_mask(c)])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def positions(self) -> np.ndarray:
+        """(N,) int32 position each live row had when its K/V were computed."""
+        parts = []
+        for s in self.manifest.segments:
+            c, p = self._segment_meta(s)
+            parts.append(np.asarray(p)[self._live_mask(np.asarray(c))])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live (keys, values) of one stored layer: two (Hkv, N, D) tensors in the on-disk dtype.
+
+        Keys are pre-RoPE; rows follow `chunk_ids()` / `positions()`.
+        """
+        if layer not in self.manifest.layers:
+            raise KeyError(f"layer {layer} is not in this KV memory (stored layers: {self.manifest.layers})")
+        m = self.manifest
+        ks, vs = [], []
+        for s in m.segments:
+            live = self._live_mask(np.asarray(self._segment_meta(s)[0]))
+            d = self.path / s
+            k = np.load(d / f"k_L{layer:02d}.npy", mmap_mode="r")
+            v = np.load(d / f"v_L{layer:02d}.npy", mmap_mode="r")
+            ks.append(_from_disk(k[:, live] if not live.all() else k, m.dtype))
+            vs.append(_from_disk(v[:, live] if not live.all() else v, m.dtype))
+        if not ks:
+            empty = torch.zeros(m.num_kv_heads, 0, m.head_dim, dtype=torch.float16 if m.dtype == "float16" else torch.bfloat16)
+            return empty, empty.clone()
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _write_manifest(self) -> None:
+        """tmp + fsync + os.replace + fsync(folder): the manifest is either old or new, never torn."""
+        self.manifest.deleted_chunks = sorted(self._deleted)
+        tmp = self.path / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self.manifest), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        _fsync_dir(self.path)
+
+    def add(
+        self,
+        keys: dict[int, torch.Tensor],  # layer -> (Hkv, n, D) pre-RoPE keys
+        values: dict[int, torch.Tensor],  # layer -> (Hkv, n, D)
+        chunk_ids: Sequence[int] | np.ndarray,  # (n,)
+        positions: Sequence[int] | np.ndarray,  # (n,)
+    ) -> int:
+        """Append n rows as one new segment (durable when this returns). Returns n."""
+        m = self.manifest
+        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int32)
+        n = len(chunk_ids)
+        if len(positions) != n:
+            raise ValueError(f"{len(positions)} positions for {n} rows")
+        if set(keys) != set(m.layers) or set(values) != set(m.layers):
+            raise ValueError(f"expected keys and values for layers {m.layers}, got {sorted(keys)} / {sorted(values)}")
+        for l in m.layers:
+            for name, t in (("keys", keys[l]), ("values", values[l])):
+                if tuple(t.shape) != (m.num_kv_heads, n, m.head_dim):
+                    raise ValueError(f"{name} of layer {l} have shape {tuple(t.shape)}, expected {(m.num_kv_heads, n, m.head_dim)}")
+        if n == 0:
+            return 0
+        name = f"seg-{m.next_segment:06d}"
+        tmp = self.path / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for l in m.layers:
+            _save_npy_durably(tmp / f"k_L{l:02d}.npy", _to_disk(keys[l], m.dtype))
+            _save_npy_durably(tmp / f"v_L{l:02d}.npy", _to_disk(values[l], m.dtype))
+        _save_npy_durably(tmp / "chunk_ids.npy", chunk_ids)
+        _save_npy_durably(tmp / "positions.npy", positions)
+        _fsync_dir(tmp)
+        os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
+        m.segments.append(name)
+        m.next_segment += 1
+        self._write_manifest()  # the commit point
+        return n
+
+    def delete(self, chunk_ids: Iterable[int]) -> int:
+        """Tombstone the rows of these chunks (durable when this returns). Returns rows removed."""
+        new = {int(c) for c in chunk_ids} - self._deleted
+        if not new:
+            return 0
+        before = len(self)
+        self._deleted |= new
+        self._write_manifest()
+        return before - len(self)
+
+    def compact(self) -> None:
+        """Rewrite all live rows as one segment and forget the tombstones."""
+        m = self.manifest
+        old = list(m.segments)
+        if not old and not self._deleted:
+            return
+        keys, values = {}, {}
+        for l in m.layers:
+            keys[l], values[l] = self.layer(l)
+        chunk_ids, positions = self.chunk_ids(), self.positions()
+        m.segments = []
+        self._deleted = set()
+        if len(chunk_ids):
+            self.add(keys, values, chunk_ids, positions)  # writes the manifest: the commit point
+        else:
+            self._write_manifest()
+        for s in old:
+            shutil.rmtree(self.path / s, ignore_errors=True)
+
+    # --- building from a model ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def build(
+        self,
+        model,
+        token_id_lists: Sequence[Sequence[int]],
+        chunk_ids: Sequence[int],
+        documents: Optional[Sequence[object]] = None,
+    ) -> int:
+        """Run `model` over the text and store K/V of every token at the stored layers.
+
+        token_id_lists[i] holds the token ids of chunk chunk_ids[i] (as `MemoryStore.chunk_tokens`
+        returns them); consecutive chunks with the same documents[i] (default: all one document)
+        are read as one token stream. A stream longer than `window` is read in windows of `window`
+        tokens that overlap by `overlap`: each window starts at position 0, and of every window
+        after the first only the last window - overlap tokens are kept (they had `overlap` tokens of
+        left context). Returns rows added (one segment).
+        """
+        if len(token_id_lists) != len(chunk_ids):
+            raise ValueError(f"{len(token_id_lists)} token lists for {len(chunk_ids)} chunk ids")
+        documents = [0] * len(chunk_ids) if documents is None else list(documents)
+        m = self.manifest
+        streams: list[tuple[list[int], list[int]]] = []  # (token ids, chunk id per token)
+        for i, (toks, cid) in enumerate(zip(token_id_lists, chunk_ids)):
+            toks = [int(t) for t in toks]
+            if i == 0 or documents[i] != documents[i - 1]:
+                streams.append(([], []))
+            streams[-1][0].extend(toks)
+            streams[-1][1].extend([int(cid)] * len(toks))
+
+        captured = _KVCapture(model, m.layers)
+        keys: dict[int, list[torch.Tensor]] = {l: [] for l in m.layers}
+        values: dict[int, list[torch.Tensor]] = {l: [] for l in m.layers}
+        row_chunks: list[np.ndarray] = []
+        row_pos: list[np.ndarray] = []
+        stride = m.window - m.overlap
+        try:
+            for toks, cids in streams:
+                start = 0
+                while True:
+                    piece = toks[start : start + m.window]
+                    keep_from = 0 if start == 0 else m.overlap
+                    if len(piece) > keep_from:
+                        kv = captured.run(torch.tensor([piece], dtype=torch.long))
+                        for l in m.layers:
+                            k, v = kv[l]  # (Hkv, T, D) each
+                            keys[l].append(k[:, keep_from:].clone())
+                            values[l].append(v[:, keep_from:].clone())
+                        row_chunks.append(np.asarray(cids[start + keep_from : start + len(piece)], dtype=np.int64))
+                        row_pos.append(np.arange(keep_from, len(piece), dtype=np.int32))
+                    if start + m.window >= len(toks):
+                        break
+                    start += stride
+        finally:
+            captured.remove()
+        if not row_chunks:
+            return 0
+        return self.add(
+            {l: torch.cat(keys[l], dim=1) for l in m.layers},
+            {l: torch.cat(values[l], dim=1) for l in m.layers},
+            np.concatenate(row_chunks),
+            np.concatenate(row_pos),
+        )
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _KVCapture:
+    """Forward hooks on k_proj / v_proj of the chosen decoder layers (Llama-family layout:
+    model.model.layers[i].self_attn.{k,v}_proj). k_proj's output is the key BEFORE RoPE. The
+    forward stops after the last chosen layer (no later layers, no LM head)."""
+
+    def __init__(self, model, layers: Sequence[int]):
+        self.base = getattr(model, "model", model)
+        c = model.config
+        self.hkv = c.num_key_value_heads
+        self.out: dict[int, list[Optional[torch.Tensor]]] = {l: [None, None] for l in layers}
+        self.hooks = []
+        decoder = self.base.layers
+        for l in layers:
+            attn = decoder[l].self_attn
+            self.hooks.append(attn.k_proj.register_forward_hook(self._save(l, 0)))
+            self.hooks.append(attn.v_proj.register_forward_hook(self._save(l, 1)))
+        self.hooks.append(decoder[max(layers)].register_forward_hook(self._stop))
+
+    def _save(self, layer: int, which: int):
+        def hook(_module, _inputs, output):  # output (1, T, Hkv*D)
+            t = output[0]
+            self.out[layer][which] = t.view(t.shape[0], self.hkv, -1).transpose(0, 1)  # (Hkv, T, D)
+        return hook
+
+    @staticmethod
+    def _stop(*_):
+        raise _StopForward
+
+    def run(self, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """input_ids (1, T) -> {layer: (keys (Hkv, T, D), values (Hkv, T, D))}, positions 0..T-1."""
+        try:
+            self.base(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        return {l: (kv[0], kv[1]) for l, kv in self.out.items()}
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
