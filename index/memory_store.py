@@ -106,6 +106,14 @@ def _check_metadata(doc_id: str, metadata: Any) -> None:
             )
 
 
+def _set_faiss_threads(n: int) -> None:
+    """OpenMP's thread count is per calling thread, and the store is called from a pool of server
+    threads: set it on each before FAISS runs (see StoreSettings.faiss_threads)."""
+    import faiss
+
+    faiss.omp_set_num_threads(n)
+
+
 class MemoryStore:
     """Collections of documents, chunked, embedded, indexed and stored durably."""
 
@@ -118,6 +126,7 @@ class MemoryStore:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.settings = settings
+        _set_faiss_threads(settings.faiss_threads)
         self._embedder = embedder
         self._tokenizer = tokenizer
         self._tokenizer_lock = threading.Lock()
@@ -544,6 +553,7 @@ class MemoryStore:
             if (norms == 0).any():
                 raise InvalidArgument("vector is all zeros; expected a direction to search along")
             q_vecs = q_vecs / norms
+        _set_faiss_threads(self.settings.faiss_threads)
         with col.lock:
             allowed = col.metadata.select(f) if f is not None else None
             if allowed is not None and len(allowed) == 0:
