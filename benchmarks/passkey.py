@@ -78,6 +78,7 @@ def make_haystack(tokenizer, kind: str, n_tokens: int, seed: int) -> tuple[str, 
     return " ".join(sents), key, depth
 
 
+@torch.inference_mode()  # without it autograd keeps every activation: an 8k prompt took > 24 GB
 def greedy(model, ids: list[int], new_tokens: int = 10) -> list[int]:
     from memlm.generation import decode_one_token, new_cache, prefill
 
