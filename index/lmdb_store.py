@@ -211,9 +211,13 @@ class LmdbStore:
         with self.env.begin() as txn:
             return {bytes(k).decode(): CollectionRecord.decode(v) for k, v in txn.cursor(db=self._collections)}
 
-    def record(self, name: str) -> CollectionRecord:
-        with self.env.begin() as txn:
-            raw = txn.get(name.encode(), db=self._collections)
+    def record(self, name: str, txn: Optional[lmdb.Transaction] = None) -> CollectionRecord:
+        """The collection's record, read in `txn` (a write transaction about to bump its counters)
+        or in a read transaction of its own."""
+        if txn is None:
+            with self.env.begin() as own:
+                return self.record(name, own)
+        raw = txn.get(name.encode(), db=self._collections)
         if raw is None:
             raise NotFound(f"collection {name!r} does not exist")
         return CollectionRecord.decode(raw)
@@ -246,10 +250,7 @@ class LmdbStore:
         oplog entry. Durable when it returns; nothing of it exists if it raises."""
         dbs = self.dbs(name)
         with self.env.begin(write=True) as txn:
-            raw = txn.get(name.encode(), db=self._collections)
-            if raw is None:
-                raise NotFound(f"collection {name!r} does not exist")
-            rec = CollectionRecord.decode(raw)
+            rec = self.record(name, txn)
             commit = Commit(seq=rec.next_op_seq)
             added: list[int] = []
             removed: list[int] = []
@@ -281,10 +282,7 @@ class LmdbStore:
         Unknown ids are skipped; when none is known nothing is written (seq is then 0)."""
         dbs = self.dbs(name)
         with self.env.begin(write=True) as txn:
-            raw = txn.get(name.encode(), db=self._collections)
-            if raw is None:
-                raise NotFound(f"collection {name!r} does not exist")
-            rec = CollectionRecord.decode(raw)
+            rec = self.record(name, txn)
             commit = Commit(seq=0)
             removed: list[int] = []
             for doc_id in dict.fromkeys(doc_ids):  # de-duplicated, order kept
