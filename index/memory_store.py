@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from prometheus_client import Histogram
@@ -34,7 +34,7 @@ from memlm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Mem
 from memlm.index.chunking import Chunker
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
 from memlm.index.filters import MetadataIndex, parse_filter
-from memlm.index.lmdb_store import Commit, DocHeader, LmdbStore, PreparedDocument
+from memlm.index.lmdb_store import ChunkRecord, Commit, DocHeader, LmdbStore, PreparedDocument
 from memlm.index.types import (
     CollectionConfig,
     CollectionStats,
@@ -135,6 +135,7 @@ class MemoryStore:
         self._closed = False
         self._lmdb = LmdbStore(self.data_dir, int(settings.map_size_gib * 2**30))
         self._collections: dict[str, _Collection] = {}
+        self._write_listeners: list[Callable[[str], None]] = []
         try:
             for name, rec in self._lmdb.records().items():
                 self._collections[name] = self._recover(rec.config, last_seq=rec.next_op_seq - 1)
@@ -181,6 +182,11 @@ class MemoryStore:
 
     def _dir(self, name: str) -> Path:
         return self.data_dir / "collections" / name
+
+    def collection_dir(self, name: str) -> Path:
+        """The folder of a collection's derived files (index snapshots, KV memory); dropped with it."""
+        self._collection(name)
+        return self._dir(name)
 
     def _fetch(self, name: str, dim: int):
         def fetch(ids: np.ndarray) -> np.ndarray:
@@ -311,9 +317,7 @@ class MemoryStore:
         else:
             dim = embedder_dim(embedding_model)  # InvalidArgument naming the known models
         VectorIndex(dim, factory)  # InvalidArgument naming a bad factory string
-        tokenizer_name = DEFAULT_TOKENIZER_NAME
-        if self._tokenizer is not None and getattr(self._tokenizer, "name_or_path", ""):
-            tokenizer_name = Path(str(self._tokenizer.name_or_path)).name
+        tokenizer_name = self.tokenizer_name
         config = CollectionConfig(
             name=name,
             embedding_model=embedding_model,
@@ -349,6 +353,33 @@ class MemoryStore:
 
     def list_collections(self) -> list[CollectionConfig]:
         return [c.config for _, c in sorted(self._collections.items())]
+
+    def collection_config(self, name: str) -> CollectionConfig:
+        """A collection's settings (NotFound if it does not exist); cheaper than `describe`."""
+        return self._collection(name).config
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What new collections record as their tokenizer: the folder name of the one chunking."""
+        if self._tokenizer is not None and getattr(self._tokenizer, "name_or_path", ""):
+            return Path(str(self._tokenizer.name_or_path)).name
+        return DEFAULT_TOKENIZER_NAME
+
+    def add_write_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(collection)` after every durable ingest or delete into a `kv_memory`
+        collection, on the writing thread, outside every store lock (the write is already
+        acknowledged to LMDB). The model host uses it to keep KV memory in step; an exception
+        from it is logged, never raised to the writer."""
+        self._write_listeners.append(listener)
+
+    def _notify_write(self, col: _Collection) -> None:
+        if not col.config.kv_memory:
+            return
+        for listener in self._write_listeners:
+            try:
+                listener(col.config.name)
+            except Exception:  # noqa: BLE001 - derived data; the next sync repairs it
+                log.exception("collection %r: a write listener failed after a committed write", col.config.name)
 
     def describe(self, name: str) -> CollectionStats:
         col = self._collection(name)
@@ -458,6 +489,7 @@ class MemoryStore:
                 self._maybe_snapshot(col)
                 INGEST_STAGE_SECONDS.labels("store").observe(t1 - t0)
                 INGEST_STAGE_SECONDS.labels("index").observe(time.perf_counter() - t1)
+            self._notify_write(col)
             for i, written in zip(valid, commit.written):
                 results[i] = DocumentResult(
                     id=written.doc_id,
@@ -614,6 +646,11 @@ class MemoryStore:
 
     def chunk_tokens(self, name: str, chunk_ids: Sequence[int]) -> list[np.ndarray]:
         """LM token ids of chunks (int32 arrays), for the memory modes that read tokens."""
+        return [rec.token_ids for rec in self.read_chunks(name, chunk_ids)]
+
+    def read_chunks(self, name: str, chunk_ids: Sequence[int]) -> list[ChunkRecord]:
+        """Stored chunks (document id, index in the document, text, token ids), in the order asked,
+        read in one LMDB snapshot. Raises NotFound naming the first missing chunk."""
         self._collection(name)
         out = []
         with self._lmdb.begin() as txn:
@@ -621,8 +658,13 @@ class MemoryStore:
                 rec = self._lmdb.read_chunk(name, int(cid), txn)
                 if rec is None:
                     raise NotFound(f"collection {name!r} has no chunk {cid}")
-                out.append(rec.token_ids)
+                out.append(rec)
         return out
+
+    def chunk_ids(self, name: str) -> np.ndarray:
+        """Every stored chunk id of a collection, ascending (int64): what derived data must hold."""
+        self._collection(name)
+        return self._lmdb.chunk_ids(name)
 
     # ---------------------------------------------------------------- delete
 
@@ -643,6 +685,7 @@ class MemoryStore:
                 return []
             self._apply(col, commit)
             self._maybe_snapshot(col)
+        self._notify_write(col)
         return [doc_id for doc_id, _ in commit.removed]
 
     # ---------------------------------------------------------------- snapshots

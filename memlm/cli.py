@@ -209,8 +209,8 @@ def search(
 def ask(
     prompt: str = typer.Argument(...),
     collection: str = typer.Option("", "--collection", "-c"),
-    memory: str = typer.Option("rag", "--memory", help="none, rag (knn, landmark, retro, rmt: later)"),
-    k: int = typer.Option(0, "-k", "--k", help="chunks to retrieve (0: server default)"),
+    memory: str = typer.Option("rag", "--memory", help="none, rag, knn (landmark, retro, rmt: later)"),
+    k: int = typer.Option(0, "-k", "--k", help="rag: chunks to retrieve; knn: memory rows per head and layer (0: server default)"),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="0: server default"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),

@@ -48,6 +48,23 @@ class ModelSettings(BaseModel):
     torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch's default")
 
 
+class KnnSettings(BaseModel):
+    """The `knn` memory mode: what ingest stores for `kv_memory` collections, and how generation reads it."""
+
+    layers: str = Field(
+        "all", description="decoder layers whose keys/values are stored at ingest: a preset of "
+        "memlm.knn_memory.LAYER_PRESETS or comma-separated indices (fixed per collection when its memory is created)",
+    )
+    top_k: int = Field(8, gt=0, description="memory rows each query head retrieves per layer when a request leaves k at 0")
+    preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: positions, per-head retrieval, codec")
+    window: int = Field(1024, gt=1, description="tokens per forward pass when building memory")
+    overlap: int = Field(128, ge=0, description="left context a build window shares with the one before")
+    dtype: str = Field("float16", description="on-disk dtype of stored keys and values: float16 | bfloat16")
+    build_batch_tokens: int = Field(16384, gt=0, description="tokens built into one memory segment at a time")
+    max_segments: int = Field(32, gt=0, description="compact a memory once it has more segments than this")
+    resident_collections: int = Field(2, gt=0, description="collections whose memory stays loaded between requests")
+
+
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
@@ -78,6 +95,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
+    knn: KnnSettings = KnnSettings()
 
     @classmethod
     def settings_customise_sources(

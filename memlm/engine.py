@@ -74,7 +74,7 @@ class GenerationRequest:
     messages: Optional[tuple[ChatMessage, ...]] = None
     collection: Optional[str] = None
     memory: MemoryMode = MemoryMode.NONE
-    k: int = 4  # chunks retrieved for RAG
+    k: Optional[int] = None  # rag: chunks retrieved (None: 4); knn: memory rows per query head and layer
     filter: Optional[Filter] = None
     sampling: SamplingParams = SamplingParams()
     request_id: str = ""

@@ -11,6 +11,12 @@ events and `generate()` stay as they are.
 
 Closing the iterator early (aclose, task cancellation, a deadline) sets the job's cancel event:
 a queued job is skipped, a running one stops before its next forward pass.
+
+The `knn` mode (when the memory is a `MemoryStore`): `memlm.kv_memories.KVMemories` keeps each
+kv collection's KV memory in step with the store. Its work runs on the same worker thread, as
+`_Call`s: the store's write listener (after each ingest/delete, waited for, so Ingest returns with
+the memory built), one sync per kv collection at start-up (crash repair), and the sync + load at
+the start of every knn job. A knn job runs `generate_tokens` inside `knn_mode`.
 """
 from __future__ import annotations
 
@@ -19,13 +25,15 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 
-from memlm.config import ModelSettings
+from memlm.config import KnnSettings, ModelSettings
 from memlm.engine import (
     EngineClient,
     GenerationEvent,
@@ -46,8 +54,9 @@ from memlm.prompts import BuiltPrompt, build_prompt, prompt_budget, query_text
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODES = (MemoryMode.NONE, MemoryMode.RAG)
-MAX_K = 100  # chunks one rag request may retrieve; more would not fit a small model's context anyway
+SUPPORTED_MODES = (MemoryMode.NONE, MemoryMode.RAG, MemoryMode.KNN)  # KNN when the memory is a MemoryStore
+MAX_K = 100  # rag: chunks (more would not fit a small model's context); knn: memory rows per head and layer
+RAG_DEFAULT_K = 4
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -59,6 +68,7 @@ class _Job:
     messages: Optional[tuple]
     hits: tuple[SearchHit, ...]
     rag: bool
+    memory: Optional[Callable[[], AbstractContextManager]]  # knn: the context to generate in
     budget: int
     sampling: SamplingParams
     cancel: threading.Event
@@ -76,6 +86,15 @@ class _Job:
 class _Done:
     prompt: Optional[BuiltPrompt]  # None when the job was cancelled before it started
     outcome: GenerationOutcome
+    memory_s: float = 0.0  # knn: syncing and loading the KV memory
+
+
+@dataclass
+class _Call:
+    """Any other model work (building KV memory): run `fn` on the worker, answer through `future`."""
+
+    fn: Callable[[], object]
+    future: Future
 
 
 class _ModelWorker:
@@ -84,14 +103,25 @@ class _ModelWorker:
     def __init__(self, model, tokenizer, eos_ids: frozenset[int], torch_threads: Optional[int]):
         self._model, self._tokenizer, self._eos_ids = model, tokenizer, eos_ids
         self._torch_threads = torch_threads
-        self._jobs: "queue.Queue[Optional[_Job]]" = queue.Queue()
+        self._jobs: "queue.Queue[Optional[_Job | _Call]]" = queue.Queue()
+        self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="memlm-model", daemon=True)
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
         self._jobs.put(job)
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the worker after the jobs queued before it; the future holds its result."""
+        future: Future = Future()
+        if self._stopping:
+            future.set_exception(FailedPrecondition("the model host is closed"))
+        else:
+            self._jobs.put(_Call(fn, future))
+        return future
+
     def stop(self) -> None:
+        self._stopping = True
         self._jobs.put(None)
 
     def join(self, timeout: Optional[float] = None) -> None:
@@ -101,11 +131,27 @@ class _ModelWorker:
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)  # also here: OpenMP settings are per thread
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Call):
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(job.fn())
+                    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                        job.future.set_exception(exc)
+                continue
             try:
                 self._run(job)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
                 log.exception("generation failed")
                 job.post(exc)
+        while True:  # stopped: nobody will run what is still queued
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, _Call):
+                job.future.set_exception(FailedPrecondition("the model host is closed"))
+            elif job is not None:
+                job.post(_Done(None, GenerationOutcome("", (), "cancelled")))
 
     def _run(self, job: _Job) -> None:
         if job.cancel.is_set():
@@ -114,17 +160,21 @@ class _ModelWorker:
         built = build_prompt(
             self._tokenizer, job.budget, prompt=job.prompt, messages=job.messages, hits=job.hits, rag=job.rag
         )
-        for event in generate_tokens(
-            self._model, self._tokenizer, list(built.input_ids), job.sampling, job.cancel, self._eos_ids
-        ):
-            if isinstance(event, TextDelta):
-                job.post(event)
-            else:
-                job.post(_Done(built, event))
+        t0 = time.perf_counter()
+        context = job.memory() if job.memory is not None else nullcontext()
+        memory_s = time.perf_counter() - t0
+        with context:
+            for event in generate_tokens(
+                self._model, self._tokenizer, list(built.input_ids), job.sampling, job.cancel, self._eos_ids
+            ):
+                if isinstance(event, TextDelta):
+                    job.post(event)
+                else:
+                    job.post(_Done(built, event, memory_s))
 
 
 class ModelHost(EngineClient):
-    """Serves one causal LM: plain and rag generation, streamed."""
+    """Serves one causal LM: plain, rag and knn generation, streamed."""
 
     def __init__(
         self,
@@ -133,11 +183,19 @@ class ModelHost(EngineClient):
         settings: Optional[ModelSettings] = None,
         memory: Optional[MemoryReader] = None,
         name: str = BUNDLED_MODEL_NAME,
+        knn: Optional[KnnSettings] = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ModelSettings()
         self.memory = memory
         self.name = name
+        self.kv_memories = None
+        if memory is not None and hasattr(memory, "add_write_listener"):  # a MemoryStore, in process
+            from memlm.kv_memories import KVMemories
+
+            tokenizer_name = Path(str(getattr(tokenizer, "name_or_path", "") or name)).name
+            self.kv_memories = KVMemories(memory, model, knn or KnnSettings(), model_name=tokenizer_name)
+        modes = SUPPORTED_MODES if self.kv_memories is not None else tuple(m for m in SUPPORTED_MODES if m is not MemoryMode.KNN)
         config = model.config
         limits = [n for n in (getattr(config, "max_position_embeddings", None), self.settings.max_context_tokens) if n]
         self.context_length = int(min(limits)) if limits else 2048  # 2048: a model that states no limit
@@ -146,15 +204,35 @@ class ModelHost(EngineClient):
             context_length=self.context_length,
             vocab_size=int(config.vocab_size),
             layers=int(config.num_hidden_layers),
-            supported_memory_modes=SUPPORTED_MODES,
+            supported_memory_modes=modes,
         )
         self._active: set[threading.Event] = set()
         self._closed = False
         self._worker = _ModelWorker(model, tokenizer, eos_token_ids(model, tokenizer), self.settings.torch_threads)
+        if self.kv_memories is not None:
+            memory.add_write_listener(self._kv_sync_now)
+            for config in memory.list_collections():  # repair what a crash left behind, in the background
+                if config.kv_memory:
+                    self._worker.call(lambda name=config.name: self._kv_sync_quietly(name))
+
+    def _kv_sync_quietly(self, name: str) -> None:
+        try:
+            self.kv_memories.sync(name)
+        except Exception:  # noqa: BLE001 - logged; the next write or knn request retries
+            log.exception("collection %r: building its KV memory failed", name)
+
+    def _kv_sync_now(self, name: str) -> None:
+        """The store's write listener: bring `name`'s KV memory in step and wait for it."""
+        if not self._closed:
+            self._worker.call(lambda: self.kv_memories.sync(name)).result()
 
     @classmethod
     def load(
-        cls, settings: Optional[ModelSettings] = None, memory: Optional[MemoryReader] = None, cache_dir: Optional[Path] = None
+        cls,
+        settings: Optional[ModelSettings] = None,
+        memory: Optional[MemoryReader] = None,
+        cache_dir: Optional[Path] = None,
+        knn: Optional[KnnSettings] = None,
     ) -> "ModelHost":
         """Load `settings.path` (None = the bundled SmolLM2, converted once into `cache_dir`)."""
         settings = settings or ModelSettings()
@@ -166,7 +244,7 @@ class ModelHost(EngineClient):
         tokenizer = load_tokenizer(model_dir)
         name = BUNDLED_MODEL_NAME if settings.path in (None, "", "bundled") else Path(model_dir).name
         log.info("loaded %s from %s in %.1f s", name, model_dir, time.perf_counter() - t0)
-        return cls(model, tokenizer, settings, memory, name)
+        return cls(model, tokenizer, settings, memory, name, knn)
 
     def info(self) -> ModelInfo:
         return self._info
@@ -199,8 +277,14 @@ class ModelHost(EngineClient):
                 raise InvalidArgument(f"memory mode {mode.value!r} needs a `collection` to read memory from")
             if self.memory is None:
                 raise FailedPrecondition(f"memory mode {mode.value!r} needs a memory store, and this model host has none")
-            if not 1 <= request.k <= MAX_K:
+            if request.k is not None and not 1 <= request.k <= MAX_K:
                 raise InvalidArgument(f"k={request.k} is out of range; expected 1 <= k <= {MAX_K}")
+        if mode is MemoryMode.KNN:
+            if self.kv_memories is None:
+                raise FailedPrecondition("memory mode 'knn' needs the in-process memory store, and this model host has another")
+            if request.filter is not None:
+                raise InvalidArgument("memory mode 'knn' reads the whole collection's KV memory; `filter` applies to rag only")
+            self.kv_memories.check_collection(request.collection)  # NotFound / FailedPrecondition
         if request.messages is not None and mode is MemoryMode.RAG:
             query_text(None, request.messages)  # raises when there is no user message to search for
         s = request.sampling
@@ -226,7 +310,8 @@ class ModelHost(EngineClient):
             query = query_text(request.prompt, request.messages)
             hits = tuple(
                 await asyncio.to_thread(
-                    self.memory.search, request.collection, query=query, k=request.k, filter=request.filter
+                    self.memory.search, request.collection, query=query, k=request.k or RAG_DEFAULT_K,
+                    filter=request.filter,
                 )
             )
             retrieval_ms = (time.perf_counter() - t0) * 1000
@@ -236,6 +321,7 @@ class ModelHost(EngineClient):
             messages=tuple(request.messages) if request.messages is not None else None,
             hits=hits,
             rag=mode is MemoryMode.RAG,
+            memory=(lambda: self.kv_memories.knn_context(request.collection, request.k)) if mode is MemoryMode.KNN else None,
             budget=budget,
             sampling=request.sampling,
             cancel=threading.Event(),
@@ -250,7 +336,7 @@ class ModelHost(EngineClient):
                 if isinstance(item, TextDelta):
                     yield item
                 elif isinstance(item, _Done):
-                    yield self._result(item, t0, retrieval_ms)
+                    yield self._result(item, t0, retrieval_ms + item.memory_s * 1000)
                     return
                 else:
                     raise item

@@ -225,7 +225,7 @@ def memory_mode_from_pb(value: int) -> MemoryMode:
         raise InvalidArgument(f"unknown memory mode {value}; expected one of: {names}") from None
 
 
-def generation_request_from_pb(m: pb.GenerateRequest, *, default_k: int, default_max_new_tokens: int) -> GenerationRequest:
+def generation_request_from_pb(m: pb.GenerateRequest, *, default_max_new_tokens: int) -> GenerationRequest:
     which = m.WhichOneof("input")
     if which is None:
         raise InvalidArgument("GenerateRequest needs a prompt or messages; got neither")
@@ -247,7 +247,7 @@ def generation_request_from_pb(m: pb.GenerateRequest, *, default_k: int, default
         messages=messages,
         collection=m.collection or None,
         memory=memory_mode_from_pb(m.memory),
-        k=m.k if m.k != 0 else default_k,
+        k=m.k if m.k != 0 else None,  # the engine knows each mode's default
         filter=filter_from_pb(m.filter, m.HasField("filter")),
         sampling=sampling,
         request_id=m.request_id,

@@ -22,16 +22,13 @@ def model_info_to_pb(info: ModelInfo) -> pb.ModelInfoResponse:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: EngineClient, *, default_k: int = 4, default_max_new_tokens: int = 128):
+    def __init__(self, engine: EngineClient, *, default_max_new_tokens: int = 128):
         self._engine = engine
-        self._default_k = default_k
         self._default_max_new_tokens = default_max_new_tokens
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest, context):
-        req = wire.generation_request_from_pb(
-            request, default_k=self._default_k, default_max_new_tokens=self._default_max_new_tokens
-        )
+        req = wire.generation_request_from_pb(request, default_max_new_tokens=self._default_max_new_tokens)
         async with aclosing(self._engine.generate(req)) as events:
             async for event in events:
                 if isinstance(event, GenerationResult):

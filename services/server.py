@@ -92,15 +92,18 @@ async def start_server(settings: Settings, store, engine: EngineClient) -> Runni
 
 
 def open_store(settings: Settings):
+    """The store, chunking with the served model's tokenizer (knn memory is built from its token ids)."""
     from memlm.index.memory_store import MemoryStore
+    from memlm.models.loading import load_tokenizer, resolve_model_dir
 
-    return MemoryStore.open(settings.data_dir, settings.store)
+    tokenizer = load_tokenizer(resolve_model_dir(settings.model.path, settings.cache_dir))
+    return MemoryStore.open(settings.data_dir, settings.store, tokenizer=tokenizer)
 
 
 def load_engine(settings: Settings, store) -> EngineClient:
     from memlm.host import ModelHost
 
-    return ModelHost.load(settings.model, memory=store, cache_dir=settings.cache_dir)
+    return ModelHost.load(settings.model, memory=store, cache_dir=settings.cache_dir, knn=settings.knn)
 
 
 async def serve(settings: Settings, *, ready_message: bool = True) -> None:

@@ -202,7 +202,7 @@ def _request(**kw) -> GenerationRequest:
         (_request(prompt="  "), InvalidArgument, "prompt"),
         (_request(prompt=None, messages=()), InvalidArgument, "messages"),
         (_request(prompt=None, messages=(ChatMessage("robot", "hi"),)), InvalidArgument, "robot"),
-        (_request(memory=MemoryMode.KNN, collection="notes"), Unimplemented, "knn"),
+        (_request(memory=MemoryMode.KNN, collection="notes"), FailedPrecondition, "knn.*in-process memory store"),
         (_request(memory=MemoryMode.RETRO, collection="notes"), Unimplemented, "not implemented yet"),
         (_request(memory=MemoryMode.RAG), InvalidArgument, "collection"),
         (_request(memory=MemoryMode.RAG, collection="notes", k=0), InvalidArgument, "k=0"),

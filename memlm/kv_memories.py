@@ -1,0 +1,192 @@
+"""The KV memories of a store's `kv_memory` collections, kept in step with LMDB, and the loaded
+copies the `knn` mode reads: the service side of the knn memory mode.
+
+One `KVMemory` per collection, in `collections/<name>/kv/`. Like the FAISS index it is derived
+data: LMDB's chunks (with their language-model token ids) are the truth, and `sync(name)` brings
+the memory to exactly LMDB's set of chunks:
+- rows of chunks LMDB no longer holds (deleted or replaced documents) are tombstoned;
+- chunks the memory lacks (new or replaced documents, or a build a crash cut short) are run
+  through the model, document by document in chunk order, and appended as segments of at most
+  `knn.build_batch_tokens` tokens;
+- a memory with more than `knn.max_segments` segments is compacted.
+`sync` is idempotent and is the one mechanism for every path: the store calls it after each
+ingest or delete into a kv collection (so Ingest returns once the memory is built), the host
+calls it at start-up for every kv collection (repairing a crash between the LMDB commit and the
+memory write) and before each knn generation (so a generation sees every acknowledged write).
+A memory folder that is missing or unreadable is rebuilt from LMDB.
+
+Threading: everything here runs on the model host's one worker thread; the model is never shared.
+Loaded memories (`prepare_layer_memories`) are cached for the `knn.resident_collections` most
+recently used collections and reloaded when the memory's segments or tombstones change.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import OrderedDict
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from memlm.config import KnnSettings
+from memlm.errors import FailedPrecondition
+from memlm.index.kv_memory import MANIFEST, KVMemory
+from memlm.knn_memory import KNNConfig, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
+
+log = logging.getLogger(__name__)
+
+KV_FOLDER = "kv"
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    added_rows: int = 0  # memory tokens built
+    built_documents: int = 0
+    removed_chunks: int = 0  # chunks whose rows were tombstoned
+    compacted: bool = False
+    seconds: float = 0.0
+
+
+class KVMemories:
+    """Builds, repairs and loads the KV memory of every `kv_memory` collection of one store."""
+
+    def __init__(self, store, model, settings: KnnSettings = KnnSettings(), model_name: str = ""):
+        self.store, self.model, self.settings = store, model, settings
+        self.model_name = model_name
+        self._layers = resolve_layers(_layer_spec(settings.layers), model.config.num_hidden_layers)
+        self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
+        self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory]]]" = OrderedDict()
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def check_collection(self, name: str):
+        """The collection's config if knn can read it; FailedPrecondition naming why not."""
+        config = self.store.collection_config(name)  # NotFound
+        if not config.kv_memory:
+            raise FailedPrecondition(
+                f"collection {name!r} has no KV memory; create it with kv_memory=True "
+                "(CLI: memlm ingest PATH --collection NAME --kv-memory) to use memory mode 'knn'"
+            )
+        if self.model_name and config.tokenizer != self.model_name:
+            raise FailedPrecondition(
+                f"collection {name!r} was tokenized for {config.tokenizer!r} but the served model is "
+                f"{self.model_name!r}; its KV memory must come from the served model: re-create the collection"
+            )
+        return config
+
+    def memory(self, name: str) -> KVMemory:
+        """The collection's KV memory, opened (or created empty) on first use."""
+        config = self.check_collection(name)
+        key = (name, config.created_at)
+        mem = self._open.get(key)
+        if mem is not None and (mem.path / MANIFEST).exists():
+            return mem
+        path = self.store.collection_dir(name) / KV_FOLDER
+        try:
+            mem = KVMemory.open(path)
+        except FileNotFoundError:
+            mem = self._create(path)
+        except Exception as e:  # noqa: BLE001 - derived data: start over from LMDB
+            log.warning("collection %r: KV memory at %s is unreadable (%s); rebuilding it from the store", name, path, e)
+            shutil.rmtree(path, ignore_errors=True)
+            mem = self._create(path)
+        self._open = {k: v for k, v in self._open.items() if k[0] != name}  # a dropped namesake's
+        self._open[key] = mem
+        return mem
+
+    def _create(self, path: Path) -> KVMemory:
+        s = self.settings
+        return KVMemory.for_model(path, self.model, layers=self._layers, window=s.window, overlap=s.overlap, dtype=s.dtype)
+
+    # --- keeping in step with LMDB ----------------------------------------------------------
+
+    def sync(self, name: str) -> SyncReport:
+        """Make the memory hold exactly the collection's stored chunks (see the module docstring)."""
+        t0 = time.perf_counter()
+        config = self.check_collection(name)
+        mem = self.memory(name)
+        stored = self.store.chunk_ids(name)  # ascending
+        have = np.unique(mem.chunk_ids())
+        extra = np.setdiff1d(have, stored, assume_unique=True)
+        missing = np.setdiff1d(stored, have, assume_unique=True)
+        if len(extra):
+            mem.delete(extra.tolist())
+        added = built = 0
+        if len(missing):
+            added, built = self._build(name, mem, missing, config.chunk_overlap)
+        compacted = False
+        if len(mem.manifest.segments) > self.settings.max_segments:
+            mem.compact()
+            compacted = True
+        report = SyncReport(added, built, len(extra), compacted, time.perf_counter() - t0)
+        if added or len(extra) or compacted:
+            log.info("collection %r: KV memory synced: +%d tokens (%d documents), -%d chunks%s in %.1f s",
+                     name, added, built, len(extra), ", compacted" if compacted else "", report.seconds)
+        return report
+
+    def _build(self, name: str, mem: KVMemory, chunk_ids: np.ndarray, chunk_overlap: int) -> tuple[int, int]:
+        """Run the model over the missing chunks, whole documents in chunk order; (tokens, documents)."""
+        records = self.store.read_chunks(name, chunk_ids.tolist())
+        docs: dict[str, list[tuple[int, int, np.ndarray]]] = {}
+        for cid, rec in zip(chunk_ids.tolist(), records):
+            docs.setdefault(rec.doc_id, []).append((rec.chunk_index, cid, rec.token_ids))
+        batch_tokens: list[np.ndarray] = []
+        batch_chunks: list[int] = []
+        batch_docs: list[int] = []
+        added = 0
+
+        def flush() -> int:
+            n = mem.build(self.model, batch_tokens, batch_chunks, documents=batch_docs) if batch_chunks else 0
+            batch_tokens.clear(), batch_chunks.clear(), batch_docs.clear()
+            return n
+
+        size = 0
+        for d, (_doc_id, chunks) in enumerate(sorted(docs.items())):
+            chunks.sort()
+            for j, (_index, cid, toks) in enumerate(chunks):
+                # Overlapping chunks repeat their predecessor's last tokens: each token is stored once.
+                toks = toks[chunk_overlap:] if j > 0 and chunk_overlap else toks
+                batch_tokens.append(toks)
+                batch_chunks.append(cid)
+                batch_docs.append(d)
+                size += len(toks)
+            if size >= self.settings.build_batch_tokens:  # whole documents per segment
+                added += flush()
+                size = 0
+        added += flush()
+        return added, len(docs)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def knn_context(self, name: str, top_k: Optional[int] = None) -> AbstractContextManager:
+        """Sync the memory, load it (cached), and return the `knn_mode` context for one generation."""
+        self.sync(name)
+        mem = self.memory(name)
+        config = KNNConfig.from_name(self.settings.preset, layers=tuple(mem.layers), top_k=top_k or self.settings.top_k)
+        key = (name, self.store.collection_config(name).created_at)
+        state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks), config.layers)
+        cached = self._loaded.get(key)
+        if cached is not None and cached[0] == state:
+            layer_memories = cached[1]
+            self._loaded.move_to_end(key)
+        else:
+            self._loaded.pop(key, None)
+            while len(self._loaded) >= self.settings.resident_collections:
+                self._loaded.popitem(last=False)
+            layer_memories = prepare_layer_memories(self.model, mem, config)
+            self._loaded[key] = (state, layer_memories)
+        for m in layer_memories.values():
+            m.top_k = config.top_k
+        return knn_mode(self.model, mem, config, layer_memories=layer_memories)
+
+
+def _layer_spec(spec: str):
+    """`knn.layers` setting: a preset name, or comma-separated layer indices."""
+    spec = spec.strip()
+    if spec and all(part.strip().isdigit() for part in spec.split(",")):
+        return tuple(int(part) for part in spec.split(","))
+    return spec

@@ -1,0 +1,123 @@
+"""The `knn` memory mode through the service: the model attends to the keys and values of text
+ingested into a `kv_memory` collection, with only the question in its prompt. Real server, real
+bundled model, real KV-memory files."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import memlm
+from memlm.errors import FailedPrecondition, InvalidArgument, NotFound
+from memlm.services.process import ServerProcess
+from memlm.v1 import memlm_pb2 as pb
+
+pytestmark = pytest.mark.server
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+def haystack(key: str, before: int = 12, after: int = 12) -> str:
+    """~1,000 tokens of filler with one pass-key sentence inside: far more than the prompt holds."""
+    return FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. " + FILLER * after
+
+
+def ask_knn(client, collection, **kw):
+    stream = client.generate(QUESTION, collection=collection, memory="knn", max_new_tokens=8, **kw)
+    for _ in stream:
+        pass
+    return stream.result
+
+
+@pytest.fixture()
+def kv_collection(client, request):
+    name = ("kv-" + request.node.name)[:60]
+    client.create_collection(name, kv_memory=True)
+    yield name
+    client.drop_collection(name)
+
+
+def test_knn_answers_from_memory_and_follows_upserts_and_deletes(client, kv_collection):
+    assert pb.MEMORY_MODE_KNN in client.model_info().memory_modes
+    report = client.ingest([{"id": "vault", "text": haystack("48213")}], collection=kv_collection)
+    assert report.results[0].status == "created"
+
+    # Ingest returned with the memory built: the very next request reads it.
+    first = ask_knn(client, kv_collection)
+    assert "48213" in first.text, first.text
+    assert first.prompt_tokens < 16  # the haystack is not in the prompt: it is attended to as memory
+
+    # Without memory the model cannot know the key.
+    plain = client.generate(QUESTION, memory="none", max_new_tokens=8)
+    assert "48213" not in "".join(plain)
+
+    # An upsert replaces the document's rows; the old key is gone from memory.
+    client.ingest([{"id": "vault", "text": haystack("70561", before=5, after=19)}], collection=kv_collection)
+    replaced = ask_knn(client, kv_collection)
+    assert "70561" in replaced.text and "48213" not in replaced.text, replaced.text
+
+    # A delete removes it; an empty memory behaves like no memory.
+    assert client.delete(["vault"], collection=kv_collection) == ["vault"]
+    gone = ask_knn(client, kv_collection)
+    assert "70561" not in gone.text and "48213" not in gone.text, gone.text
+
+
+def test_knn_request_errors_name_the_problem(client, collection, kv_collection):
+    with pytest.raises(FailedPrecondition, match="no KV memory.*kv-memory"):
+        ask_knn(client, collection)  # a plain collection
+    with pytest.raises(NotFound, match="no-such-collection"):
+        ask_knn(client, "no-such-collection")
+    with pytest.raises(InvalidArgument, match="collection"):
+        ask_knn(client, "")
+    with pytest.raises(InvalidArgument, match="filter"):
+        ask_knn(client, kv_collection, filter={"lang": "en"})
+    with pytest.raises(InvalidArgument, match="k=1000"):
+        ask_knn(client, kv_collection, k=1000)
+
+
+def test_cli_ingest_kv_memory_and_ask_knn(server, tmp_path):
+    doc = tmp_path / "vault.txt"
+    doc.write_text(haystack("90317", before=8, after=14))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "memlm.cli", *a, "--address", server.address],
+                                    capture_output=True, text=True, timeout=300)
+    ingest = run("ingest", str(doc), "--collection", "cli-kv", "--kv-memory")
+    assert ingest.returncode == 0, ingest.stderr
+    listed = run("collections")
+    assert "cli-kv" in listed.stdout and "True" in listed.stdout
+    ask = run("ask", QUESTION, "--collection", "cli-kv", "--memory", "knn", "--max-new-tokens", "8")
+    assert ask.returncode == 0, ask.stderr
+    assert "90317" in ask.stdout, ask.stdout
+    run("drop", "cli-kv")
+
+
+def test_kv_memory_survives_kill_9_and_is_rebuilt_from_lmdb_when_lost(tmp_path, bundled_model_dir):
+    data = tmp_path / "data"
+    server = ServerProcess(data)
+    try:
+        with memlm.Client(server.address, timeout=120) as client:
+            client.create_collection("mem", kv_memory=True)
+            client.ingest([{"id": "a", "text": haystack("31846")}, {"id": "b", "text": FILLER * 10}], collection="mem")
+            client.delete(["b"], collection="mem")
+    finally:
+        server.kill()  # kill -9 right after the acknowledgements
+
+    server = ServerProcess(data)
+    try:
+        with memlm.Client(server.address, timeout=120) as client:
+            assert "31846" in ask_knn(client, "mem").text
+    finally:
+        server.kill()
+
+    # The KV memory is derived data: with its folder gone, the server rebuilds it from LMDB.
+    kv = data / "collections" / "mem" / "kv"
+    assert (kv / "manifest.json").exists()
+    shutil.rmtree(kv)
+    server = ServerProcess(data)
+    try:
+        with memlm.Client(server.address, timeout=120) as client:
+            assert "31846" in ask_knn(client, "mem").text
+            assert client.get(["a"], collection="mem")[0].id == "a"
+    finally:
+        assert server.terminate() == 0
+    assert (kv / "manifest.json").exists()
