@@ -1,81 +1,86 @@
-"""Pass-key retrieval: does the model find a 5-digit key hidden in N tokens of haystack?
+"""Pass-key retrieval: does the model find a 5-digit key hidden in N tokens of ingested documents?
 
-A key ("The pass key is 48213. Remember it. 48213 is the pass key.") is put at a random depth in
-a haystack of N tokens, then the model is asked "What is the pass key? The pass key is" and
-greedily generates 10 tokens; a trial counts when the key appears in them. Methods:
-- none: the haystack's last tokens that fit the context window, then the question (at N <= the
-  window this is full-context reading: the upper bound);
-- rag: the haystack in 64-token chunks, embedded with the bundled MiniLM; the top-4 chunks for the
-  question (in document order) then the question;
-- knn: the haystack goes into a KVMemory (all layers built once per trial); the local context is
-  ONLY the question; each `--knn` config (memlm.knn_memory presets / overrides) is evaluated on the
-  same memory.
-Haystacks: "filler" (the same five sentences repeated) and "prose" (varied generated sentences).
+The haystack is a corpus of documents of ~1,000 tokens each (benchmarks/corpus.py), the leading
+documents of one corpus kind that add up to about N tokens. A needle ("The pass key is 48213.
+Remember it. 48213 is the pass key.") goes between two sentences/paragraphs of the document at a
+random depth in [0.05, 0.95] of the haystack. The model is asked "What is the pass key? The pass
+key is" and greedily generates 10 tokens; a trial counts when the key appears in them. Methods:
+- none: the last tokens of the concatenated haystack (documents joined by "\\n\\n") that fit the
+  context window (8,192 minus the question and a margin), then the question. At N below the
+  window this is full-context reading, the upper bound; beyond it the needle is read only when it
+  lies in the kept tail (`in_window` on the trial line says whether it did).
+- rag: every document in 64-token chunks (the store's Chunker) embedded with the bundled MiniLM;
+  the top-4 chunks for "What is the pass key?" (in document order), then the question.
+- knn: the documents in a KVMemory, each its own token stream (as ingest stores them, window
+  1,024, overlap 128, all 30 layers); the local context is ONLY the question. Each `--knn` config
+  (memlm.knn_memory presets / overrides) is evaluated on the same memory.
+Haystack kinds (corpus.HAYSTACK_KINDS): "filler" (five sentences repeated), "prose" (generated
+varied sentences), "stdlib" (docstring paragraphs of Python's standard library: real text).
 
-    .venv/bin/python benchmarks/passkey.py --lengths 4096 16384 --trials 5
+Cost. The K/V and chunk vectors of each kind's un-needled documents are built ONCE into a cache
+(~/.cache/memlm/bench, or $MEMLM_BENCH_CACHE, `--cache-dir`) and reused by every trial and
+length; this build is the ingest cost and is printed on its own. A trial clones the cached memory
+with hard links, tombstones the documents beyond its N and the one that gets the needle
+(`KVMemory.delete`), and builds the needled document as its own segment: the live rows are then
+exactly what ingesting that corpus would store (checked: live rows == the haystack's tokens). RAG
+likewise swaps the needled document's chunk vectors in. Seconds per trial per method exclude the
+cache build; knn's include the clone, the needled document's build and loading the memory.
+
+Full-size run (3 kinds x 4 lengths x 20 trials). Measured on the loaded 2-core machine with
+--threads 1 (load ~4): KV build ~180 tokens/s; per trial none 29 s at 4k, rag 2.6 s, knn 7.8 s at
+4k and 9.0 s at 16k (clone + needled document 5.3, load 0.8, answer 2.5). Extrapolated for a quiet
+machine with --threads 2: cache build 20-40 min once (3 x ~131k tokens; ~3 GB of disk per kind at
+23 KB/token), none ~30 s per trial at N >= 16k (always a full 8k window), knn ~20-35 s at 128k
+(loading ~6 GB of fp32 memory; ~10 GB RAM peak): in all ~3-5 h, about half of it none.
+
+    .venv/bin/python benchmarks/passkey.py --lengths 4096 16384 65536 131072 --trials 20 \\
+        --haystacks filler prose stdlib --methods none rag knn --threads 2
+
+Validation (small): .venv/bin/python benchmarks/passkey.py --lengths 4096 --trials 1 --threads 1
+Other uses:
     .venv/bin/python benchmarks/passkey.py --lengths 4096 --trials 4 --methods knn --sweep
     .venv/bin/python benchmarks/passkey.py --time-retrieval
 
-Trials are seeded (seed = N*1000 + 10*trial + [prose]); prints one table.
+Trials are seeded (seed = N*1000 + 10*trial + index of the kind in filler, prose, stdlib).
+Output: a line per trial, the ingest (cache) table, then accuracy with a 95% Wilson interval and
+mean seconds per trial per method.
 
-Figures so far (2 CPU cores under load average 4-5; tiny samples, directions only):
-  --lengths 4096 --trials 3 --methods knn --sweep   (stopped after 2 filler trials)
-    filler, knn all layers/per-query/k8: 2/2 for every position choice; subsets of layers 0/2;
-    per-KV-head 1/2; k4 0/2; k16 2/2.  (details in memlm/knn_memory.py above PRESETS)
-  --lengths 4096 --trials 1 --haystacks prose --methods none rag knn \
-      --knn default original/all/q/k8 fixed/off0/all/kv/k8 fixed/off0/last_half/q/k8 fixed/off0/all/q/k16
-    prose, depth 0.20, 3,896 tokens: none 0/1, rag 1/1, knn default 1/1, original 1/1, per-KV-head 1/1,
-    last_half 0/1, k16 0/1.  Seconds: none 81, rag 14, knn build 44 + answer 12 per config.
-  N = 16384 and the 5-trial table were NOT run (out of time on the loaded machine).
+Earlier figures (the previous version of this script, one haystack re-ingested per trial as a
+single stream; 2 CPU cores under load; tiny samples, directions only): filler 4k, knn all
+layers/per-query/k8: 2/2 for every position choice; subsets of layers 0/2; per-KV-head 1/2; k4
+0/2; k16 2/2 (details in memlm/knn_memory.py above PRESETS).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import torch
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+sys.path.insert(0, str(Path(__file__).parent))
+from corpus import (  # noqa: E402
+    HAYSTACK_KINDS,
+    CorpusMemory,
+    default_cache_root,
+    needle_sentence,
+    place_needle,
+)
+
 QUESTION = "What is the pass key? The pass key is"
+RAG_QUERY = "What is the pass key?"
 RAG_K = 4
-CHUNK = 64
-
-_SUBJ = ["The old miller", "A young sailor", "The village council", "Her grandmother", "The tired doctor",
-         "A travelling merchant", "The quiet librarian", "Our neighbour", "The river pilot", "A clever student"]
-_VERB = ["carried", "painted", "repaired", "forgot", "discovered", "sold", "borrowed", "described", "measured", "hid"]
-_OBJ = ["a wooden chest", "the broken lantern", "three copper bowls", "an unfinished map", "the winter coats",
-        "a basket of apples", "the harbour records", "a silver whistle", "the bell tower", "a stack of letters"]
-_WHEN = ["before dawn", "after the storm", "during the festival", "on a cold morning", "late in the evening",
-         "while the bread was baking", "as the tide came in", "without telling anyone", "for the second time", "at noon"]
-_WHY = ["because the roads were flooded", "so that the children could see it", "although nobody asked",
-        "since the market was closed", "and then went home", "and everyone laughed", "which surprised the mayor",
-        "as the letter had instructed", "to settle an old argument", "and the dogs barked"]
-
-
-def haystack_sentences(kind: str, rng: random.Random, n: int) -> list[str]:
-    if kind == "filler":
-        return [FILLER] * n
-    return [f"{rng.choice(_SUBJ)} {rng.choice(_VERB)} {rng.choice(_OBJ)} {rng.choice(_WHEN)} {rng.choice(_WHY)}."
-            for _ in range(n)]
-
-
-def make_haystack(tokenizer, kind: str, n_tokens: int, seed: int) -> tuple[str, str, float]:
-    """(text of ~n_tokens tokens with the key inside, the key, depth in [0, 1])."""
-    rng = random.Random(seed)
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    per = len(tokenizer(" " + haystack_sentences(kind, random.Random(0), 1)[0]).input_ids)
-    sents = haystack_sentences(kind, rng, max(1, n_tokens // max(per, 1)))
-    depth = rng.uniform(0.05, 0.95)
-    at = int(depth * len(sents))
-    sents.insert(at, needle)
-    return " ".join(sents), key, depth
+DOC_SEPARATOR = "\n\n"
+NEEDLE_CHUNK_BASE = 1 << 40  # chunk ids of a trial's needled document: never a cached document's
 
 
 @torch.inference_mode()  # without it autograd keeps every activation: an 8k prompt took > 24 GB
@@ -94,6 +99,16 @@ def greedy(model, ids: list[int], new_tokens: int = 10) -> list[int]:
 
 def found(tokenizer, out_ids: list[int], key: str) -> bool:
     return key in re.sub(r"\s", "", tokenizer.decode(out_ids, skip_special_tokens=True))
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 KNN_CONFIGS = {
@@ -117,7 +132,6 @@ SWEEP = {
 
 
 def run(args) -> None:
-    from memlm.index.kv_memory import KVMemory
     from memlm.knn_memory import KNNConfig, knn_mode, prepare_layer_memories
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -125,68 +139,136 @@ def run(args) -> None:
     model_dir = resolve_model_dir(None)
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
     window = min(int(model.config.max_position_embeddings), args.context)
-    q_ids = tok(QUESTION).input_ids
+    q_ids = tok(QUESTION, add_special_tokens=False).input_ids
+    sep_ids = tok(DOC_SEPARATOR, add_special_tokens=False).input_ids
     embedder = None
+    if "rag" in args.methods:
+        from memlm.index.embedding import load_embedder
+
+        embedder = load_embedder("all-MiniLM-L6-v2")
     knn_configs = dict(SWEEP) if args.sweep else dict(KNN_CONFIGS)
     if args.knn:
         knn_configs = {name: dict(SWEEP.get(name, KNN_CONFIGS.get(name, {}))) for name in args.knn}
     results: dict[tuple, list[bool]] = defaultdict(list)
-    times: dict[str, list[float]] = defaultdict(list)
+    times: dict[tuple, list[float]] = defaultdict(list)  # (method, N) -> seconds per trial
+    knn_parts: dict[str, list[float]] = defaultdict(list)
+    ingest: dict[str, dict] = {}
+    cache_root = Path(args.cache_dir)
+    scratch = cache_root / "trials"  # same file system as the cache: clones are hard links
 
-    for n in args.lengths:
-        for kind in args.haystacks:
+    for kind in args.haystacks:
+        corpus = CorpusMemory(cache_root, kind, model, tok, model_dir, window=args.knn_window,
+                              overlap=args.knn_overlap, doc_tokens=args.doc_tokens)
+        n_docs = {n: corpus.documents_for_tokens(n) for n in args.lengths}
+        most = max(n_docs.values())
+        facts = {"docs": most, "tokens": sum(corpus.token_counts(most))}
+        if "knn" in args.methods:
+            facts["kv"] = corpus.ensure_kv(most)
+        if "rag" in args.methods:
+            facts["vec"] = corpus.ensure_vectors(most, embedder)
+        ingest[kind] = facts
+
+        for n in args.lengths:
+            m = n_docs[n]
+            docs, counts = corpus.documents(m), corpus.token_counts(m)
             for trial in range(args.trials):
-                seed = n * 1000 + trial * 10 + (kind == "prose")
-                text, key, depth = make_haystack(tok, kind, n, seed)
-                hay = tok(text).input_ids
-                line = [f"N={n} {kind} trial={trial} depth={depth:.2f} tokens={len(hay)} key={key}"]
+                rng = random.Random(n * 1000 + trial * 10 + HAYSTACK_KINDS.index(kind))
+                key = str(rng.randint(10000, 99999))
+                needle = needle_sentence(key)
+                at, needled, depth = place_needle(docs, counts, rng.uniform(0.05, 0.95), needle, corpus.count_tokens)
+                needled_chunks = corpus.chunk(needled)
+                doc_ids = [list(t for c in (needled_chunks if i == at else corpus.chunks(i)) for t in c) for i in range(m)]
+                hay_tokens = sum(len(d) for d in doc_ids)
+                line = [f"N={n} {kind} trial={trial} docs={m} needle_doc={at} depth={depth:.2f} "
+                        f"tokens={hay_tokens} key={key}"]
+
                 if "none" in args.methods:
                     t0 = time.perf_counter()
-                    keep = window - len(q_ids) - 16
-                    ok = found(tok, greedy(model, hay[-keep:] + tok("\n\n").input_ids + q_ids), key)
+                    hay: list[int] = []
+                    for i, d in enumerate(doc_ids):
+                        hay += (sep_ids if i else []) + d
+                    keep = window - len(q_ids) - len(sep_ids) - 16
+                    kept = hay[-keep:]
+                    in_window = key in tok.decode(kept)
+                    ok = found(tok, greedy(model, kept + sep_ids + q_ids), key)
                     results[("none", n, kind)].append(ok)
-                    times["none"].append(time.perf_counter() - t0)
-                    line.append(f"none={int(ok)}")
-                if "rag" in args.methods:
-                    if embedder is None:
-                        from memlm.index.embedding import load_embedder
+                    times[("none", n)].append(time.perf_counter() - t0)
+                    line.append(f"none={int(ok)}(in_window={int(in_window)})")
 
-                        embedder = load_embedder("all-MiniLM-L6-v2")
+                if "rag" in args.methods:
                     t0 = time.perf_counter()
-                    chunks = [hay[i : i + CHUNK] for i in range(0, len(hay), CHUNK)]
-                    texts = [tok.decode(c) for c in chunks]
-                    vecs = torch.from_numpy(embedder.embed(texts))  # (C, 384)
-                    qv = torch.from_numpy(embedder.embed(["What is the pass key?"]))  # (1, 384)
-                    top = sorted((vecs @ qv[0]).topk(min(RAG_K, len(chunks))).indices.tolist())
-                    ctx = [t for i in top for t in chunks[i]]
-                    ok = found(tok, greedy(model, ctx + tok("\n\n").input_ids + q_ids), key)
+                    vecs, where = corpus.vectors(m)  # (C, 384), (doc, chunk) per row
+                    rows = [r for r, (i, _) in enumerate(where) if i != at]
+                    cand = [where[r] for r in rows] + [(at, j) for j in range(len(needled_chunks))]
+                    fresh = embedder.embed([tok.decode(c) for c in needled_chunks])  # the needled document's
+                    allv = torch.from_numpy(np.concatenate([vecs[rows], fresh]))  # (C', 384)
+                    qv = torch.from_numpy(embedder.embed([RAG_QUERY]))  # (1, 384)
+                    top = sorted(cand[r] for r in (allv @ qv[0]).topk(min(RAG_K, len(cand))).indices.tolist())
+                    ctx = [t for i, j in top for t in (needled_chunks if i == at else corpus.chunks(i))[j]]
+                    ok = found(tok, greedy(model, ctx + sep_ids + q_ids), key)
                     results[("rag", n, kind)].append(ok)
-                    times["rag"].append(time.perf_counter() - t0)
+                    times[("rag", n)].append(time.perf_counter() - t0)
                     line.append(f"rag={int(ok)}")
+
                 if "knn" in args.methods:
-                    with tempfile.TemporaryDirectory() as td:
+                    scratch.mkdir(parents=True, exist_ok=True)
+                    td = Path(tempfile.mkdtemp(dir=scratch))
+                    try:
                         t0 = time.perf_counter()
-                        mem = KVMemory.for_model(td, model, window=args.knn_window, overlap=args.knn_overlap)
-                        chunks = [hay[i : i + CHUNK] for i in range(0, len(hay), CHUNK)]
-                        mem.build(model, chunks, list(range(len(chunks))))
-                        times["knn build"].append(time.perf_counter() - t0)
+                        mem = corpus.trial_memory(td / "kv", m, drop=[at], extra=[(NEEDLE_CHUNK_BASE, needled_chunks)])
+                        if len(mem) != hay_tokens:
+                            raise AssertionError(f"memory holds {len(mem)} rows, the haystack {hay_tokens} tokens")
+                        t_mem = time.perf_counter() - t0
+                        knn_parts["clone + needled document"].append(t_mem)
                         for name, over in knn_configs.items():
                             cfg = replace(KNNConfig(), **over)
-                            t0 = time.perf_counter()
+                            t1 = time.perf_counter()
                             mems = prepare_layer_memories(model, mem, cfg)
+                            t2 = time.perf_counter()
                             with knn_mode(model, mem, cfg, layer_memories=mems):
                                 out = greedy(model, q_ids)
+                            t3 = time.perf_counter()
+                            del mems
+                            knn_parts["load memory"].append(t2 - t1)
+                            knn_parts["answer"].append(t3 - t2)
                             ok = found(tok, out, key)
-                            times[f"knn answer"].append(time.perf_counter() - t0)
-                            results[(f"knn:{name}", n, kind)].append(ok)
-                            line.append(f"{name}={int(ok)}" + ("" if ok else f"({tok.decode(out)!r})"))
+                            method = "knn" if name == "default" and len(knn_configs) == 1 else f"knn:{name}"
+                            results[(method, n, kind)].append(ok)
+                            times[(method, n)].append(t_mem + (t3 - t1))
+                            line.append(f"{method}={int(ok)}" + ("" if ok else f"({tok.decode(out)!r})"))
+                    finally:
+                        shutil.rmtree(td, ignore_errors=True)
                 print(" ".join(line), flush=True)
 
-    print("\n| method | N | haystack | accuracy |")
-    print("| --- | --- | --- | --- |")
+    print("\nIngest (the cache, built once per kind; reused by later runs):")
+    print("| haystack | documents | tokens | KV memory build | tokens/s | bytes/token | chunk vectors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for kind, f in ingest.items():
+        kv, vec = f.get("kv"), f.get("vec")
+        kv_s = f"{kv['seconds']:.0f} s" + ("" if kv["built_now"] else " (cached)") if kv else "-"
+        tps = f"{kv['tokens'] / kv['seconds']:.0f}" if kv and kv["seconds"] else "-"
+        bpt = f"{kv['bytes_per_token']:,}" if kv else "-"
+        print(f"| {kind} | {f['docs']} | {f['tokens']:,} | {kv_s} | {tps} | {bpt} | "
+              + (f"{vec['seconds']:.0f} s" if vec else "-") + " |")
+
+    print("\n| method | N | haystack | accuracy | 95% Wilson |")
+    print("| --- | --- | --- | --- | --- |")
+    by_method_n: dict[tuple, list[bool]] = defaultdict(list)
     for (method, n, kind), oks in results.items():
-        print(f"| {method} | {n} | {kind} | {sum(oks)}/{len(oks)} |")
-    print("\nmean seconds per trial: " + ", ".join(f"{k} {sum(v) / len(v):.1f}" for k, v in times.items()))
+        lo, hi = wilson(sum(oks), len(oks))
+        print(f"| {method} | {n} | {kind} | {sum(oks)}/{len(oks)} | {lo:.2f}-{hi:.2f} |")
+        by_method_n[(method, n)] += oks
+    if len(args.haystacks) > 1:
+        for (method, n), oks in by_method_n.items():
+            lo, hi = wilson(sum(oks), len(oks))
+            print(f"| {method} | {n} | all | {sum(oks)}/{len(oks)} | {lo:.2f}-{hi:.2f} |")
+    print("\nmean seconds per trial (cache build excluded):")
+    print("| method | N | s/trial |")
+    print("| --- | --- | --- |")
+    for (method, n), ts in times.items():
+        print(f"| {method} | {n} | {sum(ts) / len(ts):.1f} |")
+    if knn_parts:
+        print("knn parts, mean s: " + ", ".join(f"{k} {sum(v) / len(v):.1f}" for k, v in knn_parts.items()))
 
 
 def time_retrieval(n: int = 65536, k: int = 8) -> None:
@@ -225,15 +307,17 @@ def time_retrieval(n: int = 65536, k: int = 8) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--haystacks", nargs="+", default=["filler", "prose"], choices=["filler", "prose"])
+    p.add_argument("--haystacks", nargs="+", default=list(HAYSTACK_KINDS), choices=list(HAYSTACK_KINDS))
     p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn"])
     p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(SWEEP)} or 'default')")
     p.add_argument("--sweep", action="store_true", help="run every config of the sweep (choices a-d)")
     p.add_argument("--knn-window", type=int, default=1024)
     p.add_argument("--knn-overlap", type=int, default=128)
+    p.add_argument("--doc-tokens", type=int, default=1000, help="tokens per haystack document (about)")
     p.add_argument("--context", type=int, default=8192, help="context window for the none method")
+    p.add_argument("--cache-dir", default=str(default_cache_root()), help="where the ingested corpora are kept")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--time-retrieval", action="store_true")
     args = p.parse_args(argv)
