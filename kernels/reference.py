@@ -2,9 +2,12 @@
 
 They are the `forward_native` of the kernels: the dispatcher runs them on CPU, the tests judge the
 Triton kernels against them, and they state the semantics plainly. They compute in fp32 whatever
-the input dtype (pass fp64 tensors for a tighter ground truth) and materialise what the kernels
-avoid materialising (all N scores, the gathered memory rows), so they are slow and memory-hungry
-at large N: fine for CPU serving of small memories and for tests, not for a GPU hot path.
+the input dtype (pass fp64 tensors for a tighter ground truth).
+- memory_topk_ref materialises all N scores of every query: fine for tests and small memories;
+  CPU serving retrieves through FAISS instead (memlm.memory_attention.FaissKV).
+- knn_attention_ref IS the CPU serving path of the attention (memlm.memory_attention calls it
+  through the dispatcher): local scores by one matmul per KV group, queries in chunks of bounded
+  size, the gathered memory rows only K per query.
 
 Conventions shared with the kernels:
 - GQA: query head h reads KV head h // (Hq // Hkv).
@@ -19,6 +22,8 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+
+_SCORE_BLOCK = 1 << 24  # elements of one query chunk's score block in knn_attention_ref (64 MB fp32)
 
 
 class AttentionState(NamedTuple):
@@ -123,50 +128,74 @@ def knn_attention_ref(
     (k_cache/v_cache may then be None): the shard-side computation.
     Returns out (B, Hq, Tq, D) in q's dtype, and with return_state the fp32 AttentionState
     (fp64 for fp64 inputs: the tests' ground truth).
+
+    This is also the CPU serving path, so it is written for speed without changing the maths:
+    the local part is one matmul per KV group ((B, Hkv, G*tq, D) @ (B, Hkv, D, Tk), the cache is
+    never repeated per query head), queries go in chunks that bound the (Hq, tq, Tk) score block
+    to ~64 MB, and a chunk only reads the local keys its last query can see.
     """
     b, hq, tq, d = q.shape
     hkv, n, _ = mem_k.shape
     g = _check_gqa(hq, hkv)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.to(work)
-
-    # Memory part: gather the K rows of every query. (B, Hq, Tq, K, D)
-    kv_head = torch.arange(hq, device=q.device) // g  # (Hq,)
-    present = (mem_idx >= 0) & (mem_idx < n)  # (B, Hq, Tq, K)
-    safe = torch.where(present, mem_idx, 0)
-    head = kv_head.view(1, hq, 1, 1).expand_as(safe)
-    if n > 0:
-        mk = mem_k[head, safe].to(work)  # (B, Hq, Tq, K, D)
-        mv = mem_v[head, safe].to(work)
-    else:  # empty memory: nothing to gather, every entry is absent
-        mk = mv = torch.zeros((*mem_idx.shape, d), dtype=work, device=q.device)
-    s_mem = torch.einsum("bhtd,bhtkd->bhtk", qf, mk) * scale
-    s_mem = s_mem.masked_fill(~present, float("-inf"))  # (B, Hq, Tq, K)
-
-    if memory_only:
-        s_all, v_parts = s_mem, [mv]
-    else:
+    kk = mem_idx.shape[-1]
+    if not memory_only:
         if k_cache is None or v_cache is None:
             raise ValueError("k_cache and v_cache are required unless memory_only=True")
         tk = k_cache.shape[2]
         lens = _cache_lens(cache_len, b, tk, q.device)  # (B,)
-        kc = k_cache.to(work).repeat_interleave(g, dim=1)  # (B, Hq, Tk, D)
-        vc = v_cache.to(work).repeat_interleave(g, dim=1)
-        s_loc = torch.einsum("bhtd,bhsd->bhts", qf, kc) * scale  # (B, Hq, Tq, Tk)
-        pos_q = lens.view(b, 1) - tq + torch.arange(tq, device=q.device).view(1, tq)  # (B, Tq)
-        pos_k = torch.arange(tk, device=q.device).view(1, 1, tk)
-        visible = (pos_k <= pos_q.unsqueeze(-1)) & (pos_k < lens.view(b, 1, 1))  # (B, Tq, Tk)
-        s_loc = s_loc.masked_fill(~visible.unsqueeze(1), float("-inf"))
-        s_all = torch.cat([s_loc, s_mem], dim=-1)  # (B, Hq, Tq, Tk + K)
-        v_parts = [vc.unsqueeze(2).expand(b, hq, tq, tk, d), mv]
-    v_all = torch.cat(v_parts, dim=3)  # (B, Hq, Tq, Tk + K, D)
+        max_len = int(lens.max()) if b else 0
+        kc = k_cache.to(work)  # (B, Hkv, Tk, D)
+        vc = v_cache.to(work)
+    else:
+        tk, max_len = 0, 0
 
-    m = s_all.amax(dim=-1) if s_all.shape[-1] else s_all.new_full((b, hq, tq), float("-inf"))
-    m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    p = torch.exp(s_all - m_safe.unsqueeze(-1))  # exp(-inf) = 0 for masked keys
-    l = p.sum(dim=-1)  # (B, Hq, Tq)
-    acc = torch.einsum("bhtk,bhtkd->bhtd", p, v_all)  # (B, Hq, Tq, D)
+    m = torch.full((b, hq, tq), float("-inf"), dtype=work, device=q.device)
+    l = torch.zeros((b, hq, tq), dtype=work, device=q.device)
+    acc = torch.zeros((b, hq, tq, d), dtype=work, device=q.device)
+    kv_head = (torch.arange(hq, device=q.device) // g).view(1, hq, 1, 1)  # (1, Hq, 1, 1)
+    chunk = max(1, _SCORE_BLOCK // max(1, b * hq * (tk + kk * d)))  # scores + gathered rows
+    for t0 in range(0, tq, chunk):
+        t1 = min(tq, t0 + chunk)
+        tc = t1 - t0
+        qc = q[:, :, t0:t1].to(work)  # (B, Hq, tc, D)
+
+        # Memory part: gather the K rows of every query of the chunk. (B, Hq, tc, K, D)
+        idx = mem_idx[:, :, t0:t1]
+        present = (idx >= 0) & (idx < n)  # (B, Hq, tc, K)
+        if n > 0:
+            safe = torch.where(present, idx, 0)
+            head = kv_head.expand_as(safe)
+            mk = mem_k[head, safe].to(work)
+            mv = mem_v[head, safe].to(work)
+        else:  # empty memory: nothing to gather, every entry is absent
+            mk = mv = torch.zeros((*idx.shape, d), dtype=work, device=q.device)
+        s_mem = torch.matmul(qc.unsqueeze(-2), mk.transpose(-1, -2)).squeeze(-2) * scale  # (B, Hq, tc, K)
+        s_mem = s_mem.masked_fill(~present, float("-inf"))
+        m_c = s_mem.amax(dim=-1) if kk else m.new_full((b, hq, tc), float("-inf"))
+
+        # Local part: only keys below the chunk's last visible position are read.
+        hi = min(tk, max(0, max_len - tq + t1))
+        if hi > 0:
+            qg = qc.reshape(b, hkv, g * tc, d)  # (B, Hkv, G*tc, D): query heads of a group stacked
+            s_loc = torch.matmul(qg, kc[:, :, :hi].transpose(-1, -2)).view(b, hq, tc, hi) * scale
+            pos_q = lens.view(b, 1) - tq + torch.arange(t0, t1, device=q.device).view(1, tc)  # (B, tc)
+            pos_k = torch.arange(hi, device=q.device).view(1, 1, hi)
+            visible = (pos_k <= pos_q.unsqueeze(-1)) & (pos_k < lens.view(b, 1, 1))  # (B, tc, hi)
+            s_loc = s_loc.masked_fill(~visible.unsqueeze(1), float("-inf"))  # (B, Hq, tc, hi)
+            m_c = torch.maximum(m_c, s_loc.amax(dim=-1))
+
+        m_safe = torch.where(torch.isneginf(m_c), torch.zeros_like(m_c), m_c).unsqueeze(-1)
+        p_mem = torch.exp(s_mem - m_safe)  # exp(-inf) = 0 for absent entries
+        l_c = p_mem.sum(dim=-1)  # (B, Hq, tc)
+        acc_c = torch.matmul(p_mem.unsqueeze(-2), mv).squeeze(-2)  # (B, Hq, tc, D)
+        if hi > 0:
+            p_loc = torch.exp(s_loc - m_safe)  # (B, Hq, tc, hi)
+            l_c = l_c + p_loc.sum(dim=-1)
+            acc_c = acc_c + torch.matmul(p_loc.view(b, hkv, g * tc, hi), vc[:, :, :hi]).view(b, hq, tc, d)
+        m[:, :, t0:t1], l[:, :, t0:t1], acc[:, :, t0:t1] = m_c, l_c, acc_c
+
     out = _normalise(acc, l).to(q.dtype)
     if return_state:
         return out, AttentionState(m, l, acc)  # fp32 (fp64 for fp64 inputs)

@@ -23,20 +23,43 @@ window; on entry they are rotated once, by `KNNConfig.positions`:
 The local context is moved by a forward pre-hook on the model's rotary embedding (position ids
 + offset), so the KV cache and masks are untouched.
 
-Limits: batch size 1 without padding (what memlm.generation runs). The rotated fp32 copies of
-the memory layers live in RAM for the duration of the block: 2 x Hkv x D x 4 bytes per token and
-layer (1.5 KiB for SmolLM2).
+Where the memory lives while the block runs (`prepare_layer_memories`): on a CPU model, per layer
+and KV head a FAISS index over the rotated keys plus the values, coded by `KNNConfig.codec`:
+"fp16" (768 B per token and layer for SmolLM2: 23,040 B/token over 30 layers) or "pq" (product
+quantization of keys AND values, 2 x Hkv x pq_m B per token and layer: 2,880 B/token over 30
+layers at pq_m = 16). PQ costs accuracy: recall@8 of 0.66 / 0.72 / 0.85 against exact search and
+the pass key lost at pq_m = 8 / 16 / 32 (`benchmarks/kv_compression.py`); fp16 is the default. On a
+CUDA model, fp16/bf16 tensors on the GPU read by the fused Triton kernels (PQ is CPU-only).
+The sizes are `LayerMemories.nbytes` / `.bytes_per_token`.
+
+Where PQ codes come from. With "fixed" positions (the default; RoPE at position 0 is the
+identity) keys are searched as stored, so the codes live on disk beside the exact fp16 segments
+(`KVMemory.ensure_pq`: codebooks trained once, each segment encoded once, durably) and a load
+reads only M-byte codes: training took ~8 s per SmolLM2 layer (M = 16, 3.8k rows, one core), and
+encoding a million-token memory is tens of GFLOP per layer and head, neither of which can be
+redone at every load of a memory meant to hold millions of tokens. With "original" positions
+the keys are rotated per row before search, and a code of the un-rotated key cannot be rotated,
+so that combination trains and encodes at load (a warning says so). Codes are of the keys and
+values as the model produced them; the fp16 segments stay the exact data they are rebuilt from.
+
+Limits: batch size 1 without padding (what memlm.generation runs). An fp16 load reads one layer
+(Hkv x N x D fp16) at a time into RAM before indexing it; a PQ load from stored codes reads codes
+only.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from memlm.index.kv_memory import KVMemory
-from memlm.memory_attention import memory_attention
+from memlm.memory_attention import CODECS, PQ_MIN_TRAIN_ROWS, FaissKV, KVStore, TensorKV
+
+log = logging.getLogger(__name__)
 
 ATTN_NAME = "memlm_knn"
 LAYER_PRESETS = ("all", "every4", "middle_third", "last_half", "first_half", "upper_two_thirds")
@@ -53,6 +76,9 @@ class KNNConfig:
     positions: str = "fixed"  # a POSITION_STRATEGIES name
     local_offset: Optional[int] = None  # first local position; None: 0 for "fixed", window for "original"
     min_memory_position: int = 0  # drop memory rows computed at window positions below this (sinks)
+    codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
+    pq_m: int = 16  # "pq": sub-quantizers = bytes per key and per value, per KV head; must divide head_dim
+    pq_train_rows: int = 16384  # "pq": rows per head and layer sampled to train the codebooks (bounds load time)
 
     def __post_init__(self):
         if self.positions not in POSITION_STRATEGIES:
@@ -61,6 +87,12 @@ class KNNConfig:
             raise ValueError(f"layers={self.layers!r} is not one of {LAYER_PRESETS} or a tuple of indices")
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec={self.codec!r} is not one of {CODECS}")
+        if self.pq_m < 1:
+            raise ValueError(f"pq_m={self.pq_m} must be >= 1 (and divide the head dim)")
+        if self.pq_train_rows < PQ_MIN_TRAIN_ROWS:
+            raise ValueError(f"pq_train_rows={self.pq_train_rows} must be >= {PQ_MIN_TRAIN_ROWS} (10 rows per centroid)")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "KNNConfig":
@@ -108,13 +140,48 @@ def resolve_layers(spec: Union[str, Sequence[int]], num_layers: int) -> tuple[in
 
 @dataclass
 class LayerMemory:
-    """What one attention module reads in knn mode: rotated keys and values, (Hkv, N, D) fp32."""
+    """What one attention module reads in knn mode: its layer's rotated memory and how to read it."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    store: KVStore  # FaissKV on a CPU model (codec fp16 | pq), TensorKV on a CUDA model
     top_k: int
     shared_per_kv_head: bool
     calls: int = field(default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+    @property
+    def num_rows(self) -> int:  # not __len__: an empty memory must not make the LayerMemory falsy
+        return self.store.num_rows
+
+
+class LayerMemories(dict):
+    """`prepare_layer_memories`' result: {layer index: LayerMemory}, with the RAM they take and
+    what they were built from (so that a later call can extend them instead of rebuilding)."""
+
+    def __init__(self, config: "KNNConfig", device: torch.device, segments: Sequence[str] = (),
+                 row_chunks: Optional[np.ndarray] = None):
+        super().__init__()
+        self.config, self.device = config, device
+        self.segments: list[str] = list(segments)  # the memory's segments whose rows the stores hold
+        self.row_chunks = np.zeros(0, dtype=np.int64) if row_chunks is None else row_chunks  # (rows,) chunk of each row
+        self.pq_generation: Optional[int] = None  # the memory's PQ codebooks these codes came from
+
+    @property
+    def nbytes(self) -> int:
+        """RAM (or GPU memory) of every layer's store: codes, values, codebooks."""
+        return sum(m.nbytes for m in self.values())
+
+    @property
+    def bytes_per_token(self) -> float:
+        """What one more memory token costs over all loaded layers (codebooks excluded: they do not grow)."""
+        return sum(m.store.bytes_per_row for m in self.values())
+
+    @property
+    def num_rows(self) -> int:
+        """Memory rows (tokens) each layer searches."""
+        return len(self.row_chunks)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +195,18 @@ def rotate_keys(model, keys: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     k = keys.float()
     cos, sin = rotary(k, positions.view(1, -1).long())  # (1, N, D) each
     return k * cos + _rotate_half(k) * sin
+
+
+_ROTATE_BLOCK = 1 << 16  # rows rotated in fp32 at a time
+
+
+def _rotated(model, keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rotate_keys in blocks of rows, into a (Hkv, N, D) tensor of `dtype` (no full fp32 copy)."""
+    out = torch.empty(keys.shape, dtype=dtype, device=keys.device)
+    for r0 in range(0, keys.shape[1], _ROTATE_BLOCK):
+        r1 = r0 + _ROTATE_BLOCK
+        out[:, r0:r1] = rotate_keys(model, keys[:, r0:r1], positions[r0:r1]).to(dtype)
+    return out
 
 
 def _knn_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -144,8 +223,8 @@ def _knn_attention_forward(module, query, key, value, attention_mask, scaling=No
     if query.shape[0] != 1:
         raise NotImplementedError(f"knn memory attention runs batch size 1, got {query.shape[0]}")
     mem.calls += 1
-    out = memory_attention(
-        query, key, value, mem.keys, mem.values, mem.top_k, shared_per_kv_head=mem.shared_per_kv_head, scale=scaling
+    out = mem.store.attention(
+        query, key, value, mem.top_k, shared_per_kv_head=mem.shared_per_kv_head, scale=scaling
     )  # (B, Hq, Tq, D); causal on the local part, the same mask SDPA would apply for batch 1
     return out.transpose(1, 2).contiguous(), None
 
@@ -166,26 +245,119 @@ def register_attention() -> None:
     _registered = True
 
 
-def prepare_layer_memories(model, memory: KVMemory, config: KNNConfig) -> dict[int, LayerMemory]:
-    """Load and rotate the memory of each chosen layer (fp32, in RAM)."""
+def prepare_layer_memories(
+    model, memory: KVMemory, config: KNNConfig, previous: Optional[LayerMemories] = None
+) -> LayerMemories:
+    """Load, rotate and code the memory of each chosen layer (see the module docstring for where
+    it lives). Rows follow the memory's live rows, less those below `min_memory_position`.
+
+    codec "pq" with positions "fixed" reads the memory's PQ codes (`KVMemory.ensure_pq` trains
+    and encodes what is missing, durably, so later loads only read codes); with "original" it
+    trains and encodes at load (the stored codes are of un-rotated keys). A memory with fewer
+    than PQ_MIN_TRAIN_ROWS rows is loaded as fp16 (a log line says so).
+
+    previous: an earlier result for this memory and config. When the memory only gained segments
+    and tombstones since (no compaction, no retraining), the stores are extended in place instead
+    of rebuilt: new rows are coded with the codebooks already trained, tombstoned rows are removed
+    (CPU stores; a GPU memory is reloaded). `previous` is then returned, updated.
+    """
     layers = resolve_layers(config.layers, model.config.num_hidden_layers)
     missing = [l for l in layers if l not in memory.layers]
     if missing:
         raise ValueError(f"layers {missing} are not in the KV memory (it holds {memory.layers})")
-    positions = torch.from_numpy(memory.positions().astype("int64"))  # (N,)
-    keep = positions >= config.min_memory_position if config.min_memory_position > 0 else None
-    out = {}
+    device = next(model.parameters()).device
+    codec, stored_codes = config.codec, False
+    if codec == "pq" and device.type == "cuda":
+        log.warning("KV memory codec 'pq' is CPU-only (the fused kernels read fp16/bf16); "
+                    "loading %s as %s on %s", memory.path, memory.manifest.dtype, device)
+        codec = "fp16"
+    elif codec == "pq" and config.positions == "fixed":
+        stored_codes = memory.ensure_pq(config.pq_m, train_rows=config.pq_train_rows)
+        if not stored_codes:
+            log.info("KV memory %s: %d rows < %d needed to train PQ; loading it as fp16",
+                     memory.path, len(memory), PQ_MIN_TRAIN_ROWS)
+            codec = "fp16"
+    elif codec == "pq":
+        log.warning("KV memory %s: PQ with positions=%r trains and encodes the rotated keys at every "
+                    "load (stored codes are of un-rotated keys); slow for big memories", memory.path, config.positions)
+    generation = memory.pq_generation(config.pq_m) if stored_codes else None
+    segments = list(memory.manifest.segments)
+    if _can_extend(previous, config, layers, device, segments, codec, generation):
+        out, new_segments = previous, segments[len(previous.segments):]
+    else:
+        out, new_segments = LayerMemories(config, device), segments
+        out.pq_generation = generation
+
+    # Rows of the new segments: live and at or after min_memory_position.
+    picks, chunks, positions = [], [], []
+    for seg in new_segments:
+        c, p = memory.segment_rows(seg)
+        keep = memory.live_mask(c) & (p >= config.min_memory_position)
+        picks.append(keep)
+        chunks.append(c[keep])
+        positions.append(p[keep])
+    new_chunks = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    pos = torch.from_numpy(np.concatenate(positions).astype(np.int64)) if positions else torch.zeros(0, dtype=torch.int64)
+
     for l in layers:
-        k, v = memory.layer(l)  # (Hkv, N, D) each, pre-RoPE
-        if keep is not None:
-            k, v = k[:, keep], v[:, keep]
-        if config.positions == "original":
-            pos = positions if keep is None else positions[keep]
-            k = rotate_keys(model, k, pos)
-        else:  # "fixed": position 0, RoPE is the identity
-            k = k.float()
-        out[l] = LayerMemory(k.contiguous(), v.float().contiguous(), config.top_k, config.shared_per_kv_head)
+        if stored_codes:  # codes straight from disk: no fp16 row is read
+            store = out[l].store if l in out else FaissKV(
+                memory.manifest.num_kv_heads, memory.manifest.head_dim, "pq", config.pq_m,
+                codebooks=memory.pq_codebooks(l, config.pq_m))
+            for seg, keep in zip(new_segments, picks):
+                store.add_codes(*memory.pq_segment_codes(seg, l, config.pq_m, keep))
+        else:
+            parts = [memory.segment_layer(seg, l, keep) for seg, keep in zip(new_segments, picks)]
+            k = torch.cat([p[0] for p in parts], dim=1) if parts else _empty_layer(memory)  # (Hkv, n, D), pre-RoPE
+            v = torch.cat([p[1] for p in parts], dim=1) if parts else _empty_layer(memory)
+            if device.type == "cuda":
+                dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else k.dtype
+                if config.positions == "original":
+                    k = _rotated(model, k.to(device), pos.to(device), dtype)
+                store = TensorKV(k.to(device, dtype), v.to(device, dtype))
+            else:
+                if config.positions == "original":
+                    k = _rotated(model, k, pos, torch.float16)  # "fixed": position 0, RoPE is the identity
+                if l in out:
+                    store = out[l].store
+                    for r0 in range(0, k.shape[1], _ROTATE_BLOCK):
+                        store.add(k[:, r0 : r0 + _ROTATE_BLOCK].float(), v[:, r0 : r0 + _ROTATE_BLOCK].float())
+                else:
+                    store = FaissKV.from_tensors(k, v, codec, pq_m=config.pq_m, train_rows=config.pq_train_rows,
+                                                 seed=l, name=f"{memory.path} layer {l}")
+        if isinstance(store, FaissKV):
+            store.value_codes()  # join the appended blocks now, not in the first generation
+        if l not in out:
+            out[l] = LayerMemory(store, config.top_k, config.shared_per_kv_head)
+
+    out.segments = segments
+    out.row_chunks = np.concatenate([out.row_chunks, new_chunks])
+    dead = ~memory.live_mask(out.row_chunks)  # rows of chunks tombstoned since they were loaded
+    if dead.any():
+        for m in out.values():
+            m.store.remove_rows(dead)
+        out.row_chunks = out.row_chunks[~dead]
     return out
+
+
+def _empty_layer(memory: KVMemory) -> torch.Tensor:
+    m = memory.manifest
+    return torch.zeros(m.num_kv_heads, 0, m.head_dim, dtype=torch.float16)
+
+
+def _can_extend(previous: Optional[LayerMemories], config: KNNConfig, layers: tuple[int, ...], device: torch.device,
+                segments: list[str], codec: str, generation: Optional[int]) -> bool:
+    """Whether `previous` can be extended to the memory's current segments (see prepare_layer_memories)."""
+    if not isinstance(previous, LayerMemories) or device.type == "cuda" or previous.device != device:
+        return False
+    same = replace(previous.config, top_k=config.top_k) == config  # top_k is read per call
+    if not same or tuple(sorted(previous)) != layers or previous.segments != segments[: len(previous.segments)]:
+        return False  # another config, or compacted: segments were rewritten
+    if previous.pq_generation != generation:
+        return False  # PQ codebooks (re)trained since
+    stores = [m.store for m in previous.values()]
+    # A "pq" load that fell back to fp16 for want of rows is redone once there are enough.
+    return all(isinstance(s, FaissKV) and s.codec == codec for s in stores)
 
 
 def local_offset(memory: KVMemory, config: KNNConfig) -> int:

@@ -93,3 +93,111 @@ def test_build_captures_pre_rope_keys_in_overlapping_windows(tmp_path):
     k0, _ = mem.layer(0)
     assert (k0.float() - ref).abs().max() < 2e-2 * ref.abs().max()  # fp16 storage rounding
     assert mem.layer(5)[0].shape == (3, 150, 64)
+
+
+def test_segment_readers_include_tombstoned_rows_unless_masked(tmp_path):
+    mem = KVMemory.create(tmp_path / "kv", layers=[0], num_kv_heads=2, head_dim=4)
+    k1, v1 = _rows([0], 2, 3, 4, 4)
+    k2, v2 = _rows([0], 2, 2, 4, 5)
+    mem.add(k1, v1, [1, 1, 2], [0, 1, 2])
+    mem.add(k2, v2, [3, 3], [5, 6])
+    mem.delete([2])
+    seg1, seg2 = mem.manifest.segments
+    c, p = mem.segment_rows(seg1)
+    assert c.tolist() == [1, 1, 2] and p.tolist() == [0, 1, 2] and mem.live_mask(c).tolist() == [True, True, False]
+    k, v = mem.segment_layer(seg1, 0)
+    assert torch.equal(k, k1[0].half()) and torch.equal(v, v1[0].half())
+    k, _ = mem.segment_layer(seg1, 0, mem.live_mask(c))
+    assert torch.equal(k, k1[0][:, :2].half())
+    assert torch.equal(mem.layer(0)[0], torch.cat([k1[0][:, :2], k2[0]], dim=1).half())
+    with pytest.raises(KeyError, match="seg-000009"):
+        mem.segment_rows("seg-000009")
+
+
+# --- product quantization ------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _faiss_one_thread():
+    """k-means with OpenMP threads on a shared 2-core machine ran 5x slower than with one."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _clustered_rows(n, hkv, d, seed):
+    """Rows around 16 centres per head: structure PQ can capture (random noise it cannot)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 2 * torch.randn(hkv, 16, d, generator=g)
+    pick = lambda: torch.gather(centres, 1, torch.randint(0, 16, (hkv, n, 1), generator=g).expand(hkv, n, d))
+    return ({0: pick() + 0.2 * torch.randn(hkv, n, d, generator=g)}, {0: pick() + 0.2 * torch.randn(hkv, n, d, generator=g)})
+
+
+def test_pq_below_training_minimum_writes_nothing(tmp_path):
+    from memlm.index.kv_memory import PQ_MIN_TRAIN_ROWS
+
+    mem = KVMemory.create(tmp_path / "kv", layers=[0], num_kv_heads=2, head_dim=16)
+    k, v = _clustered_rows(PQ_MIN_TRAIN_ROWS - 1, 2, 16, 0)
+    mem.add(k, v, np.zeros(PQ_MIN_TRAIN_ROWS - 1, dtype=np.int64), np.arange(PQ_MIN_TRAIN_ROWS - 1))
+    assert mem.ensure_pq(4) is False and mem.pq_generation(4) is None
+    assert not (tmp_path / "kv" / "pq-m04").exists()
+    with pytest.raises(ValueError, match="m=5 must divide"):
+        mem.ensure_pq(5)
+
+
+def test_pq_codes_are_trained_once_encoded_per_segment_and_durable(tmp_path):
+    from memlm.index.kv_memory import decode_pq
+
+    n, hkv, d, m = 2600, 2, 16, 4
+    mem = KVMemory.create(tmp_path / "kv", layers=[0], num_kv_heads=hkv, head_dim=d)
+    k1, v1 = _clustered_rows(n, hkv, d, 1)
+    mem.add(k1, v1, np.repeat([1, 2], n // 2), np.arange(n))
+    assert mem.ensure_pq(m, train_rows=n) is True and mem.pq_generation(m) == 1
+    books_k, books_v = mem.pq_codebooks(0, m)
+    assert books_k.shape == books_v.shape == (hkv, m, 256, d // m)
+    seg1 = mem.manifest.segments[0]
+    ck, cv = mem.pq_segment_codes(seg1, 0, m)
+    assert ck.shape == cv.shape == (hkv, n, m) and ck.dtype == np.uint8
+    # Decoded codes are close to the fp16 rows: clustered data, 4 bytes for 16 dims.
+    for h in range(hkv):
+        for codes, books, x in ((ck, books_k, k1[0]), (cv, books_v, v1[0])):
+            rec = torch.from_numpy(decode_pq(codes[h], books[h]))
+            assert ((rec - x[h]).norm() / x[h].norm()).item() < 0.15
+
+    # A new segment is encoded with the same codebooks; nothing is retrained.
+    k2, v2 = _clustered_rows(50, hkv, d, 2)
+    mem.add(k2, v2, np.full(50, 3), np.arange(50))
+    (tmp_path / "kv" / "pq-m04" / "gen-000001" / ".tmp-seg-000099").mkdir()  # a crashed encode
+    again = KVMemory.open(tmp_path / "kv")
+    assert again.ensure_pq(m, train_rows=n) and again.pq_generation(m) == 1
+    assert np.array_equal(again.pq_codebooks(0, m)[0], books_k)
+    seg2 = again.manifest.segments[1]
+    assert again.pq_segment_codes(seg2, 0, m)[0].shape == (hkv, 50, m)
+    assert sorted(p.name for p in (tmp_path / "kv" / "pq-m04" / "gen-000001").iterdir() if p.is_dir()) == [seg1, seg2]
+    again.delete([2])
+    live = again.live_mask(again.segment_rows(seg1)[0])
+    assert np.array_equal(again.pq_segment_codes(seg1, 0, m, live)[0], ck[:, live])
+
+    # Compaction rewrites the segments: the next ensure encodes the new one, drops the old codes.
+    again.compact()
+    assert again.ensure_pq(m, train_rows=n) and again.pq_generation(m) == 1
+    (seg,) = again.manifest.segments
+    assert sorted(p.name for p in (tmp_path / "kv" / "pq-m04" / "gen-000001").iterdir()) == ["codebooks_L00.npy", seg]
+    assert again.pq_segment_codes(seg, 0, m)[0].shape == (hkv, n // 2 + 50, m)
+    with pytest.raises(KeyError, match="no PQ m=4 codes"):
+        again.pq_segment_codes(seg1, 0, m)
+
+
+def test_pq_retrains_once_the_memory_outgrows_its_sample(tmp_path):
+    n, hkv, d, m = 2600, 1, 16, 4
+    mem = KVMemory.create(tmp_path / "kv", layers=[0], num_kv_heads=hkv, head_dim=d)
+    mem.add(*_clustered_rows(n, hkv, d, 3), np.zeros(n, dtype=np.int64), np.arange(n))
+    assert mem.ensure_pq(m, train_rows=4 * n) and mem.pq_generation(m) == 1
+    mem.add(*_clustered_rows(3 * n, hkv, d, 4), np.ones(3 * n, dtype=np.int64), np.arange(3 * n))
+    assert mem.ensure_pq(m, train_rows=4 * n) and mem.pq_generation(m) == 2  # 4x the 2600 rows it saw
+    assert [p.name for p in (tmp_path / "kv" / "pq-m04").iterdir() if p.is_dir()] == ["gen-000002"]
+    assert all(mem.pq_segment_codes(s, 0, m)[0].shape[1] == n * (1 if i == 0 else 3)
+               for i, s in enumerate(mem.manifest.segments))

@@ -120,3 +120,33 @@ def test_dispatcher_knn_attention():
 
     args = _inputs(1, 3, 3, 1, 9, 20, 4, 64, torch.float32, seed=7)
     torch.testing.assert_close(dispatched(*args, backend="triton"), dispatched(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory_only", [False, True])
+def test_reference_query_chunks_do_not_change_the_result(monkeypatch, memory_only):
+    """knn_attention_ref splits long prefills into query chunks that read only the local keys
+    their last query can see; one query per chunk must give what one chunk for all gives
+    (same fp64 arithmetic per row, so equal to fp64 rounding)."""
+    import memlm.kernels.reference as ref_mod
+
+    b, hq, hkv, tq, tk, n, kk, d = 2, 6, 2, 9, 14, 40, 5, 16
+    q, kc, vc, mk, mv, idx = (a.double() if a.is_floating_point() else a
+                              for a in _inputs(b, hq, hkv, tq, tk, n, kk, d, torch.float32, seed=8))
+    lens = torch.tensor([14, 11])  # per-row valid lengths; row 1's first queries see fewer keys
+    whole, st = knn_attention_ref(q, kc, vc, mk, mv, idx, cache_len=lens, return_state=True, memory_only=memory_only)
+    monkeypatch.setattr(ref_mod, "_SCORE_BLOCK", 1)  # -> one query per chunk
+    chunked, st_c = knn_attention_ref(q, kc, vc, mk, mv, idx, cache_len=lens, return_state=True,
+                                      memory_only=memory_only)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st_c.l, st.l, rtol=1e-12, atol=1e-12)
+    # And against attention written out by hand for one row: softmax over the visible keys ∪ memory.
+    bb, h, i = 1, 4, 3
+    pos = int(lens[bb]) - tq + i
+    keys = [] if memory_only else [kc[bb, h // 3, j] for j in range(min(pos + 1, int(lens[bb])))]
+    vals = [] if memory_only else [vc[bb, h // 3, j] for j in range(min(pos + 1, int(lens[bb])))]
+    for r in idx[bb, h, i].tolist():
+        if r >= 0:
+            keys.append(mk[h // 3, r])
+            vals.append(mv[h // 3, r])
+    p = torch.softmax(torch.stack(keys) @ q[bb, h, i] / math.sqrt(d), dim=0)
+    torch.testing.assert_close(whole[bb, h, i], p @ torch.stack(vals), rtol=1e-10, atol=1e-10)
