@@ -52,7 +52,7 @@ class KnnSettings(BaseModel):
     """The `knn` memory mode: what ingest stores for `kv_memory` collections, and how generation reads it."""
 
     layers: str = Field(
-        "all", description="decoder layers whose keys/values are stored at ingest: a preset of "
+        "all_but_first", description="decoder layers whose keys/values are stored at ingest: a preset of "
         "memlm.knn_memory.LAYER_PRESETS or comma-separated indices (fixed per collection when its memory is created)",
     )
     top_k: int = Field(8, gt=0, description="memory rows each query head retrieves per layer when a request leaves k at 0")

@@ -62,20 +62,21 @@ from memlm.memory_attention import CODECS, PQ_MIN_TRAIN_ROWS, FaissKV, KVStore, 
 log = logging.getLogger(__name__)
 
 ATTN_NAME = "memlm_knn"
-LAYER_PRESETS = ("all", "every4", "middle_third", "last_half", "first_half", "upper_two_thirds")
+LAYER_PRESETS = ("all", "all_but_first", "every4", "middle_third", "last_half", "first_half", "upper_two_thirds")
 POSITION_STRATEGIES = ("fixed", "original")
 
 
 @dataclass(frozen=True)
 class KNNConfig:
-    """How one generation reads its KV memory. Presets: `KNNConfig.from_name`."""
+    """How one generation reads its KV memory. The defaults are PRESETS["default"] (chosen by
+    measurement, see above PRESETS); other presets: `KNNConfig.from_name`."""
 
-    layers: Union[str, tuple[int, ...]] = "all"  # a LAYER_PRESETS name or explicit layer indices
+    layers: Union[str, tuple[int, ...]] = "all_but_first"  # a LAYER_PRESETS name or explicit layer indices
     top_k: int = 8  # memory rows retrieved per query (per head, see shared_per_kv_head)
     shared_per_kv_head: bool = False  # True: one retrieved set per KV head (group mean query)
-    positions: str = "fixed"  # a POSITION_STRATEGIES name
+    positions: str = "original"  # a POSITION_STRATEGIES name
     local_offset: Optional[int] = None  # first local position; None: 0 for "fixed", window for "original"
-    min_memory_position: int = 0  # drop memory rows computed at window positions below this (sinks)
+    min_memory_position: int = 4  # drop memory rows computed at window positions below this (sinks)
     codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
     pq_m: int = 16  # "pq": sub-quantizers = bytes per key and per value, per KV head; must divide head_dim
     pq_train_rows: int = 16384  # "pq": rows per head and layer sampled to train the codebooks (bounds load time)
@@ -110,9 +111,27 @@ class KNNConfig:
 #       last_half: 0/2; first_half: 0/2  -> all layers (as Extended Mind found: most layers).
 #   (c) per-KV-head (group mean query): 1/2; per-query-head: 2/2  -> per query head.
 #   (d) k: 4: 0/2; 8: 2/2; 16: 2/2  -> 8 (the cheaper of the two that work).
-# Small samples: these are directions, not estimates. See benchmarks/passkey.py for the prose run.
+# Small samples: these are directions, not estimates.
+# Session 2 re-chose on VARIED text (the filler above hid the problem): 6 prose memories of 16k
+# tokens, 3 of 4k, 2 of 64k, 2 filler and 3 stdlib-docstring memories of 16k, ~60 configs ranked by
+# the teacher-forced log-prob of " " + the 5 key digits, then greedy (scratch harness of the
+# research run, cross-checked against knn_mode on one memory):
+#   fixed@0, all layers, k8 (the old default): prose 4k 2/3, 16k 0/6, 64k 0/2; stdlib 0/3.
+#     It fails on the FIRST answer token (" " after "is": p ~ 0.07); the model continues in prose.
+#   original positions (local context at `window`), all layers: prose 16k 4/6, 64k 0/1.
+#   fixed@local_offset 4096: prose 16k 6/6, 64k 2/2; stdlib 0/3.
+#   original, layers 1-29 ("all_but_first"): prose 4k 3/3, 16k 6/6, 64k 2/2, filler 2/2, stdlib 1/3.
+#   same + min_memory_position=4 (drop each window's attention-sink rows): prose 16k 6/6 (best
+#     mean log-prob, -0.63 vs -0.75), stdlib 2/3; sometimes a 6th digit follows the key.
+#   k 16/32/64, memory-logit biases, per-KV-head, chat template, BOS, later layers only: worse.
+# Diagnosis: retrieval finds the needle in a few heads of layers 17-24; layer 0's memory reads
+# pull the last rows of every window (they look adjacent to the question) and junk takes 60-90% of
+# the attention elsewhere; a third of it went to position-0 sink rows. Every ingested document
+# starts a window at position 0 (one sink per document), hence min_memory_position=4.
 PRESETS: dict[str, KNNConfig] = {
-    "default": KNNConfig(layers="all", top_k=8, shared_per_kv_head=False, positions="fixed", local_offset=0),
+    "default": KNNConfig(),  # layers all_but_first, k 8, per query head, original positions, sinks dropped
+    # session 1's default: no rotation at load (the form PQ codes on disk and the GPU kernels read as is)
+    "fixed": KNNConfig(layers="all", top_k=8, positions="fixed", local_offset=0, min_memory_position=0),
 }
 
 
@@ -122,6 +141,7 @@ def resolve_layers(spec: Union[str, Sequence[int]], num_layers: int) -> tuple[in
         third = num_layers // 3
         table = {
             "all": range(num_layers),
+            "all_but_first": range(1, num_layers),  # layer 0's memory reads are positional noise
             "every4": range(0, num_layers, 4),
             "middle_third": range(third, num_layers - third),
             "last_half": range(num_layers // 2, num_layers),

@@ -59,7 +59,8 @@ class KVMemories:
         self.model_name = model_name
         self._layers = resolve_layers(_layer_spec(settings.layers), model.config.num_hidden_layers)
         self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
-        self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory]]]" = OrderedDict()
+        # (name, created_at) -> (memory state, loaded layer memories, layers read), most recent last
+        self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory], tuple]]" = OrderedDict()
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -166,19 +167,23 @@ class KVMemories:
         """Sync the memory, load it (cached), and return the `knn_mode` context for one generation."""
         self.sync(name)
         mem = self.memory(name)
-        config = KNNConfig.from_name(self.settings.preset, layers=tuple(mem.layers), top_k=top_k or self.settings.top_k)
+        config = KNNConfig.from_name(self.settings.preset)
+        # Read the preset's layers that this memory stores (it was built under `knn.layers`).
+        wanted = resolve_layers(config.layers, self.model.config.num_hidden_layers)
+        layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
+        config = KNNConfig.from_name(self.settings.preset, layers=layers, top_k=top_k or self.settings.top_k)
         key = (name, self.store.collection_config(name).created_at)
-        state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks), config.layers)
-        cached = self._loaded.get(key)
-        if cached is not None and cached[0] == state:
+        state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks))
+        cached = self._loaded.pop(key, None)
+        if cached is not None and cached[0] == state and cached[2] == layers:
             layer_memories = cached[1]
-            self._loaded.move_to_end(key)
         else:
-            self._loaded.pop(key, None)
             while len(self._loaded) >= self.settings.resident_collections:
                 self._loaded.popitem(last=False)
-            layer_memories = prepare_layer_memories(self.model, mem, config)
-            self._loaded[key] = (state, layer_memories)
+            # Extends the previous load in place when the memory only gained segments/tombstones.
+            previous = cached[1] if cached is not None and cached[2] == layers else None
+            layer_memories = prepare_layer_memories(self.model, mem, config, previous=previous)
+        self._loaded[key] = (state, layer_memories, layers)
         for m in layer_memories.values():
             m.top_k = config.top_k
         return knn_mode(self.model, mem, config, layer_memories=layer_memories)

@@ -270,7 +270,7 @@ def test_prepare_layer_memories_sizes_and_incremental_refresh(tmp_path):
     g = torch.Generator().manual_seed(11)
     rows = lambda n: ({l: torch.randn(hkv, n, d, generator=g) for l in (0, 1)}, {l: torch.randn(hkv, n, d, generator=g) for l in (0, 1)})
     mem.add(*rows(40), np.repeat([1, 2], 20), np.arange(40))
-    model, config = _cpu_model(2), KNNConfig(top_k=4)
+    model, config = _cpu_model(2), KNNConfig.from_name("fixed", top_k=4)
     mems = prepare_layer_memories(model, mem, config)
     assert isinstance(mems, LayerMemories) and sorted(mems) == [0, 1] and mems.num_rows == 40
     assert mems.bytes_per_token == 2 * hkv * d * 2 * 2  # 2 layers x Hkv x (K + V) x D x fp16
@@ -299,7 +299,7 @@ def test_prepare_layer_memories_pq_reads_stored_codes_and_falls_back_when_small(
     keys, values, q = _clustered(hkv, n, d, 16, 5, seed=12)
     mem = KVMemory.create(tmp_path / "kv", layers=[0, 1], num_kv_heads=hkv, head_dim=d)
     mem.add({0: keys, 1: keys.flip(0)}, {0: values, 1: values.flip(0)}, np.repeat([1, 2], [20, n - 20]), np.arange(n))
-    model, config = _cpu_model(2), KNNConfig(top_k=5, codec="pq", pq_m=m, pq_train_rows=n)
+    model, config = _cpu_model(2), KNNConfig.from_name("fixed", top_k=5, codec="pq", pq_m=m, pq_train_rows=n)
     mems = prepare_layer_memories(model, mem, config)
     assert mem.pq_generation(m) == 1 and all(x.store.codec == "pq" for x in mems.values())
     assert mems.bytes_per_token == 2 * hkv * 2 * m  # 2 layers x Hkv x (key + value) x M bytes
@@ -353,7 +353,7 @@ def test_knn_mode_restores_the_model_and_empty_memory_is_a_no_op(lm, tmp_path):
     mem = KVMemory.for_model(tmp_path / "kv", model)
     with torch.inference_mode():
         before = model(ids).logits
-        with knn_mode(model, mem, KNNConfig(positions="original")) as mems:
+        with knn_mode(model, mem, KNNConfig(layers="all", positions="original")) as mems:
             inside = model(ids).logits
         after = model(ids).logits
     assert len(mems) == model.config.num_hidden_layers and all(m.calls == 1 for m in mems.values())
