@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "memlm_knn"
 LAYER_PRESETS = ("all", "all_but_first", "every4", "middle_third", "last_half", "first_half", "upper_two_thirds")
 POSITION_STRATEGIES = ("fixed", "original")
+COMBINE = ("softmax", "gate")
+GATE_ATTR = "memory_gate"  # a trained model's per-layer (Hq,) gate logits, on each self_attn module
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class KNNConfig:
     top_k: int = 8  # memory rows retrieved per query (per head, see shared_per_kv_head)
     shared_per_kv_head: bool = False  # True: one retrieved set per KV head (group mean query)
     positions: str = "original"  # a POSITION_STRATEGIES name
+    # "softmax": local and retrieved keys in ONE softmax (Extended Mind; no training).
+    # "gate": two softmaxes mixed per head by sigmoid(self_attn.memory_gate) (Memorizing
+    # Transformer's learned gate: for models trained with it; g * memory + (1 - g) * local).
+    combine: str = "softmax"
     local_offset: Optional[int] = None  # first local position; None: 0 for "fixed", window for "original"
     min_memory_position: int = 4  # drop memory rows computed at window positions below this (sinks)
     codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
@@ -82,6 +88,8 @@ class KNNConfig:
     pq_train_rows: int = 16384  # "pq": rows per head and layer sampled to train the codebooks (bounds load time)
 
     def __post_init__(self):
+        if self.combine not in COMBINE:
+            raise ValueError(f"combine={self.combine!r} is not one of {COMBINE}")
         if self.positions not in POSITION_STRATEGIES:
             raise ValueError(f"positions={self.positions!r} is not one of {POSITION_STRATEGIES}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
@@ -166,6 +174,7 @@ class LayerMemory:
     top_k: int
     shared_per_kv_head: bool
     calls: int = field(default=0)
+    gate: Optional[torch.Tensor] = None  # combine="gate": (Hq,) gate logits of this layer
 
     @property
     def nbytes(self) -> int:
@@ -244,7 +253,7 @@ def _knn_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise NotImplementedError(f"knn memory attention runs batch size 1, got {query.shape[0]}")
     mem.calls += 1
     out = mem.store.attention(
-        query, key, value, mem.top_k, shared_per_kv_head=mem.shared_per_kv_head, scale=scaling
+        query, key, value, mem.top_k, shared_per_kv_head=mem.shared_per_kv_head, scale=scaling, gate=mem.gate
     )  # (B, Hq, Tq, D); causal on the local part, the same mask SDPA would apply for batch 1
     return out.transpose(1, 2).contiguous(), None
 
@@ -386,6 +395,18 @@ def local_offset(memory: KVMemory, config: KNNConfig) -> int:
     return memory.manifest.window if config.positions == "original" else 0
 
 
+def _trained_gate(attn, layer: int, num_heads: int) -> torch.Tensor:
+    """The (Hq,) gate logits a model trained with Memorizing Transformer's gate keeps on `attn`."""
+    gate = getattr(attn, GATE_ATTR, None)
+    if gate is None:
+        raise ValueError(f"combine='gate' needs a model trained with memory gates: layer {layer}'s attention "
+                         f"has no `{GATE_ATTR}` (use combine='softmax' for a pretrained model)")
+    gate = gate.detach().reshape(-1)
+    if gate.numel() != num_heads:
+        raise ValueError(f"layer {layer}'s {GATE_ATTR} has {gate.numel()} values, expected one per query head ({num_heads})")
+    return gate
+
+
 @contextmanager
 def knn_mode(
     model, memory: KVMemory, config: KNNConfig = KNNConfig(), layer_memories: Optional[dict[int, LayerMemory]] = None
@@ -398,6 +419,8 @@ def knn_mode(
     mems = layer_memories if layer_memories is not None else prepare_layer_memories(model, memory, config)
     offset = local_offset(memory, config)
     decoder = model.model.layers
+    for l, m in mems.items():
+        m.gate = _trained_gate(decoder[l].self_attn, l, model.config.num_attention_heads) if config.combine == "gate" else None
     old_impl = model.config._attn_implementation
     hook = None
     try:

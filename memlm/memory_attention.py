@@ -129,11 +129,22 @@ class KVStore:
         *,
         shared_per_kv_head: bool = False,
         scale: Optional[float] = None,
+        gate: Optional[torch.Tensor] = None,  # (Hq,) logits: Memorizing Transformer's learned gate
     ) -> torch.Tensor:
-        """Retrieve each query's top_k rows and attend over them and the local context: (B, Hq, Tq, D)."""
+        """Retrieve each query's top_k rows and attend over them and the local context: (B, Hq, Tq, D).
+
+        Without `gate`: one softmax over both (Extended Mind). With it: local attention and
+        attention over the retrieved rows alone, mixed per head: g * memory + (1 - g) * local,
+        g = sigmoid(gate) (Memorizing Transformers; the gate is learned in training).
+        """
         _, idx = self.search(q, top_k, shared_per_kv_head=shared_per_kv_head)
         mem_k, mem_v, idx = self.gather(idx)
-        return knn_attention(q, k_cache, v_cache, mem_k, mem_v, idx, scale=scale)
+        if gate is None:
+            return knn_attention(q, k_cache, v_cache, mem_k, mem_v, idx, scale=scale)
+        memory = knn_attention(q, None, None, mem_k, mem_v, idx, scale=scale, memory_only=True)
+        local = knn_attention(q, k_cache, v_cache, mem_k, mem_v, idx[..., :0], scale=scale)
+        g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)  # (1, Hq, 1, 1)
+        return (g * memory.float() + (1 - g) * local.float()).to(q.dtype)
 
 
 class TensorKV(KVStore):

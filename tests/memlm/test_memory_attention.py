@@ -391,3 +391,39 @@ def test_pass_key_in_kv_memory_is_found_with_a_short_local_prompt(lm, tmp_path):
             out.append(int(t))
             logits = decode_one_token(model, t, cache)
     assert key in tok.decode(out).replace(" ", ""), tok.decode(out)
+
+
+def test_learned_gate_mixes_local_and_memory_attention_per_head():
+    """combine="gate" (Memorizing Transformer): g * attention over the retrieved rows alone +
+    (1 - g) * causal local attention, g = sigmoid(gate) per query head."""
+    from memlm.kernels import knn_attention
+    from memlm.memory_attention import TensorKV
+
+    q, k, v, mk, mv = _inputs(1, 6, 3, 4, 9, 16, 50, seed=5)
+    store = TensorKV(mk, mv)
+    local = _sdpa(q.double(), k.double(), v.double()).float()
+    _, idx = store.search(q, 5)
+    memory_only = knn_attention(q, None, None, mk, mv, idx, memory_only=True)
+    gate = torch.tensor([-30.0, 30.0, 0.0, 1.0, -2.0, 0.5])
+    out = store.attention(q, k, v, 5, gate=gate)
+    g = torch.sigmoid(gate).view(1, -1, 1, 1)
+    expected = g * memory_only + (1 - g) * local
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(out[:, 0], local[:, 0], atol=1e-5)  # gate closed: local attention only
+    assert torch.allclose(out[:, 1], memory_only[:, 1], atol=1e-5)  # gate open: memory only
+    one_softmax = store.attention(q, k, v, 5)
+    assert not torch.allclose(one_softmax, out, atol=1e-3)
+
+
+@pytest.mark.model
+def test_gate_combine_needs_a_model_trained_with_gates(lm, tmp_path):
+    from memlm.index.kv_memory import KVMemory
+    from memlm.knn_memory import KNNConfig, knn_mode
+
+    model, _ = lm
+    mem = KVMemory.for_model(tmp_path / "kv", model)
+    with pytest.raises(ValueError, match="memory_gate"):
+        with knn_mode(model, mem, KNNConfig(combine="gate")):
+            pass
+    with pytest.raises(ValueError, match="combine"):
+        KNNConfig(combine="average")
