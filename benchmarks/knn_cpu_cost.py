@@ -12,7 +12,7 @@
     separately, median of `--repeats`, none and knn alternating:
         prefill tokens/s = prompt tokens / prefill seconds
         decode tokens/s  = (new tokens - 1) / decode seconds   (the first token comes from prefill)
-    and the ratio knn / none. Loading the memory (prepare_layer_memories: read + fp32 copies) is a
+    and the ratio knn / none. Loading the memory (prepare_layer_memories: read, re-rotate, fill the FAISS fp16 indexes) is a
     one-off per memory and reported on its own.
 
 Full-size run (~15-25 min on a quiet 2-core machine: (a) 4 passes over 16k tokens at ~200-350

@@ -31,7 +31,7 @@ Full-size run (3 kinds x 4 lengths x 20 trials). Measured on the loaded 2-core m
 4k and 9.0 s at 16k (clone + needled document 5.3, load 0.8, answer 2.5). Extrapolated for a quiet
 machine with --threads 2: cache build 20-40 min once (3 x ~131k tokens; ~3 GB of disk per kind at
 23 KB/token), none ~30 s per trial at N >= 16k (always a full 8k window), knn ~20-35 s at 128k
-(loading ~6 GB of fp32 memory; ~10 GB RAM peak): in all ~3-5 h, about half of it none.
+(~3 GB of fp16 memory in RAM at 128k): in all ~3-5 h, about half of it none.
 
     .venv/bin/python benchmarks/passkey.py --lengths 4096 16384 65536 131072 --trials 20 \\
         --haystacks filler prose stdlib --methods none rag knn --threads 2
