@@ -201,3 +201,26 @@ def test_pq_retrains_once_the_memory_outgrows_its_sample(tmp_path):
     assert [p.name for p in (tmp_path / "kv" / "pq-m04").iterdir() if p.is_dir()] == ["gen-000002"]
     assert all(mem.pq_segment_codes(s, 0, m)[0].shape[1] == n * (1 if i == 0 else 3)
                for i, s in enumerate(mem.manifest.segments))
+
+
+@pytest.mark.model
+def test_build_packs_short_documents_without_changing_their_keys(tmp_path):
+    """Short documents share forward passes (positions restart per document); the stored rows are
+    those of building each document alone."""
+    from memlm.models.loading import bundled_model_dir, load_causal_lm
+
+    model = load_causal_lm(bundled_model_dir())
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (50, 70, 30, 300)]
+    chunk_ids = list(range(len(docs)))
+    packed = KVMemory.for_model(tmp_path / "packed", model, layers=[1, 5])
+    alone = KVMemory.for_model(tmp_path / "alone", model, layers=[1, 5])
+    assert packed.build(model, docs, chunk_ids, documents=chunk_ids, pack_tokens=512) == 450
+    assert alone.build(model, docs, chunk_ids, documents=chunk_ids, pack_tokens=1) == 450
+    assert np.array_equal(packed.chunk_ids(), alone.chunk_ids())
+    assert np.array_equal(packed.positions(), alone.positions())
+    assert packed.positions()[:50].tolist() == list(range(50))  # each document starts at 0
+    for layer in (1, 5):
+        for a, b in zip(packed.layer(layer), alone.layer(layer)):
+            # the same fp32 keys up to ~1e-6, stored as fp16: at most a one-ulp flip (rel. 2^-10)
+            assert torch.allclose(a.float(), b.float(), rtol=2e-3, atol=1e-3)
