@@ -116,18 +116,18 @@ KNN_CONFIGS = {
     "default": {},
 }
 SWEEP = {
-    "fixed/off0/all/q/k8": dict(positions="fixed", local_offset=0),
-    "fixed/off64/all/q/k8": dict(positions="fixed", local_offset=64),
-    "fixed/off1024/all/q/k8": dict(positions="fixed", local_offset=1024),
-    "original/all/q/k8": dict(positions="original"),
-    "fixed/off0/all/q/k8/nosink4": dict(positions="fixed", local_offset=0, min_memory_position=4),
-    "fixed/off0/every4/q/k8": dict(layers="every4"),
-    "fixed/off0/middle_third/q/k8": dict(layers="middle_third"),
-    "fixed/off0/last_half/q/k8": dict(layers="last_half"),
-    "fixed/off0/first_half/q/k8": dict(layers="first_half"),
-    "fixed/off0/all/kv/k8": dict(shared_per_kv_head=True),
-    "fixed/off0/all/q/k4": dict(top_k=4),
-    "fixed/off0/all/q/k16": dict(top_k=16),
+    # overrides of KNNConfig(), whose defaults are the chosen config: original positions (prompt
+    # after one window), layers 1-29, k 8, per query head, window positions < 4 (sinks) dropped
+    "fixed0-all": dict(layers="all", positions="fixed", local_offset=0, min_memory_position=0),  # session 1's
+    "fixed4096": dict(positions="fixed", local_offset=4096),
+    "layers-all": dict(layers="all"),
+    "layers-upper2of3": dict(layers="upper_two_thirds"),
+    "layers-last-half": dict(layers="last_half"),
+    "per-kv-head": dict(shared_per_kv_head=True),
+    "k4": dict(top_k=4),
+    "k16": dict(top_k=16),
+    "k32": dict(top_k=32),
+    "keep-sinks": dict(min_memory_position=0),
 }
 
 
@@ -148,7 +148,10 @@ def run(args) -> None:
         embedder = load_embedder("all-MiniLM-L6-v2")
     knn_configs = dict(SWEEP) if args.sweep else dict(KNN_CONFIGS)
     if args.knn:
-        knn_configs = {name: dict(SWEEP.get(name, KNN_CONFIGS.get(name, {}))) for name in args.knn}
+        unknown = [n for n in args.knn if n not in SWEEP and n not in KNN_CONFIGS]
+        if unknown:
+            raise SystemExit(f"unknown --knn config(s) {unknown}; known: {sorted(KNN_CONFIGS) + sorted(SWEEP)}")
+        knn_configs = {name: dict(SWEEP.get(name, KNN_CONFIGS[name] if name in KNN_CONFIGS else {})) for name in args.knn}
     results: dict[tuple, list[bool]] = defaultdict(list)
     times: dict[tuple, list[float]] = defaultdict(list)  # (method, N) -> seconds per trial
     knn_parts: dict[str, list[float]] = defaultdict(list)
