@@ -57,8 +57,9 @@ import torch
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "bfloat16")
 # Windows shorter than this are packed into one forward pass (block-diagonal mask from position
-# ids). On 2 CPU cores, 16 documents of 64 tokens took 7.2-7.5 s one by one, 6.2-6.5 s in packs
-# of 128-256 tokens and 8.0 s in one pack of 1,024 (attention under a mask grows quadratically).
+# ids). A scratch timing on 2 loaded CPU cores (not yet a benchmark script): 16 documents of 64
+# tokens took 7.2-7.5 s one by one, 6.2-6.5 s in packs of 128-256 tokens and 8.0 s in one pack of
+# 1,024 (attention under a mask grows quadratically): CPU gains are small; a GPU gains more.
 PACK_TOKENS = 512
 PQ_MANIFEST = "pq.json"
 PQ_BITS = 8  # bits per PQ sub-code: 256 centroids per sub-quantizer, one byte
