@@ -6,10 +6,11 @@ Triton kernels live in the *_triton modules, the references in reference.py; not
 triton, so this package imports without it and before TRITON_INTERPRET is set.
 """
 from .dispatch import choose_backend, knn_attention, memory_topk, merge_attention_states
-from .reference import AttentionState, expand_shared_indices, group_queries
+from .reference import AttentionState, check_gqa, expand_shared_indices, group_queries
 
 __all__ = [
     "AttentionState",
+    "check_gqa",
     "choose_backend",
     "expand_shared_indices",
     "group_queries",

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import AttentionState, _cache_lens, _check_gqa, knn_attention_ref  # noqa: F401
+from .reference import AttentionState, _cache_lens, check_gqa, knn_attention_ref  # noqa: F401
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def knn_attention(
     """Same contract as reference.knn_attention_ref: out (B, Hq, Tq, D) in q's dtype [, state]."""
     b, hq, tq, d = q.shape
     hkv, n, dk = mem_k.shape
-    g = _check_gqa(hq, hkv)
+    g = check_gqa(hq, hkv)
     if dk != d or mem_v.shape != mem_k.shape:
         raise ValueError(f"mem_k {tuple(mem_k.shape)} / mem_v {tuple(mem_v.shape)} must be (Hkv, N, {d})")
     if mem_idx.shape[:3] != (b, hq, tq):

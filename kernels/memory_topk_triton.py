@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check_gqa, _valid_n, group_queries, memory_topk_ref  # noqa: F401
+from .reference import check_gqa, _valid_n, group_queries, memory_topk_ref  # noqa: F401
 
 MAX_K = 256
 _EMPTY = -(2**63)  # packed sentinel below every real (score, index) pair: "no entry"
@@ -155,7 +155,7 @@ def memory_topk(
     if shared_per_kv_head:
         q = group_queries(q, hkv)  # (B, Hkv, D)
         hq = hkv
-    g = _check_gqa(hq, hkv)
+    g = check_gqa(hq, hkv)
     h_out = hq
     scores = torch.full((b, h_out, k), float("-inf"), dtype=torch.float32, device=q.device)
     idx = torch.full((b, h_out, k), -1, dtype=torch.int64, device=q.device)

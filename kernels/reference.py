@@ -34,7 +34,8 @@ class AttentionState(NamedTuple):
     acc: torch.Tensor  # (B, Hq, Tq, D) fp32, unnormalised output sum exp(s - m) * v
 
 
-def _check_gqa(hq: int, hkv: int) -> int:
+def check_gqa(hq: int, hkv: int) -> int:
+    """Query heads per KV head (GQA group size); ValueError unless Hq is a positive multiple of Hkv."""
     if hkv <= 0 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of KV heads ({hkv})")
     return hq // hkv
@@ -57,14 +58,14 @@ def group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
     variable-size set per group; the mean keeps a fixed k and one memory read per group.)
     """
     b, hq, d = q.shape
-    g = _check_gqa(hq, hkv)
+    g = check_gqa(hq, hkv)
     return q.float().view(b, hkv, g, d).mean(dim=2).to(q.dtype)  # (B, Hkv, D)
 
 
 def expand_shared_indices(idx: torch.Tensor, hq: int) -> torch.Tensor:
     """(B, Hkv, ...) -> (B, Hq, ...): give every query head its KV group's retrieved set."""
     hkv = idx.shape[1]
-    return idx.repeat_interleave(_check_gqa(hq, hkv), dim=1)
+    return idx.repeat_interleave(check_gqa(hq, hkv), dim=1)
 
 
 def memory_topk_ref(
@@ -91,7 +92,7 @@ def memory_topk_ref(
     if shared_per_kv_head:
         q = group_queries(q, hkv)  # (B, Hkv, D)
         hq = hkv
-    g = _check_gqa(hq, hkv)
+    g = check_gqa(hq, hkv)
     scores = torch.full((b, hq, k), float("-inf"), dtype=torch.float32, device=q.device)
     idx = torch.full((b, hq, k), -1, dtype=torch.int64, device=q.device)
     kk = min(k, n)
@@ -136,7 +137,7 @@ def knn_attention_ref(
     """
     b, hq, tq, d = q.shape
     hkv, n, _ = mem_k.shape
-    g = _check_gqa(hq, hkv)
+    g = check_gqa(hq, hkv)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     kk = mem_idx.shape[-1]

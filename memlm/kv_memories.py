@@ -79,9 +79,10 @@ class KVMemories:
             )
         return config
 
-    def memory(self, name: str) -> KVMemory:
-        """The collection's KV memory, opened (or created empty) on first use."""
-        config = self.check_collection(name)
+    def memory(self, name: str, config=None) -> KVMemory:
+        """The collection's KV memory, opened (or created empty) on first use. `config`: the
+        collection's, when the caller has already checked it."""
+        config = config or self.check_collection(name)
         key = (name, config.created_at)
         mem = self._open.get(key)
         if mem is not None and (mem.path / MANIFEST).exists():
@@ -105,11 +106,11 @@ class KVMemories:
 
     # --- keeping in step with LMDB ----------------------------------------------------------
 
-    def sync(self, name: str) -> SyncReport:
+    def sync(self, name: str, config=None) -> SyncReport:
         """Make the memory hold exactly the collection's stored chunks (see the module docstring)."""
         t0 = time.perf_counter()
-        config = self.check_collection(name)
-        mem = self.memory(name)
+        config = config or self.check_collection(name)
+        mem = self.memory(name, config)
         stored = self.store.chunk_ids(name)  # ascending
         have = np.unique(mem.chunk_ids())
         extra = np.setdiff1d(have, stored, assume_unique=True)
@@ -135,44 +136,34 @@ class KVMemories:
         docs: dict[str, list[tuple[int, int, np.ndarray]]] = {}
         for cid, rec in zip(chunk_ids.tolist(), records):
             docs.setdefault(rec.doc_id, []).append((rec.chunk_index, cid, rec.token_ids))
-        batch_tokens: list[np.ndarray] = []
-        batch_chunks: list[int] = []
-        batch_docs: list[int] = []
-        added = 0
-
-        def flush() -> int:
-            n = mem.build(self.model, batch_tokens, batch_chunks, documents=batch_docs) if batch_chunks else 0
-            batch_tokens.clear(), batch_chunks.clear(), batch_docs.clear()
-            return n
-
-        size = 0
+        batch: list[tuple[np.ndarray, int, int]] = []  # (token ids, chunk id, document number)
+        size = added = 0
         for d, (_doc_id, chunks) in enumerate(sorted(docs.items())):
             chunks.sort()
             for j, (_index, cid, toks) in enumerate(chunks):
                 # Overlapping chunks repeat their predecessor's last tokens: each token is stored once.
                 toks = toks[chunk_overlap:] if j > 0 and chunk_overlap else toks
-                batch_tokens.append(toks)
-                batch_chunks.append(cid)
-                batch_docs.append(d)
+                batch.append((toks, cid, d))
                 size += len(toks)
-            if size >= self.settings.build_batch_tokens:  # whole documents per segment
-                added += flush()
-                size = 0
-        added += flush()
+            if size >= self.settings.build_batch_tokens or d == len(docs) - 1:  # whole documents per segment
+                toks, cids, doc_numbers = zip(*batch)
+                added += mem.build(self.model, list(toks), list(cids), documents=list(doc_numbers))
+                batch, size = [], 0
         return added, len(docs)
 
     # --- reading ----------------------------------------------------------------------------
 
     def knn_context(self, name: str, top_k: Optional[int] = None) -> AbstractContextManager:
         """Sync the memory, load it (cached), and return the `knn_mode` context for one generation."""
-        self.sync(name)
-        mem = self.memory(name)
+        collection = self.check_collection(name)
+        self.sync(name, collection)
+        mem = self.memory(name, collection)
         config = KNNConfig.from_name(self.settings.preset)
         # Read the preset's layers that this memory stores (it was built under `knn.layers`).
         wanted = resolve_layers(config.layers, self.model.config.num_hidden_layers)
         layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
         config = KNNConfig.from_name(self.settings.preset, layers=layers, top_k=top_k or self.settings.top_k)
-        key = (name, self.store.collection_config(name).created_at)
+        key = (name, collection.created_at)
         state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks))
         cached = self._loaded.pop(key, None)
         if cached is not None and cached[0] == state and cached[2] == layers:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from memlm.index.kv_memory import PQ_BITS, PQ_MIN_TRAIN_ROWS, product_quantizer, train_pq
-from memlm.kernels import expand_shared_indices, knn_attention, memory_topk as kernel_memory_topk
+from memlm.kernels import check_gqa, expand_shared_indices, knn_attention, memory_topk as kernel_memory_topk
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,6 @@ _SCORE_BLOCK = 1 << 24  # scores (elements) one exact-retrieval call may hold: 6
 _ADD_BLOCK = 1 << 16  # rows converted to fp32 at a time while filling a FaissKV
 
 __all__ = ["CODECS", "PQ_MIN_TRAIN_ROWS", "FaissKV", "KVStore", "TensorKV", "knn_attention", "memory_attention", "memory_topk"]
-
-
-def _check_gqa(hq: int, hkv: int) -> int:
-    if hkv <= 0 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a positive multiple of KV heads ({hkv})")
-    return hq // hkv
 
 
 def memory_topk(
@@ -74,7 +68,7 @@ def memory_topk(
     hkv, n, dk = mem_k.shape
     if d != dk:
         raise ValueError(f"query head dim {d} != memory head dim {dk}")
-    _check_gqa(hq, hkv)
+    check_gqa(hq, hkv)
     rows = q.transpose(1, 2).reshape(b * tq, hq, d)  # (B*Tq, Hq, D); row r = b * Tq + t
     if rows.is_cuda and rows.dtype != mem_k.dtype:
         rows = rows.to(mem_k.dtype)  # the Triton scan reads both in one dtype (the reference: fp32)
@@ -337,7 +331,7 @@ class FaissKV(KVStore):
         """Per KV head one FAISS search of its G*B*Tq query rows (B*Tq group-mean rows when shared)."""
         b, hq, tq, d = q.shape
         hkv = self.num_kv_heads
-        g = _check_gqa(hq, hkv)
+        g = check_gqa(hq, hkv)
         if d != self.head_dim:
             raise ValueError(f"query head dim {d} != memory head dim {self.head_dim}")
         qg = q.detach().float().reshape(b, hkv, g, tq, d)  # (B, Hkv, G, Tq, D)
@@ -361,7 +355,7 @@ class FaissKV(KVStore):
         """Decode each KV head's distinct retrieved rows into (Hkv, U, D) fp32, U = the most any head has."""
         b, hq, tq, kk = idx.shape
         hkv, d = self.num_kv_heads, self.head_dim
-        g = _check_gqa(hq, hkv)
+        g = check_gqa(hq, hkv)
         per_head = idx.cpu().reshape(b, hkv, g * tq * kk).transpose(0, 1).reshape(hkv, -1)  # (Hkv, B*G*Tq*K)
         local = torch.full_like(per_head, -1)
         uniq = []

@@ -118,14 +118,8 @@ def test_segment_readers_include_tombstoned_rows_unless_masked(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _faiss_one_thread():
-    """k-means with OpenMP threads on a shared 2-core machine ran 5x slower than with one."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def _faiss_one_thread(faiss_one_thread):
+    """Every test here runs FAISS on one thread (see tests/conftest.py)."""
 
 
 def _clustered_rows(n, hkv, d, seed):

@@ -106,15 +106,8 @@ def test_topk_query_chunks_do_not_change_the_result(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _faiss_one_thread():
-    """k-means training with OpenMP threads on a shared, loaded 2-core machine ran 5x slower than
-    with one (spinning threads); results do not depend on it."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def _faiss_one_thread(faiss_one_thread):
+    """Every test here runs FAISS on one thread (see tests/conftest.py)."""
 
 
 def _fp16_exact(hkv, n, d, seed):
