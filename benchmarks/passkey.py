@@ -69,6 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import (  # noqa: E402
+    CHUNK_ID_STRIDE,
     HAYSTACK_KINDS,
     CorpusMemory,
     default_cache_root,
@@ -128,7 +129,24 @@ SWEEP = {
     "k16": dict(top_k=16),
     "k32": dict(top_k=32),
     "keep-sinks": dict(min_memory_position=0),
+    "chunks4": dict(candidate_chunks=4),
+    "chunks8": dict(candidate_chunks=8),
+    "chunks16": dict(candidate_chunks=16),
+    "chunks32": dict(candidate_chunks=32),
+    "chunks64": dict(candidate_chunks=64),
 }
+
+
+def ranked_chunks(embedder, corpus, m: int, at: int, needled_chunks, query: str, k: int) -> list[tuple[int, int]]:
+    """The k chunks (doc, chunk) of the haystack most similar to `query` by MiniLM, best first
+    (the needled document `at`'s chunks freshly embedded, the others' from the cache)."""
+    vecs, where = corpus.vectors(m)  # (C, 384), (doc, chunk) per row
+    rows = [r for r, (i, _) in enumerate(where) if i != at]
+    cand = [where[r] for r in rows] + [(at, j) for j in range(len(needled_chunks))]
+    fresh = embedder.embed([corpus.tokenizer.decode(c) for c in needled_chunks])
+    allv = torch.from_numpy(np.concatenate([vecs[rows], fresh]))  # (C', 384)
+    qv = torch.from_numpy(embedder.embed([query]))  # (1, 384)
+    return [cand[r] for r in (allv @ qv[0]).topk(min(k, len(cand))).indices.tolist()]
 
 
 def run(args) -> None:
@@ -142,16 +160,17 @@ def run(args) -> None:
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
     sep_ids = tok(DOC_SEPARATOR, add_special_tokens=False).input_ids
     embedder = None
-    if "rag" in args.methods:
-        from memlm.index.embedding import load_embedder
-
-        embedder = load_embedder("all-MiniLM-L6-v2")
     knn_configs = dict(SWEEP) if args.sweep else dict(KNN_CONFIGS)
     if args.knn:
         unknown = [n for n in args.knn if n not in SWEEP and n not in KNN_CONFIGS]
         if unknown:
             raise SystemExit(f"unknown --knn config(s) {unknown}; known: {sorted(KNN_CONFIGS) + sorted(SWEEP)}")
         knn_configs = {name: dict(SWEEP.get(name, KNN_CONFIGS[name] if name in KNN_CONFIGS else {})) for name in args.knn}
+    gated = "knn" in args.methods and any(c.get("candidate_chunks") for c in knn_configs.values())
+    if "rag" in args.methods or gated:
+        from memlm.index.embedding import load_embedder
+
+        embedder = load_embedder("all-MiniLM-L6-v2")
     results: dict[tuple, list[bool]] = defaultdict(list)
     times: dict[tuple, list[float]] = defaultdict(list)  # (method, N) -> seconds per trial
     knn_parts: dict[str, list[float]] = defaultdict(list)
@@ -167,7 +186,7 @@ def run(args) -> None:
         facts = {"docs": most, "tokens": sum(corpus.token_counts(most))}
         if "knn" in args.methods:
             facts["kv"] = corpus.ensure_kv(most)
-        if "rag" in args.methods:
+        if "rag" in args.methods or gated:
             facts["vec"] = corpus.ensure_vectors(most, embedder)
         ingest[kind] = facts
 
@@ -200,13 +219,7 @@ def run(args) -> None:
 
                 if "rag" in args.methods:
                     t0 = time.perf_counter()
-                    vecs, where = corpus.vectors(m)  # (C, 384), (doc, chunk) per row
-                    rows = [r for r, (i, _) in enumerate(where) if i != at]
-                    cand = [where[r] for r in rows] + [(at, j) for j in range(len(needled_chunks))]
-                    fresh = embedder.embed([tok.decode(c) for c in needled_chunks])  # the needled document's
-                    allv = torch.from_numpy(np.concatenate([vecs[rows], fresh]))  # (C', 384)
-                    qv = torch.from_numpy(embedder.embed([RAG_QUERY]))  # (1, 384)
-                    top = sorted(cand[r] for r in (allv @ qv[0]).topk(min(RAG_K, len(cand))).indices.tolist())
+                    top = sorted(ranked_chunks(embedder, corpus, m, at, needled_chunks, RAG_QUERY, RAG_K))
                     ctx = [t for i, j in top for t in (needled_chunks if i == at else corpus.chunks(i))[j]]
                     ok = found(tok, greedy(model, ctx + sep_ids + q_ids), key)
                     results[("rag", n, kind)].append(ok)
@@ -223,15 +236,25 @@ def run(args) -> None:
                             raise AssertionError(f"memory holds {len(mem)} rows, the haystack {hay_tokens} tokens")
                         t_mem = time.perf_counter() - t0
                         knn_parts["clone + needled document"].append(t_mem)
+                        mems = None
                         for name, over in knn_configs.items():
                             cfg = replace(KNNConfig(), **over)
                             t1 = time.perf_counter()
-                            mems = prepare_layer_memories(model, mem, cfg)
+                            if cfg.candidate_chunks:  # the service's chunk gate: the prompt's top chunks by MiniLM
+                                top = ranked_chunks(embedder, corpus, m, at, needled_chunks, QUESTION, cfg.candidate_chunks)
+                                ids = [NEEDLE_CHUNK_BASE + j if i == at else i * CHUNK_ID_STRIDE + j for i, j in top]
+                                read = prepare_layer_memories(model, mem, cfg, chunks=ids)
+                            else:  # the whole memory, loaded once per trial for every ungated config
+                                if mems is None or replace(mems.config, top_k=cfg.top_k) != cfg:
+                                    mems = prepare_layer_memories(model, mem, cfg)
+                                for lm in mems.values():
+                                    lm.top_k = cfg.top_k
+                                read = mems
                             t2 = time.perf_counter()
-                            with knn_mode(model, mem, cfg, layer_memories=mems):
+                            with knn_mode(model, mem, cfg, layer_memories=read):
                                 out = greedy(model, q_ids)
                             t3 = time.perf_counter()
-                            del mems
+                            del read
                             knn_parts["load memory"].append(t2 - t1)
                             knn_parts["answer"].append(t3 - t2)
                             ok = found(tok, out, key)

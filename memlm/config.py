@@ -56,6 +56,10 @@ class KnnSettings(BaseModel):
         "memlm.knn_memory.LAYER_PRESETS or comma-separated indices (fixed per collection when its memory is created)",
     )
     top_k: int = Field(8, gt=0, description="memory rows each query head retrieves per layer when a request leaves k at 0")
+    candidate_chunks: int = Field(
+        8, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks an embedding "
+        "search ranks first for its prompt (as rag does; `filter` applies); 0 = every row of the collection",
+    )
     preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: positions, per-head retrieval, codec")
     window: int = Field(1024, gt=1, description="tokens per forward pass when building memory")
     overlap: int = Field(128, ge=0, description="left context a build window shares with the one before")

@@ -16,7 +16,10 @@ The `knn` mode (when the memory is a `MemoryStore`): `memlm.kv_memories.KVMemori
 kv collection's KV memory in step with the store. Its work runs on the same worker thread, as
 `_Call`s: the store's write listener (after each ingest/delete, waited for, so Ingest returns with
 the memory built), one sync per kv collection at start-up (crash repair), and the sync + load at
-the start of every knn job. A knn job runs `generate_tokens` inside `knn_mode`.
+the start of every knn job. A knn job runs `generate_tokens` inside `knn_mode`. With
+`knn.candidate_chunks` = M > 0 (chunk-gated knn), `generate()` first searches the collection for
+the prompt like rag does (M chunks, `filter` applies) and the job's memory is only those chunks'
+rows; the result cites them.
 """
 from __future__ import annotations
 
@@ -282,10 +285,11 @@ class ModelHost(EngineClient):
         if mode is MemoryMode.KNN:
             if self.kv_memories is None:
                 raise FailedPrecondition("memory mode 'knn' needs the in-process memory store, and this model host has another")
-            if request.filter is not None:
-                raise InvalidArgument("memory mode 'knn' reads the whole collection's KV memory; `filter` applies to rag only")
+            if request.filter is not None and not self.kv_memories.candidate_chunks:
+                raise InvalidArgument("memory mode 'knn' with knn.candidate_chunks=0 reads the whole collection's "
+                                      "KV memory; `filter` needs chunk-gated knn (knn.candidate_chunks > 0) or rag")
             self.kv_memories.check_collection(request.collection)  # NotFound / FailedPrecondition
-        if request.messages is not None and mode is MemoryMode.RAG:
+        if request.messages is not None and self._searches(mode):
             query_text(None, request.messages)  # raises when there is no user message to search for
         s = request.sampling
         limit = self.settings.max_new_tokens_limit
@@ -306,22 +310,22 @@ class ModelHost(EngineClient):
         mode, budget = self._validate(request)
         hits: tuple[SearchHit, ...] = ()
         retrieval_ms = 0.0
-        if mode is MemoryMode.RAG:
+        if self._searches(mode):  # rag: the chunks for the prompt; gated knn: the chunks whose memory it reads
             query = query_text(request.prompt, request.messages)
+            k = request.k or RAG_DEFAULT_K if mode is MemoryMode.RAG else self.kv_memories.candidate_chunks
             hits = tuple(
-                await asyncio.to_thread(
-                    self.memory.search, request.collection, query=query, k=request.k or RAG_DEFAULT_K,
-                    filter=request.filter,
-                )
+                await asyncio.to_thread(self.memory.search, request.collection, query=query, k=k, filter=request.filter)
             )
             retrieval_ms = (time.perf_counter() - t0) * 1000
+        knn_chunks = [h.chunk_id for h in hits] if mode is MemoryMode.KNN and self.kv_memories.candidate_chunks else None
         loop = asyncio.get_running_loop()
         job = _Job(
             prompt=request.prompt,
             messages=tuple(request.messages) if request.messages is not None else None,
             hits=hits,
             rag=mode is MemoryMode.RAG,
-            memory=(lambda: self.kv_memories.knn_context(request.collection, request.k)) if mode is MemoryMode.KNN else None,
+            memory=(lambda: self.kv_memories.knn_context(request.collection, request.k, chunks=knn_chunks))
+            if mode is MemoryMode.KNN else None,
             budget=budget,
             sampling=request.sampling,
             cancel=threading.Event(),
@@ -336,7 +340,8 @@ class ModelHost(EngineClient):
                 if isinstance(item, TextDelta):
                     yield item
                 elif isinstance(item, _Done):
-                    yield self._result(item, t0, retrieval_ms + item.memory_s * 1000)
+                    citations = hits if mode is MemoryMode.KNN else None  # knn: the chunks it read
+                    yield self._result(item, t0, retrieval_ms + item.memory_s * 1000, citations)
                     return
                 else:
                     raise item
@@ -345,14 +350,21 @@ class ModelHost(EngineClient):
             job.cancel.set()
             self._active.discard(job.cancel)
 
+    def _searches(self, mode: MemoryMode) -> bool:
+        """Whether a request in `mode` starts with an embedding search of the collection."""
+        return mode is MemoryMode.RAG or (mode is MemoryMode.KNN and bool(self.kv_memories.candidate_chunks))
+
     @staticmethod
-    def _result(done: _Done, t0: float, retrieval_ms: float) -> GenerationResult:
+    def _result(done: _Done, t0: float, retrieval_ms: float,
+                citations: Optional[tuple[SearchHit, ...]] = None) -> GenerationResult:
         outcome, built = done.outcome, done.prompt
         first = outcome.first_token_at
+        if citations is None:
+            citations = built.citations if built else ()
         return GenerationResult(
             text=outcome.text,
             finish_reason=outcome.finish_reason,
-            citations=built.citations if built else (),
+            citations=citations,
             prompt_tokens=len(built.input_ids) if built else 0,
             completion_tokens=outcome.completion_tokens,
             truncated_prompt_tokens=built.truncated_prompt_tokens if built else 0,

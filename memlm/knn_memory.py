@@ -83,6 +83,10 @@ class KNNConfig:
     combine: str = "softmax"
     local_offset: Optional[int] = None  # first local position; None: 0 for "fixed", window for "original"
     min_memory_position: int = 4  # drop memory rows computed at window positions below this (sinks)
+    # Chunk-gated retrieval: 0 searches every memory row; M > 0 searches only the rows of the M
+    # chunks the caller ranks first for the prompt (the service: the collection's embedding search,
+    # the same as rag's), passed to knn_mode as `chunks` (LayerMemories.restrict).
+    candidate_chunks: int = 0
     codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
     pq_m: int = 16  # "pq": sub-quantizers = bytes per key and per value, per KV head; must divide head_dim
     pq_train_rows: int = 16384  # "pq": rows per head and layer sampled to train the codebooks (bounds load time)
@@ -96,6 +100,8 @@ class KNNConfig:
             raise ValueError(f"layers={self.layers!r} is not one of {LAYER_PRESETS} or a tuple of indices")
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.candidate_chunks < 0:
+            raise ValueError(f"candidate_chunks={self.candidate_chunks} must be >= 0 (0: search every row)")
         if self.codec not in CODECS:
             raise ValueError(f"codec={self.codec!r} is not one of {CODECS}")
         if self.pq_m < 1:
@@ -275,7 +281,8 @@ def register_attention() -> None:
 
 
 def prepare_layer_memories(
-    model, memory: KVMemory, config: KNNConfig, previous: Optional[LayerMemories] = None
+    model, memory: KVMemory, config: KNNConfig, previous: Optional[LayerMemories] = None,
+    chunks: Optional[Sequence[int]] = None,
 ) -> LayerMemories:
     """Load, rotate and code the memory of each chosen layer (see the module docstring for where
     it lives). Rows follow the memory's live rows, less those below `min_memory_position`.
@@ -289,11 +296,17 @@ def prepare_layer_memories(
     and tombstones since (no compaction, no retraining), the stores are extended in place instead
     of rebuilt: new rows are coded with the codebooks already trained, tombstoned rows are removed
     (CPU stores; a GPU memory is reloaded). `previous` is then returned, updated.
+
+    chunks: chunk-gated knn (`KNNConfig.candidate_chunks`): only these chunks' rows, read straight
+    from the segment files (memory-mapped: a few hundred rows are read, whatever the memory's
+    size) into exact `TensorKV` stores; `codec` and `previous` do not apply.
     """
     layers = resolve_layers(config.layers, model.config.num_hidden_layers)
     missing = [l for l in layers if l not in memory.layers]
     if missing:
         raise ValueError(f"layers {missing} are not in the KV memory (it holds {memory.layers})")
+    if chunks is not None:
+        return _load_rows(model, memory, config, layers, np.asarray(list(chunks), dtype=np.int64))
     device = next(model.parameters()).device
     codec, stored_codes = config.codec, False
     if codec == "pq" and device.type == "cuda":
@@ -369,6 +382,31 @@ def prepare_layer_memories(
     return out
 
 
+def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ...], chunks: np.ndarray) -> LayerMemories:
+    """prepare_layer_memories(chunks=...): the live rows of `chunks` at or after min_memory_position."""
+    device = next(model.parameters()).device
+    dtype = model.dtype if device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    picks, row_chunks, positions = {}, [], []
+    for seg in memory.manifest.segments:
+        c, p = memory.segment_rows(seg)
+        keep = np.isin(c, chunks) & memory.live_mask(c) & (p >= config.min_memory_position)
+        if keep.any():
+            picks[seg] = keep
+            row_chunks.append(c[keep])
+            positions.append(p[keep])
+    out = LayerMemories(config, device, memory.manifest.segments,
+                        np.concatenate(row_chunks) if row_chunks else np.zeros(0, dtype=np.int64))
+    pos = torch.from_numpy(np.concatenate(positions).astype(np.int64)) if positions else torch.zeros(0, dtype=torch.int64)
+    for l in layers:
+        parts = [memory.segment_layer(seg, l, keep) for seg, keep in picks.items()]
+        k = torch.cat([p[0] for p in parts], dim=1) if parts else _empty_layer(memory)  # (Hkv, n, D), pre-RoPE
+        v = torch.cat([p[1] for p in parts], dim=1) if parts else _empty_layer(memory)
+        k, v = k.to(device), v.to(device, dtype)
+        k = rotate_keys(model, k, pos.to(device)).to(dtype) if config.positions == "original" else k.to(dtype)
+        out[l] = LayerMemory(TensorKV(k, v), config.top_k, config.shared_per_kv_head)
+    return out
+
+
 def _empty_layer(memory: KVMemory) -> torch.Tensor:
     m = memory.manifest
     return torch.zeros(m.num_kv_heads, 0, m.head_dim, dtype=torch.float16)
@@ -379,7 +417,7 @@ def _can_extend(previous: Optional[LayerMemories], config: KNNConfig, layers: tu
     """Whether `previous` can be extended to the memory's current segments (see prepare_layer_memories)."""
     if not isinstance(previous, LayerMemories) or device.type == "cuda" or previous.device != device:
         return False
-    same = replace(previous.config, top_k=config.top_k) == config  # top_k is read per call
+    same = replace(previous.config, top_k=config.top_k, candidate_chunks=config.candidate_chunks) == config  # read per call
     if not same or tuple(sorted(previous)) != layers or previous.segments != segments[: len(previous.segments)]:
         return False  # another config, or compacted: segments were rewritten
     if previous.pq_generation != generation:

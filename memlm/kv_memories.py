@@ -16,8 +16,11 @@ memory write) and before each knn generation (so a generation sees every acknowl
 A memory folder that is missing or unreadable is rebuilt from LMDB.
 
 Threading: everything here runs on the model host's one worker thread; the model is never shared.
-Loaded memories (`prepare_layer_memories`) are cached for the `knn.resident_collections` most
-recently used collections and reloaded when the memory's segments or tombstones change.
+Chunk-gated knn (`knn.candidate_chunks` > 0, the default): a generation reads only the rows of
+the chunks the caller ranked first for its prompt, memory-mapped from the segment files per
+generation; nothing stays loaded. Ungated (0): the whole memory is loaded into FAISS stores
+(`prepare_layer_memories`), cached for the `knn.resident_collections` most recently used
+collections and extended or reloaded when the memory's segments or tombstones change.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from collections import OrderedDict
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -153,8 +156,15 @@ class KVMemories:
 
     # --- reading ----------------------------------------------------------------------------
 
-    def knn_context(self, name: str, top_k: Optional[int] = None) -> AbstractContextManager:
-        """Sync the memory, load it (cached), and return the `knn_mode` context for one generation."""
+    @property
+    def candidate_chunks(self) -> int:
+        """Chunks whose rows a knn generation reads (0: all; see KNNConfig.candidate_chunks)."""
+        return self.settings.candidate_chunks
+
+    def knn_context(self, name: str, top_k: Optional[int] = None,
+                    chunks: Optional[Sequence[int]] = None) -> AbstractContextManager:
+        """Sync the memory, load it (cached), and return the `knn_mode` context for one generation.
+        chunks: read only these chunks' rows (chunk-gated knn; the caller ranked them for the prompt)."""
         collection = self.check_collection(name)
         self.sync(name, collection)
         mem = self.memory(name, collection)
@@ -163,6 +173,8 @@ class KVMemories:
         wanted = resolve_layers(config.layers, self.model.config.num_hidden_layers)
         layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
         config = KNNConfig.from_name(self.settings.preset, layers=layers, top_k=top_k or self.settings.top_k)
+        if chunks is not None:  # a few chunks' rows, read from disk per generation: nothing stays resident
+            return knn_mode(self.model, mem, config, layer_memories=prepare_layer_memories(self.model, mem, config, chunks=chunks))
         key = (name, collection.created_at)
         state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks))
         cached = self._loaded.pop(key, None)

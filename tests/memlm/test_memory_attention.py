@@ -316,6 +316,34 @@ def test_prepare_layer_memories_pq_reads_stored_codes_and_falls_back_when_small(
     assert any("needed to train PQ" in r.message for r in caplog.records)
 
 
+def test_prepare_layer_memories_for_chunks_reads_only_their_live_rows(tmp_path):
+    """Chunk-gated knn: the rows of the given chunks (live, at or after min_memory_position), read
+    from the segment files into exact stores, in memory order."""
+    from memlm.index.kv_memory import KVMemory
+    from memlm.knn_memory import KNNConfig, prepare_layer_memories
+    from memlm.memory_attention import TensorKV
+
+    hkv, d = 3, 16
+    mem = KVMemory.create(tmp_path / "kv", layers=[0, 1, 2], num_kv_heads=hkv, head_dim=d)
+    g = torch.Generator().manual_seed(13)
+    keys = {l: torch.randn(hkv, 60, d, generator=g).half() for l in (0, 1, 2)}
+    values = {l: torch.randn(hkv, 60, d, generator=g).half() for l in (0, 1, 2)}
+    chunks, positions = np.repeat([1, 2, 3], 20), np.tile(np.arange(20), 3)
+    mem.add({l: keys[l][:, :40] for l in keys}, {l: values[l][:, :40] for l in values}, chunks[:40], positions[:40])
+    mem.add({l: keys[l][:, 40:] for l in keys}, {l: values[l][:, 40:] for l in values}, chunks[40:], positions[40:])
+    mem.delete([2])
+    config = KNNConfig.from_name("fixed", layers=(1, 2), min_memory_position=5)
+    mems = prepare_layer_memories(_cpu_model(3), mem, config, chunks=[3, 2, 1, 99])  # 2: deleted, 99: unknown
+    want = np.flatnonzero(np.isin(chunks, [1, 3]) & (positions >= 5))
+    assert sorted(mems) == [1, 2] and mems.row_chunks.tolist() == chunks[want].tolist()
+    for l in (1, 2):
+        assert isinstance(mems[l].store, TensorKV) and mems[l].top_k == 8
+        assert torch.equal(mems[l].store.keys, keys[l][:, want].float())
+        assert torch.equal(mems[l].store.values, values[l][:, want].float())
+    none = prepare_layer_memories(_cpu_model(3), mem, config, chunks=[99])
+    assert none.num_rows == 0 and none[1].store.keys.shape == (hkv, 0, d)
+
+
 def test_knn_config_rejects_bad_codec_settings():
     from memlm.knn_memory import KNNConfig
 

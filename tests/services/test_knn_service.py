@@ -70,10 +70,23 @@ def test_knn_request_errors_name_the_problem(client, collection, kv_collection):
         ask_knn(client, "no-such-collection")
     with pytest.raises(InvalidArgument, match="collection"):
         ask_knn(client, "")
-    with pytest.raises(InvalidArgument, match="filter"):
-        ask_knn(client, kv_collection, filter={"lang": "en"})
     with pytest.raises(InvalidArgument, match="k=1000"):
         ask_knn(client, kv_collection, k=1000)
+
+
+def test_chunk_gated_knn_reads_the_chunks_its_search_and_filter_allow_and_cites_them(client, kv_collection):
+    """knn.candidate_chunks (8 by default): the prompt's top chunks by embedding search, within
+    `filter`, are the only memory a generation attends to, and the result cites them."""
+    client.ingest([{"id": "ann", "text": haystack("52917", before=4, after=20), "metadata": {"owner": "ann"}},
+                   {"id": "bob", "text": haystack("86034", before=18, after=6), "metadata": {"owner": "bob"}}],
+                  collection=kv_collection)
+    for owner, key, other in (("ann", "52917", "86034"), ("bob", "86034", "52917")):
+        result = ask_knn(client, kv_collection, filter={"owner": owner})
+        assert key in result.text and other not in result.text, (owner, result.text)
+        assert 0 < len(result.citations) <= 8
+        assert {c.doc_id for c in result.citations} == {owner}
+        assert any(key in c.text for c in result.citations)  # the needle's chunk was among those read
+        assert result.prompt_tokens < 16
 
 
 def test_cli_ingest_kv_memory_and_ask_knn(server, tmp_path):
@@ -91,9 +104,11 @@ def test_cli_ingest_kv_memory_and_ask_knn(server, tmp_path):
     run("drop", "cli-kv")
 
 
-def test_kv_memory_survives_kill_9_and_is_rebuilt_from_lmdb_when_lost(tmp_path, bundled_model_dir):
+def test_ungated_kv_memory_survives_kill_9_and_is_rebuilt_from_lmdb_when_lost(tmp_path, bundled_model_dir):
+    """With knn.candidate_chunks=0 generation reads the whole memory (loaded into FAISS)."""
     data = tmp_path / "data"
-    server = ServerProcess(data)
+    env = {"MEMLM_KNN__CANDIDATE_CHUNKS": "0"}
+    server = ServerProcess(data, env=env)
     try:
         with memlm.Client(server.address, timeout=120) as client:
             client.create_collection("mem", kv_memory=True)
@@ -102,10 +117,13 @@ def test_kv_memory_survives_kill_9_and_is_rebuilt_from_lmdb_when_lost(tmp_path, 
     finally:
         server.kill()  # kill -9 right after the acknowledgements
 
-    server = ServerProcess(data)
+    server = ServerProcess(data, env=env)
     try:
         with memlm.Client(server.address, timeout=120) as client:
-            assert "31846" in ask_knn(client, "mem").text
+            result = ask_knn(client, "mem")
+            assert "31846" in result.text and result.citations == ()
+            with pytest.raises(InvalidArgument, match="filter.*candidate_chunks"):
+                ask_knn(client, "mem", filter={"owner": "ann"})
     finally:
         server.kill()
 
@@ -113,7 +131,7 @@ def test_kv_memory_survives_kill_9_and_is_rebuilt_from_lmdb_when_lost(tmp_path, 
     kv = data / "collections" / "mem" / "kv"
     assert (kv / "manifest.json").exists()
     shutil.rmtree(kv)
-    server = ServerProcess(data)
+    server = ServerProcess(data, env=env)
     try:
         with memlm.Client(server.address, timeout=120) as client:
             assert "31846" in ask_knn(client, "mem").text
