@@ -18,7 +18,7 @@ is loaded as `prepare_layer_memories` does (FAISS per KV head) and, on the recor
 - load s: first `prepare_layer_memories` of the prose memory per stored layer (PQ: k-means of
   2 x Hkv codebooks and encoding, written to disk by KVMemory.ensure_pq), then a second load
   (codes read back from disk);
-- pass key: the default knn preset (all 30 layers) with that codec on a --haystack filler haystack
+- pass key: the "ungated" knn preset (every row searched, layers 1-29) with that codec on a --haystack filler haystack
   (corpus.py's documents and needle, passkey.py's QUESTION / greedy / found), local prompt =
   the question only.
 Timing (--timing): one memory layer's retrieval on random keys, Hkv = 3, G = 3, D = 64, k = 8,
@@ -168,8 +168,8 @@ def accuracy(args) -> None:
 
     model_dir = resolve_model_dir(None)
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    base = KNNConfig.from_name("default")
-    codecs = [("fp16", base)] + [(f"pq M={m}", KNNConfig.from_name("default", codec="pq", pq_m=m)) for m in args.pq_m]
+    base = KNNConfig.from_name("ungated")
+    codecs = [("fp16", base)] + [(f"pq M={m}", KNNConfig.from_name("ungated", codec="pq", pq_m=m)) for m in args.pq_m]
     rows = {name: dict(recall=[], err=[], passkey=[], load=[], reload=[]) for name, _ in codecs}
     sizes = {}
     error_layers = resolve_layers(args.error_layers, model.config.num_hidden_layers)
@@ -180,7 +180,7 @@ def accuracy(args) -> None:
         t0 = time.perf_counter()
         mem = build_memory(model, Path(td) / "prose", docs, layers=error_layers)
         print(f"prose memory: {len(mem)} tokens, {len(error_layers)} layers, built in {time.perf_counter() - t0:.0f} s", flush=True)
-        exact_cfg = KNNConfig.from_name("default", layers=error_layers)
+        exact_cfg = KNNConfig.from_name("ungated", layers=error_layers)
         exact = LayerMemories(exact_cfg, torch.device("cpu"))
         for l in mem.layers:
             k, v = mem.layer(l)  # (Hkv, N, D) fp16, "fixed" positions: no rotation
@@ -188,7 +188,7 @@ def accuracy(args) -> None:
         with knn_mode(model, mem, exact_cfg, layer_memories=exact):
             model(torch.tensor([tok(QUERY_TEXT).input_ids]))
         for name, cfg in codecs:
-            cfg = KNNConfig.from_name("default", layers=error_layers, codec=cfg.codec, pq_m=cfg.pq_m)
+            cfg = KNNConfig.from_name("ungated", layers=error_layers, codec=cfg.codec, pq_m=cfg.pq_m)
             t0 = time.perf_counter()
             mems = prepare_layer_memories(model, mem, cfg)
             rows[name]["load"].append((time.perf_counter() - t0) / len(mems))

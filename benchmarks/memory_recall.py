@@ -7,7 +7,10 @@ with the bundled MiniLM. For each document the scored span is its tokens [S, S+2
 S = `--span-start` (default 1024), and the local context is the `--prefix` (64) tokens just before
 it. The span is scored by teacher forcing, one forward pass, under:
 - none:  the 64-token prefix only;
-- knn:   the same prefix, with the KV memory of all documents (memlm.knn_memory, default config);
+- knn:   the same prefix, with the KV memory of all documents (memlm.knn_memory, default config)
+         read whole (ungated: every row is searched);
+- knn-gated: the same, reading only the rows of the top `--candidate-chunks` (8) chunks retrieved
+         with the prefix's text (the service's default, `knn.candidate_chunks`);
 - rag:   the top-4 64-token chunks of the whole corpus retrieved with the prefix's text as the query
          (in corpus order), "\\n\\n", then the prefix;
 - full:  every token of the document before the span (S tokens): what reading the document in
@@ -45,7 +48,7 @@ from corpus import CHUNK_ID_STRIDE, CHUNK_TOKENS, pack_documents  # noqa: E402
 
 RAG_K = 4
 SEPARATOR = "\n\n"
-METHODS = ("none", "knn", "rag", "full")
+METHODS = ("none", "knn", "knn-gated", "rag", "full")
 
 
 @torch.inference_mode()
@@ -68,6 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--knn-window", type=int, default=1024)
     p.add_argument("--knn-overlap", type=int, default=128)
+    p.add_argument("--candidate-chunks", type=int, default=8, help="knn-gated: chunks whose rows are read")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.prefix > args.span_start:
@@ -105,7 +109,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as td:
         mem = mems = None
-        if "knn" in args.methods:
+        if "knn" in args.methods or "knn-gated" in args.methods:
             t0 = time.perf_counter()
             mem = KVMemory.for_model(Path(td) / "kv", model, window=args.knn_window, overlap=args.knn_overlap)
             lists, ids, owners = [], [], []
@@ -118,8 +122,8 @@ def main(argv=None) -> None:
             dt = time.perf_counter() - t0
             print(f"ingest: KV memory of {rows:,} tokens in {dt:.1f} s ({rows / dt:.0f} tokens/s)", flush=True)
             config = KNNConfig()
-            mems = prepare_layer_memories(model, mem, config)
-        if "rag" in args.methods:
+            mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
+        if "rag" in args.methods or "knn-gated" in args.methods:
             from memlm.index.embedding import load_embedder
 
             embedder = load_embedder("all-MiniLM-L6-v2")
@@ -133,6 +137,11 @@ def main(argv=None) -> None:
             span = ids[args.span_start : need]
             prefix = ids[args.span_start - args.prefix : args.span_start]
             line = [f"doc {i} ({kind}, {len(ids)} tokens):"]
+
+            def ranked(k: int) -> list[tuple[int, int]]:  # the k chunks nearest the prefix's text, best first
+                qv = torch.from_numpy(embedder.embed([tok.decode(prefix)]))  # (1, 384)
+                return [where[r] for r in (vecs @ qv[0]).topk(min(k, len(where))).indices.tolist()]
+
             for method in args.methods:
                 t0 = time.perf_counter()
                 if method == "none":
@@ -140,9 +149,13 @@ def main(argv=None) -> None:
                 elif method == "knn":
                     with knn_mode(model, mem, config, layer_memories=mems):
                         s = span_nll(model, prefix, span)
+                elif method == "knn-gated":
+                    top = ranked(args.candidate_chunks)
+                    gated = prepare_layer_memories(model, mem, config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
+                    with knn_mode(model, mem, config, layer_memories=gated):
+                        s = span_nll(model, prefix, span)
                 elif method == "rag":
-                    qv = torch.from_numpy(embedder.embed([tok.decode(prefix)]))  # (1, 384)
-                    top = sorted(where[r] for r in (vecs @ qv[0]).topk(min(RAG_K, len(where))).indices.tolist())
+                    top = sorted(ranked(RAG_K))
                     ctx = [t for a, b in top for t in docs[a][1][b]]
                     s = span_nll(model, ctx + sep_ids + prefix, span)
                 else:  # full
@@ -164,9 +177,10 @@ def main(argv=None) -> None:
         cells.append(f"{math.exp(sum(pooled) / (len(pooled) * args.span)):.2f}")
         print(f"| {method} | " + " | ".join(cells) + f" | {seconds[method] / len(docs):.1f} |")
     base = [s for kind in args.kinds for s in nll[("none", kind)]]
-    if base and "knn" in args.methods:
-        knn = [s for kind in args.kinds for s in nll[("knn", kind)]]
-        print(f"\nknn / none perplexity ratio: {math.exp((sum(knn) - sum(base)) / (len(base) * args.span)):.3f}")
+    for method in ("knn", "knn-gated"):
+        if base and method in args.methods:
+            ours = [s for kind in args.kinds for s in nll[(method, kind)]]
+            print(f"{method} / none perplexity ratio: {math.exp((sum(ours) - sum(base)) / (len(base) * args.span)):.3f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ key is" and greedily generates 10 tokens; a trial counts when the key appears in
   the top-4 chunks for "What is the pass key?" (in document order), then the question.
 - knn: the documents in a KVMemory, each its own token stream (as ingest stores them, window
   1,024, overlap 128, all 30 layers); the local context is ONLY the question. Each `--knn` config
-  (memlm.knn_memory presets / overrides) is evaluated on the same memory.
+  (memlm.knn_memory presets / overrides) is evaluated on the same memory; by default "gated" (the
+  service's default: the rows of the 16 chunks MiniLM ranks first for the question, as the
+  store's search would, laid out by rank) and "ungated" (every row searched).
 Haystack kinds (corpus.HAYSTACK_KINDS): "filler" (five sentences repeated), "prose" (generated
 varied sentences), "stdlib" (docstring paragraphs of Python's standard library: real text).
 
@@ -113,12 +115,13 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 KNN_CONFIGS = {
-    # name: overrides of KNNConfig()  (the sweep for choices (a)-(d))
-    "default": {},
+    # name: overrides of KNNConfig(); run by default
+    "gated": dict(candidate_chunks=16, positions="ranked"),  # = PRESETS["default"], the service's (checked in run)
+    "ungated": {},  # = PRESETS["ungated"]: every row of the memory searched
 }
 SWEEP = {
-    # overrides of KNNConfig(), whose defaults are the chosen config: original positions (prompt
-    # after one window), layers 1-29, k 8, per query head, window positions < 4 (sinks) dropped
+    # overrides of KNNConfig() (= "ungated", session 2's choice: original positions, prompt after
+    # one window, layers 1-29, k 8, per query head, window positions < 4 (sinks) dropped)
     "fixed0-all": dict(layers="all", positions="fixed", local_offset=0, min_memory_position=0),  # session 1's
     "fixed4096": dict(positions="fixed", local_offset=4096),
     "layers-all": dict(layers="all"),
@@ -134,6 +137,9 @@ SWEEP = {
     "chunks16": dict(candidate_chunks=16),
     "chunks32": dict(candidate_chunks=32),
     "chunks64": dict(candidate_chunks=64),
+    "chunks4-ranked": dict(candidate_chunks=4, positions="ranked"),
+    "chunks8-ranked": dict(candidate_chunks=8, positions="ranked"),
+    "chunks32-ranked": dict(candidate_chunks=32, positions="ranked"),
 }
 
 
@@ -150,7 +156,9 @@ def ranked_chunks(embedder, corpus, m: int, at: int, needled_chunks, query: str,
 
 
 def run(args) -> None:
-    from memlm.knn_memory import KNNConfig, knn_mode, prepare_layer_memories
+    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories
+
+    assert replace(KNNConfig(), **KNN_CONFIGS["gated"]) == PRESETS["default"], "keep KNN_CONFIGS in step with PRESETS"
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -258,7 +266,7 @@ def run(args) -> None:
                             knn_parts["load memory"].append(t2 - t1)
                             knn_parts["answer"].append(t3 - t2)
                             ok = found(tok, out, key)
-                            method = "knn" if name == "default" and len(knn_configs) == 1 else f"knn:{name}"
+                            method = f"knn:{name}"
                             results[(method, n, kind)].append(ok)
                             times[(method, n)].append(t_mem + (t3 - t1))
                             line.append(f"{method}={int(ok)}" + ("" if ok else f"({tok.decode(out)!r})"))
@@ -337,7 +345,7 @@ def main(argv=None) -> None:
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--haystacks", nargs="+", default=list(HAYSTACK_KINDS), choices=list(HAYSTACK_KINDS))
     p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn"])
-    p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(SWEEP)} or 'default')")
+    p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(KNN_CONFIGS) + sorted(SWEEP)})")
     p.add_argument("--sweep", action="store_true", help="run every config of the sweep (choices a-d)")
     p.add_argument("--knn-window", type=int, default=1024)
     p.add_argument("--knn-overlap", type=int, default=128)

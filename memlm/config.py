@@ -56,11 +56,13 @@ class KnnSettings(BaseModel):
         "memlm.knn_memory.LAYER_PRESETS or comma-separated indices (fixed per collection when its memory is created)",
     )
     top_k: int = Field(8, gt=0, description="memory rows each query head retrieves per layer when a request leaves k at 0")
-    candidate_chunks: int = Field(
-        8, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks an embedding "
-        "search ranks first for its prompt (as rag does; `filter` applies); 0 = every row of the collection",
+    candidate_chunks: Optional[int] = Field(
+        None, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks an "
+        "embedding search ranks first for its prompt (as rag does; `filter` applies); None = the preset's "
+        "(16 for 'default'), 0 = every row (needs a preset without 'ranked' positions, e.g. 'ungated')",
     )
-    preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: positions, per-head retrieval, codec")
+    preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: 'default' (chunk-gated), 'ungated' "
+                        "(every row of the memory searched), 'fixed'; sets positions, gating, per-head retrieval, codec")
     window: int = Field(1024, gt=1, description="tokens per forward pass when building memory")
     overlap: int = Field(128, ge=0, description="left context a build window shares with the one before")
     dtype: str = Field("float16", description="on-disk dtype of stored keys and values: float16 | bfloat16")

@@ -19,7 +19,7 @@ the memory built), one sync per kv collection at start-up (crash repair), and th
 the start of every knn job. A knn job runs `generate_tokens` inside `knn_mode`. With
 `knn.candidate_chunks` = M > 0 (chunk-gated knn), `generate()` first searches the collection for
 the prompt like rag does (M chunks, `filter` applies) and the job's memory is only those chunks'
-rows; the result cites them.
+rows (the default preset; "ungated" reads the whole memory); the result cites them.
 """
 from __future__ import annotations
 
@@ -286,8 +286,9 @@ class ModelHost(EngineClient):
             if self.kv_memories is None:
                 raise FailedPrecondition("memory mode 'knn' needs the in-process memory store, and this model host has another")
             if request.filter is not None and not self.kv_memories.candidate_chunks:
-                raise InvalidArgument("memory mode 'knn' with knn.candidate_chunks=0 reads the whole collection's "
-                                      "KV memory; `filter` needs chunk-gated knn (knn.candidate_chunks > 0) or rag")
+                raise InvalidArgument("this server's knn reads the whole collection's KV memory (knn preset "
+                                      f"{self.kv_memories.settings.preset!r}, candidate_chunks=0); `filter` needs "
+                                      "chunk-gated knn (knn.candidate_chunks > 0, preset 'default') or rag")
             self.kv_memories.check_collection(request.collection)  # NotFound / FailedPrecondition
         if request.messages is not None and self._searches(mode):
             query_text(None, request.messages)  # raises when there is no user message to search for

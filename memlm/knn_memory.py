@@ -1,7 +1,12 @@
 """Putting a Hugging Face Llama-family model into `knn` memory mode for one generation.
 
-    with knn_mode(model, kv_memory, KNNConfig.from_name("default")):
+    with knn_mode(model, kv_memory, KNNConfig.from_name("ungated")):
         ...  # memlm.generation.generate_tokens(model, ...) as usual
+
+    config = KNNConfig.from_name("default")  # chunk-gated: the rows of the prompt's best chunks
+    rows = prepare_layer_memories(model, kv_memory, config, chunks=chunk_ids_ranked_for_the_prompt)
+    with knn_mode(model, kv_memory, config, layer_memories=rows):
+        ...
 
 Inside the block, at each memory layer every query retrieves its top-k rows of that layer's KV
 memory and attends to them and to its local context in one softmax (`memlm.memory_attention`);
@@ -63,20 +68,24 @@ log = logging.getLogger(__name__)
 
 ATTN_NAME = "memlm_knn"
 LAYER_PRESETS = ("all", "all_but_first", "every4", "middle_third", "last_half", "first_half", "upper_two_thirds")
-POSITION_STRATEGIES = ("fixed", "original")
+POSITION_STRATEGIES = ("fixed", "original", "ranked")
 COMBINE = ("softmax", "gate")
 GATE_ATTR = "memory_gate"  # a trained model's per-layer (Hq,) gate logits, on each self_attn module
 
 
 @dataclass(frozen=True)
 class KNNConfig:
-    """How one generation reads its KV memory. The defaults are PRESETS["default"] (chosen by
-    measurement, see above PRESETS); other presets: `KNNConfig.from_name`."""
+    """How one generation reads its KV memory. The field defaults read the WHOLE memory
+    (PRESETS["ungated"]); the service's default is PRESETS["default"], chunk-gated (chosen by
+    measurement, see above PRESETS). Presets: `KNNConfig.from_name`."""
 
     layers: Union[str, tuple[int, ...]] = "all_but_first"  # a LAYER_PRESETS name or explicit layer indices
     top_k: int = 8  # memory rows retrieved per query (per head, see shared_per_kv_head)
     shared_per_kv_head: bool = False  # True: one retrieved set per KV head (group mean query)
-    positions: str = "original"  # a POSITION_STRATEGIES name
+    # A POSITION_STRATEGIES name: "fixed" and "original" see the module docstring; "ranked" (chunk-
+    # gated only) lays the candidate chunks out before the prompt in rank order, the best one last
+    # (adjacent chunks of a document kept together in text order: `_ranked_positions`).
+    positions: str = "original"
     # "softmax": local and retrieved keys in ONE softmax (Extended Mind; no training).
     # "gate": two softmaxes mixed per head by sigmoid(self_attn.memory_gate) (Memorizing
     # Transformer's learned gate: for models trained with it; g * memory + (1 - g) * local).
@@ -102,6 +111,8 @@ class KNNConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
         if self.candidate_chunks < 0:
             raise ValueError(f"candidate_chunks={self.candidate_chunks} must be >= 0 (0: search every row)")
+        if self.positions == "ranked" and not self.candidate_chunks:
+            raise ValueError("positions='ranked' orders the rows of ranked chunks: it needs candidate_chunks > 0")
         if self.codec not in CODECS:
             raise ValueError(f"codec={self.codec!r} is not one of {CODECS}")
         if self.pq_m < 1:
@@ -142,8 +153,23 @@ class KNNConfig:
 # pull the last rows of every window (they look adjacent to the question) and junk takes 60-90% of
 # the attention elsewhere; a third of it went to position-0 sink rows. Every ingested document
 # starts a window at position 0 (one sink per document), hence min_memory_position=4.
+# Session 3: chunk gating (`candidate_chunks`). Searching every row leaves the model to pick the
+# needle out of all the memory's "... is ..." rows; on real text it cannot (stdlib 64k: 0/5). Gating
+# first narrows the memory to the chunks an embedding search ranks first for the prompt (the
+# store's own search, as rag uses), then each query head retrieves its top-k rows among those
+# chunks' rows only. Fewer chunks means less junk but misses the needle's chunk when the embedder
+# ranks it low; "ranked" positions put the best-ranked chunk right before the prompt (RoPE's
+# recency), which let more chunks in without more junk winning:
+#   .venv/bin/python benchmarks/passkey.py --lengths 16384 65536 --trials 5 --haystacks stdlib \
+#       --methods knn --knn chunks4 chunks8 chunks4-ranked chunks8-ranked chunks16-ranked --threads 1
+#   stdlib 16k: every one 5/5 (ungated 2/5); stdlib 64k: chunks4 3/5, chunks8 1/5, chunks4-ranked
+#   3/5, chunks8-ranked 3/5, chunks16-ranked 4/5 (ungated 0/5, rag 3/5).
+# The full table across kinds and lengths is in the README ("knn memory mode").
 PRESETS: dict[str, KNNConfig] = {
-    "default": KNNConfig(),  # layers all_but_first, k 8, per query head, original positions, sinks dropped
+    # the service's default: the prompt's 16 best chunks by embedding search, laid out by rank
+    "default": KNNConfig(candidate_chunks=16, positions="ranked"),
+    # every row searched: layers all_but_first, k 8, per query head, original positions, sinks dropped
+    "ungated": KNNConfig(),
     # session 1's default: no rotation at load (the form PQ codes on disk and the GPU kernels read as is)
     "fixed": KNNConfig(layers="all", top_k=8, positions="fixed", local_offset=0, min_memory_position=0),
 }
@@ -307,6 +333,8 @@ def prepare_layer_memories(
         raise ValueError(f"layers {missing} are not in the KV memory (it holds {memory.layers})")
     if chunks is not None:
         return _load_rows(model, memory, config, layers, np.asarray(list(chunks), dtype=np.int64))
+    if config.positions == "ranked":
+        raise ValueError("positions='ranked' orders the rows of ranked chunks: it needs `chunks` (chunk-gated knn)")
     device = next(model.parameters()).device
     codec, stored_codes = config.codec, False
     if codec == "pq" and device.type == "cuda":
@@ -386,7 +414,8 @@ def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ..
     """prepare_layer_memories(chunks=...): the live rows of `chunks` at or after min_memory_position."""
     device = next(model.parameters()).device
     dtype = model.dtype if device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    picks, row_chunks, positions = {}, [], []
+    picks, row_chunks, positions, row_ids = {}, [], [], []
+    offset = 0  # rows of the segments before this one: row ids in memory (= text) order
     for seg in memory.manifest.segments:
         c, p = memory.segment_rows(seg)
         keep = np.isin(c, chunks) & memory.live_mask(c) & (p >= config.min_memory_position)
@@ -394,17 +423,40 @@ def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ..
             picks[seg] = keep
             row_chunks.append(c[keep])
             positions.append(p[keep])
+            row_ids.append(np.flatnonzero(keep) + offset)
+        offset += len(c)
     out = LayerMemories(config, device, memory.manifest.segments,
                         np.concatenate(row_chunks) if row_chunks else np.zeros(0, dtype=np.int64))
     pos = torch.from_numpy(np.concatenate(positions).astype(np.int64)) if positions else torch.zeros(0, dtype=torch.int64)
+    if config.positions == "ranked":
+        pos = _ranked_positions(out.row_chunks, np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64),
+                                chunks, memory.manifest.window)
     for l in layers:
         parts = [memory.segment_layer(seg, l, keep) for seg, keep in picks.items()]
         k = torch.cat([p[0] for p in parts], dim=1) if parts else _empty_layer(memory)  # (Hkv, n, D), pre-RoPE
         v = torch.cat([p[1] for p in parts], dim=1) if parts else _empty_layer(memory)
         k, v = k.to(device), v.to(device, dtype)
-        k = rotate_keys(model, k, pos.to(device)).to(dtype) if config.positions == "original" else k.to(dtype)
+        k = rotate_keys(model, k, pos.to(device)).to(dtype) if config.positions != "fixed" else k.to(dtype)
         out[l] = LayerMemory(TensorKV(k, v), config.top_k, config.shared_per_kv_head)
     return out
+
+
+def _ranked_positions(row_chunks: np.ndarray, row_ids: np.ndarray, ranked: np.ndarray, window: int) -> torch.Tensor:
+    """positions="ranked": (n,) positions for rows in memory order. Runs of adjacent rows (chunks
+    that follow each other in a document: a needle cut by a chunk boundary stays whole) are laid
+    out one after another in text order within a run, runs by their best chunk's rank, worst
+    first, so that the best run ends at window - 1, right before the prompt (at `window`)."""
+    n = len(row_chunks)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    rank = {int(c): r for r, c in reversed(list(enumerate(ranked.tolist())))}
+    run = np.concatenate([[0], np.cumsum(np.diff(row_ids) != 1)])  # (n,) run number of each row
+    run_rank = np.full(run[-1] + 1, len(ranked))
+    np.minimum.at(run_rank, run, [rank[int(c)] for c in row_chunks])
+    order = np.lexsort((np.arange(n), -run_rank[run]))  # worst run first; text order within a run
+    pos = torch.empty(n, dtype=torch.int64)
+    pos[torch.from_numpy(order)] = torch.clamp(torch.arange(window - n, window), min=0)
+    return pos
 
 
 def _empty_layer(memory: KVMemory) -> torch.Tensor:
@@ -430,7 +482,7 @@ def _can_extend(previous: Optional[LayerMemories], config: KNNConfig, layers: tu
 def local_offset(memory: KVMemory, config: KNNConfig) -> int:
     if config.local_offset is not None:
         return int(config.local_offset)
-    return memory.manifest.window if config.positions == "original" else 0
+    return memory.manifest.window if config.positions in ("original", "ranked") else 0
 
 
 def _trained_gate(attn, layer: int, num_heads: int) -> torch.Tensor:

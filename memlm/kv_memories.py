@@ -16,9 +16,9 @@ memory write) and before each knn generation (so a generation sees every acknowl
 A memory folder that is missing or unreadable is rebuilt from LMDB.
 
 Threading: everything here runs on the model host's one worker thread; the model is never shared.
-Chunk-gated knn (`knn.candidate_chunks` > 0, the default): a generation reads only the rows of
+Chunk-gated knn (preset "default": 16 candidate chunks): a generation reads only the rows of
 the chunks the caller ranked first for its prompt, memory-mapped from the segment files per
-generation; nothing stays loaded. Ungated (0): the whole memory is loaded into FAISS stores
+generation; nothing stays loaded. Ungated (preset "ungated"): the whole memory is loaded into FAISS stores
 (`prepare_layer_memories`), cached for the `knn.resident_collections` most recently used
 collections and extended or reloaded when the memory's segments or tombstones change.
 """
@@ -29,7 +29,7 @@ import shutil
 import time
 from collections import OrderedDict
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,7 +38,7 @@ import numpy as np
 from memlm.config import KnnSettings
 from memlm.errors import FailedPrecondition
 from memlm.index.kv_memory import MANIFEST, KVMemory
-from memlm.knn_memory import KNNConfig, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
+from memlm.knn_memory import PRESETS, KNNConfig, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class KVMemories:
         self.store, self.model, self.settings = store, model, settings
         self.model_name = model_name
         self._layers = resolve_layers(_layer_spec(settings.layers), model.config.num_hidden_layers)
+        if settings.preset not in PRESETS:
+            raise ValueError(f"knn.preset={settings.preset!r} is not one of {sorted(PRESETS)}")
+        gating = {} if settings.candidate_chunks is None else {"candidate_chunks": settings.candidate_chunks}
+        self.config = KNNConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
         self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
         # (name, created_at) -> (memory state, loaded layer memories, layers read), most recent last
         self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory], tuple]]" = OrderedDict()
@@ -159,7 +163,7 @@ class KVMemories:
     @property
     def candidate_chunks(self) -> int:
         """Chunks whose rows a knn generation reads (0: all; see KNNConfig.candidate_chunks)."""
-        return self.settings.candidate_chunks
+        return self.config.candidate_chunks
 
     def knn_context(self, name: str, top_k: Optional[int] = None,
                     chunks: Optional[Sequence[int]] = None) -> AbstractContextManager:
@@ -168,11 +172,12 @@ class KVMemories:
         collection = self.check_collection(name)
         self.sync(name, collection)
         mem = self.memory(name, collection)
-        config = KNNConfig.from_name(self.settings.preset)
         # Read the preset's layers that this memory stores (it was built under `knn.layers`).
-        wanted = resolve_layers(config.layers, self.model.config.num_hidden_layers)
+        wanted = resolve_layers(self.config.layers, self.model.config.num_hidden_layers)
         layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
-        config = KNNConfig.from_name(self.settings.preset, layers=layers, top_k=top_k or self.settings.top_k)
+        config = replace(self.config, layers=layers, top_k=top_k or self.settings.top_k)
+        if bool(config.candidate_chunks) != (chunks is not None):
+            raise ValueError(f"knn config reads {config.candidate_chunks or 'all'} chunks; got chunks={chunks!r}")
         if chunks is not None:  # a few chunks' rows, read from disk per generation: nothing stays resident
             return knn_mode(self.model, mem, config, layer_memories=prepare_layer_memories(self.model, mem, config, chunks=chunks))
         key = (name, collection.created_at)

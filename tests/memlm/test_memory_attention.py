@@ -344,6 +344,38 @@ def test_prepare_layer_memories_for_chunks_reads_only_their_live_rows(tmp_path):
     assert none.num_rows == 0 and none[1].store.keys.shape == (hkv, 0, d)
 
 
+@pytest.mark.model
+def test_ranked_positions_lay_the_chunks_out_before_the_prompt_best_last(lm, tmp_path):
+    """positions="ranked": the candidate chunks' rows are placed in rank order, worst first, so the
+    best-ranked chunk ends right before the prompt (at window - 1); keys are rotated there."""
+    from memlm.index.kv_memory import KVMemory
+    from memlm.knn_memory import KNNConfig, local_offset, prepare_layer_memories, rotate_keys
+
+    model, _ = lm
+    hkv, d = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    mem = KVMemory.for_model(tmp_path / "kv", model, layers=[3], window=64, overlap=16)
+    g = torch.Generator().manual_seed(14)
+    keys, values = torch.randn(hkv, 30, d, generator=g).half(), torch.randn(hkv, 30, d, generator=g).half()
+    mem.add({3: keys}, {3: values}, np.repeat([5, 6, 7], 10), np.tile(np.arange(10), 3))
+    config = KNNConfig(layers=(3,), candidate_chunks=2, positions="ranked", min_memory_position=0)
+    mems = prepare_layer_memories(model, mem, config, chunks=[7, 5])  # 7 ranked best
+    assert mems.row_chunks.tolist() == [5] * 10 + [7] * 10  # memory order
+    want_pos = torch.cat([torch.arange(44, 54), torch.arange(54, 64)])  # chunk 5 then chunk 7, ending at 63
+    rows = torch.cat([torch.arange(0, 10), torch.arange(20, 30)])
+    want = rotate_keys(model, keys[:, rows], want_pos)
+    assert torch.allclose(mems[3].store.keys, want, atol=1e-6)
+    assert torch.equal(mems[3].store.values, values[:, rows].float())
+    assert local_offset(mem, config) == 64  # the prompt starts right after
+    # Adjacent chunks (6 follows 5 in the text) stay one run in text order, whatever their ranks:
+    # a needle cut by the chunk boundary stays whole.
+    run = prepare_layer_memories(model, mem, config, chunks=[6, 5])
+    assert torch.allclose(run[3].store.keys, rotate_keys(model, keys[:, :20], torch.arange(44, 64)), atol=1e-6)
+    with pytest.raises(ValueError, match="ranked.*candidate_chunks"):
+        KNNConfig(positions="ranked")
+    with pytest.raises(ValueError, match="needs `chunks`"):
+        prepare_layer_memories(model, mem, config)
+
+
 def test_knn_config_rejects_bad_codec_settings():
     from memlm.knn_memory import KNNConfig
 
@@ -403,7 +435,7 @@ def test_pass_key_in_kv_memory_is_found_with_a_short_local_prompt(lm, tmp_path):
     mem = KVMemory.for_model(tmp_path / "kv", model)
     mem.build(model, chunks, list(range(len(chunks))))
     q = tok("What is the pass key? The pass key is", return_tensors="pt").input_ids
-    with torch.inference_mode(), knn_mode(model, mem, KNNConfig.from_name("default")):
+    with torch.inference_mode(), knn_mode(model, mem, KNNConfig.from_name("ungated")):
         cache = new_cache(model)
         logits = prefill(model, q, cache)
         out = []

@@ -9,6 +9,7 @@ import pytest
 
 import memlm
 from memlm.errors import FailedPrecondition, InvalidArgument, NotFound
+from memlm.knn_memory import PRESETS
 from memlm.services.process import ServerProcess
 from memlm.v1 import memlm_pb2 as pb
 
@@ -75,7 +76,7 @@ def test_knn_request_errors_name_the_problem(client, collection, kv_collection):
 
 
 def test_chunk_gated_knn_reads_the_chunks_its_search_and_filter_allow_and_cites_them(client, kv_collection):
-    """knn.candidate_chunks (8 by default): the prompt's top chunks by embedding search, within
+    """Preset "default" (chunk-gated, 16 chunks): the prompt's top chunks by embedding search, within
     `filter`, are the only memory a generation attends to, and the result cites them."""
     client.ingest([{"id": "ann", "text": haystack("52917", before=4, after=20), "metadata": {"owner": "ann"}},
                    {"id": "bob", "text": haystack("86034", before=18, after=6), "metadata": {"owner": "bob"}}],
@@ -83,7 +84,7 @@ def test_chunk_gated_knn_reads_the_chunks_its_search_and_filter_allow_and_cites_
     for owner, key, other in (("ann", "52917", "86034"), ("bob", "86034", "52917")):
         result = ask_knn(client, kv_collection, filter={"owner": owner})
         assert key in result.text and other not in result.text, (owner, result.text)
-        assert 0 < len(result.citations) <= 8
+        assert 0 < len(result.citations) <= PRESETS["default"].candidate_chunks
         assert {c.doc_id for c in result.citations} == {owner}
         assert any(key in c.text for c in result.citations)  # the needle's chunk was among those read
         assert result.prompt_tokens < 16
@@ -105,9 +106,9 @@ def test_cli_ingest_kv_memory_and_ask_knn(server, tmp_path):
 
 
 def test_ungated_kv_memory_survives_kill_9_and_is_rebuilt_from_lmdb_when_lost(tmp_path, bundled_model_dir):
-    """With knn.candidate_chunks=0 generation reads the whole memory (loaded into FAISS)."""
+    """With knn preset "ungated" generation reads the whole memory (loaded into FAISS)."""
     data = tmp_path / "data"
-    env = {"MEMLM_KNN__CANDIDATE_CHUNKS": "0"}
+    env = {"MEMLM_KNN__PRESET": "ungated"}
     server = ServerProcess(data, env=env)
     try:
         with memlm.Client(server.address, timeout=120) as client:
