@@ -102,7 +102,7 @@ class GenerationResult:
 
     text: str
     finish_reason: str  # "stop" (stop sequence), "eos", "length", "cancelled"
-    citations: tuple[SearchHit, ...] = ()  # chunks that were put into the prompt, in prompt order
+    citations: tuple[SearchHit, ...] = ()  # rag: chunks put into the prompt, in order; gated knn: chunks read, best first
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truncated_prompt_tokens: int = 0  # tokens dropped from the start of an over-long prompt

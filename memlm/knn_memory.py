@@ -94,7 +94,7 @@ class KNNConfig:
     min_memory_position: int = 4  # drop memory rows computed at window positions below this (sinks)
     # Chunk-gated retrieval: 0 searches every memory row; M > 0 searches only the rows of the M
     # chunks the caller ranks first for the prompt (the service: the collection's embedding search,
-    # the same as rag's), passed to knn_mode as `chunks` (LayerMemories.restrict).
+    # the same as rag's), passed to prepare_layer_memories as `chunks`.
     candidate_chunks: int = 0
     codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
     pq_m: int = 16  # "pq": sub-quantizers = bytes per key and per value, per KV head; must divide head_dim
@@ -430,7 +430,7 @@ def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ..
     pos = torch.from_numpy(np.concatenate(positions).astype(np.int64)) if positions else torch.zeros(0, dtype=torch.int64)
     if config.positions == "ranked":
         pos = _ranked_positions(out.row_chunks, np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64),
-                                chunks, memory.manifest.window)
+                                chunks, local_offset(memory, config, out.num_rows))
     for l in layers:
         parts = [memory.segment_layer(seg, l, keep) for seg, keep in picks.items()]
         k = torch.cat([p[0] for p in parts], dim=1) if parts else _empty_layer(memory)  # (Hkv, n, D), pre-RoPE
@@ -441,11 +441,11 @@ def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ..
     return out
 
 
-def _ranked_positions(row_chunks: np.ndarray, row_ids: np.ndarray, ranked: np.ndarray, window: int) -> torch.Tensor:
+def _ranked_positions(row_chunks: np.ndarray, row_ids: np.ndarray, ranked: np.ndarray, end: int) -> torch.Tensor:
     """positions="ranked": (n,) positions for rows in memory order. Runs of adjacent rows (chunks
     that follow each other in a document: a needle cut by a chunk boundary stays whole) are laid
     out one after another in text order within a run, runs by their best chunk's rank, worst
-    first, so that the best run ends at window - 1, right before the prompt (at `window`)."""
+    first, so that the best run ends at end - 1, right before the prompt (at `end` >= n)."""
     n = len(row_chunks)
     if n == 0:
         return torch.zeros(0, dtype=torch.int64)
@@ -455,7 +455,7 @@ def _ranked_positions(row_chunks: np.ndarray, row_ids: np.ndarray, ranked: np.nd
     np.minimum.at(run_rank, run, [rank[int(c)] for c in row_chunks])
     order = np.lexsort((np.arange(n), -run_rank[run]))  # worst run first; text order within a run
     pos = torch.empty(n, dtype=torch.int64)
-    pos[torch.from_numpy(order)] = torch.clamp(torch.arange(window - n, window), min=0)
+    pos[torch.from_numpy(order)] = torch.arange(end - n, end)
     return pos
 
 
@@ -479,10 +479,14 @@ def _can_extend(previous: Optional[LayerMemories], config: KNNConfig, layers: tu
     return all(isinstance(s, FaissKV) and s.codec == codec for s in stores)
 
 
-def local_offset(memory: KVMemory, config: KNNConfig) -> int:
+def local_offset(memory: KVMemory, config: KNNConfig, rows: int = 0) -> int:
+    """First position of the local context. rows: memory rows loaded ("ranked" lays them all out
+    before the prompt, so more than a window of them pushes the prompt further)."""
     if config.local_offset is not None:
         return int(config.local_offset)
-    return memory.manifest.window if config.positions in ("original", "ranked") else 0
+    if config.positions == "ranked":
+        return max(memory.manifest.window, rows)
+    return memory.manifest.window if config.positions == "original" else 0
 
 
 def _trained_gate(attn, layer: int, num_heads: int) -> torch.Tensor:
@@ -507,7 +511,7 @@ def knn_mode(
     """
     register_attention()
     mems = layer_memories if layer_memories is not None else prepare_layer_memories(model, memory, config)
-    offset = local_offset(memory, config)
+    offset = local_offset(memory, config, mems.num_rows if isinstance(mems, LayerMemories) else 0)
     decoder = model.model.layers
     for l, m in mems.items():
         m.gate = _trained_gate(decoder[l].self_attn, l, model.config.num_attention_heads) if config.combine == "gate" else None

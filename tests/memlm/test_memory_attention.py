@@ -365,7 +365,8 @@ def test_ranked_positions_lay_the_chunks_out_before_the_prompt_best_last(lm, tmp
     want = rotate_keys(model, keys[:, rows], want_pos)
     assert torch.allclose(mems[3].store.keys, want, atol=1e-6)
     assert torch.equal(mems[3].store.values, values[:, rows].float())
-    assert local_offset(mem, config) == 64  # the prompt starts right after
+    assert local_offset(mem, config, mems.num_rows) == 64  # the prompt starts right after
+    assert local_offset(mem, config, 100) == 100  # more rows than a window push the prompt further
     # Adjacent chunks (6 follows 5 in the text) stay one run in text order, whatever their ranks:
     # a needle cut by the chunk boundary stays whole.
     run = prepare_layer_memories(model, mem, config, chunks=[6, 5])
