@@ -7,14 +7,14 @@
     same process. Also bytes per token: `KVMemory.bytes_per_token` (2 x layers x Hkv x D x 2 bytes
     + 12 of row metadata) and the bytes the folder really holds (du) over its tokens.
 (b) Generation. The same short prompt, greedy, `--new-tokens` (32) tokens, with no memory (none)
-    and with `knn` (default config) over memories of `--memory-tokens` tokens (the cached stdlib
+    and with `knn` (preset "ungated": every row searched) over memories of `--memory-tokens` tokens (the cached stdlib
     corpus, see benchmarks/passkey.py; its build is printed as ingest). Prefill and decode are timed
     separately, median of `--repeats`, none and knn alternating:
         prefill tokens/s = prompt tokens / prefill seconds
         decode tokens/s  = (new tokens - 1) / decode seconds   (the first token comes from prefill)
     and the ratio knn / none. Loading the memory (prepare_layer_memories: read, re-rotate, fill the FAISS fp16 indexes) is a
     one-off per memory and reported on its own. knn-gated (the service default, knn.candidate_chunks
-    = `--candidate-chunks`): per request, the prompt's top chunks by MiniLM, their rows read from the
+    = `--candidate-chunks`, preset "default"): per request, the prompt's top chunks by MiniLM, their rows read from the
     segment files ("gated load", paid by every request, embedding search included), then the same
     generation over those rows only.
 
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=str(default_cache_root()))
     p.add_argument("--skip-build", action="store_true", help="only (b)")
     p.add_argument("--skip-generation", action="store_true", help="only (a)")
-    p.add_argument("--candidate-chunks", type=int, default=8, help="knn-gated: chunks whose rows are read")
+    p.add_argument("--candidate-chunks", type=int, default=16, help="knn-gated: chunks whose rows are read (16: preset default)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -156,7 +156,8 @@ def main(argv=None) -> None:
 
         embedder = load_embedder("all-MiniLM-L6-v2")
         corpus.ensure_vectors(m_max, embedder)
-        config = KNNConfig()
+        config = KNNConfig.from_name("ungated")
+        gated_config = KNNConfig.from_name("default", candidate_chunks=args.candidate_chunks)
         table = []
         scratch = Path(args.cache_dir) / "trials"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -177,9 +178,10 @@ def main(argv=None) -> None:
                     t0 = time.perf_counter()
                     qv = embedder.embed([args.prompt])[0]  # (384,)
                     top = np.argsort(-(vecs @ qv))[: args.candidate_chunks]
-                    rows = prepare_layer_memories(model, mem, config, chunks=[where[r][0] * CHUNK_ID_STRIDE + where[r][1] for r in top])
+                    rows = prepare_layer_memories(model, mem, gated_config,
+                                                  chunks=[where[r][0] * CHUNK_ID_STRIDE + where[r][1] for r in top])
                     gated_load.append(time.perf_counter() - t0)
-                    with knn_mode(model, mem, config, layer_memories=rows):
+                    with knn_mode(model, mem, gated_config, layer_memories=rows):
                         gated.append(timed_greedy(model, prompt, args.new_tokens))
                 table.append((n, len(mem), load_s, none, knn, gated, gated_load))
                 del mems
@@ -188,7 +190,7 @@ def main(argv=None) -> None:
             print(f"  memory {n}: done", flush=True)
 
         print(f"\n(b) generation, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, greedy, "
-              f"median of {args.repeats}; knn = default config ({KNNConfig()})")
+              f"median of {args.repeats}; knn = {config}; gated = {gated_config}")
         print("| memory tokens | load s | none prefill tok/s | knn prefill tok/s | prefill ratio "
               "| none decode tok/s | knn decode tok/s | decode ratio | gated load ms | gated decode tok/s | gated ratio |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

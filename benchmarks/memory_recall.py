@@ -9,8 +9,8 @@ it. The span is scored by teacher forcing, one forward pass, under:
 - none:  the 64-token prefix only;
 - knn:   the same prefix, with the KV memory of all documents (memlm.knn_memory, default config)
          read whole (ungated: every row is searched);
-- knn-gated: the same, reading only the rows of the top `--candidate-chunks` (8) chunks retrieved
-         with the prefix's text (the service's default, `knn.candidate_chunks`);
+- knn-gated: the same, reading only the rows of the top `--candidate-chunks` (16) chunks retrieved
+         with the prefix's text, "ranked" positions (the service's default, preset "default");
 - rag:   the top-4 64-token chunks of the whole corpus retrieved with the prefix's text as the query
          (in corpus order), "\\n\\n", then the prefix;
 - full:  every token of the document before the span (S tokens): what reading the document in
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--knn-window", type=int, default=1024)
     p.add_argument("--knn-overlap", type=int, default=128)
-    p.add_argument("--candidate-chunks", type=int, default=8, help="knn-gated: chunks whose rows are read")
+    p.add_argument("--candidate-chunks", type=int, default=16, help="knn-gated: chunks whose rows are read (16: preset default)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.prefix > args.span_start:
@@ -121,7 +121,8 @@ def main(argv=None) -> None:
             rows = mem.build(model, lists, ids, documents=owners)
             dt = time.perf_counter() - t0
             print(f"ingest: KV memory of {rows:,} tokens in {dt:.1f} s ({rows / dt:.0f} tokens/s)", flush=True)
-            config = KNNConfig()
+            config = KNNConfig.from_name("ungated")
+            gated_config = KNNConfig.from_name("default", candidate_chunks=args.candidate_chunks)
             mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
         if "rag" in args.methods or "knn-gated" in args.methods:
             from memlm.index.embedding import load_embedder
@@ -151,8 +152,8 @@ def main(argv=None) -> None:
                         s = span_nll(model, prefix, span)
                 elif method == "knn-gated":
                     top = ranked(args.candidate_chunks)
-                    gated = prepare_layer_memories(model, mem, config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
-                    with knn_mode(model, mem, config, layer_memories=gated):
+                    gated = prepare_layer_memories(model, mem, gated_config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
+                    with knn_mode(model, mem, gated_config, layer_memories=gated):
                         s = span_nll(model, prefix, span)
                 elif method == "rag":
                     top = sorted(ranked(RAG_K))
