@@ -162,8 +162,9 @@ class KVMemories:
 
     @property
     def candidate_chunks(self) -> int:
-        """Chunks whose rows a knn generation reads (0: all; see KNNConfig.candidate_chunks)."""
-        return self.config.candidate_chunks
+        """Chunks whose rows a knn generation reads (0: all; see KNNConfig.candidate_chunks), at most
+        the store's largest search (`store.max_k`)."""
+        return min(self.config.candidate_chunks, self.store.settings.max_k)
 
     def knn_context(self, name: str, top_k: Optional[int] = None,
                     chunks: Optional[Sequence[int]] = None) -> AbstractContextManager:
