@@ -116,7 +116,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 KNN_CONFIGS = {
     # name: overrides of KNNConfig(); run by default
-    "gated": dict(candidate_chunks=16, positions="ranked"),  # = PRESETS["default"], the service's (checked in run)
+    "gated": dict(candidate_chunks=16, positions="ranked", top_k=64),  # = PRESETS["default"], the service's (checked in run)
     "ungated": {},  # = PRESETS["ungated"]: every row of the memory searched
 }
 SWEEP = {
@@ -140,6 +140,13 @@ SWEEP = {
     "chunks4-ranked": dict(candidate_chunks=4, positions="ranked"),
     "chunks8-ranked": dict(candidate_chunks=8, positions="ranked"),
     "chunks32-ranked": dict(candidate_chunks=32, positions="ranked"),
+    "gated-k4": dict(candidate_chunks=16, positions="ranked", top_k=4),
+    "gated-k8": dict(candidate_chunks=16, positions="ranked", top_k=8),
+    "gated-k16": dict(candidate_chunks=16, positions="ranked", top_k=16),
+    "gated-k32": dict(candidate_chunks=16, positions="ranked", top_k=32),
+    "gated-k128": dict(candidate_chunks=16, positions="ranked", top_k=128),
+    "gated-all": dict(candidate_chunks=16, positions="ranked", top_k=1024),  # every candidate row (16 x 64)
+    "gated-original": dict(candidate_chunks=16),
 }
 
 

@@ -55,7 +55,8 @@ class KnnSettings(BaseModel):
         "all_but_first", description="decoder layers whose keys/values are stored at ingest: a preset of "
         "memlm.knn_memory.LAYER_PRESETS or comma-separated indices (fixed per collection when its memory is created)",
     )
-    top_k: int = Field(8, gt=0, description="memory rows each query head retrieves per layer when a request leaves k at 0")
+    top_k: Optional[int] = Field(None, gt=0, description="memory rows each query head retrieves per layer when a "
+                                 "request leaves k at 0; None = the preset's (64 for 'default', 8 for 'ungated')")
     candidate_chunks: Optional[int] = Field(
         None, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks an "
         "embedding search ranks first for its prompt (as rag does; `filter` applies); None = the preset's "

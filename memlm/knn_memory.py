@@ -168,11 +168,17 @@ class KNNConfig:
 #       --methods knn --knn chunks4 chunks8 chunks4-ranked chunks8-ranked chunks16-ranked --threads 1
 #   stdlib 16k: every one 5/5 (ungated 2/5); stdlib 64k: chunks4 3/5, chunks8 1/5, chunks4-ranked
 #   3/5, chunks8-ranked 3/5, chunks16-ranked 4/5 (ungated 0/5, rag 3/5).
+# Then k within the 16 chunks, stdlib 4k + 64k + 128k of 15 (same trials):
+#   .venv/bin/python benchmarks/passkey.py --lengths 4096 65536 131072 --trials 5 --haystacks stdlib \
+#       --methods knn --knn gated-k4 gated-k16 gated-k32 gated-k64 gated-k128 gated-all --threads 2
+#   (gated-k8 was then the default) k4 10, k8 10, k16 10, k32 12, k64 13, k128 13, all ~1,000 rows 13:
+#   unlike the ungated read (k16 no better than k8), inside the gate more rows help up to ~64.
 # Across kinds and lengths (filler, prose, stdlib x 4k, 16k, 64k, 128k, 5 trials each; README
 # "knn memory mode"): gated 55/60, rag 49/60, ungated 35/60; 32 chunks ranked 52/60.
 PRESETS: dict[str, KNNConfig] = {
-    # the service's default: the prompt's 16 best chunks by embedding search, laid out by rank
-    "default": KNNConfig(candidate_chunks=16, positions="ranked"),
+    # the service's default: the prompt's 16 best chunks by embedding search, laid out by rank,
+    # 64 of their ~1,000 rows per query head and layer
+    "default": KNNConfig(candidate_chunks=16, positions="ranked", top_k=64),
     # every row searched: layers all_but_first, k 8, per query head, original positions, sinks dropped
     "ungated": KNNConfig(),
     # session 1's default: no rotation at load (the form PQ codes on disk and the GPU kernels read as is)

@@ -176,7 +176,7 @@ class KVMemories:
         # Read the preset's layers that this memory stores (it was built under `knn.layers`).
         wanted = resolve_layers(self.config.layers, self.model.config.num_hidden_layers)
         layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
-        config = replace(self.config, layers=layers, top_k=top_k or self.settings.top_k)
+        config = replace(self.config, layers=layers, top_k=top_k or self.settings.top_k or self.config.top_k)
         if bool(config.candidate_chunks) != (chunks is not None):
             raise ValueError(f"knn config reads {config.candidate_chunks or 'all'} chunks; got chunks={chunks!r}")
         if chunks is not None:  # a few chunks' rows, read from disk per generation: nothing stays resident
