@@ -170,11 +170,12 @@ class KNNConfig:
 #   3/5, chunks8-ranked 3/5, chunks16-ranked 4/5 (ungated 0/5, rag 3/5).
 # Then k within the 16 chunks, stdlib 4k + 64k + 128k of 15 (same trials):
 #   .venv/bin/python benchmarks/passkey.py --lengths 4096 65536 131072 --trials 5 --haystacks stdlib \
-#       --methods knn --knn gated-k4 gated-k16 gated-k32 gated-k64 gated-k128 gated-all --threads 2
-#   (gated-k8 was then the default) k4 10, k8 10, k16 10, k32 12, k64 13, k128 13, all ~1,000 rows 13:
+#       --methods knn --knn gated-k4 gated-k8 gated-k16 gated-k32 gated gated-k128 gated-all --threads 2
+#   k4 10, k8 10, k16 10, k32 12, k64 (now "gated") 13, k128 13, all ~1,000 rows 13:
 #   unlike the ungated read (k16 no better than k8), inside the gate more rows help up to ~64.
 # Across kinds and lengths (filler, prose, stdlib x 4k, 16k, 64k, 128k, 5 trials each; README
-# "knn memory mode"): gated 55/60, rag 49/60, ungated 35/60; 32 chunks ranked 52/60.
+# "knn memory mode"): gated (k 8) 55/60, rag 49/60, ungated 35/60; 32 chunks ranked 52/60; then
+# with k 64 (below) 58/60.
 PRESETS: dict[str, KNNConfig] = {
     # the service's default: the prompt's 16 best chunks by embedding search, laid out by rank,
     # 64 of their ~1,000 rows per query head and layer
