@@ -147,6 +147,8 @@ SWEEP = {
     "gated-k128": dict(candidate_chunks=16, positions="ranked", top_k=128),
     "gated-all": dict(candidate_chunks=16, positions="ranked", top_k=1024),  # every candidate row (16 x 64)
     "gated-original": dict(candidate_chunks=16),
+    "gated-layers-all": dict(candidate_chunks=16, positions="ranked", top_k=64, layers="all"),
+    "gated-keep-sinks": dict(candidate_chunks=16, positions="ranked", top_k=64, min_memory_position=0),
 }
 
 

@@ -33,7 +33,8 @@ The local context is moved by a forward pre-hook on the model's rotary embedding
 
 Where the memory lives while the block runs (`prepare_layer_memories`). Chunk-gated (`chunks`
 given): the candidate chunks' rows, memory-mapped from the segment files, as exact tensors
-(`TensorKV`) on the model's device. Otherwise, on a CPU model, per layer and KV head a FAISS index over the rotated keys plus the values, coded by `KNNConfig.codec`:
+(`TensorKV`) on the model's device. Otherwise, on a CPU model, per layer and KV head a FAISS
+index over the rotated keys plus the values, coded by `KNNConfig.codec`:
 "fp16" (768 B per token and layer for SmolLM2: 23,040 B/token over 30 layers) or "pq" (product
 quantization of keys AND values, 2 x Hkv x pq_m B per token and layer: 2,880 B/token over 30
 layers at pq_m = 16). PQ costs accuracy: recall@8 of 0.66 / 0.72 / 0.85 against exact search and
