@@ -236,15 +236,17 @@ class ModelHost(EngineClient):
         memory: Optional[MemoryReader] = None,
         cache_dir: Optional[Path] = None,
         knn: Optional[KnnSettings] = None,
+        tokenizer=None,
     ) -> "ModelHost":
-        """Load `settings.path` (None = the bundled SmolLM2, converted once into `cache_dir`)."""
+        """Load `settings.path` (None = the bundled SmolLM2, converted once into `cache_dir`).
+        tokenizer: the model's, when the caller has already loaded it."""
         settings = settings or ModelSettings()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         model_dir = resolve_model_dir(settings.path, cache_dir)
         t0 = time.perf_counter()
         model = load_causal_lm(model_dir, settings.dtype)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         name = BUNDLED_MODEL_NAME if settings.path in (None, "", "bundled") else Path(model_dir).name
         log.info("loaded %s from %s in %.1f s", name, model_dir, time.perf_counter() - t0)
         return cls(model, tokenizer, settings, memory, name, knn)

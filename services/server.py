@@ -91,28 +91,33 @@ async def start_server(settings: Settings, store, engine: EngineClient) -> Runni
     return RunningServer(server=server, health=health_servicer, port=port, executor=executor)
 
 
-def open_store(settings: Settings):
-    """The store, chunking with the served model's tokenizer (knn memory is built from its token ids)."""
-    from memlm.index.memory_store import MemoryStore
+def served_tokenizer(settings: Settings):
+    """The served model's tokenizer: the store chunks with it (knn memory is built from its token ids)."""
     from memlm.models.loading import load_tokenizer, resolve_model_dir
 
-    tokenizer = load_tokenizer(resolve_model_dir(settings.model.path, settings.cache_dir))
+    return load_tokenizer(resolve_model_dir(settings.model.path, settings.cache_dir))
+
+
+def open_store(settings: Settings, tokenizer):
+    from memlm.index.memory_store import MemoryStore
+
     return MemoryStore.open(settings.data_dir, settings.store, tokenizer=tokenizer)
 
 
-def load_engine(settings: Settings, store) -> EngineClient:
+def load_engine(settings: Settings, store, tokenizer=None) -> EngineClient:
     from memlm.host import ModelHost
 
-    return ModelHost.load(settings.model, memory=store, cache_dir=settings.cache_dir, knn=settings.knn)
+    return ModelHost.load(settings.model, memory=store, cache_dir=settings.cache_dir, knn=settings.knn, tokenizer=tokenizer)
 
 
 async def serve(settings: Settings, *, ready_message: bool = True) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings)
+    tokenizer = served_tokenizer(settings)  # loaded once, for the store and the model host
+    store = open_store(settings, tokenizer)
     engine = None
     try:
-        engine = load_engine(settings, store)
+        engine = load_engine(settings, store, tokenizer)
         running = await start_server(settings, store, engine)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
