@@ -320,7 +320,7 @@ class ModelHost(EngineClient):
                 await asyncio.to_thread(self.memory.search, request.collection, query=query, k=k, filter=request.filter)
             )
             retrieval_ms = (time.perf_counter() - t0) * 1000
-        knn_chunks = [h.chunk_id for h in hits] if mode is MemoryMode.KNN and self.kv_memories.candidate_chunks else None
+        knn_chunks = [h.chunk_id for h in hits] if mode is MemoryMode.KNN and self._searches(mode) else None
         loop = asyncio.get_running_loop()
         job = _Job(
             prompt=request.prompt,

@@ -372,27 +372,17 @@ def prepare_layer_memories(
         out.pq_generation = generation
 
     # Rows of the new segments: live and at or after min_memory_position.
-    picks, chunks, positions = [], [], []
-    for seg in new_segments:
-        c, p = memory.segment_rows(seg)
-        keep = memory.live_mask(c) & (p >= config.min_memory_position)
-        picks.append(keep)
-        chunks.append(c[keep])
-        positions.append(p[keep])
-    new_chunks = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    pos = torch.from_numpy(np.concatenate(positions).astype(np.int64)) if positions else torch.zeros(0, dtype=torch.int64)
+    picks, new_chunks, pos, _ = _pick_rows(memory, new_segments, config.min_memory_position)
 
     for l in layers:
         if stored_codes:  # codes straight from disk: no fp16 row is read
             store = out[l].store if l in out else FaissKV(
                 memory.manifest.num_kv_heads, memory.manifest.head_dim, "pq", config.pq_m,
                 codebooks=memory.pq_codebooks(l, config.pq_m))
-            for seg, keep in zip(new_segments, picks):
+            for seg, keep in picks:
                 store.add_codes(*memory.pq_segment_codes(seg, l, config.pq_m, keep))
         else:
-            parts = [memory.segment_layer(seg, l, keep) for seg, keep in zip(new_segments, picks)]
-            k = torch.cat([p[0] for p in parts], dim=1) if parts else _empty_layer(memory)  # (Hkv, n, D), pre-RoPE
-            v = torch.cat([p[1] for p in parts], dim=1) if parts else _empty_layer(memory)
+            k, v = _read_layer(memory, picks, l)
             if device.type == "cuda":
                 dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else k.dtype
                 if config.positions == "original":
@@ -427,31 +417,49 @@ def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ..
     """prepare_layer_memories(chunks=...): the live rows of `chunks` at or after min_memory_position."""
     device = next(model.parameters()).device
     dtype = model.dtype if device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    picks, row_chunks, positions, row_ids = {}, [], [], []
-    offset = 0  # rows of the segments before this one: row ids in memory (= text) order
-    for seg in memory.manifest.segments:
-        c, p = memory.segment_rows(seg)
-        keep = np.isin(c, chunks) & memory.live_mask(c) & (p >= config.min_memory_position)
-        if keep.any():
-            picks[seg] = keep
-            row_chunks.append(c[keep])
-            positions.append(p[keep])
-            row_ids.append(np.flatnonzero(keep) + offset)
-        offset += len(c)
-    out = LayerMemories(config, device, memory.manifest.segments,
-                        np.concatenate(row_chunks) if row_chunks else np.zeros(0, dtype=np.int64))
-    pos = torch.from_numpy(np.concatenate(positions).astype(np.int64)) if positions else torch.zeros(0, dtype=torch.int64)
+    picks, row_chunks, pos, row_ids = _pick_rows(memory, memory.manifest.segments, config.min_memory_position, chunks)
+    out = LayerMemories(config, device, memory.manifest.segments, row_chunks)
     if config.positions == "ranked":
-        pos = _ranked_positions(out.row_chunks, np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64),
-                                chunks, local_offset(memory, config, out.num_rows))
+        pos = _ranked_positions(row_chunks, row_ids, chunks, local_offset(memory, config, out.num_rows))
     for l in layers:
-        parts = [memory.segment_layer(seg, l, keep) for seg, keep in picks.items()]
-        k = torch.cat([p[0] for p in parts], dim=1) if parts else _empty_layer(memory)  # (Hkv, n, D), pre-RoPE
-        v = torch.cat([p[1] for p in parts], dim=1) if parts else _empty_layer(memory)
+        k, v = _read_layer(memory, picks, l)
         k, v = k.to(device), v.to(device, dtype)
         k = rotate_keys(model, k, pos.to(device)).to(dtype) if config.positions != "fixed" else k.to(dtype)
         out[l] = LayerMemory(TensorKV(k, v), config.top_k, config.shared_per_kv_head)
     return out
+
+
+def _pick_rows(memory: KVMemory, segments: Sequence[str], min_position: int, chunks: Optional[np.ndarray] = None
+               ) -> tuple[list[tuple[str, np.ndarray]], np.ndarray, torch.Tensor, np.ndarray]:
+    """The rows to read of `segments`: live, at or after window position `min_position` and, when
+    given, of `chunks`. Returns [(segment, row mask)] for the segments with any, and for the picked
+    rows in memory order their chunk ids, positions (int64 tensor) and row ids among `segments`."""
+    picks, row_chunks, positions, row_ids = [], [], [], []
+    offset = 0  # rows of the segments before this one
+    for seg in segments:
+        c, p = memory.segment_rows(seg)
+        keep = memory.live_mask(c) & (p >= min_position)
+        if chunks is not None:
+            keep &= np.isin(c, chunks)
+        if keep.any():
+            picks.append((seg, keep))
+            row_chunks.append(c[keep])
+            positions.append(p[keep])
+            row_ids.append(np.flatnonzero(keep) + offset)
+        offset += len(c)
+    if not picks:
+        empty = np.zeros(0, dtype=np.int64)
+        return picks, empty, torch.zeros(0, dtype=torch.int64), empty
+    return (picks, np.concatenate(row_chunks), torch.from_numpy(np.concatenate(positions).astype(np.int64)),
+            np.concatenate(row_ids))
+
+
+def _read_layer(memory: KVMemory, picks: list[tuple[str, np.ndarray]], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (pre-RoPE) and values of the picked rows of one layer: (Hkv, n, D) each, on-disk dtype."""
+    parts = [memory.segment_layer(seg, layer, keep) for seg, keep in picks]
+    if not parts:
+        return _empty_layer(memory), _empty_layer(memory)
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
 
 def _ranked_positions(row_chunks: np.ndarray, row_ids: np.ndarray, ranked: np.ndarray, end: int) -> torch.Tensor:
