@@ -83,6 +83,7 @@ QUESTION = "What is the pass key? The pass key is"
 RAG_QUERY = "What is the pass key?"
 RAG_K = 4
 DOC_SEPARATOR = "\n\n"
+DEFAULT_RETRIEVAL = "dense"
 NEEDLE_CHUNK_BASE = 1 << 40  # chunk ids of a trial's needled document: never a cached document's
 
 
@@ -152,19 +153,59 @@ SWEEP = {
 }
 
 
-def ranked_chunks(embedder, corpus, m: int, at: int, needled_chunks, query: str, k: int) -> list[tuple[int, int]]:
-    """The k chunks (doc, chunk) of the haystack most similar to `query` by MiniLM, best first
-    (the needled document `at`'s chunks freshly embedded, the others' from the cache)."""
-    vecs, where = corpus.vectors(m)  # (C, 384), (doc, chunk) per row
-    rows = [r for r, (i, _) in enumerate(where) if i != at]
-    cand = [where[r] for r in rows] + [(at, j) for j in range(len(needled_chunks))]
-    fresh = embedder.embed([corpus.tokenizer.decode(c) for c in needled_chunks])
-    allv = torch.from_numpy(np.concatenate([vecs[rows], fresh]))  # (C', 384)
-    qv = torch.from_numpy(embedder.embed([query]))  # (1, 384)
-    return [cand[r] for r in (allv @ qv[0]).topk(min(k, len(cand))).indices.tolist()]
+class TrialRanker:
+    """A trial's haystack chunks ranked for a query as the store's search ranks them, by
+    `retrieval`: "dense" (MiniLM cosine), "lexical" (BM25, the store's `LexicalIndex`) or "hybrid"
+    (reciprocal rank fusion of both, `index.fusion`). The needled document `at`'s chunks are
+    freshly embedded, the others' vectors come from the cache."""
+
+    def __init__(self, embedder, corpus, m: int, at: int, needled_chunks) -> None:
+        vecs, where = corpus.vectors(m)  # (C, 384), (doc, chunk) per row
+        rows = [r for r, (i, _) in enumerate(where) if i != at]
+        self.cand = [where[r] for r in rows] + [(at, j) for j in range(len(needled_chunks))]
+        self.embedder, self.corpus, self.at, self.needled = embedder, corpus, at, needled_chunks
+        fresh = embedder.embed([self.text(at, j) for j in range(len(needled_chunks))])
+        self.vecs = torch.from_numpy(np.concatenate([vecs[rows], fresh]))  # (C', 384)
+        self._lexical = None
+
+    def text(self, i: int, j: int) -> str:
+        return self.corpus.tokenizer.decode((self.needled if i == self.at else self.corpus.chunks(i))[j])
+
+    def dense(self, query: str, k: int) -> np.ndarray:
+        qv = torch.from_numpy(self.embedder.embed([query]))  # (1, 384)
+        return (self.vecs @ qv[0]).topk(min(k, len(self.cand))).indices.numpy()
+
+    def lexical(self, query: str, k: int) -> np.ndarray:
+        from memlm.index.lexical_index import LexicalIndex
+
+        if self._lexical is None:
+            self._lexical = LexicalIndex()
+            self._lexical.add(range(len(self.cand)), [self.text(i, j) for i, j in self.cand])
+        return self._lexical.search(query, k)[1]
+
+    def rank(self, retrieval: str, query: str, k: int) -> list[tuple[int, int]]:
+        """The k best chunks (doc, chunk), best first."""
+        from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
+
+        if retrieval == "hybrid":
+            depth = fusion_depth(k)
+            rows = reciprocal_rank_fusion([self.dense(query, depth), self.lexical(query, depth)], k)[1]
+        else:
+            rows = getattr(self, retrieval)(query, k)
+        return [self.cand[r] for r in rows.tolist()]
+
+    def needle_rank(self, retrieval: str, query: str, key: str, k: int = 64) -> str:
+        """Rank (0 = best) of the first chunk holding the whole key among the top k, or ">k"."""
+        for r, (i, j) in enumerate(self.rank(retrieval, query, k)):
+            if i == self.at and key in self.text(i, j).replace(" ", ""):
+                return str(r)
+        return f">{k}"
 
 
 def run(args) -> None:
+    def label(retrieval) -> str:  # methods on the service's retrieval keep their plain names
+        return "" if retrieval in (None, DEFAULT_RETRIEVAL) else f"@{retrieval}"
+
     from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories
 
     assert replace(KNNConfig(), **KNN_CONFIGS["gated"]) == PRESETS["default"], "keep KNN_CONFIGS in step with PRESETS"
@@ -220,6 +261,9 @@ def run(args) -> None:
                 hay_tokens = sum(len(d) for d in doc_ids)
                 line = [f"N={n} {kind} trial={trial} docs={m} needle_doc={at} depth={depth:.2f} "
                         f"tokens={hay_tokens} key={key}"]
+                ranker = TrialRanker(embedder, corpus, m, at, needled_chunks) if embedder is not None else None
+                if ranker is not None:
+                    line += [f"needle_rank@{r}={ranker.needle_rank(r, QUESTION, key)}" for r in args.retrieval]
 
                 if "none" in args.methods:
                     t0 = time.perf_counter()
@@ -234,14 +278,15 @@ def run(args) -> None:
                     times[("none", n)].append(time.perf_counter() - t0)
                     line.append(f"none={int(ok)}(in_window={int(in_window)})")
 
-                if "rag" in args.methods:
+                for retrieval in args.retrieval if "rag" in args.methods else ():
                     t0 = time.perf_counter()
-                    top = sorted(ranked_chunks(embedder, corpus, m, at, needled_chunks, RAG_QUERY, RAG_K))
+                    top = sorted(ranker.rank(retrieval, RAG_QUERY, RAG_K))
                     ctx = [t for i, j in top for t in (needled_chunks if i == at else corpus.chunks(i))[j]]
                     ok = found(tok, greedy(model, ctx + sep_ids + q_ids), key)
-                    results[("rag", n, kind)].append(ok)
-                    times[("rag", n)].append(time.perf_counter() - t0)
-                    line.append(f"rag={int(ok)}")
+                    method = "rag" + label(retrieval)
+                    results[(method, n, kind)].append(ok)
+                    times[(method, n)].append(time.perf_counter() - t0)
+                    line.append(f"{method}={int(ok)}")
 
                 if "knn" in args.methods:
                     scratch.mkdir(parents=True, exist_ok=True)
@@ -254,11 +299,13 @@ def run(args) -> None:
                         t_mem = time.perf_counter() - t0
                         knn_parts["clone + needled document"].append(t_mem)
                         mems = None
-                        for name, over in knn_configs.items():
-                            cfg = replace(KNNConfig(), **over)
+                        runs = [(name, r) for name, over in knn_configs.items()
+                                for r in (args.retrieval if over.get("candidate_chunks") else [None])]
+                        for name, retrieval in runs:
+                            cfg = replace(KNNConfig(), **knn_configs[name])
                             t1 = time.perf_counter()
-                            if cfg.candidate_chunks:  # the service's chunk gate: the prompt's top chunks by MiniLM
-                                top = ranked_chunks(embedder, corpus, m, at, needled_chunks, QUESTION, cfg.candidate_chunks)
+                            if cfg.candidate_chunks:  # the service's chunk gate: the prompt's top chunks by its search
+                                top = ranker.rank(retrieval, QUESTION, cfg.candidate_chunks)
                                 ids = [NEEDLE_CHUNK_BASE + j if i == at else i * CHUNK_ID_STRIDE + j for i, j in top]
                                 read = prepare_layer_memories(model, mem, cfg, chunks=ids)
                             else:  # the whole memory, loaded once per trial for every ungated config
@@ -275,7 +322,7 @@ def run(args) -> None:
                             knn_parts["load memory"].append(t2 - t1)
                             knn_parts["answer"].append(t3 - t2)
                             ok = found(tok, out, key)
-                            method = f"knn:{name}"
+                            method = f"knn:{name}" + label(retrieval)
                             results[(method, n, kind)].append(ok)
                             times[(method, n)].append(t_mem + (t3 - t1))
                             line.append(f"{method}={int(ok)}" + ("" if ok else f"({tok.decode(out)!r})"))
@@ -355,6 +402,9 @@ def main(argv=None) -> None:
     p.add_argument("--haystacks", nargs="+", default=list(HAYSTACK_KINDS), choices=list(HAYSTACK_KINDS))
     p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn"])
     p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(KNN_CONFIGS) + sorted(SWEEP)})")
+    p.add_argument("--retrieval", nargs="+", default=[DEFAULT_RETRIEVAL], choices=["dense", "lexical", "hybrid"],
+                   help="how rag and the knn chunk gate rank chunks (the store's search modes); methods on "
+                        "another than the service's default get an @mode suffix")
     p.add_argument("--sweep", action="store_true", help="run every config of the sweep (choices a-d)")
     p.add_argument("--knn-window", type=int, default=1024)
     p.add_argument("--knn-overlap", type=int, default=128)

@@ -2,11 +2,13 @@
 `memlm.engine.MemoryReader`).
 
 LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in memory a FAISS
-`VectorIndex` and a `MetadataIndex`, both derived from LMDB. A write is: validate, chunk and embed
+`VectorIndex` and a `MetadataIndex`, and on disk a BM25 `LexicalIndex` (SQLite FTS5), all derived
+from LMDB. A search is dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank). A write is: validate, chunk and embed
 (outside any lock), ONE durable LMDB transaction (the acknowledgement), then the same change applied
 to the in-memory indexes. Index files are snapshots: `collections/<name>/index-<seq>.faiss` holds
 every oplog entry up to `seq`; entries after it are replayed at open, and if no file loads the index
 is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
+The lexical index commits each change itself and is reconciled with LMDB's chunk ids at open.
 
 Concurrency: every method may be called from many threads. LMDB readers run concurrently; writers
 and searches of one collection share a per-collection lock (FAISS is not safe under concurrent
@@ -20,6 +22,7 @@ import logging
 import math
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -34,6 +37,8 @@ from memlm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Mem
 from memlm.index.chunking import Chunker
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
 from memlm.index.filters import MetadataIndex, parse_filter
+from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
+from memlm.index.lexical_index import LexicalIndex
 from memlm.index.lmdb_store import ChunkRecord, Commit, DocHeader, LmdbStore, PreparedDocument
 from memlm.index.types import (
     CollectionConfig,
@@ -59,6 +64,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_DOC_ID_BYTES = 256  # LMDB keys stop at 511 bytes; leave room
 _INDEX_FILE_RE = re.compile(r"index-(\d{16})\.faiss")
 DEFAULT_TOKENIZER_NAME = "SmolLM2-135M-Instruct"
+LEXICAL_FILE = "lexical.sqlite"
+SEARCH_MODES = ("dense", "lexical", "hybrid")
 
 
 @dataclass
@@ -66,6 +73,7 @@ class _Collection:
     config: CollectionConfig
     index: VectorIndex
     metadata: MetadataIndex
+    lexical: LexicalIndex
     lock: threading.RLock
     applied_seq: int  # last oplog seq reflected in `index`
     snapshot_seq: int  # last oplog seq in the newest index file on disk (0: none)
@@ -112,6 +120,15 @@ def _set_faiss_threads(n: int) -> None:
     import faiss
 
     faiss.omp_set_num_threads(n)
+
+
+def _pad(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged per-query results -> (nq, k) scores and ids, holes -inf and -1 (as FAISS gives)."""
+    out_s = np.full((len(ids), k), -np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    for q, (s, i) in enumerate(zip(scores, ids)):
+        out_s[q, : len(i)], out_i[q, : len(i)] = s[:k], i[:k]
+    return out_s, out_i
 
 
 class MemoryStore:
@@ -276,12 +293,42 @@ class MemoryStore:
         for _doc_id, header in self._lmdb.iter_doc_headers(name):
             metadata.add(header.chunk_ids, header.metadata)
             docs += 1
+        lexical = self._recover_lexical(name, stored)
         assert index.ntotal == len(stored) == len(metadata), "index, LMDB and metadata index disagree after recovery"
         log.info("collection %r: %s; %d documents, %d chunks, %d vectors", name, how, docs, len(stored), index.ntotal)
-        col = _Collection(config, index, metadata, threading.RLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq)
+        col = _Collection(
+            config, index, metadata, lexical, threading.RLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
+        )
         if snapshot_seq < 0:
             self._snapshot_locked(col)
         return col
+
+    def _recover_lexical(self, name: str, stored: np.ndarray) -> LexicalIndex:
+        """Open the collection's lexical index and bring it to LMDB's chunks; an unreadable file
+        is deleted and rebuilt (it is derived data)."""
+        path = self._dir(name) / LEXICAL_FILE
+
+        def read_texts(ids: list[int]) -> list[str]:
+            with self._lmdb.begin() as txn:
+                return [self._lmdb.read_chunk(name, cid, txn).text for cid in ids]
+
+        for attempt in (0, 1):
+            lexical = None
+            try:
+                lexical = LexicalIndex(path)
+                added, removed = lexical.reconcile(stored, read_texts)
+                if added or removed:
+                    log.info("collection %r: lexical index reconciled (+%d, -%d chunks)", name, added, removed)
+                return lexical
+            except sqlite3.DatabaseError as e:
+                if lexical is not None:
+                    lexical.close()
+                if attempt:
+                    raise
+                log.warning("collection %r: cannot read %s (%s); rebuilding it", name, path, e)
+                for p in path.parent.glob(LEXICAL_FILE + "*"):  # the file and its -wal / -shm
+                    p.unlink(missing_ok=True)
+        raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- collections
 
@@ -346,7 +393,8 @@ class MemoryStore:
             self._lmdb.create_collection(config)
             self._dir(name).mkdir(parents=True, exist_ok=True)
             self._collections[name] = _Collection(
-                config, self._new_index(config), MetadataIndex(), threading.RLock(), applied_seq=0, snapshot_seq=0
+                config, self._new_index(config), MetadataIndex(), LexicalIndex(self._dir(name) / LEXICAL_FILE),
+                threading.RLock(), applied_seq=0, snapshot_seq=0,
             )
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
         return config
@@ -405,6 +453,7 @@ class MemoryStore:
             with col.lock:
                 self._lmdb.drop_collection(name)
                 col.dropped = True
+                col.lexical.close()
                 del self._collections[name]
                 shutil.rmtree(self._dir(name), ignore_errors=True)
         log.info("dropped collection %r", name)
@@ -507,12 +556,13 @@ class MemoryStore:
         removed = [cid for _, old in commit.removed for cid in old.chunk_ids]
         if removed:
             col.index.remove(np.asarray(removed, dtype=np.int64))
+        ids = np.asarray([cid for w in commit.written for cid in w.chunk_ids], dtype=np.int64)
         if commit.written:
-            ids = np.asarray([cid for w in commit.written for cid in w.chunk_ids], dtype=np.int64)
             vectors = np.concatenate([p.vectors for p in prepared])  # (len(ids), dim)
             col.index.add(ids, vectors)
             for w, p in zip(commit.written, prepared):
                 col.metadata.add(w.chunk_ids, p.doc.metadata)
+        col.lexical.apply(ids.tolist(), [c.text for p in prepared for c in p.chunks], removed)
         col.applied_seq = max(col.applied_seq, commit.seq)
 
     # ---------------------------------------------------------------- reads
@@ -524,20 +574,25 @@ class MemoryStore:
         vector: Optional[np.ndarray] = None,
         k: int = 10,
         filter: Optional[Filter] = None,
+        mode: Optional[str] = None,
     ) -> list[SearchHit]:
-        """The k chunks nearest to `query` (embedded with the collection's embedder) or to `vector`
-        (normalised to unit length), best first, among those `filter` allows."""
+        """The k best chunks for `query` or `vector`, best first, among those `filter` allows.
+
+        mode "dense": nearest by the collection's embedder (score: cosine similarity; `vector` is
+        normalised to unit length); "lexical": BM25 over the chunk words (score: BM25); "hybrid":
+        both, fused by reciprocal rank (score: the fused RRF score). None: the store's
+        `search_mode` for a text query, "dense" for a vector (the only mode a vector can use)."""
         if (query is None) == (vector is None):
             self._both_or_neither(query, vector)
         if query is not None:
-            return self.search_batch(collection, queries=[query], k=k, filter=filter)[0]
+            return self.search_batch(collection, queries=[query], k=k, filter=filter, mode=mode)[0]
         try:
             vec = np.asarray(vector, dtype=np.float32)
         except (TypeError, ValueError):
             raise InvalidArgument(f"vector must be a list of numbers, got {type(vector).__name__}") from None
         if vec.ndim != 1 and not (vec.ndim == 2 and vec.shape[0] == 1):
             raise InvalidArgument(f"vector must be one (dim,) vector, got shape {vec.shape}")
-        return self.search_batch(collection, vectors=vec.reshape(1, -1), k=k, filter=filter)[0]
+        return self.search_batch(collection, vectors=vec.reshape(1, -1), k=k, filter=filter, mode=mode)[0]
 
     @staticmethod
     def _both_or_neither(query: Any, vector: Any) -> None:
@@ -546,6 +601,15 @@ class MemoryStore:
             + ("both" if query is not None and vector is not None else "neither")
         )
 
+    def _search_mode(self, mode: Optional[str], text: bool) -> str:
+        if mode is None or mode == "":
+            return self.settings.search_mode if text else "dense"
+        if mode not in SEARCH_MODES:
+            raise InvalidArgument(f"unknown search mode {mode!r}; expected one of {', '.join(SEARCH_MODES)}")
+        if not text and mode != "dense":
+            raise InvalidArgument(f"search mode {mode!r} needs a text query; a vector query can only search dense")
+        return mode
+
     def search_batch(
         self,
         collection: str,
@@ -553,45 +617,66 @@ class MemoryStore:
         vectors: Optional[np.ndarray] = None,
         k: int = 10,
         filter: Optional[Filter] = None,
+        mode: Optional[str] = None,
     ) -> list[list[SearchHit]]:
-        """Like `search` for several queries (texts, or (nq, dim) vectors) sharing k and filter."""
+        """Like `search` for several queries (texts, or (nq, dim) vectors) sharing k, filter and mode."""
         col = self._collection(collection)
         dim = col.config.dim
         if (queries is None) == (vectors is None):
             self._both_or_neither(queries, vectors)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.settings.max_k:
             raise InvalidArgument(f"k must be an integer in [1, {self.settings.max_k}] (store.max_k), got {k!r}")
+        k = int(k)
+        mode = self._search_mode(mode, text=queries is not None)
         f = parse_filter(filter)
+        q_vecs: Optional[np.ndarray] = None
         if queries is not None:
             for q in queries:
                 if not isinstance(q, str) or not q.strip():
                     raise InvalidArgument(f"query must be non-empty text, got {q!r}")
-            q_vecs = self._embedder_for(col.config).embed(list(queries))  # (nq, dim), unit rows
+            if mode != "lexical":
+                q_vecs = self._embedder_for(col.config).embed(list(queries))  # (nq, dim), unit rows
         else:
-            try:
-                q_vecs = np.asarray(vectors, dtype=np.float32)
-            except (TypeError, ValueError):
-                raise InvalidArgument(f"vector must be numeric with {dim} values, got {type(vectors).__name__}") from None
-            if q_vecs.ndim == 1:
-                q_vecs = q_vecs[None, :]
-            if q_vecs.ndim != 2 or q_vecs.shape[1] != dim:
-                raise InvalidArgument(
-                    f"vector must have {dim} values (collection {collection!r} uses {col.config.embedding_model}), "
-                    f"got shape {tuple(np.shape(vectors))}"
-                )
-            if not np.isfinite(q_vecs).all():
-                raise InvalidArgument("vector holds NaN or infinite values; expected finite numbers")
-            norms = np.linalg.norm(q_vecs, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise InvalidArgument("vector is all zeros; expected a direction to search along")
-            q_vecs = q_vecs / norms
+            q_vecs = self._check_vectors(vectors, col.config, collection)
+        nq = len(queries) if queries is not None else len(q_vecs)
+        depth = fusion_depth(k) if mode == "hybrid" else k
         _set_faiss_threads(self.settings.faiss_threads)
         with col.lock:
             allowed = col.metadata.select(f) if f is not None else None
             if allowed is not None and len(allowed) == 0:
-                return [[] for _ in range(len(q_vecs))]
-            scores, ids = col.index.search(q_vecs, int(k), allowed)  # (nq, k) each
+                return [[] for _ in range(nq)]
+            if q_vecs is not None:
+                scores, ids = col.index.search(q_vecs, depth, allowed)  # (nq, depth) each
+            if mode != "dense":
+                lexical = [col.lexical.search(q, depth, allowed) for q in queries]
+        if mode == "lexical":
+            scores, ids = _pad([s for s, _ in lexical], [i for _, i in lexical], k)
+        elif mode == "hybrid":
+            fused = [reciprocal_rank_fusion([ids[q], lexical[q][1]], k) for q in range(nq)]
+            scores, ids = _pad([s for s, _ in fused], [i for _, i in fused], k)
         return self._hits(collection, scores, ids)
+
+    @staticmethod
+    def _check_vectors(vectors: Any, config: CollectionConfig, collection: str) -> np.ndarray:
+        """(nq, dim) or (dim,) query vectors -> (nq, dim) float32 unit rows, or InvalidArgument."""
+        dim = config.dim
+        try:
+            q_vecs = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"vector must be numeric with {dim} values, got {type(vectors).__name__}") from None
+        if q_vecs.ndim == 1:
+            q_vecs = q_vecs[None, :]
+        if q_vecs.ndim != 2 or q_vecs.shape[1] != dim:
+            raise InvalidArgument(
+                f"vector must have {dim} values (collection {collection!r} uses {config.embedding_model}), "
+                f"got shape {tuple(np.shape(vectors))}"
+            )
+        if not np.isfinite(q_vecs).all():
+            raise InvalidArgument("vector holds NaN or infinite values; expected finite numbers")
+        norms = np.linalg.norm(q_vecs, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise InvalidArgument("vector is all zeros; expected a direction to search along")
+        return q_vecs / norms
 
     def _hits(self, name: str, scores: np.ndarray, ids: np.ndarray) -> list[list[SearchHit]]:
         out: list[list[SearchHit]] = []
@@ -729,4 +814,6 @@ class MemoryStore:
                 self.snapshot()
             finally:
                 self._closed = True
+                for col in self._collections.values():
+                    col.lexical.close()
                 self._lmdb.close()

@@ -187,6 +187,7 @@ def search(
     collection: str = typer.Option(..., "--collection", "-c"),
     k: int = typer.Option(5, "-k", "--k"),
     filter: Optional[str] = typer.Option(None, "--filter", help='JSON, e.g. \'{"lang": "en"}\''),
+    mode: Optional[str] = typer.Option(None, "--mode", help="dense, lexical (BM25) or hybrid; default: the server's"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON list of hits"),
     address: str = AddressOpt,
     api_key: Optional[str] = ApiKeyOpt,
@@ -194,7 +195,7 @@ def search(
 ) -> None:
     """Ranked chunks with scores, document ids and metadata."""
     with _connected(address, api_key, timeout) as client:
-        hits = client.search(query, collection=collection, k=k, filter=_parse_filter(filter))
+        hits = client.search(query, collection=collection, k=k, filter=_parse_filter(filter), mode=mode)
     if as_json:
         sys.stdout.write(json.dumps([_hit_json(h) for h in hits], ensure_ascii=False) + "\n")
         return

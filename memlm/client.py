@@ -281,11 +281,13 @@ class Client:
         collection: str,
         k: int = 10,
         filter: FilterLike = None,
+        mode: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> list[SearchHit]:
         """Text (embedded by the server) or vector query. `filter`: `{"lang": "en", "tag": ["a", "b"]}`
-        (equality; a list means any of) or the explicit `{"must": [...], "should": [...], "must_not": [...]}`."""
-        request = pb.SearchRequest(collection=collection, k=k)
+        (equality; a list means any of) or the explicit `{"must": [...], "should": [...], "must_not": [...]}`.
+        `mode`: "dense", "lexical" (BM25) or "hybrid"; None = the server's default (a vector: dense)."""
+        request = pb.SearchRequest(collection=collection, k=k, mode=mode or "")
         if isinstance(query, str):
             request.text = query
         else:

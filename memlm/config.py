@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -34,6 +34,10 @@ class StoreSettings(BaseModel):
     )
     exact_filter_below: int = Field(
         20_000, gt=0, description="filtered searches matching fewer chunks than this are exact brute force"
+    )
+    search_mode: Literal["dense", "lexical", "hybrid"] = Field(
+        "hybrid", description="how a text search ranks chunks when the request does not say, and how rag and "
+        "chunk-gated knn find theirs: dense (embeddings), lexical (BM25) or hybrid (both, reciprocal rank fusion)",
     )
 
 

@@ -113,6 +113,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
             vector=vector,
             k=request.k,
             filter=wire.filter_from_pb(request.filter, request.HasField("filter")),
+            mode=request.mode or None,
         )
         return pb.SearchResponse(
             hits=[wire.hit_to_pb(h) for h in hits], took_ms=(time.perf_counter() - started) * 1e3

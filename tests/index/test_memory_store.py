@@ -72,7 +72,7 @@ def test_create_collection_validation(store_factory, kwargs, message):
 
 
 def test_ingest_then_search_finds_the_right_doc(store):
-    hits = store.search("notes", "which animal purrs?", k=3)
+    hits = store.search("notes", "which animal purrs?", k=3, mode="dense")
     assert hits[0].doc_id == "cats"
     assert hits[0].score > hits[-1].score and -1.0 <= hits[-1].score <= 1.0 + 1e-5
     assert hits[0].metadata["tag"] == ["pets", "animals"] and hits[0].chunk_index == 0
@@ -83,6 +83,54 @@ def test_ingest_then_search_finds_the_right_doc(store):
 
     v = load_embedder("all-MiniLM-L6-v2").embed(["Eiffel Tower"])[0] * 3.0
     assert store.search("notes", vector=v, k=1)[0].doc_id == "paris"
+
+
+CODES = [
+    Document("order-a", "Order XK-4471 shipped from the northern warehouse on Monday.", {"region": "north"}),
+    Document("order-b", "Order QZ-9020 shipped from the southern warehouse on Tuesday.", {"region": "south"}),
+    Document("policy", "Orders ship from the warehouse nearest the customer, usually within two days.", {"region": "all"}),
+    Document("returns", "Returned parcels go back to the warehouse they shipped from.", {"region": "all"}),
+]
+
+
+def test_search_modes(store_factory):
+    s = store_factory()
+    s.create_collection("orders")
+    s.ingest("orders", CODES)
+    # lexical: only the chunk holding the rare code word matches it; BM25 scores, best first
+    hits = s.search("orders", "where did QZ-9020 ship from?", k=4, mode="lexical")
+    assert hits[0].doc_id == "order-b" and hits[0].score > hits[-1].score > 0
+    assert [h.doc_id for h in s.search("orders", "XK 4471", k=4, mode="lexical")] == ["order-a"]
+    assert s.search("orders", "zebra", k=4, mode="lexical") == []  # no shared word: nothing
+    # hybrid: the code's chunk first; every chunk either ranking found, scores 1/(60+rank) summed
+    hybrid = s.search("orders", "where did QZ-9020 ship from?", k=4, mode="hybrid")
+    assert hybrid[0].doc_id == "order-b" and len(hybrid) == 4
+    assert hybrid[0].score <= 2 / 61 + 1e-6 and all(h.score > 0 for h in hybrid)
+    assert s.search("orders", "where did QZ-9020 ship from?", k=4) == hybrid  # the default (store.search_mode)
+    # filters apply to every mode, through both of the lexical index's filter paths
+    for mode in ("dense", "lexical", "hybrid"):
+        got = s.search("orders", "QZ-9020 warehouse", k=4, mode=mode, filter={"region": "north"})
+        assert [h.doc_id for h in got] == ["order-a"], mode
+    # delete and upsert reach the lexical index
+    s.delete("orders", ["order-b"])
+    assert s.search("orders", "QZ-9020", k=4, mode="lexical") == []
+    s.ingest("orders", [Document("order-a", "Order ZZ-1 was cancelled.", {"region": "north"})])
+    assert s.search("orders", "XK-4471", k=4, mode="lexical") == []
+    assert s.search("orders", "cancelled", k=1, mode="lexical")[0].doc_id == "order-a"
+
+
+def test_search_mode_setting_and_errors(store_factory, embedder):
+    s = store_factory(StoreSettings(search_mode="dense"))
+    s.create_collection("orders")
+    s.ingest("orders", CODES)
+    dense = s.search("orders", "parcel returns", k=2)
+    assert dense == s.search("orders", "parcel returns", k=2, mode="dense") and -1 <= dense[-1].score <= 1
+    v = embedder.embed(["parcel returns"])[0]
+    assert [h.doc_id for h in s.search("orders", vector=v, k=2)] == [h.doc_id for h in dense]
+    with pytest.raises(InvalidArgument, match="unknown search mode 'bm25'; expected one of dense, lexical, hybrid"):
+        s.search("orders", "x", mode="bm25")
+    with pytest.raises(InvalidArgument, match="'hybrid' needs a text query"):
+        s.search("orders", vector=v, mode="hybrid")
 
 
 def test_results_per_doc_and_get(store):

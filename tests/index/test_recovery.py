@@ -26,12 +26,17 @@ def check_consistent(store: MemoryStore, name: str, present: set[str], absent: s
     if present:
         got = {d.id for d in store.get(name, sorted(present))}
         assert got == present
-    for doc_id in present:
-        i = int(doc_id[1:])
-        hits = store.search(name, f"keyword{i}", k=5, filter={"n": i})
-        assert hits and hits[0].doc_id == doc_id, f"acknowledged {doc_id} not found by search"
-    for doc_id in absent:
-        assert not store.search(name, "entry", k=5, filter={"n": int(doc_id[1:])}), f"deleted {doc_id} still found"
+    for mode in ("dense", "lexical", "hybrid"):
+        for doc_id in present:
+            i = int(doc_id[1:])
+            hits = store.search(name, f"keyword{i}", k=5, filter={"n": i}, mode=mode)
+            assert hits and hits[0].doc_id == doc_id, f"acknowledged {doc_id} not found by {mode} search"
+        for doc_id in absent:
+            hits = store.search(name, "entry", k=5, filter={"n": int(doc_id[1:])}, mode=mode)
+            assert not hits, f"deleted {doc_id} still found by {mode} search"
+    if present:  # unfiltered, the lexical index ranks the one chunk holding the word first
+        i = int(min(present)[1:])
+        assert store.search(name, f"keyword{i}", k=1, mode="lexical")[0].doc_id == f"d{i}"
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
@@ -73,6 +78,40 @@ def test_bad_index_file_triggers_rebuild(store_factory, tmp_path, caplog, damage
     check_consistent(s2, "c", {"d0", "d1", "d3", "d4", "d5"}, {"d2"})
     s2.close()
     assert len(list((tmp_path / "data" / "collections" / "c").glob("index-*.faiss"))) == 1  # rewritten
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "behind", "ahead"])
+def test_lexical_index_is_repaired_at_open(store_factory, tmp_path, caplog, damage):
+    """The BM25 file is derived data: lost, unreadable, or out of step with LMDB (a crash between
+    the LMDB commit and its own), open brings it back to exactly LMDB's chunks."""
+    import sqlite3
+
+    s = store_factory()
+    s.create_collection("c")
+    s.ingest("c", [doc(i) for i in range(6)])
+    s.delete("c", ["d2"])
+    s.close()
+    path = tmp_path / "data" / "collections" / "c" / "lexical.sqlite"
+    assert path.exists()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "corrupt":
+        for p in path.parent.glob("lexical.sqlite*"):
+            p.unlink()
+        path.write_bytes(b"this is not an SQLite database" * 100)
+    else:
+        db = sqlite3.connect(path)
+        if damage == "behind":  # the last ingest never reached it
+            db.execute("DELETE FROM chunks WHERE rowid = (SELECT max(rowid) FROM chunks)")
+        else:  # a deleted document's chunk is still there
+            db.execute("INSERT INTO chunks (rowid, text) VALUES (?, ?)", (10**9, "stale keyword2 entry"))
+        db.commit()
+        db.close()
+    with caplog.at_level(logging.INFO, logger="memlm.index.memory_store"):
+        s2 = store_factory()
+    assert ("rebuilding it" if damage == "corrupt" else "lexical index reconciled") in caplog.text
+    check_consistent(s2, "c", {"d0", "d1", "d3", "d4", "d5"}, {"d2"})
+    assert not s2.search("c", "stale", k=5, mode="lexical")
 
 
 CHILD = textwrap.dedent(

@@ -37,6 +37,8 @@ def test_ingest_folder_search_ask_stats(server, tmp_path):
     assert set(hits[0]) >= {"doc_id", "chunk_id", "score", "text", "metadata"}
     hits = json.loads(memlm("search", "animal", "--collection", "cli", "--json", "--filter", '{"kind": "animal"}', *addr).stdout)
     assert [h["doc_id"] for h in hits] == ["j2"]
+    hits = json.loads(memlm("search", "Camellia", "--collection", "cli", "--mode", "lexical", "--json", *addr).stdout)
+    assert [h["doc_id"][-7:] for h in hits] == ["tea.txt"]  # BM25: the one chunk with the word
 
     ask = memlm("ask", "What is the vault pass key?", "--collection", "cli", "--memory", "rag", "--max-new-tokens", "10", *addr)
     assert "73019" in ask.stdout and "citations" in ask.stdout and "j1" in ask.stdout

@@ -117,6 +117,21 @@ def test_vector_search(client, collection):
     assert hits[0].doc_id == "orbit"
 
 
+def test_search_modes_over_the_wire(client, collection):
+    client.ingest(DOCS, collection=collection)
+    lexical = client.search("Ilvara 212", collection=collection, k=4, mode="lexical")
+    assert [h.doc_id for h in lexical] == ["orbit"] and lexical[0].score > 0  # only it has those words
+    dense = client.search("Which volcano buried a town?", collection=collection, k=2, mode="dense")
+    assert dense[0].doc_id == "volcano" and -1 <= dense[-1].score <= 1
+    hybrid = client.search("Which volcano buried a town?", collection=collection, k=2)  # server default
+    assert hybrid == client.search("Which volcano buried a town?", collection=collection, k=2, mode="hybrid")
+    assert hybrid[0].doc_id == "volcano" and hybrid[0].score == pytest.approx(2 / 61)  # first in both
+    with pytest.raises(InvalidArgument, match="unknown search mode 'fuzzy'"):
+        client.search("x", collection=collection, mode="fuzzy")
+    with pytest.raises(InvalidArgument, match="needs a text query"):
+        client.search(np.ones(384), collection=collection, mode="lexical")
+
+
 # --- bad input: a clear status that names the problem, and nothing stored is lost ---------------
 
 def assert_intact(client, collection):
