@@ -24,3 +24,6 @@ def test_langchain_documents_in_and_retriever_out(client, collection):
 
     filtered = MemlmRetriever(client=client, collection=collection, k=2, filter={"src": "b"})
     assert [d.metadata["doc_id"] for d in filtered.invoke("Why does the sea rise and fall?")] == ["bees"]
+
+    lexical = MemlmRetriever(client=client, collection=collection, k=2, mode="lexical")
+    assert [d.metadata["doc_id"] for d in lexical.invoke("dancing")] == ["bees"]  # BM25: only it has the word
