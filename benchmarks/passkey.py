@@ -69,6 +69,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memlm.config import StoreSettings
+
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import (  # noqa: E402
     CHUNK_ID_STRIDE,
@@ -83,7 +85,7 @@ QUESTION = "What is the pass key? The pass key is"
 RAG_QUERY = "What is the pass key?"
 RAG_K = 4
 DOC_SEPARATOR = "\n\n"
-DEFAULT_RETRIEVAL = "dense"
+DEFAULT_RETRIEVAL = StoreSettings().search_mode  # the service's: what rag and the knn gate search with
 NEEDLE_CHUNK_BASE = 1 << 40  # chunk ids of a trial's needled document: never a cached document's
 
 
@@ -150,6 +152,10 @@ SWEEP = {
     "gated-original": dict(candidate_chunks=16),
     "gated-layers-all": dict(candidate_chunks=16, positions="ranked", top_k=64, layers="all"),
     "gated-keep-sinks": dict(candidate_chunks=16, positions="ranked", top_k=64, min_memory_position=0),
+    "gated4": dict(candidate_chunks=4, positions="ranked", top_k=64),
+    "gated8": dict(candidate_chunks=8, positions="ranked", top_k=64),
+    "gated4-all": dict(candidate_chunks=4, positions="ranked", top_k=256),  # every row of 4 chunks
+    "gated8-all": dict(candidate_chunks=8, positions="ranked", top_k=512),
 }
 
 

@@ -62,8 +62,8 @@ class KnnSettings(BaseModel):
     top_k: Optional[int] = Field(None, gt=0, description="memory rows each query head retrieves per layer when a "
                                  "request leaves k at 0; None = the preset's (64 for 'default', 8 for 'ungated')")
     candidate_chunks: Optional[int] = Field(
-        None, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks an "
-        "embedding search ranks first for its prompt (as rag does; `filter` applies); None = the preset's "
+        None, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks the "
+        "store's search (store.search_mode) ranks first for its prompt (as rag does; `filter` applies); None = the preset's "
         "(16 for 'default'), 0 = every row (needs a preset without 'ranked' positions, e.g. 'ungated')",
     )
     preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: 'default' (chunk-gated), 'ungated' "

@@ -354,7 +354,7 @@ class ModelHost(EngineClient):
             self._active.discard(job.cancel)
 
     def _searches(self, mode: MemoryMode) -> bool:
-        """Whether a request in `mode` starts with an embedding search of the collection."""
+        """Whether a request in `mode` starts with a search of the collection (store.search_mode)."""
         return mode is MemoryMode.RAG or (mode is MemoryMode.KNN and bool(self.kv_memories.candidate_chunks))
 
     @staticmethod

@@ -98,8 +98,8 @@ class KNNConfig:
     local_offset: Optional[int] = None  # first local position; None: 0 for "fixed", window for "original"
     min_memory_position: int = 4  # drop memory rows computed at window positions below this (sinks)
     # Chunk-gated retrieval: 0 searches every memory row; M > 0 searches only the rows of the M
-    # chunks the caller ranks first for the prompt (the service: the collection's embedding search,
-    # the same as rag's), passed to prepare_layer_memories as `chunks`.
+    # chunks the caller ranks first for the prompt (the service: the collection's search, hybrid
+    # embedding + BM25 by default, the same as rag's), passed to prepare_layer_memories as `chunks`.
     candidate_chunks: int = 0
     codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
     pq_m: int = 16  # "pq": sub-quantizers = bytes per key and per value, per KV head; must divide head_dim
