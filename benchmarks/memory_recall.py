@@ -15,6 +15,8 @@ it. The span is scored by teacher forcing, one forward pass, under:
          (in corpus order), "\\n\\n", then the prefix;
 - full:  every token of the document before the span (S tokens): what reading the document in
          context gives.
+rag and knn-gated rank chunks as the store's search does, by `--retrieval` (default: the
+service's, hybrid: MiniLM + BM25 fused by reciprocal rank; `ranking.py`).
 The scored span is itself in memory for knn and in the chunk index for rag: this measures
 memorisation recall (can the model reproduce what it was given?), not generalisation. full sees
 only what comes before the span, so knn or rag may beat it. With `--span-start 64` the prefix is
@@ -43,8 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memlm.config import StoreSettings
+
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CHUNK_ID_STRIDE, CHUNK_TOKENS, pack_documents  # noqa: E402
+from ranking import SEARCH_MODES, ChunkRanker  # noqa: E402
 
 RAG_K = 4
 SEPARATOR = "\n\n"
@@ -71,6 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--knn-window", type=int, default=1024)
     p.add_argument("--knn-overlap", type=int, default=128)
+    p.add_argument("--retrieval", default=StoreSettings().search_mode, choices=SEARCH_MODES,
+                   help="how rag and knn-gated rank chunks (default: the service's store.search_mode)")
     p.add_argument("--candidate-chunks", type=int, default=16, help="knn-gated: chunks whose rows are read (16: preset default)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -130,7 +137,8 @@ def main(argv=None) -> None:
             embedder = load_embedder("all-MiniLM-L6-v2")
             where = [(i, j) for i, (_, cs) in enumerate(docs) for j in range(len(cs))]
             t0 = time.perf_counter()
-            vecs = torch.from_numpy(embedder.embed([tok.decode(docs[i][1][j]) for i, j in where]))  # (C, 384)
+            texts = [tok.decode(docs[i][1][j]) for i, j in where]
+            ranker = ChunkRanker(embedder, embedder.embed(texts), texts.__getitem__)  # (C, 384) vectors
             print(f"ingest: {len(where)} chunk vectors in {time.perf_counter() - t0:.1f} s", flush=True)
 
         for i, (kind, cs) in enumerate(docs):
@@ -139,9 +147,8 @@ def main(argv=None) -> None:
             prefix = ids[args.span_start - args.prefix : args.span_start]
             line = [f"doc {i} ({kind}, {len(ids)} tokens):"]
 
-            def ranked(k: int) -> list[tuple[int, int]]:  # the k chunks nearest the prefix's text, best first
-                qv = torch.from_numpy(embedder.embed([tok.decode(prefix)]))  # (1, 384)
-                return [where[r] for r in (vecs @ qv[0]).topk(min(k, len(where))).indices.tolist()]
+            def ranked(k: int) -> list[tuple[int, int]]:  # the k best chunks for the prefix's text, as the store ranks
+                return [where[r] for r in ranker.rank(args.retrieval, tok.decode(prefix), k)]
 
             for method in args.methods:
                 t0 = time.perf_counter()

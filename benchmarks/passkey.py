@@ -72,6 +72,7 @@ import torch
 from memlm.config import StoreSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ranking import SEARCH_MODES, ChunkRanker  # noqa: E402
 from corpus import (  # noqa: E402
     CHUNK_ID_STRIDE,
     HAYSTACK_KINDS,
@@ -119,7 +120,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 KNN_CONFIGS = {
     # name: overrides of KNNConfig(); run by default
-    "gated": dict(candidate_chunks=16, positions="ranked", top_k=64),  # = PRESETS["default"], the service's (checked in run)
+    "gated": dict(candidate_chunks=8, positions="ranked", top_k=64),  # = PRESETS["default"], the service's (checked in run)
     "ungated": {},  # = PRESETS["ungated"]: every row of the memory searched
 }
 SWEEP = {
@@ -143,6 +144,7 @@ SWEEP = {
     "chunks4-ranked": dict(candidate_chunks=4, positions="ranked"),
     "chunks8-ranked": dict(candidate_chunks=8, positions="ranked"),
     "chunks32-ranked": dict(candidate_chunks=32, positions="ranked"),
+    # session 3's choices within a 16-chunk gate (dense retrieval then)
     "gated-k4": dict(candidate_chunks=16, positions="ranked", top_k=4),
     "gated-k8": dict(candidate_chunks=16, positions="ranked", top_k=8),
     "gated-k16": dict(candidate_chunks=16, positions="ranked", top_k=16),
@@ -152,53 +154,33 @@ SWEEP = {
     "gated-original": dict(candidate_chunks=16),
     "gated-layers-all": dict(candidate_chunks=16, positions="ranked", top_k=64, layers="all"),
     "gated-keep-sinks": dict(candidate_chunks=16, positions="ranked", top_k=64, min_memory_position=0),
+    "gated16": dict(candidate_chunks=16, positions="ranked", top_k=64),  # session 3's default
     "gated4": dict(candidate_chunks=4, positions="ranked", top_k=64),
-    "gated8": dict(candidate_chunks=8, positions="ranked", top_k=64),
+    "gated8": dict(candidate_chunks=8, positions="ranked", top_k=64),  # = "gated" since session 4
     "gated4-all": dict(candidate_chunks=4, positions="ranked", top_k=256),  # every row of 4 chunks
     "gated8-all": dict(candidate_chunks=8, positions="ranked", top_k=512),
 }
 
 
 class TrialRanker:
-    """A trial's haystack chunks ranked for a query as the store's search ranks them, by
-    `retrieval`: "dense" (MiniLM cosine), "lexical" (BM25, the store's `LexicalIndex`) or "hybrid"
-    (reciprocal rank fusion of both, `index.fusion`). The needled document `at`'s chunks are
+    """A trial's haystack chunks ranked for a query as the store's search ranks them
+    (`ranking.ChunkRanker`: dense, lexical or hybrid). The needled document `at`'s chunks are
     freshly embedded, the others' vectors come from the cache."""
 
     def __init__(self, embedder, corpus, m: int, at: int, needled_chunks) -> None:
         vecs, where = corpus.vectors(m)  # (C, 384), (doc, chunk) per row
         rows = [r for r, (i, _) in enumerate(where) if i != at]
         self.cand = [where[r] for r in rows] + [(at, j) for j in range(len(needled_chunks))]
-        self.embedder, self.corpus, self.at, self.needled = embedder, corpus, at, needled_chunks
+        self.corpus, self.at, self.needled = corpus, at, needled_chunks
         fresh = embedder.embed([self.text(at, j) for j in range(len(needled_chunks))])
-        self.vecs = torch.from_numpy(np.concatenate([vecs[rows], fresh]))  # (C', 384)
-        self._lexical = None
+        self.ranker = ChunkRanker(embedder, np.concatenate([vecs[rows], fresh]), lambda r: self.text(*self.cand[r]))
 
     def text(self, i: int, j: int) -> str:
         return self.corpus.tokenizer.decode((self.needled if i == self.at else self.corpus.chunks(i))[j])
 
-    def dense(self, query: str, k: int) -> np.ndarray:
-        qv = torch.from_numpy(self.embedder.embed([query]))  # (1, 384)
-        return (self.vecs @ qv[0]).topk(min(k, len(self.cand))).indices.numpy()
-
-    def lexical(self, query: str, k: int) -> np.ndarray:
-        from memlm.index.lexical_index import LexicalIndex
-
-        if self._lexical is None:
-            self._lexical = LexicalIndex()
-            self._lexical.add(range(len(self.cand)), [self.text(i, j) for i, j in self.cand])
-        return self._lexical.search(query, k)[1]
-
     def rank(self, retrieval: str, query: str, k: int) -> list[tuple[int, int]]:
         """The k best chunks (doc, chunk), best first."""
-        from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
-
-        if retrieval == "hybrid":
-            depth = fusion_depth(k)
-            rows = reciprocal_rank_fusion([self.dense(query, depth), self.lexical(query, depth)], k)[1]
-        else:
-            rows = getattr(self, retrieval)(query, k)
-        return [self.cand[r] for r in rows.tolist()]
+        return [self.cand[r] for r in self.ranker.rank(retrieval, query, k)]
 
     def needle_rank(self, retrieval: str, query: str, key: str, k: int = 64) -> str:
         """Rank (0 = best) of the first chunk holding the whole key among the top k, or ">k"."""
@@ -408,7 +390,7 @@ def main(argv=None) -> None:
     p.add_argument("--haystacks", nargs="+", default=list(HAYSTACK_KINDS), choices=list(HAYSTACK_KINDS))
     p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn"])
     p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(KNN_CONFIGS) + sorted(SWEEP)})")
-    p.add_argument("--retrieval", nargs="+", default=[DEFAULT_RETRIEVAL], choices=["dense", "lexical", "hybrid"],
+    p.add_argument("--retrieval", nargs="+", default=[DEFAULT_RETRIEVAL], choices=SEARCH_MODES,
                    help="how rag and the knn chunk gate rank chunks (the store's search modes); methods on "
                         "another than the service's default get an @mode suffix")
     p.add_argument("--sweep", action="store_true", help="run every config of the sweep (choices a-d)")

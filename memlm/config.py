@@ -64,7 +64,7 @@ class KnnSettings(BaseModel):
     candidate_chunks: Optional[int] = Field(
         None, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks the "
         "store's search (store.search_mode) ranks first for its prompt (as rag does; `filter` applies); None = the preset's "
-        "(16 for 'default'), 0 = every row (needs a preset without 'ranked' positions, e.g. 'ungated')",
+        "(8 for 'default'), 0 = every row (needs a preset without 'ranked' positions, e.g. 'ungated')",
     )
     preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: 'default' (chunk-gated), 'ungated' "
                         "(every row of the memory searched), 'fixed'; sets positions, gating, per-head retrieval, codec")

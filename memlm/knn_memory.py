@@ -178,9 +178,9 @@ class KNNConfig:
 # "knn memory mode"): gated (k 8) 55/60, rag 49/60, ungated 35/60; 32 chunks ranked 52/60; then
 # with k 64 (below) 58/60.
 PRESETS: dict[str, KNNConfig] = {
-    # the service's default: the prompt's 16 best chunks by embedding search, laid out by rank,
-    # 64 of their ~1,000 rows per query head and layer
-    "default": KNNConfig(candidate_chunks=16, positions="ranked", top_k=64),
+    # the service's default: the prompt's 8 best chunks by the store's (hybrid) search, laid out
+    # by rank, 64 of their ~500 rows per query head and layer
+    "default": KNNConfig(candidate_chunks=8, positions="ranked", top_k=64),
     # every row searched: layers all_but_first, k 8, per query head, original positions, sinks dropped
     "ungated": KNNConfig(),
     # session 1's default: no rotation at load (the form PQ codes on disk and the GPU kernels read as is)

@@ -76,7 +76,7 @@ def test_knn_request_errors_name_the_problem(client, collection, kv_collection):
 
 
 def test_chunk_gated_knn_reads_the_chunks_its_search_and_filter_allow_and_cites_them(client, kv_collection):
-    """Preset "default" (chunk-gated, 16 chunks): the prompt's top chunks by embedding search, within
+    """Preset "default" (chunk-gated, 8 chunks): the prompt's top chunks by the store's search, within
     `filter`, are the only memory a generation attends to, and the result cites them."""
     client.ingest([{"id": "ann", "text": haystack("52917", before=4, after=20), "metadata": {"owner": "ann"}},
                    {"id": "bob", "text": haystack("86034", before=18, after=6), "metadata": {"owner": "bob"}}],
