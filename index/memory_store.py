@@ -3,9 +3,9 @@
 
 LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in memory a FAISS
 `VectorIndex` and a `MetadataIndex`, and on disk a BM25 `LexicalIndex` (SQLite FTS5), all derived
-from LMDB. A search is dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank). A write is: validate, chunk and embed
-(outside any lock), ONE durable LMDB transaction (the acknowledgement), then the same change applied
-to the in-memory indexes. Index files are snapshots: `collections/<name>/index-<seq>.faiss` holds
+from LMDB. A search is dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
+rank). A write is: validate, chunk and embed (outside any lock), ONE durable LMDB transaction (the
+acknowledgement), then the same change applied to the derived indexes. Index files are snapshots: `collections/<name>/index-<seq>.faiss` holds
 every oplog entry up to `seq`; entries after it are replayed at open, and if no file loads the index
 is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
 The lexical index commits each change itself and is reconciled with LMDB's chunk ids at open.
@@ -312,23 +312,24 @@ class MemoryStore:
             with self._lmdb.begin() as txn:
                 return [self._lmdb.read_chunk(name, cid, txn).text for cid in ids]
 
-        for attempt in (0, 1):
-            lexical = None
+        def open_reconciled() -> LexicalIndex:
+            lexical = LexicalIndex(path)
             try:
-                lexical = LexicalIndex(path)
                 added, removed = lexical.reconcile(stored, read_texts)
-                if added or removed:
-                    log.info("collection %r: lexical index reconciled (+%d, -%d chunks)", name, added, removed)
-                return lexical
-            except sqlite3.DatabaseError as e:
-                if lexical is not None:
-                    lexical.close()
-                if attempt:
-                    raise
-                log.warning("collection %r: cannot read %s (%s); rebuilding it", name, path, e)
-                for p in path.parent.glob(LEXICAL_FILE + "*"):  # the file and its -wal / -shm
-                    p.unlink(missing_ok=True)
-        raise AssertionError("unreachable")
+            except BaseException:
+                lexical.close()
+                raise
+            if added or removed:
+                log.info("collection %r: lexical index reconciled (+%d, -%d chunks)", name, added, removed)
+            return lexical
+
+        try:
+            return open_reconciled()
+        except sqlite3.DatabaseError as e:  # unreadable anywhere (header or pages): start over
+            log.warning("collection %r: cannot read %s (%s); rebuilding it", name, path, e)
+            for p in path.parent.glob(LEXICAL_FILE + "*"):  # the file and its -wal / -shm
+                p.unlink(missing_ok=True)
+            return open_reconciled()
 
     # ---------------------------------------------------------------- collections
 
@@ -642,6 +643,8 @@ class MemoryStore:
         depth = fusion_depth(k) if mode == "hybrid" else k
         _set_faiss_threads(self.settings.faiss_threads)
         with col.lock:
+            if col.dropped:
+                raise NotFound(f"collection {collection!r} does not exist")
             allowed = col.metadata.select(f) if f is not None else None
             if allowed is not None and len(allowed) == 0:
                 return [[] for _ in range(nq)]
