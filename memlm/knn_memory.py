@@ -177,6 +177,13 @@ class KNNConfig:
 # Across kinds and lengths (filler, prose, stdlib x 4k, 16k, 64k, 128k, 5 trials each; README
 # "knn memory mode"): gated (k 8) 55/60, rag 49/60, ungated 35/60; 32 chunks ranked 52/60; then
 # with k 64 (below) 58/60.
+# Session 4: the store's search became hybrid (MiniLM + BM25, reciprocal rank fusion), which ranks
+# the needle's chunk first far more often on stdlib (BM25 36/40, MiniLM 19/40), and then a
+# smaller gate wins (fewer distractors). stdlib 64k + 128k, 20 trials each, hybrid:
+#   .venv/bin/python benchmarks/passkey.py --lengths 65536 131072 --trials 20 --haystacks stdlib \
+#       --methods knn --knn gated16 gated4 gated8 gated4-all gated8-all --threads 2
+#   4 chunks 38/40, 8 chunks 39/40, 16 chunks 33/40 (dense: 32/40), 4 or 8 chunks with every row
+#   38 and 39: 8 chunks, k 64. Over the three kinds x 4k-128k x 10 trials: 119/120 (README).
 PRESETS: dict[str, KNNConfig] = {
     # the service's default: the prompt's 8 best chunks by the store's (hybrid) search, laid out
     # by rank, 64 of their ~500 rows per query head and layer
