@@ -9,7 +9,7 @@ it. The span is scored by teacher forcing, one forward pass, under:
 - none:  the 64-token prefix only;
 - knn:   the same prefix, with the KV memory of all documents (memlm.knn_memory, default config)
          read whole (ungated: every row is searched);
-- knn-gated: the same, reading only the rows of the top `--candidate-chunks` (16) chunks retrieved
+- knn-gated: the same, reading only the rows of the top `--candidate-chunks` (8) chunks retrieved
          with the prefix's text, "ranked" positions (the service's default, preset "default");
 - rag:   the top-4 64-token chunks of the whole corpus retrieved with the prefix's text as the query
          (in corpus order), "\\n\\n", then the prefix;
@@ -78,7 +78,8 @@ def main(argv=None) -> None:
     p.add_argument("--knn-overlap", type=int, default=128)
     p.add_argument("--retrieval", default=StoreSettings().search_mode, choices=SEARCH_MODES,
                    help="how rag and knn-gated rank chunks (default: the service's store.search_mode)")
-    p.add_argument("--candidate-chunks", type=int, default=16, help="knn-gated: chunks whose rows are read (16: preset default)")
+    p.add_argument("--candidate-chunks", type=int, default=None,
+                   help="knn-gated: chunks whose rows are read (default: preset \"default\": 8)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.prefix > args.span_start:
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
 
     from memlm.index.chunking import Chunker
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, knn_mode, prepare_layer_memories
+    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
             dt = time.perf_counter() - t0
             print(f"ingest: KV memory of {rows:,} tokens in {dt:.1f} s ({rows / dt:.0f} tokens/s)", flush=True)
             config = KNNConfig.from_name("ungated")
-            gated_config = KNNConfig.from_name("default", candidate_chunks=args.candidate_chunks)
+            gated_config = KNNConfig.from_name("default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks)
             mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
         if "rag" in args.methods or "knn-gated" in args.methods:
             from memlm.index.embedding import load_embedder
@@ -158,7 +159,7 @@ def main(argv=None) -> None:
                     with knn_mode(model, mem, config, layer_memories=mems):
                         s = span_nll(model, prefix, span)
                 elif method == "knn-gated":
-                    top = ranked(args.candidate_chunks)
+                    top = ranked(gated_config.candidate_chunks)
                     gated = prepare_layer_memories(model, mem, gated_config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
                     with knn_mode(model, mem, gated_config, layer_memories=gated):
                         s = span_nll(model, prefix, span)
