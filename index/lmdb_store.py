@@ -346,6 +346,12 @@ class LmdbStore:
         raw = txn.get(u64(chunk_id), db=self.dbs(name).chunks)
         return decode_chunk(raw) if raw is not None else None
 
+    def iter_chunk_texts(self, name: str) -> Iterator[tuple[int, str]]:
+        """(chunk id, text) of every stored chunk, ascending by id, in one read snapshot."""
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.dbs(name).chunks):
+                yield from_u64(k), decode_chunk(v).text
+
     def read_vectors(self, name: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(n,) ids -> (found ids (m,), vectors (m, dim)); ids without a vector are left out."""
         dbs = self.dbs(name)

@@ -2,13 +2,12 @@
 `memlm.engine.MemoryReader`).
 
 LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in memory a FAISS
-`VectorIndex` and a `MetadataIndex`, and on disk a BM25 `LexicalIndex` (SQLite FTS5), all derived
-from LMDB. A search is dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
+`VectorIndex`, a `MetadataIndex` and a BM25 `LexicalIndex`, all derived from LMDB. A search is dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
 rank). A write is: validate, chunk and embed (outside any lock), ONE durable LMDB transaction (the
 acknowledgement), then the same change applied to the derived indexes. Index files are snapshots: `collections/<name>/index-<seq>.faiss` holds
 every oplog entry up to `seq`; entries after it are replayed at open, and if no file loads the index
 is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
-The lexical index commits each change itself and is reconciled with LMDB's chunk ids at open.
+The metadata and lexical indexes are filled from LMDB at open.
 
 Concurrency: every method may be called from many threads. LMDB readers run concurrently; writers
 and searches of one collection share a per-collection lock (FAISS is not safe under concurrent
@@ -22,7 +21,6 @@ import logging
 import math
 import re
 import shutil
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -64,7 +62,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_DOC_ID_BYTES = 256  # LMDB keys stop at 511 bytes; leave room
 _INDEX_FILE_RE = re.compile(r"index-(\d{16})\.faiss")
 DEFAULT_TOKENIZER_NAME = "SmolLM2-135M-Instruct"
-LEXICAL_FILE = "lexical.sqlite"
 SEARCH_MODES = ("dense", "lexical", "hybrid")
 
 
@@ -293,8 +290,8 @@ class MemoryStore:
         for _doc_id, header in self._lmdb.iter_doc_headers(name):
             metadata.add(header.chunk_ids, header.metadata)
             docs += 1
-        lexical = self._recover_lexical(name, stored)
-        assert index.ntotal == len(stored) == len(metadata), "index, LMDB and metadata index disagree after recovery"
+        lexical = self._load_lexical(name)
+        assert index.ntotal == len(stored) == len(metadata) == len(lexical), "indexes and LMDB disagree after recovery"
         log.info("collection %r: %s; %d documents, %d chunks, %d vectors", name, how, docs, len(stored), index.ntotal)
         col = _Collection(
             config, index, metadata, lexical, threading.RLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
@@ -303,33 +300,19 @@ class MemoryStore:
             self._snapshot_locked(col)
         return col
 
-    def _recover_lexical(self, name: str, stored: np.ndarray) -> LexicalIndex:
-        """Open the collection's lexical index and bring it to LMDB's chunks; an unreadable file
-        is deleted and rebuilt (it is derived data)."""
-        path = self._dir(name) / LEXICAL_FILE
-
-        def read_texts(ids: list[int]) -> list[str]:
-            with self._lmdb.begin() as txn:
-                return [self._lmdb.read_chunk(name, cid, txn).text for cid in ids]
-
-        def open_reconciled() -> LexicalIndex:
-            lexical = LexicalIndex(path)
-            try:
-                added, removed = lexical.reconcile(stored, read_texts)
-            except BaseException:
-                lexical.close()
-                raise
-            if added or removed:
-                log.info("collection %r: lexical index reconciled (+%d, -%d chunks)", name, added, removed)
-            return lexical
-
-        try:
-            return open_reconciled()
-        except sqlite3.DatabaseError as e:  # unreadable anywhere (header or pages): start over
-            log.warning("collection %r: cannot read %s (%s); rebuilding it", name, path, e)
-            for p in path.parent.glob(LEXICAL_FILE + "*"):  # the file and its -wal / -shm
-                p.unlink(missing_ok=True)
-            return open_reconciled()
+    def _load_lexical(self, name: str) -> LexicalIndex:
+        """The collection's BM25 index, filled from its stored chunk texts."""
+        lexical = LexicalIndex()
+        ids: list[int] = []
+        texts: list[str] = []
+        for cid, text in self._lmdb.iter_chunk_texts(name):
+            ids.append(cid)
+            texts.append(text)
+            if len(ids) == 4096:
+                lexical.add(ids, texts)
+                ids, texts = [], []
+        lexical.add(ids, texts)
+        return lexical
 
     # ---------------------------------------------------------------- collections
 
@@ -394,7 +377,7 @@ class MemoryStore:
             self._lmdb.create_collection(config)
             self._dir(name).mkdir(parents=True, exist_ok=True)
             self._collections[name] = _Collection(
-                config, self._new_index(config), MetadataIndex(), LexicalIndex(self._dir(name) / LEXICAL_FILE),
+                config, self._new_index(config), MetadataIndex(), LexicalIndex(),
                 threading.RLock(), applied_seq=0, snapshot_seq=0,
             )
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
@@ -454,7 +437,6 @@ class MemoryStore:
             with col.lock:
                 self._lmdb.drop_collection(name)
                 col.dropped = True
-                col.lexical.close()
                 del self._collections[name]
                 shutil.rmtree(self._dir(name), ignore_errors=True)
         log.info("dropped collection %r", name)
@@ -817,6 +799,4 @@ class MemoryStore:
                 self.snapshot()
             finally:
                 self._closed = True
-                for col in self._collections.values():
-                    col.lexical.close()
                 self._lmdb.close()

@@ -1,76 +1,82 @@
-"""LexicalIndex (SQLite FTS5 BM25) and reciprocal rank fusion, on their own."""
+"""LexicalIndex (in-memory BM25) and reciprocal rank fusion, on their own."""
 from __future__ import annotations
 
-import sqlite3
+import math
 
 import numpy as np
 import pytest
 
 from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
-from memlm.index.lexical_index import LexicalIndex, match_expression, query_terms
+from memlm.index.lexical_index import LexicalIndex, query_terms, terms
 
 FILLER = [f"Paragraph {i} explains how the parser reads a token and returns the next key of the table." for i in range(40)]
 NEEDLE = "The pass key is 48213. Remember it. 48213 is the pass key."
 
 
-def make(path=None) -> LexicalIndex:
-    ix = LexicalIndex(path)
+def make() -> LexicalIndex:
+    ix = LexicalIndex()
     ix.add(list(range(40)), FILLER)
     ix.add([1000], [NEEDLE])
     return ix
 
 
-def test_query_terms():
+def test_analysis():
+    assert terms("What is the Pass-key? THE pass key is") == ["pass", "key", "pass", "key"]
     assert query_terms("What is the pass key? The pass key is") == ["pass", "key"]
-    assert query_terms("What is it?") == ["what", "is", "it"]  # nothing but stop words: keep them
-    assert query_terms("Ünïcode naïve, naïve!") == ["ünïcode", "naïve"]
-    assert query_terms("  ?! ") == []
-    assert match_expression(['a"b', "or"]) == '"a""b" OR "or"'  # quoted: no word is an FTS5 operator
+    assert query_terms("What is it?") == []  # stop words only: nothing to match on
+    assert query_terms("Ünïcode naïve, naïve! crypt_r") == ["ünïcode", "naïve", "crypt_r"]
 
 
-def test_bm25_ranks_the_rare_words_first():
+def test_bm25_scores_and_ranks():
     ix = make()
     scores, ids = ix.search("What is the pass key? The pass key is", k=5)
     assert ids[0] == 1000 and len(ids) == 5  # "key" is in every paragraph, "pass" only in the needle
     assert np.all(np.diff(scores) <= 0)
-    assert ix.search("passing keys", k=1)[1].tolist() == [1000]  # Porter stemming: passing -> pass
+    # Okapi BM25 by hand for the needle: "pass" (df 1) twice and "key" (df 41) twice in 9 words
+    n, avg = 41, (sum(len(terms(t)) for t in FILLER) + len(terms(NEEDLE))) / 41
+
+    def part(df, tf, length):
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        return idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * length / avg))
+
+    expect = part(1, 2, len(terms(NEEDLE))) + part(41, 2, len(terms(NEEDLE)))
+    assert scores[0] == pytest.approx(expect, rel=1e-5)
     assert ix.search("PASS", k=3)[1].tolist() == [1000]  # case folded; one match
     assert ix.search("zebra", k=3)[1].tolist() == []
     assert ix.search("", k=3)[1].tolist() == []
-    assert ix.search('" OR NEAR( pass', k=3)[1].tolist() == [1000]  # operators are just words
+    assert ix.search("key", k=0)[1].tolist() == []
 
 
-def test_filters_both_paths():
+def test_filters():
     ix = make()
-    q = "pass key"
-    # small allowed set: joined in SQL; ids outside the index are ignored
-    assert ix.search(q, k=3, allowed_ids=np.array([5, 7, 99999]))[1].tolist() in ([5, 7], [7, 5])
-    assert ix.search(q, k=3, allowed_ids=np.array([], np.int64))[1].tolist() == []
-    # large allowed set: paged through the ranking
-    big = np.setdiff1d(np.arange(30_000), [1000])
-    assert ix.search(q, k=3)[1][0] == 1000
-    assert ix.search(q, k=3, allowed_ids=big)[1].tolist() == ix.search(q, k=4)[1][1:].tolist()
-    assert len(ix.search(q, k=50, allowed_ids=big)[1]) == 40  # pages until every match was seen
+    got = ix.search("pass key", k=3, allowed_ids=np.array([5, 7, 99999]))[1].tolist()
+    assert got == [5, 7]  # equal scores: ties by chunk id; ids outside the index are ignored
+    assert ix.search("pass key", k=3, allowed_ids=np.array([], np.int64))[1].tolist() == []
+    everything_but = np.setdiff1d(np.arange(30_000), [1000])
+    assert ix.search("pass key", k=3, allowed_ids=everything_but)[1].tolist() == ix.search("pass key", k=4)[1][1:].tolist()
 
 
-def test_apply_is_atomic_and_persists(tmp_path):
-    path = tmp_path / "lex.sqlite"
-    ix = make(path)
-    with pytest.raises(sqlite3.IntegrityError):
-        ix.apply([1000], ["a duplicate id"], remove_ids=[3])  # the add fails: the removal is rolled back too
-    assert 3 in ix.ids() and len(ix) == 41
+def test_add_remove_compact():
+    ix = make()
     with pytest.raises(ValueError, match="2 ids but 1 texts"):
-        ix.apply([1, 2], ["one"])
-    ix.apply([2000], ["a brand new zebra"], remove_ids=[1000])
-    ix.close()
-    ix2 = LexicalIndex(path)
-    assert len(ix2) == 41 and ix2.search("zebra", 1)[1].tolist() == [2000] and ix2.search("48213", 1)[1].tolist() == []
-    # reconcile to a stored set: drops what is gone, reads what is missing
-    stored = np.array([0, 1, 2000, 3000], np.int64)
-    added, removed = ix2.reconcile(stored, lambda ids: [f"text of {i} okapi" for i in ids])
-    assert (added, removed) == (1, 38) and ix2.ids().tolist() == stored.tolist()
-    assert ix2.search("okapi", 3)[1].tolist() == [3000]
-    ix2.close()
+        ix.add([1, 2], ["one"])
+    with pytest.raises(ValueError, match="already held or repeated"):
+        ix.add([1000], ["a duplicate id"])
+    assert len(ix) == 41 and 1000 in ix
+    ix.apply([2000], ["a brand new zebra"], remove_ids=[1000, 424242])  # unknown ids ignored
+    assert 1000 not in ix and ix.search("48213", 5)[1].tolist() == [] and ix.search("zebra", 1)[1].tolist() == [2000]
+    before = ix.search("parser token", 50)
+    ix.remove(range(0, 40, 2))
+    assert set(ix.search("parser token", 50)[1].tolist()) == set(range(1, 40, 2))
+    ix._compact()  # what many removals trigger: dead postings dropped, slots renumbered
+    assert ix.ids().tolist() == list(range(1, 40, 2)) + [2000]
+    after = ix.search("parser token", 50)
+    assert set(after[1].tolist()) == set(range(1, 40, 2)) and len(before[1]) == 40
+    assert ix.search("zebra", 1)[1].tolist() == [2000]
+    big = LexicalIndex()
+    big.add(list(range(3000)), [f"word{i % 7} filler" for i in range(3000)])
+    big.remove(range(2500))  # more removed than live: compacts by itself
+    assert big._dead == 0 and len(big) == 500 and big.search("word3", 1000)[1].min() >= 2500
 
 
 def test_reciprocal_rank_fusion():

@@ -80,40 +80,6 @@ def test_bad_index_file_triggers_rebuild(store_factory, tmp_path, caplog, damage
     assert len(list((tmp_path / "data" / "collections" / "c").glob("index-*.faiss"))) == 1  # rewritten
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt", "behind", "ahead"])
-def test_lexical_index_is_repaired_at_open(store_factory, tmp_path, caplog, damage):
-    """The BM25 file is derived data: lost, unreadable, or out of step with LMDB (a crash between
-    the LMDB commit and its own), open brings it back to exactly LMDB's chunks."""
-    import sqlite3
-
-    s = store_factory()
-    s.create_collection("c")
-    s.ingest("c", [doc(i) for i in range(6)])
-    s.delete("c", ["d2"])
-    s.close()
-    path = tmp_path / "data" / "collections" / "c" / "lexical.sqlite"
-    assert path.exists()
-    if damage == "missing":
-        path.unlink()
-    elif damage == "corrupt":
-        for p in path.parent.glob("lexical.sqlite*"):
-            p.unlink()
-        path.write_bytes(b"this is not an SQLite database" * 100)
-    else:
-        db = sqlite3.connect(path)
-        if damage == "behind":  # the last ingest never reached it
-            db.execute("DELETE FROM chunks WHERE rowid = (SELECT max(rowid) FROM chunks)")
-        else:  # a deleted document's chunk is still there
-            db.execute("INSERT INTO chunks (rowid, text) VALUES (?, ?)", (10**9, "stale keyword2 entry"))
-        db.commit()
-        db.close()
-    with caplog.at_level(logging.INFO, logger="memlm.index.memory_store"):
-        s2 = store_factory()
-    assert ("rebuilding it" if damage == "corrupt" else "lexical index reconciled") in caplog.text
-    check_consistent(s2, "c", {"d0", "d1", "d3", "d4", "d5"}, {"d2"})
-    assert not s2.search("c", "stale", k=5, mode="lexical")
-
-
 CHILD = textwrap.dedent(
     """
     import sys
