@@ -4,7 +4,7 @@
 
 1. In-process `MemoryStore`, timed by stage from the store's own Prometheus histogram
    (memlm_ingest_stage_seconds): chunk (tokenizer), embed, store (the durable LMDB commit),
-   index (FAISS + metadata index + snapshots). Goal: store + index at most 15% of embed.
+   index (FAISS + metadata and lexical indexes + snapshots). Goal: store + index at most 15% of embed.
 2. Over gRPC: the real server and client, end to end, chunks/s.
 """
 from __future__ import annotations

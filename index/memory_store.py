@@ -52,7 +52,7 @@ from memlm.index.vector_index import IndexFileError, VectorIndex
 log = logging.getLogger(__name__)
 
 # Where ingest time goes (benchmarks/ingest.py reads the sums): chunk = tokenizing, embed = the
-# embedder, store = the durable LMDB commit, index = FAISS and metadata-index updates + snapshots.
+# embedder, store = the durable LMDB commit, index = FAISS, metadata- and lexical-index updates + snapshots.
 INGEST_STAGE_SECONDS = Histogram(
     "memlm_ingest_stage_seconds", "Ingest call time by stage", ["stage"],
     buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60),
