@@ -14,8 +14,9 @@
         decode tokens/s  = (new tokens - 1) / decode seconds   (the first token comes from prefill)
     and the ratio knn / none. Loading the memory (prepare_layer_memories: read, re-rotate, fill the FAISS fp16 indexes) is a
     one-off per memory and reported on its own. knn-gated (the service default, knn.candidate_chunks
-    = `--candidate-chunks`, preset "default"): per request, the prompt's top chunks by MiniLM, their rows read from the
-    segment files ("gated load", paid by every request, embedding search included), then the same
+    = `--candidate-chunks`, preset "default"): per request, the prompt's top chunks by the store's
+    search (`ranking.ChunkRanker`, the service's mode: hybrid), their rows read from the
+    segment files ("gated load", paid by every request, the search included), then the same
     generation over those rows only.
 
 Full-size run (~15-25 min on a quiet 2-core machine: (a) 4 passes over 16k tokens at ~200-350
@@ -40,11 +41,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CHUNK_ID_STRIDE, CorpusMemory, default_cache_root  # noqa: E402
+from ranking import ChunkRanker  # noqa: E402
+
+from memlm.config import StoreSettings  # noqa: E402
 
 PROMPT = "Explain in one paragraph what the standard library offers for reading and writing files:"
 
@@ -96,12 +99,13 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=str(default_cache_root()))
     p.add_argument("--skip-build", action="store_true", help="only (b)")
     p.add_argument("--skip-generation", action="store_true", help="only (a)")
-    p.add_argument("--candidate-chunks", type=int, default=16, help="knn-gated: chunks whose rows are read (16: preset default)")
+    p.add_argument("--candidate-chunks", type=int, default=None,
+                   help="knn-gated: chunks whose rows are read (default: preset \"default\": 8)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, knn_mode, prepare_layer_memories, resolve_layers
+    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, resolve_layers
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -157,7 +161,8 @@ def main(argv=None) -> None:
         embedder = load_embedder("all-MiniLM-L6-v2")
         corpus.ensure_vectors(m_max, embedder)
         config = KNNConfig.from_name("ungated")
-        gated_config = KNNConfig.from_name("default", candidate_chunks=args.candidate_chunks)
+        gated_config = KNNConfig.from_name(
+            "default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks)
         table = []
         scratch = Path(args.cache_dir) / "trials"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -170,14 +175,15 @@ def main(argv=None) -> None:
                 load_s = time.perf_counter() - t0
                 timed_greedy(model, prompt, 2)  # warm-up
                 vecs, where = corpus.vectors(corpus.documents_for_tokens(n))
+                ranker = ChunkRanker(embedder, vecs, lambda r: tok.decode(corpus.chunks(where[r][0])[where[r][1]]))
+                ranker.rank(StoreSettings().search_mode, args.prompt, 1)  # builds the BM25 index (the store keeps one)
                 none, knn, gated, gated_load = [], [], [], []
                 for _ in range(args.repeats):
                     none.append(timed_greedy(model, prompt, args.new_tokens))
                     with knn_mode(model, mem, config, layer_memories=mems):
                         knn.append(timed_greedy(model, prompt, args.new_tokens))
                     t0 = time.perf_counter()
-                    qv = embedder.embed([args.prompt])[0]  # (384,)
-                    top = np.argsort(-(vecs @ qv))[: args.candidate_chunks]
+                    top = ranker.rank(StoreSettings().search_mode, args.prompt, gated_config.candidate_chunks)
                     rows = prepare_layer_memories(model, mem, gated_config,
                                                   chunks=[where[r][0] * CHUNK_ID_STRIDE + where[r][1] for r in top])
                     gated_load.append(time.perf_counter() - t0)
