@@ -78,6 +78,8 @@ def main(argv=None) -> None:
     p.add_argument("--knn-overlap", type=int, default=128)
     p.add_argument("--retrieval", default=StoreSettings().search_mode, choices=SEARCH_MODES,
                    help="how rag and knn-gated rank chunks (default: the service's store.search_mode)")
+    p.add_argument("--follow-chunks", type=int, default=None,
+                   help="knn-gated: chunks after each candidate also read (default: the preset's)")
     p.add_argument("--candidate-chunks", type=int, default=None,
                    help="knn-gated: chunks whose rows are read (default: preset \"default\": 8)")
     p.add_argument("--threads", type=int, default=2)
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
 
     from memlm.index.chunking import Chunker
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories
+    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, with_following
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -130,7 +132,9 @@ def main(argv=None) -> None:
             dt = time.perf_counter() - t0
             print(f"ingest: KV memory of {rows:,} tokens in {dt:.1f} s ({rows / dt:.0f} tokens/s)", flush=True)
             config = KNNConfig.from_name("ungated")
-            gated_config = KNNConfig.from_name("default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks)
+            gated_config = KNNConfig.from_name(
+                "default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks,
+                follow_chunks=PRESETS["default"].follow_chunks if args.follow_chunks is None else args.follow_chunks)
             mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
         if "rag" in args.methods or "knn-gated" in args.methods:
             from memlm.index.embedding import load_embedder
@@ -159,7 +163,9 @@ def main(argv=None) -> None:
                     with knn_mode(model, mem, config, layer_memories=mems):
                         s = span_nll(model, prefix, span)
                 elif method == "knn-gated":
-                    top = ranked(gated_config.candidate_chunks)
+                    top = with_following(ranked(gated_config.candidate_chunks),
+                                         lambda c, n: [(c[0], j) for j in range(c[1] + 1, min(c[1] + 1 + n, len(docs[c[0]][1])))],
+                                         gated_config.follow_chunks)
                     gated = prepare_layer_memories(model, mem, gated_config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
                     with knn_mode(model, mem, gated_config, layer_memories=gated):
                         s = span_nll(model, prefix, span)

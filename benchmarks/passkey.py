@@ -120,7 +120,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 KNN_CONFIGS = {
     # name: overrides of KNNConfig(); run by default
-    "gated": dict(candidate_chunks=8, positions="ranked", top_k=64),  # = PRESETS["default"], the service's (checked in run)
+    "gated": dict(candidate_chunks=8, follow_chunks=2, positions="ranked", top_k=64),  # = PRESETS["default"], the service's (checked in run)
     "ungated": {},  # = PRESETS["ungated"]: every row of the memory searched
 }
 SWEEP = {
@@ -156,7 +156,9 @@ SWEEP = {
     "gated-keep-sinks": dict(candidate_chunks=16, positions="ranked", top_k=64, min_memory_position=0),
     "gated16": dict(candidate_chunks=16, positions="ranked", top_k=64),  # session 3's default
     "gated4": dict(candidate_chunks=4, positions="ranked", top_k=64),
-    "gated8": dict(candidate_chunks=8, positions="ranked", top_k=64),  # = "gated" since session 4
+    "gated8": dict(candidate_chunks=8, positions="ranked", top_k=64),  # no following chunks
+    "gated-follow1": dict(candidate_chunks=8, positions="ranked", top_k=64, follow_chunks=1),
+    "gated-follow2": dict(candidate_chunks=8, positions="ranked", top_k=64, follow_chunks=2),  # = "gated"
     "gated4-all": dict(candidate_chunks=4, positions="ranked", top_k=256),  # every row of 4 chunks
     "gated8-all": dict(candidate_chunks=8, positions="ranked", top_k=512),
 }
@@ -178,6 +180,12 @@ class TrialRanker:
     def text(self, i: int, j: int) -> str:
         return self.corpus.tokenizer.decode((self.needled if i == self.at else self.corpus.chunks(i))[j])
 
+    def following(self, chunk: tuple[int, int], n: int) -> list[tuple[int, int]]:
+        """The (up to) n chunks after `chunk` in its document."""
+        i, j = chunk
+        count = len(self.needled if i == self.at else self.corpus.chunks(i))
+        return [(i, c) for c in range(j + 1, min(j + 1 + n, count))]
+
     def rank(self, retrieval: str, query: str, k: int) -> list[tuple[int, int]]:
         """The k best chunks (doc, chunk), best first."""
         return [self.cand[r] for r in self.ranker.rank(retrieval, query, k)]
@@ -194,7 +202,7 @@ def run(args) -> None:
     def label(retrieval) -> str:  # methods on the service's retrieval keep their plain names
         return "" if retrieval in (None, DEFAULT_RETRIEVAL) else f"@{retrieval}"
 
-    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories
+    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, with_following
 
     assert replace(KNNConfig(), **KNN_CONFIGS["gated"]) == PRESETS["default"], "keep KNN_CONFIGS in step with PRESETS"
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
@@ -293,7 +301,8 @@ def run(args) -> None:
                             cfg = replace(KNNConfig(), **knn_configs[name])
                             t1 = time.perf_counter()
                             if cfg.candidate_chunks:  # the service's chunk gate: the prompt's top chunks by its search
-                                top = ranker.rank(retrieval, QUESTION, cfg.candidate_chunks)
+                                top = with_following(ranker.rank(retrieval, QUESTION, cfg.candidate_chunks),
+                                                     ranker.following, cfg.follow_chunks)
                                 ids = [NEEDLE_CHUNK_BASE + j if i == at else i * CHUNK_ID_STRIDE + j for i, j in top]
                                 read = prepare_layer_memories(model, mem, cfg, chunks=ids)
                             else:  # the whole memory, loaded once per trial for every ungated config

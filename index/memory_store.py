@@ -731,6 +731,17 @@ class MemoryStore:
                 out.append(rec)
         return out
 
+    def following_chunks(self, name: str, chunk_id: int, n: int) -> list[int]:
+        """The ids of the (up to) n chunks after `chunk_id` in its document, in order; [] for an
+        unknown chunk (deleted since it was found)."""
+        self._collection(name)
+        with self._lmdb.begin() as txn:
+            rec = self._lmdb.read_chunk(name, int(chunk_id), txn)
+            header = self._lmdb.read_doc_header(name, rec.doc_id, txn) if rec is not None else None
+        if header is None or n <= 0:
+            return []
+        return list(header.chunk_ids[rec.chunk_index + 1 : rec.chunk_index + 1 + n])
+
     def chunk_ids(self, name: str) -> np.ndarray:
         """Every stored chunk id of a collection, ascending (int64): what derived data must hold."""
         self._collection(name)

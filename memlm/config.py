@@ -66,6 +66,10 @@ class KnnSettings(BaseModel):
         "store's search (store.search_mode) ranks first for its prompt (as rag does; `filter` applies); None = the preset's "
         "(8 for 'default'), 0 = every row (needs a preset without 'ranked' positions, e.g. 'ungated')",
     )
+    follow_chunks: Optional[int] = Field(
+        None, ge=0, le=16, description="chunk-gated knn: each candidate chunk also brings the next N chunks "
+        "of its document; None = the preset's (2 for 'default')",
+    )
     preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: 'default' (chunk-gated), 'ungated' "
                         "(every row of the memory searched), 'fixed'; sets positions, gating, per-head retrieval, codec")
     window: int = Field(1024, gt=1, description="tokens per forward pass when building memory")

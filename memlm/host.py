@@ -19,7 +19,8 @@ the memory built), one sync per kv collection at start-up (crash repair), and th
 the start of every knn job. A knn job runs `generate_tokens` inside `knn_mode`. With
 `knn.candidate_chunks` = M > 0 (chunk-gated knn), `generate()` first searches the collection for
 the prompt like rag does (M chunks, `filter` applies) and the job's memory is only those chunks'
-rows (the default preset; "ungated" reads the whole memory); the result cites them.
+rows and those of the `follow_chunks` chunks after each in its document (the default preset;
+"ungated" reads the whole memory); the result cites the M chunks found.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ from memlm.index.kv_memory import KVMemory
 from memlm.memory_attention import CODECS, PQ_MIN_TRAIN_ROWS, FaissKV, KVStore, TensorKV
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ATTN_NAME = "memlm_knn"
 LAYER_PRESETS = ("all", "all_but_first", "every4", "middle_third", "last_half", "first_half", "upper_two_thirds")
@@ -101,6 +102,9 @@ class KNNConfig:
     # chunks the caller ranks first for the prompt (the service: the collection's search, hybrid
     # embedding + BM25 by default, the same as rag's), passed to prepare_layer_memories as `chunks`.
     candidate_chunks: int = 0
+    # Gated only: each candidate chunk brings the next `follow_chunks` chunks of its document too
+    # (what comes after a match is what a continuation needs; see `with_following`).
+    follow_chunks: int = 0
     codec: str = "fp16"  # RAM format on CPU, a CODECS name: "fp16" | "pq" (keys and values product-quantized)
     pq_m: int = 16  # "pq": sub-quantizers = bytes per key and per value, per KV head; must divide head_dim
     pq_train_rows: int = 16384  # "pq": rows per head and layer sampled to train the codebooks (bounds load time)
@@ -116,6 +120,10 @@ class KNNConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
         if self.candidate_chunks < 0:
             raise ValueError(f"candidate_chunks={self.candidate_chunks} must be >= 0 (0: search every row)")
+        if self.follow_chunks < 0:
+            raise ValueError(f"follow_chunks={self.follow_chunks} must be >= 0")
+        if self.follow_chunks and not self.candidate_chunks:
+            raise ValueError("follow_chunks extends the candidate chunks: it needs candidate_chunks > 0")
         if self.positions == "ranked" and not self.candidate_chunks:
             raise ValueError("positions='ranked' orders the rows of ranked chunks: it needs candidate_chunks > 0")
         if self.codec not in CODECS:
@@ -183,16 +191,33 @@ class KNNConfig:
 #   .venv/bin/python benchmarks/passkey.py --lengths 65536 131072 --trials 20 --haystacks stdlib \
 #       --methods knn --knn gated16 gated4 gated8 gated4-all gated8-all --threads 2
 #   4 chunks 38/40, 8 chunks 39/40, 16 chunks 33/40 (dense: 32/40), 4 or 8 chunks with every row
-#   38 and 39: 8 chunks, k 64. Over the three kinds x 4k-128k x 10 trials: 119/120 (README).
+#   38 and 39: 8 chunks, k 64 (those with the first, SQLite FTS5 BM25; the in-memory one since).
+# Then following chunks (`follow_chunks`: each candidate brings the next N of its document), for
+# memory recall (continuing a document wants what comes after the match) without losing the key:
+#   .venv/bin/python benchmarks/passkey.py --lengths 65536 131072 --trials 20 --haystacks stdlib \
+#       --methods knn --knn gated8 gated-follow1 gated-follow2 --threads 1
+#   stdlib 64k + 128k: 0 following 40/40, 1: 39/40, 2: 39/40; memory recall perplexity
+#   (benchmarks/memory_recall.py --follow-chunks N): 5.64, 2.97, 2.11 -> 2 following chunks.
 PRESETS: dict[str, KNNConfig] = {
-    # the service's default: the prompt's 8 best chunks by the store's (hybrid) search, laid out
-    # by rank, 64 of their ~500 rows per query head and layer
-    "default": KNNConfig(candidate_chunks=8, positions="ranked", top_k=64),
+    # the service's default: the prompt's 8 best chunks by the store's (hybrid) search, each with
+    # the 2 chunks after it, laid out by rank, 64 of their ~1,500 rows per query head and layer
+    "default": KNNConfig(candidate_chunks=8, follow_chunks=2, positions="ranked", top_k=64),
     # every row searched: layers all_but_first, k 8, per query head, original positions, sinks dropped
     "ungated": KNNConfig(),
     # session 1's default: no rotation at load (the form PQ codes on disk and the GPU kernels read as is)
     "fixed": KNNConfig(layers="all", top_k=8, positions="fixed", local_offset=0, min_memory_position=0),
 }
+
+
+def with_following(ranked: Sequence[T], following: Callable[[T, int], Sequence[T]], n: int) -> list[T]:
+    """Chunk-gated knn's read list: each ranked chunk (best first), then up to `n` chunks that follow
+    it in its document (`following(chunk, n)`), each chunk once, where it first appears."""
+    out: dict[T, None] = {}
+    for c in ranked:
+        out.setdefault(c, None)
+        for f in following(c, n) if n else ():
+            out.setdefault(f, None)
+    return list(out)
 
 
 def resolve_layers(spec: Union[str, Sequence[int]], num_layers: int) -> tuple[int, ...]:

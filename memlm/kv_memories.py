@@ -38,7 +38,9 @@ import numpy as np
 from memlm.config import KnnSettings
 from memlm.errors import FailedPrecondition
 from memlm.index.kv_memory import MANIFEST, KVMemory
-from memlm.knn_memory import PRESETS, KNNConfig, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
+from memlm.knn_memory import (
+    PRESETS, KNNConfig, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers, with_following,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ class KVMemories:
         self._layers = resolve_layers(_layer_spec(settings.layers), model.config.num_hidden_layers)
         if settings.preset not in PRESETS:
             raise ValueError(f"knn.preset={settings.preset!r} is not one of {sorted(PRESETS)}")
-        gating = {} if settings.candidate_chunks is None else {"candidate_chunks": settings.candidate_chunks}
+        gating = {name: value for name in ("candidate_chunks", "follow_chunks")
+                  if (value := getattr(settings, name)) is not None}
         self.config = KNNConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
         self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
         # (name, created_at) -> (memory state, loaded layer memories, layers read), most recent last
@@ -180,6 +183,8 @@ class KVMemories:
         if bool(config.candidate_chunks) != (chunks is not None):
             raise ValueError(f"knn config reads {config.candidate_chunks or 'all'} chunks; got chunks={chunks!r}")
         if chunks is not None:  # a few chunks' rows, read from disk per generation: nothing stays resident
+            chunks = with_following(list(chunks), lambda c, n: self.store.following_chunks(name, c, n),
+                                    config.follow_chunks)
             return knn_mode(self.model, mem, config, layer_memories=prepare_layer_memories(self.model, mem, config, chunks=chunks))
         key = (name, collection.created_at)
         state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks))

@@ -119,6 +119,21 @@ def test_search_modes(store_factory):
     assert s.search("orders", "cancelled", k=1, mode="lexical")[0].doc_id == "order-a"
 
 
+def test_following_chunks(store_factory):
+    s = store_factory()
+    s.create_collection("c", chunk_tokens=8)
+    long_text = " ".join(f"Sentence number {i} talks about astronomy and telescopes." for i in range(6))
+    (r,) = s.ingest("c", [Document("d", long_text), Document("e", "short one")])[:1]
+    ids = list(r.chunk_ids)
+    assert s.following_chunks("c", ids[0], 2) == ids[1:3]
+    assert s.following_chunks("c", ids[-2], 5) == ids[-1:]  # the document's end
+    assert s.following_chunks("c", ids[-1], 1) == [] and s.following_chunks("c", ids[0], 0) == []
+    s.delete("c", ["d"])
+    assert s.following_chunks("c", ids[0], 2) == []  # gone since it was found
+    with pytest.raises(NotFound):
+        s.following_chunks("nope", 1, 1)
+
+
 def test_search_mode_setting_and_errors(store_factory, embedder):
     s = store_factory(StoreSettings(search_mode="dense"))
     s.create_collection("orders")

@@ -377,6 +377,25 @@ def test_ranked_positions_lay_the_chunks_out_before_the_prompt_best_last(lm, tmp
         prepare_layer_memories(model, mem, config)
 
 
+def test_with_following_adds_each_chunks_successors_after_it_once():
+    from memlm.knn_memory import KNNConfig, with_following
+
+    doc = {1: [1, 2, 3], 2: [1, 2, 3], 3: [1, 2, 3], 7: [7, 8]}  # chunk -> its document's chunks
+
+    def following(c, n):
+        chunks = doc[c]
+        return chunks[chunks.index(c) + 1 : chunks.index(c) + 1 + n]
+
+    assert with_following([2, 7, 1], following, 1) == [2, 3, 7, 8, 1]
+    assert with_following([2, 7, 1], following, 2) == [2, 3, 7, 8, 1]  # 2 has only one successor; 2 seen once
+    assert with_following([3, 7], following, 0) == [3, 7]
+    assert with_following([], following, 1) == []
+    with pytest.raises(ValueError, match="follow_chunks extends"):
+        KNNConfig(follow_chunks=1)
+    with pytest.raises(ValueError, match="follow_chunks=-1"):
+        KNNConfig(candidate_chunks=4, follow_chunks=-1)
+
+
 def test_knn_config_rejects_bad_codec_settings():
     from memlm.knn_memory import KNNConfig
 
