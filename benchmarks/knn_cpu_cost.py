@@ -15,7 +15,8 @@
     and the ratio knn / none. Loading the memory (prepare_layer_memories: read, re-rotate, fill the FAISS fp16 indexes) is a
     one-off per memory and reported on its own. knn-gated (the service default, knn.candidate_chunks
     = `--candidate-chunks`, preset "default"): per request, the prompt's top chunks by the store's
-    search (`ranking.ChunkRanker`, the service's mode: hybrid), their rows read from the
+    search (`ranking.ChunkRanker`, the service's mode: hybrid) and the preset's following chunks
+    of each (`follow_chunks`), their rows read from the
     segment files ("gated load", paid by every request, the search included), then the same
     generation over those rows only.
 
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, resolve_layers
+    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, resolve_layers, with_following
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -183,9 +184,12 @@ def main(argv=None) -> None:
                     with knn_mode(model, mem, config, layer_memories=mems):
                         knn.append(timed_greedy(model, prompt, args.new_tokens))
                     t0 = time.perf_counter()
-                    top = ranker.rank(StoreSettings().search_mode, args.prompt, gated_config.candidate_chunks)
+                    top = with_following(
+                        [where[r] for r in ranker.rank(StoreSettings().search_mode, args.prompt, gated_config.candidate_chunks)],
+                        lambda c, f: [(c[0], j) for j in range(c[1] + 1, min(c[1] + 1 + f, len(corpus.chunks(c[0]))))],
+                        gated_config.follow_chunks)
                     rows = prepare_layer_memories(model, mem, gated_config,
-                                                  chunks=[where[r][0] * CHUNK_ID_STRIDE + where[r][1] for r in top])
+                                                  chunks=[i * CHUNK_ID_STRIDE + j for i, j in top])
                     gated_load.append(time.perf_counter() - t0)
                     with knn_mode(model, mem, gated_config, layer_memories=rows):
                         gated.append(timed_greedy(model, prompt, args.new_tokens))
