@@ -9,13 +9,14 @@ key is" and greedily generates 10 tokens; a trial counts when the key appears in
   context window (8,192 minus the question and a margin), then the question. At N below the
   window this is full-context reading, the upper bound; beyond it the needle is read only when it
   lies in the kept tail (`in_window` on the trial line says whether it did).
-- rag: every document in 64-token chunks (the store's Chunker) embedded with the bundled MiniLM;
-  the top-4 chunks for "What is the pass key?" (in document order), then the question.
+- rag: every document in 64-token chunks (the store's Chunker); the top-4 chunks for "What is the
+  pass key?" by the store's search (`--retrieval`, default the service's: hybrid MiniLM + BM25,
+  `ranking.ChunkRanker`), in document order, then the question.
 - knn: the documents in a KVMemory, each its own token stream (as ingest stores them, window
   1,024, overlap 128, all 30 layers); the local context is ONLY the question. Each `--knn` config
   (memlm.knn_memory presets / overrides) is evaluated on the same memory; by default "gated" (the
-  service's default: the rows of the 16 chunks MiniLM ranks first for the question, as the
-  store's search would, laid out by rank) and "ungated" (every row searched).
+  service's default: the rows of the 8 chunks the store's search ranks first for the question,
+  each with the 2 chunks after it, laid out by rank) and "ungated" (every row searched).
 Haystack kinds (corpus.HAYSTACK_KINDS): "filler" (five sentences repeated), "prose" (generated
 varied sentences), "stdlib" (docstring paragraphs of Python's standard library: real text).
 
