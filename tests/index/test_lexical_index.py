@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
@@ -88,3 +90,45 @@ def test_reciprocal_rank_fusion():
     with pytest.raises(ValueError, match="2 ranked lists but 1 weights"):
         reciprocal_rank_fusion([np.array([1]), np.array([2])], k=2, weights=[1])
     assert fusion_depth(16) == 32
+
+
+def brute_force_bm25(docs: dict[int, str], query: str) -> dict[int, float]:
+    """Okapi BM25 straight from its definition, over the live documents only."""
+    toks = {i: terms(t) for i, t in docs.items()}
+    n, avg = len(toks), sum(map(len, toks.values())) / max(len(toks), 1)
+    out: dict[int, float] = {}
+    for term in query_terms(query):
+        df = sum(term in t for t in toks.values())
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, t in toks.items():
+            tf = t.count(term)
+            if tf:
+                out[i] = out.get(i, 0.0) + idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(t) / avg))
+    return out
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "the", "is", "omega", "x1"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.lists(st.sampled_from(WORDS), min_size=1, max_size=12)),
+                min_size=1, max_size=60),
+       st.lists(st.sampled_from(WORDS), min_size=1, max_size=4))
+def test_matches_a_brute_force_bm25_through_adds_removes_and_compaction(ops, query_words):
+    ix, live = LexicalIndex(), {}
+    for add, cid, words in ops:
+        if add and cid not in live:
+            ix.add([cid], [" ".join(words)])
+            live[cid] = " ".join(words)
+        elif not add:
+            ix.remove([cid])
+            live.pop(cid, None)
+    query = " ".join(query_words)
+    expect = brute_force_bm25(live, query)
+    assert sorted(ix.ids().tolist()) == sorted(live)
+    # before compaction removed chunks still count in df (as in Lucene): the same chunks match
+    assert set(ix.search(query, 100)[1].tolist()) == {i for i, s in expect.items() if s > 0}
+    ix._compact()  # afterwards the scores are exactly BM25 over the live chunks
+    scores, ids = ix.search(query, 100)
+    assert dict(zip(ids.tolist(), scores.tolist())) == pytest.approx({i: s for i, s in expect.items() if s > 0}, rel=1e-5)
+    assert np.all(np.diff(scores) <= 0)
