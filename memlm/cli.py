@@ -218,6 +218,7 @@ def ask(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: List[str] = typer.Option([], "--stop", help="stop sequence (repeatable)"),
     filter: Optional[str] = typer.Option(None, "--filter", help="JSON metadata filter for retrieval"),
+    search_mode: Optional[str] = typer.Option(None, "--search-mode", help="retrieval: dense, lexical or hybrid; default: the server's"),
     address: str = AddressOpt,
     api_key: Optional[str] = ApiKeyOpt,
     timeout: float = TimeoutOpt,
@@ -227,6 +228,7 @@ def ask(
         stream = client.generate(
             prompt, collection=collection, memory=memory, k=k, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, stop=stop, filter=_parse_filter(filter),
+            search_mode=search_mode,
         )
         for piece in stream:
             sys.stdout.write(piece)

@@ -324,16 +324,18 @@ class Client:
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
         stop: Sequence[str] = (),
+        search_mode: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> GenerationStream:
         """Stream a completion. `memory="rag"` needs a collection; `memory="none"` does not.
-        0 for `k` / `max_new_tokens` means the server's default."""
+        0 for `k` / `max_new_tokens` means the server's default. `search_mode`: how rag and
+        chunk-gated knn search the collection ("dense", "lexical", "hybrid"; None: the server's)."""
         mode = MemoryMode.parse(memory)
         if mode is not MemoryMode.NONE and not collection:
             raise InvalidArgument(f"memory={mode.value!r} reads a collection: pass collection=...")
         request = pb.GenerateRequest(
             collection=collection, memory=wire.memory_mode_to_pb(mode), k=k, max_new_tokens=max_new_tokens,
-            stop=list(stop),
+            stop=list(stop), search_mode=search_mode or "",
         )
         if (prompt is None) == (messages is None):
             raise InvalidArgument("pass exactly one of prompt or messages")

@@ -48,6 +48,7 @@ class MemoryReader(Protocol):
         vector: Optional[np.ndarray] = None,
         k: int = 10,
         filter: Optional[Filter] = None,
+        mode: Optional[str] = None,
     ) -> list[SearchHit]: ...
 
 
@@ -78,6 +79,7 @@ class GenerationRequest:
     filter: Optional[Filter] = None
     sampling: SamplingParams = SamplingParams()
     request_id: str = ""
+    search_mode: Optional[str] = None  # rag / gated knn: "dense" | "lexical" | "hybrid"; None: the store's
 
 
 @dataclass(frozen=True)

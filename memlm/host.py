@@ -318,7 +318,8 @@ class ModelHost(EngineClient):
             query = query_text(request.prompt, request.messages)
             k = request.k or RAG_DEFAULT_K if mode is MemoryMode.RAG else self.kv_memories.candidate_chunks
             hits = tuple(
-                await asyncio.to_thread(self.memory.search, request.collection, query=query, k=k, filter=request.filter)
+                await asyncio.to_thread(self.memory.search, request.collection, query=query, k=k,
+                                        filter=request.filter, mode=request.search_mode)
             )
             retrieval_ms = (time.perf_counter() - t0) * 1000
         knn_chunks = [h.chunk_id for h in hits] if mode is MemoryMode.KNN and self._searches(mode) else None

@@ -251,6 +251,7 @@ def generation_request_from_pb(m: pb.GenerateRequest, *, default_max_new_tokens:
         filter=filter_from_pb(m.filter, m.HasField("filter")),
         sampling=sampling,
         request_id=m.request_id,
+        search_mode=m.search_mode or None,
     )
 
 

@@ -42,6 +42,9 @@ def test_ingest_folder_search_ask_stats(server, tmp_path):
 
     ask = memlm("ask", "What is the vault pass key?", "--collection", "cli", "--memory", "rag", "--max-new-tokens", "10", *addr)
     assert "73019" in ask.stdout and "citations" in ask.stdout and "j1" in ask.stdout
+    ask = memlm("ask", "What is the vault pass key?", "--collection", "cli", "--search-mode", "lexical",
+                "--max-new-tokens", "10", *addr)
+    assert "73019" in ask.stdout and "j1" in ask.stdout
 
     assert "cli" in memlm("collections", *addr).stdout
     stats = json.loads(memlm("stats", "--collection", "cli", "--json", *addr).stdout)

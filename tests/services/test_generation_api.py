@@ -52,6 +52,19 @@ def test_rag_filter_limits_citations(client, collection):
     assert {c.doc_id for c in stream.result.citations} == {"weather"}
 
 
+def test_rag_search_mode_per_request(client, collection):
+    client.ingest(FACTS, collection=collection)
+    # lexical: only the chunks sharing a word with the prompt ("dough") are found and cited
+    stream = client.generate("How is dough made?", collection=collection, memory="rag", k=3,
+                             search_mode="lexical", max_new_tokens=4)
+    assert [c.doc_id for c in stream.result.citations] == ["recipe"]
+    dense = client.generate("How is dough made?", collection=collection, memory="rag", k=3,
+                            search_mode="dense", max_new_tokens=4)
+    assert len(dense.result.citations) == 3 and dense.result.citations[0].doc_id == "recipe"
+    with pytest.raises(InvalidArgument, match="unknown search mode 'semantic'"):
+        client.generate("x", collection=collection, memory="rag", search_mode="semantic", max_new_tokens=2).result
+
+
 def test_chat_messages_and_stop_sequences(client):
     stream = client.generate(
         messages=[{"role": "user", "content": "Count from 1 to 10 separated by commas."}],
