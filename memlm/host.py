@@ -317,9 +317,11 @@ class ModelHost(EngineClient):
         if self._searches(mode):  # rag: the chunks for the prompt; gated knn: the chunks whose memory it reads
             query = query_text(request.prompt, request.messages)
             k = request.k or RAG_DEFAULT_K if mode is MemoryMode.RAG else self.kv_memories.candidate_chunks
+            # `mode` only when the request names one: a MemoryReader without search modes still works
+            mode_arg = {"mode": request.search_mode} if request.search_mode else {}
             hits = tuple(
                 await asyncio.to_thread(self.memory.search, request.collection, query=query, k=k,
-                                        filter=request.filter, mode=request.search_mode)
+                                        filter=request.filter, **mode_arg)
             )
             retrieval_ms = (time.perf_counter() - t0) * 1000
         knn_chunks = [h.chunk_id for h in hits] if mode is MemoryMode.KNN and self._searches(mode) else None

@@ -23,8 +23,8 @@ class ListMemory:
     def __init__(self, collection: str, hits: list[SearchHit]):
         self.collection, self.hits, self.calls = collection, hits, []
 
-    def search(self, collection, query=None, vector=None, k=10, filter=None):
-        self.calls.append(dict(collection=collection, query=query, k=k, filter=filter))
+    def search(self, collection, query=None, vector=None, k=10, filter=None, mode=None):
+        self.calls.append(dict(collection=collection, query=query, k=k, filter=filter, mode=mode))
         if collection != self.collection:
             raise NotFound(f"collection {collection!r} does not exist")
         return self.hits[:k]

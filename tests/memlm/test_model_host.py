@@ -175,7 +175,7 @@ def test_rag_answers_from_the_retrieved_chunk(host, memory, collect):
     _, result = collect(host, request)
     assert memory.pass_key in result.text
     assert [h.chunk_id for h in result.citations] == [0, 1]
-    assert memory.calls == [dict(collection="notes", query="What is the pass key?", k=2, filter=None)]
+    assert memory.calls == [dict(collection="notes", query="What is the pass key?", k=2, filter=None, mode=None)]  # no search_mode: the reader's default
     assert result.timings.retrieval_ms > 0
 
     # Without the memory the model cannot know the key.
