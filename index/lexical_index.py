@@ -8,7 +8,7 @@ and LlamaIndex's fusion retriever do.
 An inverted index held in memory like the store's `MetadataIndex`, and like it derived from LMDB:
 the store fills it from the stored chunk texts at open and mirrors every commit into it, so it
 holds exactly LMDB's chunks with no file of its own to keep consistent. Per term, its postings are
-growable arrays of (slot, term frequency, chunk length); a query gathers its terms' postings and
+growable arrays of (slot, term frequency); a query gathers its terms' postings and
 scores them in numpy (Okapi BM25, k1 1.2, b 0.75, Lucene's idf), summing per chunk with one
 `bincount` over dense slot numbers, so a query whose words are in most chunks costs milliseconds,
 not a per-row scoring call (SQLite FTS5's bm25() took 143 ms at 100k chunks on such queries; see
@@ -17,7 +17,7 @@ then they still count in document frequencies, as Lucene's deleted documents do 
 
 Analysis (Lucene's standard analyzer, with English stop words): Unicode words (`\\w+`), lower-cased;
 no stemming. Stop words are neither indexed nor searched (a query of nothing but stop words
-matches nothing). Memory: ~12 bytes per distinct term of a chunk (~0.4 KB per 64-token chunk).
+matches nothing). Memory: ~8 bytes per distinct term of a chunk (~0.3 KB per 64-token chunk).
 Not thread-safe: the store calls it under the collection lock.
 """
 from __future__ import annotations
@@ -51,10 +51,10 @@ def query_terms(text: str) -> list[str]:
 
 
 class _Postings:
-    __slots__ = ("slots", "tf", "length")
+    __slots__ = ("slots", "tf")
 
     def __init__(self) -> None:
-        self.slots, self.tf, self.length = array("i"), array("f"), array("f")
+        self.slots, self.tf = array("i"), array("f")
 
 
 class LexicalIndex:
@@ -99,7 +99,6 @@ class LexicalIndex:
                     p = self._postings[term] = _Postings()
                 p.slots.append(slot)
                 p.tf.append(tf)
-                p.length.append(len(words))
 
     def remove(self, ids: Iterable[int]) -> None:
         """Forget chunks (unknown ids are ignored)."""
@@ -131,7 +130,6 @@ class LexicalIndex:
             q = _Postings()
             q.slots.frombytes(new_slot[slots[keep]].astype(np.int32).tobytes())
             q.tf.frombytes(np.frombuffer(p.tf, dtype=np.float32)[keep].tobytes())
-            q.length.frombytes(np.frombuffer(p.length, dtype=np.float32)[keep].tobytes())
             self._postings[term] = q
         ids = np.frombuffer(self._ids, dtype=np.int64)[alive]
         self._ids = array("q", ids.tobytes())
@@ -149,11 +147,12 @@ class LexicalIndex:
         if not lists or k <= 0 or not self._slot_of:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         avg_len = max(self._live_words / len(self._slot_of), 1e-6)
+        chunk_length = np.frombuffer(self._length, dtype=np.float32)  # slot -> indexed words
         slots, weights = [], []
         for p in lists:
             sl = np.frombuffer(p.slots, dtype=np.int32)
             tf = np.frombuffer(p.tf, dtype=np.float32)
-            length = np.frombuffer(p.length, dtype=np.float32)
+            length = chunk_length[sl]
             idf = np.log1p((n_docs - len(sl) + 0.5) / (len(sl) + 0.5))
             slots.append(sl)
             weights.append(idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avg_len)))

@@ -2,11 +2,12 @@
 `memlm.engine.MemoryReader`).
 
 LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in memory a FAISS
-`VectorIndex`, a `MetadataIndex` and a BM25 `LexicalIndex`, all derived from LMDB. A search is dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
-rank). A write is: validate, chunk and embed (outside any lock), ONE durable LMDB transaction (the
-acknowledgement), then the same change applied to the derived indexes. Index files are snapshots: `collections/<name>/index-<seq>.faiss` holds
-every oplog entry up to `seq`; entries after it are replayed at open, and if no file loads the index
-is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
+`VectorIndex`, a `MetadataIndex` and a BM25 `LexicalIndex`, all derived from LMDB. A search is
+dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank). A write is: validate,
+chunk and embed (outside any lock), ONE durable LMDB transaction (the acknowledgement), then the
+same change applied to the derived indexes. Index files are snapshots:
+`collections/<name>/index-<seq>.faiss` holds every oplog entry up to `seq`; entries after it are
+replayed at open, and if no file loads the index is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
 The metadata and lexical indexes are filled from LMDB at open.
 
 Concurrency: every method may be called from many threads. LMDB readers run concurrently; writers
@@ -585,7 +586,7 @@ class MemoryStore:
         )
 
     def _search_mode(self, mode: Optional[str], text: bool) -> str:
-        if mode is None or mode == "":
+        if not mode:
             return self.settings.search_mode if text else "dense"
         if mode not in SEARCH_MODES:
             raise InvalidArgument(f"unknown search mode {mode!r}; expected one of {', '.join(SEARCH_MODES)}")
