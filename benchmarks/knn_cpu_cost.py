@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CHUNK_ID_STRIDE, CorpusMemory, default_cache_root  # noqa: E402
-from ranking import ChunkRanker  # noqa: E402
+from ranking import ChunkRanker, following  # noqa: E402
 
 from memlm.config import StoreSettings  # noqa: E402
 
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
                     t0 = time.perf_counter()
                     top = with_following(
                         [where[r] for r in ranker.rank(StoreSettings().search_mode, args.prompt, gated_config.candidate_chunks)],
-                        lambda c, f: [(c[0], j) for j in range(c[1] + 1, min(c[1] + 1 + f, len(corpus.chunks(c[0]))))],
+                        lambda c, n: following(c, n, len(corpus.chunks(c[0]))),
                         gated_config.follow_chunks)
                     rows = prepare_layer_memories(model, mem, gated_config,
                                                   chunks=[i * CHUNK_ID_STRIDE + j for i, j in top])

@@ -49,7 +49,7 @@ from memlm.config import StoreSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CHUNK_ID_STRIDE, CHUNK_TOKENS, pack_documents  # noqa: E402
-from ranking import SEARCH_MODES, ChunkRanker  # noqa: E402
+from ranking import SEARCH_MODES, ChunkRanker, following  # noqa: E402
 
 RAG_K = 4
 SEPARATOR = "\n\n"
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
                         s = span_nll(model, prefix, span)
                 elif method == "knn-gated":
                     top = with_following(ranked(gated_config.candidate_chunks),
-                                         lambda c, n: [(c[0], j) for j in range(c[1] + 1, min(c[1] + 1 + n, len(docs[c[0]][1])))],
+                                         lambda c, n: following(c, n, len(docs[c[0]][1])),
                                          gated_config.follow_chunks)
                     gated = prepare_layer_memories(model, mem, gated_config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
                     with knn_mode(model, mem, gated_config, layer_memories=gated):

@@ -73,7 +73,7 @@ import torch
 from memlm.config import StoreSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ranking import SEARCH_MODES, ChunkRanker  # noqa: E402
+from ranking import SEARCH_MODES, ChunkRanker, following  # noqa: E402
 from corpus import (  # noqa: E402
     CHUNK_ID_STRIDE,
     HAYSTACK_KINDS,
@@ -183,9 +183,7 @@ class TrialRanker:
 
     def following(self, chunk: tuple[int, int], n: int) -> list[tuple[int, int]]:
         """The (up to) n chunks after `chunk` in its document."""
-        i, j = chunk
-        count = len(self.needled if i == self.at else self.corpus.chunks(i))
-        return [(i, c) for c in range(j + 1, min(j + 1 + n, count))]
+        return following(chunk, n, len(self.needled if chunk[0] == self.at else self.corpus.chunks(chunk[0])))
 
     def rank(self, retrieval: str, query: str, k: int) -> list[tuple[int, int]]:
         """The k best chunks (doc, chunk), best first."""

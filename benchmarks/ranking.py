@@ -17,6 +17,13 @@ from memlm.index.lexical_index import LexicalIndex
 SEARCH_MODES = ("dense", "lexical", "hybrid")
 
 
+def following(chunk: tuple[int, int], n: int, count: int) -> list[tuple[int, int]]:
+    """The (up to) n chunks (doc, index) after `chunk` in its document of `count` chunks: what
+    `MemoryStore.following_chunks` gives the service, for `knn_memory.with_following`."""
+    doc, j = chunk
+    return [(doc, c) for c in range(j + 1, min(j + 1 + n, count))]
+
+
 class ChunkRanker:
     """Rows 0..n-1: `vectors` (n, dim) unit rows from `embedder`; `text(row)` gives a row's text
     (read only when the lexical index is first needed)."""
