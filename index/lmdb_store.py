@@ -33,12 +33,15 @@ from typing import Any, Iterator, Optional, Sequence
 import lmdb
 import numpy as np
 
-from memlm.errors import AlreadyExists, FailedPrecondition, NotFound
+from memlm.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from memlm.index.types import Chunk, CollectionConfig, Document, Metadata
 
 _COLLECTIONS_DB = b"_collections"
 _PARTS = ("docs", "chunks", "vectors", "oplog")
-MAX_DBS = 4 * 4096 + 8  # room for ~4096 collections; LMDB looks handles up linearly, so not unbounded
+# LMDB opens a fixed number of named DBs (it looks handles up linearly, so not unbounded): four per
+# collection plus `_collections`. store.max_collections (at most this) is checked before LMDB's own limit.
+MAX_COLLECTIONS = 4096
+MAX_DBS = len(_PARTS) * MAX_COLLECTIONS + 8
 
 
 def u64(n: int) -> bytes:
@@ -228,7 +231,12 @@ class LmdbStore:
             if txn.get(config.name.encode(), db=self._collections) is not None:
                 raise AlreadyExists(f"collection {config.name!r} already exists")
             txn.put(config.name.encode(), CollectionRecord(config).encode(), db=self._collections)
-            dbs = self._open_dbs(config.name, txn)
+            try:
+                dbs = self._open_dbs(config.name, txn)
+            except lmdb.DbsFullError:  # the transaction aborts: nothing of the collection is stored
+                raise ResourceExhausted(
+                    f"the store holds as many collections as LMDB can open ({MAX_COLLECTIONS}); drop one first"
+                ) from None
         self._dbs[config.name] = dbs
 
     def drop_collection(self, name: str) -> None:  # WRITE

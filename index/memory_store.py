@@ -18,6 +18,7 @@ memory; a collection's index file is rewritten whole at each snapshot.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -32,7 +33,9 @@ import numpy as np
 from prometheus_client import Histogram
 
 from memlm.config import StoreSettings
-from memlm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MemlmError, NotFound, ResourceExhausted
+from memlm.errors import (
+    AlreadyExists, FailedPrecondition, InvalidArgument, MemlmError, NotFound, ResourceExhausted, quoted, quoted_items,
+)
 from memlm.index.chunking import Chunker
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
 from memlm.index.filters import MetadataIndex, parse_filter
@@ -81,14 +84,35 @@ class _Collection:
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidArgument(
-            f"invalid collection name {name!r}; expected 1-64 characters from A-Z a-z 0-9 _ . - (not '.' or '..')"
+            f"invalid collection name {quoted(name)}; expected 1-64 characters from A-Z a-z 0-9 _ . - (not '.' or '..')"
         )
     return name
 
 
+def _check_doc_id(doc_id: Any, where: str) -> str:
+    """A document id LMDB can key: a non-empty string of at most MAX_DOC_ID_BYTES UTF-8 bytes."""
+    if not isinstance(doc_id, str) or not doc_id:
+        raise InvalidArgument(f"{where}: document ids must be non-empty strings, got {quoted(doc_id)}")
+    try:
+        size = len(doc_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{where}: document id {quoted(doc_id)} is not valid Unicode text") from None
+    if size > MAX_DOC_ID_BYTES:
+        raise InvalidArgument(
+            f"{where}: document id {quoted(doc_id, 40)} is {size} UTF-8 bytes; the limit is {MAX_DOC_ID_BYTES}"
+        )
+    return doc_id
+
+
+def _canonical_metadata(metadata: dict) -> str:
+    """Metadata as stored JSON compares it (sorted keys; True is not 1, tuples are lists)."""
+    return json.dumps(metadata, sort_keys=True)
+
+
 def _check_metadata(doc_id: str, metadata: Any) -> None:
+    doc_id = quoted(doc_id)
     if not isinstance(metadata, dict):
-        raise InvalidArgument(f"document {doc_id!r}: metadata must be an object, got {type(metadata).__name__}")
+        raise InvalidArgument(f"document {doc_id}: metadata must be an object, got {type(metadata).__name__}")
 
     def scalar_ok(v: Any) -> bool:
         if v is None or isinstance(v, (str, bool, int)):
@@ -97,17 +121,17 @@ def _check_metadata(doc_id: str, metadata: Any) -> None:
 
     for key, value in metadata.items():
         if not isinstance(key, str) or not key:
-            raise InvalidArgument(f"document {doc_id!r}: metadata keys must be non-empty strings, got {key!r}")
+            raise InvalidArgument(f"document {doc_id}: metadata keys must be non-empty strings, got {quoted(key)}")
         if isinstance(value, (list, tuple)):
             bad = [v for v in value if not scalar_ok(v)]
             if bad:
                 raise InvalidArgument(
-                    f"document {doc_id!r}: metadata {key!r} holds {bad[0]!r}; list elements must be "
+                    f"document {doc_id}: metadata {quoted(key)} holds {quoted(bad[0])}; list elements must be "
                     "strings, numbers (finite), booleans or null"
                 )
         elif not scalar_ok(value):
             raise InvalidArgument(
-                f"document {doc_id!r}: metadata {key!r} is {value!r} ({type(value).__name__}); expected a string, "
+                f"document {doc_id}: metadata {quoted(key)} is {quoted(value)} ({type(value).__name__}); expected a string, "
                 "finite number, boolean, null, or a list of those"
             )
 
@@ -322,7 +346,7 @@ class MemoryStore:
             raise FailedPrecondition(f"the memory store at {self.data_dir} is closed")
         col = self._collections.get(name) if isinstance(name, str) else None
         if col is None:
-            raise NotFound(f"collection {name!r} does not exist")
+            raise NotFound(f"collection {quoted(name)} does not exist")
         return col
 
     def create_collection(
@@ -331,25 +355,66 @@ class MemoryStore:
         *,
         index_factory: Optional[str] = None,
         chunk_tokens: Optional[int] = None,
-        chunk_overlap: int = 0,
-        embedding_model: str = "all-MiniLM-L6-v2",
-        kv_memory: bool = False,
+        chunk_overlap: Optional[int] = None,
+        embedding_model: Optional[str] = None,
+        kv_memory: Optional[bool] = None,
     ) -> CollectionConfig:
-        """Create a collection. Creating one that exists with the same settings returns its config
-        (so start-up scripts can be re-run); with different settings raises AlreadyExists."""
+        """Create a collection; AlreadyExists if one of that name exists. A setting left None
+        takes the store's default."""
+        config, _ = self._create(name, False, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
+        return config
+
+    def ensure_collection(
+        self,
+        name: str,
+        *,
+        index_factory: Optional[str] = None,
+        chunk_tokens: Optional[int] = None,
+        chunk_overlap: Optional[int] = None,
+        embedding_model: Optional[str] = None,
+        kv_memory: Optional[bool] = None,
+    ) -> tuple[CollectionConfig, bool]:
+        """(config, created): create the collection unless it exists (so start-up scripts can be
+        re-run). An existing one must agree with every setting given (not None), else
+        AlreadyExists names the ones that differ."""
+        return self._create(name, True, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
+
+    def _create(
+        self,
+        name: str,
+        if_not_exists: bool,
+        index_factory: Optional[str],
+        chunk_tokens: Optional[int],
+        chunk_overlap: Optional[int],
+        embedding_model: Optional[str],
+        kv_memory: Optional[bool],
+    ) -> tuple[CollectionConfig, bool]:
         _check_name(name)
+        given = {
+            k: v for k, v in (
+                ("index_factory", index_factory), ("chunk_tokens", chunk_tokens), ("chunk_overlap", chunk_overlap),
+                ("embedding_model", embedding_model), ("kv_memory", kv_memory),
+            ) if v is not None
+        }
         factory = index_factory or self.settings.default_index_factory
+        embedding_model = embedding_model or "all-MiniLM-L6-v2"
         chunk_tokens = self.settings.default_chunk_tokens if chunk_tokens is None else chunk_tokens
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
-            raise InvalidArgument(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+        chunk_overlap = 0 if chunk_overlap is None else chunk_overlap
+        lo, hi = self.settings.min_chunk_tokens, self.settings.max_chunk_tokens
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or not lo <= chunk_tokens <= hi:
+            raise InvalidArgument(
+                f"chunk_tokens must be an integer in [{lo}, {hi}] (store.min_chunk_tokens, store.max_chunk_tokens), "
+                f"got {quoted(chunk_tokens)}"
+            )
         if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, int) or not 0 <= chunk_overlap < chunk_tokens:
-            raise InvalidArgument(f"chunk_overlap must be an integer in [0, {chunk_tokens}), got {chunk_overlap!r}")
+            raise InvalidArgument(f"chunk_overlap must be an integer in [0, {chunk_tokens}), got {quoted(chunk_overlap)}")
+        if not isinstance(kv_memory, (bool, type(None))):
+            raise InvalidArgument(f"kv_memory must be true or false, got {quoted(kv_memory)}")
         if self._embedder is not None and self._embedder.name == embedding_model:
             dim = self._embedder.dim
         else:
             dim = embedder_dim(embedding_model)  # InvalidArgument naming the known models
         VectorIndex(dim, factory)  # InvalidArgument naming a bad factory string
-        tokenizer_name = self.tokenizer_name
         config = CollectionConfig(
             name=name,
             embedding_model=embedding_model,
@@ -357,7 +422,7 @@ class MemoryStore:
             index_factory=factory,
             chunk_tokens=chunk_tokens,
             chunk_overlap=chunk_overlap,
-            tokenizer=tokenizer_name,
+            tokenizer=self.tokenizer_name,
             kv_memory=bool(kv_memory),
             created_at=time.time(),
         )
@@ -366,14 +431,20 @@ class MemoryStore:
                 raise FailedPrecondition(f"the memory store at {self.data_dir} is closed")
             existing = self._collections.get(name)
             if existing is not None:
-                if replace(existing.config, created_at=0.0) == replace(config, created_at=0.0):
-                    return existing.config
+                if not if_not_exists:
+                    raise AlreadyExists(f"collection {name!r} already exists; pass if_not_exists to reuse it")
                 diff = [
-                    f"{f}={getattr(existing.config, f)!r} (asked {getattr(config, f)!r})"
-                    for f in ("embedding_model", "dim", "index_factory", "chunk_tokens", "chunk_overlap", "tokenizer", "kv_memory")
-                    if getattr(existing.config, f) != getattr(config, f)
+                    f"{f}={getattr(existing.config, f)!r} (asked {quoted(v)})"
+                    for f, v in given.items() if getattr(existing.config, f) != v
                 ]
-                raise AlreadyExists(f"collection {name!r} already exists with different settings: {', '.join(diff)}")
+                if diff:
+                    raise AlreadyExists(f"collection {name!r} already exists with different settings: {', '.join(diff)}")
+                return existing.config, False
+            if len(self._collections) >= self.settings.max_collections:
+                raise ResourceExhausted(
+                    f"the store holds {len(self._collections)} collections; the limit is "
+                    f"{self.settings.max_collections} (store.max_collections): drop one first"
+                )
             shutil.rmtree(self._dir(name), ignore_errors=True)  # leftovers of a drop cut short by a crash
             self._lmdb.create_collection(config)
             self._dir(name).mkdir(parents=True, exist_ok=True)
@@ -382,7 +453,7 @@ class MemoryStore:
                 threading.RLock(), applied_seq=0, snapshot_seq=0,
             )
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
-        return config
+        return config, True
 
     def list_collections(self) -> list[CollectionConfig]:
         return [c.config for _, c in sorted(self._collections.items())]
@@ -447,18 +518,18 @@ class MemoryStore:
     def _validate(self, doc: Any, seen: set[str]) -> None:
         if not isinstance(doc, Document):
             raise InvalidArgument(f"expected a Document, got {type(doc).__name__}")
-        if not isinstance(doc.id, str) or not doc.id:
-            raise InvalidArgument(f"document id must be a non-empty string, got {doc.id!r}")
-        if len(doc.id.encode("utf-8")) > MAX_DOC_ID_BYTES:
-            raise InvalidArgument(f"document id {doc.id[:40]!r}... is longer than {MAX_DOC_ID_BYTES} UTF-8 bytes")
+        _check_doc_id(doc.id, "ingest")
         if doc.id in seen:
-            raise InvalidArgument(f"document id {doc.id!r} appears more than once in this call")
+            raise InvalidArgument(f"document id {quoted(doc.id)} appears more than once in this call")
         if not isinstance(doc.text, str) or not doc.text.strip():
-            raise InvalidArgument(f"document {doc.id!r} has empty text; expected some non-whitespace text")
-        size = len(doc.text.encode("utf-8"))
+            raise InvalidArgument(f"document {quoted(doc.id)} has empty text; expected some non-whitespace text")
+        try:
+            size = len(doc.text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"document {quoted(doc.id)}: text is not valid Unicode") from None
         if size > self.settings.max_document_bytes:
             raise ResourceExhausted(
-                f"document {doc.id!r} is {size} bytes of UTF-8 text; the limit is "
+                f"document {quoted(doc.id)} is {size} bytes of UTF-8 text; the limit is "
                 f"{self.settings.max_document_bytes} (store.max_document_bytes)"
             )
         _check_metadata(doc.id, doc.metadata)
@@ -473,7 +544,7 @@ class MemoryStore:
         col = self._collection(name)
         if isinstance(docs, (Document, str)) or not isinstance(docs, Sequence):
             raise InvalidArgument(f"ingest takes a sequence of Documents, got {type(docs).__name__}")
-        total = sum(len(d.text.encode("utf-8")) for d in docs if isinstance(d, Document) and isinstance(d.text, str))
+        total = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs if isinstance(d, Document) and isinstance(d.text, str))
         if total > self.settings.max_ingest_call_bytes:
             raise ResourceExhausted(
                 f"this ingest call carries {total} bytes of text; the limit is {self.settings.max_ingest_call_bytes} "
@@ -494,6 +565,7 @@ class MemoryStore:
                 continue
             seen.add(doc.id)
             valid.append(i)
+        valid = self._skip_unchanged(name, docs, valid, results)
 
         # Chunk and embed outside every lock: this is the slow part.
         t0 = time.perf_counter()
@@ -531,6 +603,26 @@ class MemoryStore:
                     chunk_ids=written.chunk_ids,
                 )
         return [r for r in results if r is not None]
+
+    def _skip_unchanged(
+        self, name: str, docs: Sequence[Document], valid: list[int], results: list[Optional[DocumentResult]]
+    ) -> list[int]:
+        """Documents stored with the same text and metadata are "unchanged": neither re-embedded nor
+        rewritten (their chunk ids and updated_at stay). Returns the indices still to write.
+        A concurrent write may change one after this read; the calls then land in either order."""
+        todo: list[int] = []
+        with self._lmdb.begin() as txn:
+            for i in valid:
+                doc = docs[i]
+                stored = self._lmdb.read_doc(name, doc.id, txn)
+                if stored is not None and stored[0] == doc.text and (
+                    _canonical_metadata(stored[1].metadata) == _canonical_metadata(doc.metadata)
+                ):
+                    ids = stored[1].chunk_ids
+                    results[i] = DocumentResult(id=doc.id, status="unchanged", chunks=len(ids), chunk_ids=ids)
+                else:
+                    todo.append(i)
+        return todo
 
     def _apply(self, col: _Collection, commit: Commit, prepared: Sequence[PreparedDocument] = ()) -> None:
         """Mirror a committed LMDB transaction in the in-memory indexes (caller holds col.lock).
@@ -589,9 +681,9 @@ class MemoryStore:
         if not mode:
             return self.settings.search_mode if text else "dense"
         if mode not in SEARCH_MODES:
-            raise InvalidArgument(f"unknown search mode {mode!r}; expected one of {', '.join(SEARCH_MODES)}")
+            raise InvalidArgument(f"unknown search mode {quoted(mode)}; expected one of {', '.join(SEARCH_MODES)}")
         if not text and mode != "dense":
-            raise InvalidArgument(f"search mode {mode!r} needs a text query; a vector query can only search dense")
+            raise InvalidArgument(f"search mode {quoted(mode)} needs a text query; a vector query can only search dense")
         return mode
 
     def search_batch(
@@ -609,15 +701,14 @@ class MemoryStore:
         if (queries is None) == (vectors is None):
             self._both_or_neither(queries, vectors)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.settings.max_k:
-            raise InvalidArgument(f"k must be an integer in [1, {self.settings.max_k}] (store.max_k), got {k!r}")
+            raise InvalidArgument(f"k must be an integer in [1, {self.settings.max_k}] (store.max_k), got {quoted(k)}")
         k = int(k)
         mode = self._search_mode(mode, text=queries is not None)
-        f = parse_filter(filter)
+        f = self._check_filter(parse_filter(filter))
         q_vecs: Optional[np.ndarray] = None
         if queries is not None:
             for q in queries:
-                if not isinstance(q, str) or not q.strip():
-                    raise InvalidArgument(f"query must be non-empty text, got {q!r}")
+                self._check_query(q)
             if mode != "lexical":
                 q_vecs = self._embedder_for(col.config).embed(list(queries))  # (nq, dim), unit rows
         else:
@@ -642,6 +733,30 @@ class MemoryStore:
             scores, ids = _pad([s for s, _ in fused], [i for _, i in fused], k)
         return self._hits(collection, scores, ids)
 
+    def _check_query(self, q: Any) -> None:
+        if not isinstance(q, str) or not q.strip():
+            raise InvalidArgument(f"query must be non-empty text, got {quoted(q)}")
+        size = len(q.encode("utf-8", "surrogatepass"))
+        if size > self.settings.max_query_bytes:
+            raise InvalidArgument(
+                f"the query is {size} bytes of UTF-8 text; the limit is {self.settings.max_query_bytes} "
+                "(store.max_query_bytes)"
+            )
+
+    def _check_filter(self, f: Optional[Filter]) -> Optional[Filter]:
+        """A filter's conditions and values within store.max_filter_conditions / _values."""
+        if f is None:
+            return None
+        conditions = [c for clause in (f.must, f.should, f.must_not) for c in clause]
+        values = sum(len(c.any_of) if c.any_of is not None else 1 for c in conditions)
+        for what, n, limit in (("conditions", len(conditions), self.settings.max_filter_conditions),
+                               ("values", values, self.settings.max_filter_values)):
+            if n > limit:
+                raise InvalidArgument(
+                    f"the filter holds {n} {what}; the limit is {limit} (store.max_filter_{what})"
+                )
+        return f
+
     @staticmethod
     def _check_vectors(vectors: Any, config: CollectionConfig, collection: str) -> np.ndarray:
         """(nq, dim) or (dim,) query vectors -> (nq, dim) float32 unit rows, or InvalidArgument."""
@@ -659,10 +774,13 @@ class MemoryStore:
             )
         if not np.isfinite(q_vecs).all():
             raise InvalidArgument("vector holds NaN or infinite values; expected finite numbers")
-        norms = np.linalg.norm(q_vecs, axis=1, keepdims=True)
-        if (norms == 0).any():
+        # Scale each row by its largest magnitude first: the norm of 384 x 3e38 overflows float32
+        # (and of 1e-40s underflows), which would make a real direction a zero vector.
+        peak = np.abs(q_vecs).max(axis=1, keepdims=True)  # (nq, 1)
+        if (peak == 0).any():
             raise InvalidArgument("vector is all zeros; expected a direction to search along")
-        return q_vecs / norms
+        q_vecs = q_vecs / peak  # (nq, dim), largest |value| 1
+        return q_vecs / np.linalg.norm(q_vecs, axis=1, keepdims=True)
 
     def _hits(self, name: str, scores: np.ndarray, ids: np.ndarray) -> list[list[SearchHit]]:
         out: list[list[SearchHit]] = []
@@ -699,21 +817,32 @@ class MemoryStore:
     def get(self, name: str, ids: Sequence[str]) -> list[StoredDocument]:
         """The stored documents, in the order asked. Raises NotFound naming every missing id."""
         self._collection(name)
-        if isinstance(ids, str):
-            raise InvalidArgument(f"get takes a list of document ids, got the string {ids!r}")
+        ids = self._check_ids(ids, "get")
         found: list[StoredDocument] = []
         missing: list[str] = []
         with self._lmdb.begin() as txn:
             for doc_id in ids:
-                rec = self._lmdb.read_doc(name, doc_id, txn) if isinstance(doc_id, str) and doc_id else None
+                rec = self._lmdb.read_doc(name, doc_id, txn)
                 if rec is None:
                     missing.append(doc_id)
                     continue
                 text, header = rec
                 found.append(StoredDocument(doc_id, text, header.metadata, header.chunk_ids, header.updated_at))
         if missing:
-            raise NotFound(f"collection {name!r} has no document(s) {missing}")
+            some = f"{len(missing)} of the ids asked" if len(missing) > 1 else "the id"
+            raise NotFound(f"collection {name!r} has no document with {some}: {quoted_items(missing)}")
         return found
+
+    def _check_ids(self, ids: Any, call: str) -> list[str]:
+        """A Get's or Delete's ids: a list of at most store.max_ids_per_call valid document ids."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise InvalidArgument(f"{call} takes a list of document ids, got {quoted(ids)}")
+        if len(ids) > self.settings.max_ids_per_call:
+            raise InvalidArgument(
+                f"{call} names {len(ids)} document ids; the limit is {self.settings.max_ids_per_call} "
+                "(store.max_ids_per_call): split it into several calls"
+            )
+        return [_check_doc_id(doc_id, call) for doc_id in ids]
 
     def chunk_tokens(self, name: str, chunk_ids: Sequence[int]) -> list[np.ndarray]:
         """LM token ids of chunks (int32 arrays), for the memory modes that read tokens."""
@@ -754,11 +883,7 @@ class MemoryStore:
         """Delete documents everywhere (LMDB, index, filters). Unknown ids are ignored; returns the
         ids actually deleted. Durable when it returns."""
         col = self._collection(name)
-        if isinstance(ids, str):
-            raise InvalidArgument(f"delete takes a list of document ids, got the string {ids!r}")
-        bad = [i for i in ids if not isinstance(i, str)]
-        if bad:
-            raise InvalidArgument(f"document ids must be strings, got {bad[0]!r}")
+        ids = self._check_ids(ids, "delete")
         with col.lock:
             if col.dropped:
                 raise NotFound(f"collection {name!r} does not exist")

@@ -53,7 +53,7 @@ class DocumentResult:
     """Per-document outcome of an ingest call."""
 
     id: str
-    status: Literal["created", "replaced", "rejected"]
+    status: Literal["created", "replaced", "unchanged", "rejected"]  # unchanged: same text and metadata stored
     chunks: int = 0
     chunk_ids: tuple[int, ...] = ()
     error_code: str = ""  # a memlm.errors code name when rejected, e.g. "INVALID_ARGUMENT"

@@ -155,7 +155,7 @@ def ingest(
     skipped: list = []
     with _connected(address, api_key, timeout) as client:
         client.create_collection(
-            collection, index_factory=index_factory, chunk_tokens=chunk_tokens, kv_memory=kv_memory,
+            collection, index_factory=index_factory, chunk_tokens=chunk_tokens, kv_memory=kv_memory or None,
             if_not_exists=True,
         )
         files = list(_iter_files(paths))

@@ -47,6 +47,11 @@ class IngestReport:
         return sum(r.status == "replaced" for r in self.results)
 
     @property
+    def unchanged(self) -> int:
+        """Documents already stored with the same text and metadata: not re-embedded or rewritten."""
+        return sum(r.status == "unchanged" for r in self.results)
+
+    @property
     def rejected(self) -> list[DocumentResult]:
         return [r for r in self.results if r.status == "rejected"]
 
@@ -187,19 +192,23 @@ class Client:
         self,
         name: str,
         *,
-        index_factory: str = "",
-        embedding_model: str = "",
-        chunk_tokens: int = 0,
-        chunk_overlap: int = 0,
-        kv_memory: bool = False,
+        index_factory: Optional[str] = None,
+        embedding_model: Optional[str] = None,
+        chunk_tokens: Optional[int] = None,
+        chunk_overlap: Optional[int] = None,
+        kv_memory: Optional[bool] = None,
         if_not_exists: bool = False,
         timeout: Optional[float] = None,
     ) -> CollectionConfig:
+        """Create a collection; a setting left None takes the server's default. If it exists:
+        AlreadyExists, or with `if_not_exists` the existing one, provided it agrees with every
+        setting given here (AlreadyExists names those that differ)."""
+        given = dict(index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
+                     chunk_overlap=chunk_overlap, kv_memory=kv_memory)
         reply = self._call(
             self._memory.CreateCollection,
             pb.CreateCollectionRequest(
-                name=name, index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
-                chunk_overlap=chunk_overlap, kv_memory=kv_memory, if_not_exists=if_not_exists,
+                name=name, if_not_exists=if_not_exists, **{k: v for k, v in given.items() if v is not None}
             ),
             timeout,
         )

@@ -14,6 +14,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from memlm.index.lmdb_store import MAX_COLLECTIONS as LMDB_MAX_COLLECTIONS
+
 
 class StoreSettings(BaseModel):
     """The memory store (LMDB + FAISS)."""
@@ -35,10 +37,37 @@ class StoreSettings(BaseModel):
     exact_filter_below: int = Field(
         20_000, gt=0, description="filtered searches matching fewer chunks than this are exact brute force"
     )
+    # Limits on what one request may cost or create (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming them).
+    max_collections: int = Field(
+        4096, gt=0, le=LMDB_MAX_COLLECTIONS, description="collections one data dir may hold (LMDB opens a fixed "
+        f"number of named databases, four per collection: at most {LMDB_MAX_COLLECTIONS})",
+    )
+    min_chunk_tokens: int = Field(16, gt=0, description="smallest chunk_tokens a collection may be created with")
+    max_chunk_tokens: int = Field(
+        2048, gt=0, description="largest chunk_tokens a collection may be created with (a chunk is embedded "
+        "and scored whole; MiniLM reads its first 256 tokens)",
+    )
+    max_query_bytes: int = Field(
+        16384, gt=0, description="largest text query (UTF-8 bytes) a Search, or a Generate's rag / gated knn "
+        "retrieval, may send: the whole query is embedded and BM25-scored",
+    )
+    max_filter_conditions: int = Field(64, gt=0, description="conditions one filter may hold (must + should + must_not)")
+    max_filter_values: int = Field(1024, gt=0, description="values one filter may test (each equals 1, each any_of its length)")
+    max_ids_per_call: int = Field(1000, gt=0, description="document ids one Get or Delete may name")
     search_mode: Literal["dense", "lexical", "hybrid"] = Field(
         "hybrid", description="how a text search ranks chunks when the request does not say, and how rag and "
         "chunk-gated knn find theirs: dense (embeddings), lexical (BM25) or hybrid (both, reciprocal rank fusion)",
     )
+
+
+    @model_validator(mode="after")
+    def _chunk_range(self) -> "StoreSettings":
+        if not self.min_chunk_tokens <= self.default_chunk_tokens <= self.max_chunk_tokens:
+            raise ValueError(
+                f"default_chunk_tokens={self.default_chunk_tokens} must lie in [min_chunk_tokens, max_chunk_tokens]"
+                f" = [{self.min_chunk_tokens}, {self.max_chunk_tokens}]"
+            )
+        return self
 
 
 class ModelSettings(BaseModel):

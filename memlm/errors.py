@@ -5,6 +5,8 @@ expected; the servicers translate them, nothing else does.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class MemlmError(Exception):
     """Base class. `code` is the gRPC status name the servicer answers with."""
@@ -73,3 +75,37 @@ def error_for_code(code: str, message: str) -> MemlmError:
     err = MemlmError(message)
     err.code = code
     return err
+
+
+# --- quoting user input in messages ---------------------------------------------------------
+# A status message travels in gRPC trailing metadata, which clients cap (8-16 KiB): a message
+# that quotes a 15k-character name or 1,500 ids would be dropped as "Stream removed". Messages
+# quote input through these, and `bounded` is the last-resort cap where statuses are sent.
+
+MAX_QUOTED_CHARS = 80  # of one quoted value
+MAX_QUOTED_ITEMS = 5  # of a quoted list
+MAX_MESSAGE_CHARS = 2000  # of a whole status message
+
+
+def quoted(value: object, max_chars: int = MAX_QUOTED_CHARS) -> str:
+    """`repr(value)`, cut to `max_chars` with its full length stated: 'nnnn...' (15000 characters)."""
+    text = repr(value)
+    if len(text) <= max_chars:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else f"{len(text)} characters as text"
+    return f"{text[:max_chars]}... ({size})"
+
+
+def quoted_items(items: Sequence[object], max_items: int = MAX_QUOTED_ITEMS) -> str:
+    """The first `max_items` of a list, each `quoted`, then how many more: ['a', 'b', ... and 1495 more]."""
+    items = list(items)
+    shown = ", ".join(quoted(v) for v in items[:max_items])
+    more = len(items) - max_items
+    return f"[{shown}, ... and {more} more]" if more > 0 else f"[{shown}]"
+
+
+def bounded(message: str, max_chars: int = MAX_MESSAGE_CHARS) -> str:
+    """A message cut to `max_chars` (stating how much was cut), for where a status is sent."""
+    if len(message) <= max_chars:
+        return message
+    return f"{message[: max_chars - 40]}... (message cut from {len(message)} characters)"

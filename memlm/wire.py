@@ -37,6 +37,7 @@ _STATUS_TO_PB = {
     "created": pb.DocumentResult.CREATED,
     "replaced": pb.DocumentResult.REPLACED,
     "rejected": pb.DocumentResult.REJECTED,
+    "unchanged": pb.DocumentResult.UNCHANGED,
 }
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 
@@ -53,10 +54,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
+def _value_to_plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value_to_plain(v) for v in value.list_value.values]
+    if kind == "number_value":
+        return _plain(value.number_value)
+    return None if kind in (None, "null_value") else getattr(value, kind)
 
-    return _plain(MessageToDict(struct))
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python. Read field by field, not through JSON: NaN and infinities come
+    through as floats (json_format refuses them with a ValueError, an INTERNAL to the caller), so
+    the store can reject them naming the document and key."""
+    return {k: _value_to_plain(v) for k, v in struct.fields.items()}
 
 
 def dict_to_struct(data: Optional[Mapping[str, Any]]) -> struct_pb2.Struct:
@@ -147,6 +160,19 @@ def config_to_pb(c: CollectionConfig) -> pb.CollectionConfig:
         chunk_tokens=c.chunk_tokens, chunk_overlap=c.chunk_overlap, tokenizer=c.tokenizer,
         kv_memory=c.kv_memory, created_at=c.created_at,
     )
+
+
+def collection_settings_from_pb(m: pb.CreateCollectionRequest) -> dict[str, Any]:
+    """The settings a CreateCollectionRequest sets, as MemoryStore.create_collection keywords; an
+    unset field (and, as before these were optional, "" or chunk_tokens 0) is left out: the default."""
+    out: dict[str, Any] = {}
+    for name in ("embedding_model", "index_factory", "chunk_tokens", "chunk_overlap", "kv_memory"):
+        if m.HasField(name):
+            out[name] = getattr(m, name)
+    for name in ("embedding_model", "index_factory", "chunk_tokens"):
+        if not out.get(name, True):
+            del out[name]
+    return out
 
 
 def config_from_pb(m: pb.CollectionConfig) -> CollectionConfig:

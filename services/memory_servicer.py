@@ -33,19 +33,12 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @unary
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.CreateCollectionResponse:
-        existing = {c.name: c for c in await self._run(self._store.list_collections)}
-        if request.if_not_exists and request.name in existing:
-            return pb.CreateCollectionResponse(config=wire.config_to_pb(existing[request.name]), created=False)
-        config = await self._run(
-            self._store.create_collection,
-            request.name,
-            index_factory=request.index_factory or None,
-            chunk_tokens=request.chunk_tokens or None,
-            chunk_overlap=request.chunk_overlap,
-            embedding_model=request.embedding_model or "all-MiniLM-L6-v2",
-            kv_memory=request.kv_memory,
-        )
-        return pb.CreateCollectionResponse(config=wire.config_to_pb(config), created=True)
+        settings = wire.collection_settings_from_pb(request)  # only the fields the request sets
+        if request.if_not_exists:
+            config, created = await self._run(self._store.ensure_collection, request.name, **settings)
+        else:
+            config, created = await self._run(self._store.create_collection, request.name, **settings), True
+        return pb.CreateCollectionResponse(config=wire.config_to_pb(config), created=created)
 
     @unary
     async def ListCollections(self, request, context) -> pb.ListCollectionsResponse:
@@ -86,7 +79,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         if not collection:
             raise InvalidArgument("empty Ingest call: no message named a collection")
         results = await self._run(self._store.ingest, collection, docs, skip_invalid=skip_invalid)
-        counts = {s: sum(r.status == s for r in results) for s in ("created", "replaced", "rejected")}
+        counts = {s: sum(r.status == s for r in results) for s in ("created", "replaced", "unchanged", "rejected")}
         return pb.IngestResponse(
             results=[wire.result_to_pb(r) for r in results],
             chunks=sum(r.chunks for r in results),

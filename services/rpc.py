@@ -15,7 +15,7 @@ import time
 import grpc
 from prometheus_client import Counter, Histogram
 
-from memlm.errors import MemlmError
+from memlm.errors import MemlmError, bounded
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ RPC_SECONDS = Histogram(
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, MemlmError):
-        await context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), str(exc))
+        await context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), bounded(str(exc)))
     log.exception("%s failed", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 

@@ -158,10 +158,12 @@ class DocumentResult(_message.Message):
         CREATED: _ClassVar[DocumentResult.Status]
         REPLACED: _ClassVar[DocumentResult.Status]
         REJECTED: _ClassVar[DocumentResult.Status]
+        UNCHANGED: _ClassVar[DocumentResult.Status]
     STATUS_UNSPECIFIED: DocumentResult.Status
     CREATED: DocumentResult.Status
     REPLACED: DocumentResult.Status
     REJECTED: DocumentResult.Status
+    UNCHANGED: DocumentResult.Status
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -177,20 +179,22 @@ class DocumentResult(_message.Message):
     def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[DocumentResult.Status, str]] = ..., chunks: _Optional[int] = ..., chunk_ids: _Optional[_Iterable[int]] = ..., error_code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
-    __slots__ = ("results", "created", "replaced", "rejected", "chunks", "took_ms")
+    __slots__ = ("results", "created", "replaced", "rejected", "chunks", "took_ms", "unchanged")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TOOK_MS_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[DocumentResult]
     created: int
     replaced: int
     rejected: int
     chunks: int
     took_ms: float
-    def __init__(self, results: _Optional[_Iterable[_Union[DocumentResult, _Mapping]]] = ..., created: _Optional[int] = ..., replaced: _Optional[int] = ..., rejected: _Optional[int] = ..., chunks: _Optional[int] = ..., took_ms: _Optional[float] = ...) -> None: ...
+    unchanged: int
+    def __init__(self, results: _Optional[_Iterable[_Union[DocumentResult, _Mapping]]] = ..., created: _Optional[int] = ..., replaced: _Optional[int] = ..., rejected: _Optional[int] = ..., chunks: _Optional[int] = ..., took_ms: _Optional[float] = ..., unchanged: _Optional[int] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("key", "equals", "any_of")

@@ -32,9 +32,12 @@ def test_create_list_describe_drop(store_factory, tmp_path):
     s = store_factory()
     cfg = s.create_collection("a", index_factory="HNSW32", chunk_tokens=16, chunk_overlap=4)
     assert (cfg.name, cfg.dim, cfg.index_factory, cfg.chunk_tokens, cfg.chunk_overlap) == ("a", 384, "HNSW32", 16, 4)
-    assert s.create_collection("a", index_factory="HNSW32", chunk_tokens=16, chunk_overlap=4) == cfg  # idempotent
-    with pytest.raises(AlreadyExists, match="index_factory='HNSW32'"):
-        s.create_collection("a", index_factory="Flat", chunk_tokens=16, chunk_overlap=4)
+    with pytest.raises(AlreadyExists, match="'a' already exists; pass if_not_exists"):
+        s.create_collection("a", index_factory="HNSW32", chunk_tokens=16, chunk_overlap=4)
+    assert s.ensure_collection("a", index_factory="HNSW32", chunk_tokens=16, chunk_overlap=4) == (cfg, False)
+    assert s.ensure_collection("a") == (cfg, False)  # nothing given: nothing to differ
+    with pytest.raises(AlreadyExists, match="index_factory='HNSW32' \\(asked 'Flat'\\)"):
+        s.ensure_collection("a", index_factory="Flat", chunk_tokens=16, chunk_overlap=4)
     s.create_collection("b")
     assert [c.name for c in s.list_collections()] == ["a", "b"]
     st = s.describe("a")
@@ -61,7 +64,7 @@ def test_create_list_describe_drop(store_factory, tmp_path):
         (dict(name="ok", index_factory="IVFx,Flat"), "'IVFx,Flat'"),
         (dict(name="ok", embedding_model="bert-huge"), "all-MiniLM-L6-v2"),
         (dict(name="ok", chunk_tokens=0), "chunk_tokens"),
-        (dict(name="ok", chunk_tokens=8, chunk_overlap=8), "chunk_overlap"),
+        (dict(name="ok", chunk_tokens=16, chunk_overlap=16), "chunk_overlap"),
     ],
 )
 def test_create_collection_validation(store_factory, kwargs, message):
@@ -120,7 +123,7 @@ def test_search_modes(store_factory):
 
 
 def test_following_chunks(store_factory):
-    s = store_factory()
+    s = store_factory(StoreSettings(min_chunk_tokens=8))  # small chunks: many per document
     s.create_collection("c", chunk_tokens=8)
     long_text = " ".join(f"Sentence number {i} talks about astronomy and telescopes." for i in range(6))
     (r,) = s.ingest("c", [Document("d", long_text), Document("e", "short one")])[:1]
@@ -157,7 +160,7 @@ def test_results_per_doc_and_get(store):
 
 
 def test_upsert_replaces_chunks(store_factory):
-    s = store_factory()
+    s = store_factory(StoreSettings(min_chunk_tokens=8))  # small chunks: many per document
     s.create_collection("c", chunk_tokens=8)
     long_text = " ".join(f"Sentence number {i} talks about astronomy and telescopes." for i in range(10))
     (r,) = s.ingest("c", [Document("d", long_text, {"v": 1})])
