@@ -80,7 +80,8 @@ class RunningServer:
             self.store.stop_writes()
             await self.guard.wait_idle(STOP_BOUND_SECONDS)
         await self.server.stop(0)
-        self.executor.shutdown(wait=True)  # store calls end at their next stop check
+        await asyncio.to_thread(self.executor.shutdown, wait=True)  # store calls end at their next stop check
+        log.info("all calls ended")
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.shutdown)
             self.metrics.server_close()

@@ -95,13 +95,35 @@ def test_sigterm_during_long_ingest_acknowledges_what_is_stored(tmp_path, bundle
     """SIGTERM while a 1,500-document Ingest embeds: the call either completes (all stored) or is
     refused UNAVAILABLE before its commit (none stored); the process is gone within grace + a bound;
     during the drain new health Checks see NOT_SERVING and other new calls UNAVAILABLE."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     grace = 2.0
     env = {"MEMLM_SERVER__GRACE_SECONDS": str(grace)}
     server = ServerProcess(tmp_path / "d", env=env)
     docs = [{"id": f"d{i}", "text": _words(i)} for i in range(1500)]
     outcome: dict = {}
+    try:
+        took, code = _sigterm_during_ingest(server, docs, outcome, grace)
+    finally:
+        server.kill()  # a no-op when it exited by itself
+    assert code == 0, server.output
+    assert took < grace + 5, f"exited {took:.1f} s after SIGTERM with grace {grace} s:\n{server.output[-3000:]}"
+    if "error" in outcome:
+        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
+        assert "nothing from this call was stored" in str(outcome["error"])
+        expected = 0
+    else:
+        assert outcome["report"].created == len(docs)
+        expected = len(docs)
+    server = ServerProcess(tmp_path / "d", env=env)
+    try:
+        with memlm.Client(server.address, timeout=60) as client:
+            assert client.describe_collection("c").documents == expected
+    finally:
+        assert server.terminate() == 0
+
+
+def _sigterm_during_ingest(server, docs, outcome, grace):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with memlm.Client(server.address, timeout=300) as client:
         client.create_collection("c")
 
@@ -127,21 +149,7 @@ def test_sigterm_during_long_ingest_acknowledges_what_is_stored(tmp_path, bundle
         code = server.proc.wait(60)
         took = time.monotonic() - sent_at
         t.join(30)
-    assert code == 0, server.output
-    assert took < grace + 5, f"exited {took:.1f} s after SIGTERM with grace {grace} s"
-    if "error" in outcome:
-        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
-        assert "nothing from this call was stored" in str(outcome["error"])
-        expected = 0
-    else:
-        assert outcome["report"].created == len(docs)
-        expected = len(docs)
-    server = ServerProcess(tmp_path / "d", env=env)
-    try:
-        with memlm.Client(server.address, timeout=60) as client:
-            assert client.describe_collection("c").documents == expected
-    finally:
-        assert server.terminate() == 0
+    return took, code
 
 
 def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, bundled_model_dir):
