@@ -28,16 +28,17 @@ import struct
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lmdb
 import numpy as np
 
-from memlm.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from memlm.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from memlm.index.types import Chunk, CollectionConfig, Document, Metadata
 
 _COLLECTIONS_DB = b"_collections"
 _PARTS = ("docs", "chunks", "vectors", "oplog")
+STOPPED = "server is shutting down; nothing from this call was stored"
 # LMDB opens a fixed number of named DBs (it looks handles up linearly, so not unbounded): four per
 # collection plus `_collections`. store.max_collections (at most this) is checked before LMDB's own limit.
 MAX_COLLECTIONS = 4096
@@ -174,8 +175,11 @@ class LmdbStore:
         self._lock_file.flush()
 
         # sync/metasync on: commit returns only after fsync, which is what acknowledges a write.
+        # Owner-only modes: LMDB would make its folder with the file mode (no x bit), so it is made here.
+        (self.data_dir / "store.lmdb").mkdir(mode=0o700, exist_ok=True)
         self.env = lmdb.open(
             str(self.data_dir / "store.lmdb"),
+            mode=0o600,
             map_size=int(map_size_bytes),
             max_dbs=MAX_DBS,
             max_readers=1024,
@@ -285,15 +289,21 @@ class LmdbStore:
             txn.put(name.encode(), rec.encode(), db=self._collections)
         return commit
 
-    def write_delete(self, name: str, doc_ids: Sequence[str]) -> Commit:  # WRITE
+    def write_delete(
+        self, name: str, doc_ids: Sequence[str], should_stop: Callable[[], bool] = lambda: False
+    ) -> Commit:  # WRITE
         """Delete documents with their chunks and vectors, plus one oplog entry, in ONE transaction.
-        Unknown ids are skipped; when none is known nothing is written (seq is then 0)."""
+        Unknown ids are skipped; when none is known nothing is written (seq is then 0). When
+        `should_stop()` turns true (checked every 256 ids and before the commit) the transaction is
+        aborted and Unavailable raised: nothing is deleted."""
         dbs = self.dbs(name)
-        with self.env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:  # an exception inside aborts the transaction
             rec = self.record(name, txn)
             commit = Commit(seq=0)
             removed: list[int] = []
-            for doc_id in dict.fromkeys(doc_ids):  # de-duplicated, order kept
+            for n, doc_id in enumerate(dict.fromkeys(doc_ids)):  # de-duplicated, order kept
+                if n % 256 == 0 and should_stop():
+                    raise Unavailable(STOPPED)
                 key = doc_id.encode()
                 old_raw = txn.get(key, db=dbs.docs)
                 if old_raw is None:
@@ -309,6 +319,8 @@ class LmdbStore:
             txn.put(u64(commit.seq), json.dumps({"add": [], "remove": removed}).encode(), db=dbs.oplog)
             rec.next_op_seq += 1
             txn.put(name.encode(), rec.encode(), db=self._collections)
+            if should_stop():
+                raise Unavailable(STOPPED)
         return commit
 
     @staticmethod

@@ -34,7 +34,8 @@ from prometheus_client import Histogram
 
 from memlm.config import StoreSettings
 from memlm.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, MemlmError, NotFound, ResourceExhausted, quoted, quoted_items,
+    AlreadyExists, FailedPrecondition, InvalidArgument, MemlmError, NotFound, ResourceExhausted, Unavailable,
+    quoted, quoted_items,
 )
 from memlm.index.chunking import Chunker
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
@@ -153,6 +154,9 @@ def _pad(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tup
     return out_s, out_i
 
 
+SHUTTING_DOWN = "server is shutting down; nothing from this call was stored"
+
+
 class MemoryStore:
     """Collections of documents, chunked, embedded, indexed and stored durably."""
 
@@ -172,6 +176,7 @@ class MemoryStore:
         self._chunkers: dict[tuple[int, int], Chunker] = {}
         self._global = threading.RLock()  # create / drop / close
         self._closed = False
+        self._stopping = threading.Event()  # set by stop_writes(): every commit from then on is refused
         self._lmdb = LmdbStore(self.data_dir, int(settings.map_size_gib * 2**30))
         self._collections: dict[str, _Collection] = {}
         self._write_listeners: list[Callable[[str], None]] = []
@@ -573,7 +578,12 @@ class MemoryStore:
         chunk_lists = [chunker.chunk(docs[i].text) for i in valid]
         texts = [c.text for cl in chunk_lists for c in cl]
         t1 = time.perf_counter()
-        vectors = self._embedder_for(col.config).embed(texts) if texts else np.zeros((0, col.config.dim), np.float32)
+        embedder, step = self._embedder_for(col.config), 2 * self.settings.embed_batch_size
+        parts = [np.zeros((0, col.config.dim), np.float32)]
+        for start in range(0, len(texts), step):  # a stop check between batches keeps shutdown prompt
+            self._check_writes_allowed()
+            parts.append(embedder.embed(texts[start : start + step]))
+        vectors = np.concatenate(parts)  # (len(texts), dim)
         t2 = time.perf_counter()
         INGEST_STAGE_SECONDS.labels("chunk").observe(t1 - t0)
         INGEST_STAGE_SECONDS.labels("embed").observe(t2 - t1)
@@ -588,6 +598,7 @@ class MemoryStore:
                 if col.dropped:
                     raise NotFound(f"collection {name!r} does not exist")
                 t0 = time.perf_counter()
+                self._check_writes_allowed()
                 commit = self._lmdb.write_ingest(name, prepared, time.time())  # durable from here
                 t1 = time.perf_counter()
                 self._apply(col, commit, prepared)
@@ -887,13 +898,26 @@ class MemoryStore:
         with col.lock:
             if col.dropped:
                 raise NotFound(f"collection {name!r} does not exist")
-            commit = self._lmdb.write_delete(name, list(ids))  # durable from here
+            self._check_writes_allowed()
+            commit = self._lmdb.write_delete(name, list(ids), should_stop=self._stopping.is_set)  # durable from here
             if not commit.removed:
                 return []
             self._apply(col, commit)
             self._maybe_snapshot(col)
         self._notify_write(col)
         return [doc_id for doc_id, _ in commit.removed]
+
+    # ---------------------------------------------------------------- shutdown
+
+    def stop_writes(self) -> None:
+        """Refuse every commit from now on (the server calls this when its shutdown grace period
+        ends): an ingest or delete still running raises Unavailable at its next check (between
+        embedding batches, right before the commit, inside a long delete), having stored nothing."""
+        self._stopping.set()
+
+    def _check_writes_allowed(self) -> None:
+        if self._stopping.is_set():
+            raise Unavailable(SHUTTING_DOWN)
 
     # ---------------------------------------------------------------- snapshots
 

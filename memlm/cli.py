@@ -57,38 +57,88 @@ def _parse_filter(text: Optional[str]):
         raise typer.Exit(2)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import memlm
+
+        print(f"memlm {memlm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """memlm: memory-augmented language-model service."""
+
+
 @app.command()
 def serve(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where LMDB and FAISS files live"),
     host: Optional[str] = typer.Option(None, "--host", help="bind address (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, "--port", help="port (default 50051; 0 picks a free one)"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="require `authorization: Bearer KEY`"),
+    api_key_file: Optional[Path] = typer.Option(
+        None, "--api-key-file", exists=True, dir_okay=False, readable=True,
+        help="require `authorization: Bearer KEY`, KEY read from this file (one line); "
+        "or set env MEMLM_SERVER__API_KEY",
+    ),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", help="the key on the command line, visible to every user in `ps`: prefer "
+        "--api-key-file or env MEMLM_SERVER__API_KEY",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", exists=True, dir_okay=False, readable=True,
+        help="settings TOML file (same as env MEMLM_CONFIG; default ./memlm.toml when present)",
+    ),
+    metrics_port: Optional[int] = typer.Option(
+        None, "--metrics-port", min=0, max=65535, help="serve Prometheus /metrics on this port (behind the API key when set)",
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="a local HF causal-LM folder (default: bundled SmolLM2)"),
     log_level: Optional[str] = typer.Option(None, "--log-level"),
 ) -> None:
-    """Run the service on its embedded defaults (LMDB + FAISS in --data-dir, the bundled model)."""
+    """Run the service on its embedded defaults (LMDB + FAISS in --data-dir, the bundled model).
+
+    Options override env MEMLM_* variables, which override the --config file.
+    """
     import asyncio
     import logging
+    import os
 
     from memlm.config import Settings
     from memlm.services.server import serve as run
 
+    def fail(message: str) -> None:  # one plain line (rich would wrap it), then exit 1
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise typer.Exit(1)
+
+    if api_key is not None and api_key_file is not None:
+        fail("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        api_key = api_key_file.read_text(encoding="utf-8").strip()
+        if not api_key:
+            fail(f"--api-key-file {api_key_file} is empty; expected the key on one line")
+    if config is not None:
+        os.environ["MEMLM_CONFIG"] = str(config)  # Settings reads the TOML file it names
     overrides: dict = {}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     if log_level is not None:
         overrides["log_level"] = log_level
     settings = Settings(**overrides)
-    server_over = {k: v for k, v in {"host": host, "port": port, "api_key": api_key}.items() if v is not None}
+    server_over = {
+        k: v for k, v in {"host": host, "port": port, "api_key": api_key, "metrics_port": metrics_port}.items()
+        if v is not None
+    }
     if server_over:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update=server_over)})
     if model is not None:
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": model})})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is INFO noise
     try:
         asyncio.run(run(settings))
     except MemlmError as exc:
-        _fail(exc)
+        fail(f"{exc.code}: {exc}")
 
 
 def _iter_files(paths: List[Path]) -> Iterator[Path]:

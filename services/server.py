@@ -1,19 +1,27 @@
 """Server start-up and shutdown: the store, the engine, the servicers, health and reflection.
 
-`serve(settings)` is what `memlm serve` runs. Order on start: open the store (recovering the
-indexes from LMDB if the last run crashed), load the model, bind, report SERVING. On SIGTERM or
-SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_seconds` to
-finish, then the engine stops and LMDB is closed cleanly (index snapshots written).
+`serve(settings)` is what `memlm serve` runs. Order on start: bind the port (a port in use or a bad
+TLS pair fails here, in a second), open the store (recovering the indexes from LMDB if the last run
+crashed), load the model, start, report SERVING. On SIGTERM or SIGINT: health goes NOT_SERVING
+(and keeps answering), new calls are refused UNAVAILABLE, in-flight calls get `grace_seconds` to
+finish; then the store refuses to commit, so an ingest or delete still running stops before its
+commit and is answered UNAVAILABLE "nothing from this call was stored"; then the engine stops and
+LMDB is closed cleanly (index snapshots written). A SIGTERM before the ready line (model loading)
+ends the process at once, which recovery at the next start handles like a crash.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +30,10 @@ from grpc_reflection.v1alpha import reflection
 import memlm
 from memlm.config import Settings
 from memlm.engine import EngineClient
+from memlm.errors import FailedPrecondition
 from memlm.services.auth import ApiKeyInterceptor
+from memlm.services.interceptors import CallGuard
+from memlm.services.metrics import start_metrics_server
 from memlm.services.generation_servicer import GenerationServicer, model_info_to_pb
 from memlm.services.memory_servicer import MemoryServicer
 from memlm.v1 import memlm_pb2 as pb
@@ -33,29 +44,106 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Memory", "Generation"))
 
 
+STOP_BOUND_SECONDS = 5.0  # after the grace period: how long a store call may take to notice the stop
+
+
+@dataclass
+class Listener:
+    """A bound, not yet started gRPC server (and the metrics endpoint): bound first, so a port in
+    use or a bad TLS file fails at once, before the store is opened or the model loaded."""
+
+    server: grpc.aio.Server
+    port: int
+    guard: CallGuard
+    metrics: Optional[WSGIServer] = None
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
     executor: ThreadPoolExecutor
+    guard: CallGuard
+    store: object
+    metrics: Optional[WSGIServer] = None
 
     async def stop(self, grace: Optional[float]) -> None:
-        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING
-        await self.server.stop(grace)
-        self.executor.shutdown(wait=True)
+        """Drain, then stop. Health answers NOT_SERVING throughout the drain and other new calls
+        UNAVAILABLE; admitted calls get `grace` s. Then the store refuses to commit (a store call
+        still running raises Unavailable before its commit and its client is told so), and what is
+        left (generations) is cancelled. Gone within grace + STOP_BOUND_SECONDS + a commit."""
+        self.guard.begin_drain()
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, Watch streams told
+        if not await self.guard.wait_idle(grace if grace is not None else float("inf")):
+            log.info("grace period over with %d call(s) in flight: stopping writes", self.guard.in_flight)
+            self.store.stop_writes()
+            await self.guard.wait_idle(STOP_BOUND_SECONDS)
+        await self.server.stop(0)
+        await asyncio.to_thread(self.executor.shutdown, wait=True)  # store calls end at their next stop check
+        log.info("all calls ended")
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.shutdown)
+            self.metrics.server_close()
 
 
-async def start_server(settings: Settings, store, engine: EngineClient) -> RunningServer:
-    """Bind and start the gRPC server over an opened store and a loaded engine."""
-    started_at = time.time()
-    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="memlm-store")
-    interceptors = [ApiKeyInterceptor(settings.server.api_key)] if settings.server.api_key else []
+def _tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+    """Server credentials, checked the way an operator can act on (gRPC alone says only
+    "Failed to bind")."""
+    try:
+        key_pem, cert_pem = key.read_bytes(), cert.read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot read TLS file {exc.filename}: {exc.strerror} (server.tls_cert / server.tls_key)"
+        ) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise FailedPrecondition(f"TLS key {key} does not match the certificate {cert}") from None
+        raise FailedPrecondition(
+            f"TLS certificate {cert} and key {key} are not a usable PEM pair: {exc.reason or exc}"
+        ) from None
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
+def bind(settings: Settings) -> Listener:
+    """Create the gRPC server and bind its port (and the metrics port); nothing is served yet."""
+    guard = CallGuard()
+    interceptors = [guard, *([ApiKeyInterceptor(settings.server.api_key)] if settings.server.api_key else [])]
     opts = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
         ("grpc.max_send_message_length", settings.server.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # else a second server binds the same port and the kernel splits clients
     ]
     server = grpc.aio.server(interceptors=interceptors, options=opts)
+    address = f"{settings.server.host}:{settings.server.port}"
+    if settings.server.tls_cert:
+        creds = _tls_credentials(settings.server.tls_cert, settings.server.tls_key)
+    try:
+        port = server.add_secure_port(address, creds) if settings.server.tls_cert else server.add_insecure_port(address)
+    except RuntimeError:
+        raise FailedPrecondition(
+            f"cannot listen on {address}: the address is in use (another memlm serve?) or not one of this "
+            "host's; stop the other server or choose another --port/--host"
+        ) from None
+    metrics = None
+    if settings.server.metrics_port is not None:
+        try:
+            metrics = start_metrics_server(settings.server.host, settings.server.metrics_port, settings.server.api_key)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot serve metrics on {settings.server.host}:{settings.server.metrics_port}: {exc.strerror}; "
+                "choose another --metrics-port"
+            ) from None
+    return Listener(server=server, port=port, guard=guard, metrics=metrics)
+
+
+async def start_server(listener: Listener, settings: Settings, store, engine: EngineClient) -> RunningServer:
+    """Register the services on a bound listener and start serving."""
+    started_at = time.time()
+    server = listener.server
+    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="memlm-store")
 
     def stats_extra() -> dict:
         return {"version": memlm.__version__, "uptime_s": time.time() - started_at, "model": model_info_to_pb(engine.info())}
@@ -72,23 +160,13 @@ async def start_server(settings: Settings, store, engine: EngineClient) -> Runni
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-
-    address = f"{settings.server.host}:{settings.server.port}"
-    if settings.server.tls_cert:
-        creds = grpc.ssl_server_credentials(
-            [(settings.server.tls_key.read_bytes(), settings.server.tls_cert.read_bytes())]
-        )
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
     await server.start()
-    if settings.server.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.server.metrics_port, addr=settings.server.host)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, health=health_servicer, port=port, executor=executor)
+    return RunningServer(
+        server=server, health=health_servicer, port=listener.port, executor=executor, guard=listener.guard,
+        store=store, metrics=listener.metrics,
+    )
 
 
 def served_tokenizer(settings: Settings):
@@ -111,14 +189,18 @@ def load_engine(settings: Settings, store, tokenizer=None) -> EngineClient:
 
 
 async def serve(settings: Settings, *, ready_message: bool = True) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = served_tokenizer(settings)  # loaded once, for the store and the model host
-    store = open_store(settings, tokenizer)
-    engine = None
+    """Run until SIGTERM/SIGINT, then shut down gracefully. With `ready_message` the ready line is
+    printed on stdout (tests and scripts wait for it), else logged."""
+    listener = bind(settings)
+    os.umask(0o077)  # every file and folder the server creates (LMDB, index, KV files, LOCK) is owner-only
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.data_dir.chmod(0o700)  # a data dir made before: its contents become owner-only too
+    store = engine = running = None
     try:
+        tokenizer = served_tokenizer(settings)  # loaded once, for the store and the model host
+        store = open_store(settings, tokenizer)
         engine = load_engine(settings, store, tokenizer)
-        running = await start_server(settings, store, engine)
+        running = await start_server(listener, settings, store, engine)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -129,14 +211,20 @@ async def serve(settings: Settings, *, ready_message: bool = True) -> None:
             f"memlm {memlm.__version__} serving on {scheme}://{settings.server.host}:{running.port} "
             f"(data {settings.data_dir}, model {info.name}, auth {'on' if settings.server.api_key else 'off'})"
         )
-        log.info(msg)
         if ready_message:
-            print(msg, flush=True)  # tests and scripts wait for this line
+            print(msg, flush=True)
+        else:
+            log.info(msg)
         await stop.wait()
         log.info("shutting down: draining in-flight calls for up to %.0f s", settings.server.grace_seconds)
         await running.stop(settings.server.grace_seconds)
     finally:
+        if running is None:
+            await listener.server.stop(None)
+            if listener.metrics is not None:
+                listener.metrics.server_close()
         if engine is not None:
             await engine.close()
-        store.close()
-        log.info("stopped cleanly")
+        if store is not None:
+            store.close()
+            log.info("stopped cleanly")

@@ -1,5 +1,7 @@
 """Auth, TLS and graceful shutdown, each on a server of its own."""
+import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -83,3 +85,115 @@ def test_sigterm_drains_in_flight_generation(tmp_path, bundled_model_dir):
             assert [d.id for d in client.get(["a"], collection="c")] == ["a"]
     finally:
         assert server.terminate() == 0
+
+
+def _words(i: int, n: int = 60) -> str:
+    return " ".join(f"w{(i * 7 + j) % 997}" for j in range(n))
+
+
+def test_sigterm_during_long_ingest_acknowledges_what_is_stored(tmp_path, bundled_model_dir):
+    """SIGTERM while a 1,500-document Ingest embeds: the call either completes (all stored) or is
+    refused UNAVAILABLE before its commit (none stored); the process is gone within grace + a bound;
+    during the drain new health Checks see NOT_SERVING and other new calls UNAVAILABLE."""
+    grace = 2.0
+    env = {"MEMLM_SERVER__GRACE_SECONDS": str(grace)}
+    server = ServerProcess(tmp_path / "d", env=env)
+    docs = [{"id": f"d{i}", "text": _words(i)} for i in range(1500)]
+    outcome: dict = {}
+    try:
+        took, code = _sigterm_during_ingest(server, docs, outcome, grace)
+    finally:
+        server.kill()  # a no-op when it exited by itself
+    assert code == 0, server.output
+    assert took < grace + 5, f"exited {took:.1f} s after SIGTERM with grace {grace} s:\n{server.output[-3000:]}"
+    if "error" in outcome:
+        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
+        assert "nothing from this call was stored" in str(outcome["error"])
+        expected = 0
+    else:
+        assert outcome["report"].created == len(docs)
+        expected = len(docs)
+    server = ServerProcess(tmp_path / "d", env=env)
+    try:
+        with memlm.Client(server.address, timeout=60) as client:
+            assert client.describe_collection("c").documents == expected
+    finally:
+        assert server.terminate() == 0
+
+
+def _sigterm_during_ingest(server, docs, outcome, grace):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with memlm.Client(server.address, timeout=300) as client:
+        client.create_collection("c")
+
+        def ingest():
+            try:
+                outcome["report"] = client.ingest(docs, collection="c", batch_size=len(docs))
+            except memlm.errors.MemlmError as exc:
+                outcome["error"] = exc
+
+        t = threading.Thread(target=ingest)
+        t.start()
+        time.sleep(1.5)  # the call is in: its documents are being chunked and embedded
+        assert "report" not in outcome and "error" not in outcome, "the ingest finished too soon to test"
+        sent_at = time.monotonic()
+        server.proc.send_signal(subprocess.signal.SIGTERM)
+        time.sleep(0.3)
+        with grpc.insecure_channel(server.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with memlm.Client(server.address, timeout=5) as late:
+            with pytest.raises(memlm.errors.Unavailable, match="shutting down"):
+                late.list_collections()
+        code = server.proc.wait(60)
+        took = time.monotonic() - sent_at
+        t.join(30)
+    return took, code
+
+
+def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, bundled_model_dir):
+    first = ServerProcess(tmp_path / "a")
+    try:
+        port = first.address.rsplit(":", 1)[1]
+        started = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(tmp_path / "b"), "--port", port],
+            capture_output=True, text=True, timeout=120,
+        )
+        took = time.monotonic() - started
+        assert second.returncode != 0
+        lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
+        assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines
+        assert not (tmp_path / "b" / "store.lmdb").exists()  # refused before opening the store
+        assert took < 8, f"took {took:.1f} s: the model was loaded before binding"
+        with memlm.Client(first.address, timeout=30) as client:
+            assert client.list_collections() == []
+    finally:
+        assert first.terminate() == 0
+
+
+def _self_signed(tmp_path, name: str):
+    key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )
+    return key, cert
+
+
+@pytest.mark.parametrize("case", ["mismatched", "unreadable"])
+def test_bad_tls_files_give_one_clear_line(tmp_path, case):
+    key_a, cert_a = _self_signed(tmp_path, "a")
+    key = _self_signed(tmp_path, "b")[0] if case == "mismatched" else tmp_path / "missing-key.pem"
+    env = {**os.environ, "MEMLM_SERVER__TLS_CERT": str(cert_a), "MEMLM_SERVER__TLS_KEY": str(key)}
+    result = subprocess.run(
+        [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(tmp_path / "d"), "--port", "0"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert str(key) in lines[0]
+    assert ("does not match" if case == "mismatched" else "cannot read") in lines[0], lines[0]

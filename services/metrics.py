@@ -1,0 +1,56 @@
+"""The Prometheus endpoint: `GET /metrics` on `server.metrics_port`, nothing on any other path.
+
+When `server.api_key` is set the scrape needs `Authorization: Bearer <key>` too (Prometheus's
+`authorization` scrape setting sends it): the metrics name collections' traffic and the model. The
+server binds it on `server.host`, like the gRPC port.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from socketserver import ThreadingMixIn
+
+from prometheus_client import REGISTRY, make_wsgi_app
+
+from memlm.services.auth import bearer_matches
+
+METRICS_PATH = "/metrics"
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - wsgiref's signature; scrapes are not worth a log line
+        pass
+
+
+def metrics_app(api_key: Optional[str]):
+    """A WSGI app serving the default registry on /metrics only, behind `api_key` when given."""
+    prometheus = make_wsgi_app(REGISTRY)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def app(environ, start_response):
+        def reply(status: str, body: str, headers=()):
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8"), *headers])
+            return [body.encode()]
+
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            return reply("404 Not Found", f"not found: metrics are served on {METRICS_PATH}\n")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return reply("405 Method Not Allowed", "use GET\n", [("Allow", "GET, HEAD")])
+        if expected is not None and not bearer_matches(environ.get("HTTP_AUTHORIZATION", ""), expected):
+            return reply("401 Unauthorized", "send `Authorization: Bearer <api key>`\n",
+                         [("WWW-Authenticate", 'Bearer realm="memlm metrics"')])
+        return prometheus(environ, start_response)
+
+    return app
+
+
+def start_metrics_server(host: str, port: int, api_key: Optional[str]) -> WSGIServer:
+    """Serve /metrics from a daemon thread; returns the server (`.shutdown()` stops it)."""
+    httpd = make_server(host, port, metrics_app(api_key), _ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="memlm-metrics", daemon=True).start()
+    return httpd
