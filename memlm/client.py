@@ -214,13 +214,13 @@ class Client:
         return self._aio[2]
 
     async def aclose(self) -> None:
-        """Close the async channel (if this loop made one) and the blocking one."""
+        """Close the async channel this event loop made (the blocking one stays open: `close()`)."""
         if self._aio is not None and self._aio[0] is asyncio.get_running_loop():
             await self._aio[1].close()
         self._aio = None
-        self._channel.close()
 
     def close(self) -> None:
+        self._aio = None  # an async channel's loop closes it; it cannot be awaited from here
         self._channel.close()
 
     def __enter__(self) -> "Client":

@@ -136,12 +136,13 @@ def test_fresh_client_only_venv(server, tmp_path):
     assert not listed & {"torch", "transformers", "sentence-transformers", "faiss-cpu", "lmdb", "triton"}, listed
 
     memlm_cli = env_dir / "bin" / "memlm"
-    serve = subprocess.run([str(memlm_cli), "serve", "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    # cwd: not the repository root, whose memlm/ folder would shadow the installed package
+    run = {"capture_output": True, "text": True, "timeout": 120, "cwd": tmp_path}
+    serve = subprocess.run([str(memlm_cli), "serve", "--data-dir", str(tmp_path / "d")], **run)
     assert serve.returncode == 1 and "pip install 'memlm[server]'" in serve.stderr and "Traceback" not in serve.stderr
 
     (tmp_path / "owl.txt").write_text("Barn owls find mice in the dark by sound alone.\n")
-    ingest = subprocess.run([str(memlm_cli), "ingest", str(tmp_path / "owl.txt"), "-c", "fresh", "--address", server.address],
-                            capture_output=True, text=True, timeout=120)
+    ingest = subprocess.run([str(memlm_cli), "ingest", str(tmp_path / "owl.txt"), "-c", "fresh", "--address", server.address], **run)
     assert ingest.returncode == 0 and "1 documents created" in ingest.stdout, ingest.stderr
     found = subprocess.run([str(python), "-c", textwrap.dedent(f"""
         import asyncio, memlm
@@ -149,7 +150,7 @@ def test_fresh_client_only_venv(server, tmp_path):
         client = memlm.Client({server.address!r}, timeout=60)
         retriever = MemlmRetriever(client=client, collection="fresh", k=1)
         print(retriever.invoke("How do owls hunt?")[0].id, asyncio.run(retriever.ainvoke("owls"))[0].id)
-    """)], capture_output=True, text=True, timeout=120)
+    """)], **run)
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == ["owl.txt", "owl.txt"]
     site = next((env_dir / "lib").glob("python3*/site-packages"))
