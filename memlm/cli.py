@@ -1,16 +1,23 @@
 """The `memlm` command line (typer): `serve` runs the service; the other commands are clients.
 
-Every client command takes `--address HOST:PORT` (env `MEMLM_ADDRESS`, default 127.0.0.1:50051)
-and `--api-key` (env `MEMLM_API_KEY`). Errors from the server are printed as
-`error: CODE: message` on stderr with exit status 1.
+Every client command takes `--address HOST:PORT` (env `MEMLM_ADDRESS`, default 127.0.0.1:50051),
+`--api-key` (env `MEMLM_API_KEY`) and `--tls-ca FILE` (env `MEMLM_TLS_CA`: talk TLS to a server
+whose certificate that CA file verifies). Errors from the server are printed as
+`error: CODE: message` on stderr with exit status 1; bad arguments exit 2. Every `--json` prints
+one JSON value on stdout with snake_case keys and numbers as numbers.
+
+The client commands need only the client dependencies (grpcio, protobuf, numpy, typer, rich);
+`serve` needs `memlm[server]`.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -20,14 +27,18 @@ from memlm.errors import MemlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="memlm: memory-augmented language-model service.")
 out = Console()
-err = Console(stderr=True)
-
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+err = Console(stderr=True, soft_wrap=True)  # one line per message: greppable in logs
 
 AddressOpt = typer.Option("127.0.0.1:50051", "--address", envvar="MEMLM_ADDRESS", help="server HOST:PORT")
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="MEMLM_API_KEY", help="API key, when the server needs one")
+TlsCaOpt = typer.Option(
+    None, "--tls-ca", envvar="MEMLM_TLS_CA", help="PEM CA certificate(s): connect with TLS, verifying the server against them",
+)
 TimeoutOpt = typer.Option(600.0, "--timeout", help="deadline per call, seconds")
+JsonOpt = typer.Option(False, "--json", help="print one JSON value (snake_case keys) instead of text")
+
+# What `serve` imports that a client-only install (`pip install memlm`) does not have.
+SERVER_MODULES = ("torch", "transformers", "sentence_transformers", "faiss", "lmdb", "pydantic_settings")
 
 
 def _fail(exc: MemlmError) -> None:
@@ -35,13 +46,45 @@ def _fail(exc: MemlmError) -> None:
     raise typer.Exit(1)
 
 
+def _usage_error(message: str) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(2)
+
+
+def _require_server_dependencies() -> None:
+    """One clear line instead of a traceback when `serve` runs on a client-only install."""
+    from importlib.util import find_spec
+
+    def absent(name: str) -> bool:
+        try:
+            return find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    missing = [m for m in SERVER_MODULES if absent(m)]
+    if missing:
+        err.print(
+            f"error: `memlm serve` needs the server dependencies ({', '.join(missing)} not installed): "
+            "pip install 'memlm[server]'", markup=False, highlight=False,
+        )
+        raise typer.Exit(1)
+
+
 @contextmanager
-def _connected(address: str, api_key: Optional[str], timeout: float):
+def _connected(address: str, api_key: Optional[str], timeout: float, tls_ca: Optional[Path] = None):
     """A client for one command; a server error ends the command with `error: CODE: message`."""
     from memlm.client import Client
 
+    root_certificates = None
+    if tls_ca is not None:
+        try:
+            root_certificates = tls_ca.read_bytes()
+        except OSError as exc:
+            _usage_error(f"--tls-ca {tls_ca}: {exc.strerror or exc}; expected a PEM CA certificate file")
+        if b"-----BEGIN CERTIFICATE-----" not in root_certificates:
+            _usage_error(f"--tls-ca {tls_ca}: no PEM certificate in it; expected a file with '-----BEGIN CERTIFICATE-----'")
     try:
-        with Client(address, api_key=api_key, timeout=timeout) as client:
+        with Client(address, api_key=api_key, timeout=timeout, root_certificates=root_certificates) as client:
             yield client
     except MemlmError as exc:
         _fail(exc)
@@ -72,6 +115,58 @@ def _main(
     """memlm: memory-augmented language-model service."""
 
 
+def _plain(value: Any) -> Any:
+    """memlm's dataclasses, enums and protobuf messages as JSON-ready values, snake_case keys."""
+    from google.protobuf.message import Message
+
+    if isinstance(value, Message):
+        return _message_dict(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _message_dict(msg) -> dict:
+    """A protobuf message field by field: proto field names, int64 as numbers (protobuf's own JSON
+    mapping gives camelCase and int64 as strings), enums by name, Structs as plain dicts."""
+    from google.protobuf import struct_pb2
+    from google.protobuf.descriptor import FieldDescriptor
+
+    from memlm import wire
+
+    if isinstance(msg, struct_pb2.Struct):
+        return wire.struct_to_dict(msg)
+
+    def one(f, v):
+        if f.type == FieldDescriptor.TYPE_MESSAGE:
+            return _message_dict(v)
+        if f.type == FieldDescriptor.TYPE_ENUM:
+            return f.enum_type.values_by_number[v].name if v in f.enum_type.values_by_number else v
+        return v
+
+    result = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == FieldDescriptor.LABEL_REPEATED
+        if repeated:
+            result[f.name] = [one(f, x) for x in v]
+        elif f.type == FieldDescriptor.TYPE_MESSAGE and not msg.HasField(f.name):
+            result[f.name] = None
+        else:
+            result[f.name] = one(f, v)
+    return result
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(_plain(value), ensure_ascii=False) + "\n")
+
+
 @app.command()
 def serve(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where LMDB and FAISS files live"),
@@ -100,6 +195,7 @@ def serve(
 
     Options override env MEMLM_* variables, which override the --config file.
     """
+    _require_server_dependencies()
     import asyncio
     import logging
     import os
@@ -141,89 +237,127 @@ def serve(
         fail(f"{exc.code}: {exc}")
 
 
-def _iter_files(paths: List[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
-                    if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES:
-                        yield p
-        elif path.is_file():
-            yield path
+def _select_files(paths: List[Path], globs: List[str], id_prefix: str):
+    """The files to read, or exit 2 naming every missing path, id clash and empty folder."""
+    from memlm.file_documents import READ_SUFFIXES, select_files
+
+    sel = select_files(paths, globs=globs, id_prefix=id_prefix)
+    problems = [f"{p}: no such file or folder" for p in sel.missing]
+    problems += [
+        f"{', '.join(p.as_posix() for p in ps)} would all be document {doc_id!r}; "
+        "ingest their common folder instead, or one at a time with --id-prefix"
+        for doc_id, ps in sel.duplicate_ids.items()
+    ]
+    how = f"memlm reads {' '.join(READ_SUFFIXES)} in folders; --glob PATTERN picks other files (read as text)"
+    for folder, counts in sel.not_read.items():
+        left = ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common())
+        note = f"{folder}: {sum(counts.values())} files not read ({left}); {how}"
+        if folder in sel.empty_folders:
+            problems.append(note)
         else:
-            err.print(f"skipped {path}: no such file or folder")
+            err.print(f"note: {note}", markup=False, highlight=False)
+    problems += [
+        f"{folder}: no files" + (f" match --glob {' '.join(globs)}" if globs else "")
+        for folder in sel.empty_folders if folder not in sel.not_read
+    ]
+    if problems:
+        for line in problems:
+            err.print(f"error: {line}", markup=False, highlight=False)
+        err.print("nothing was ingested", highlight=False)
+        raise typer.Exit(2)
+    return sel.files
 
 
-def _read_documents(paths: List[Path], skipped: list) -> Iterator[dict]:
-    """Documents from files: text/Markdown files whole (id = the path), JSONL one per line with
-    `id`, `text`, `metadata`. Unreadable files and lines are reported and skipped."""
-    for path in _iter_files(paths):
-        try:
-            raw = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            skipped.append(path)
-            err.print(f"skipped {path}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
-            continue
-        except OSError as exc:
-            skipped.append(path)
-            err.print(f"skipped {path}: {exc.strerror}")
-            continue
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            for lineno, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("text"), str):
-                        raise ValueError("expected an object with `id` and string `text`")
-                except ValueError as exc:
-                    skipped.append(f"{path}:{lineno}")
-                    err.print(f"skipped {path}:{lineno}: {exc}")
-                    continue
-                meta = obj.get("metadata") or {}
-                yield {"id": str(obj["id"]), "text": obj["text"], "metadata": meta}
-        else:
-            kind = "markdown" if path.suffix.lower() in {".md", ".markdown"} else "text"
-            yield {"id": path.as_posix(), "text": raw, "metadata": {"source": path.as_posix(), "format": kind}}
+def _open_collection(client, collection: str, index_factory: str, chunk_tokens: int, kv_memory: bool):
+    """Create the collection if it is missing; exit 1 when it exists with settings other than the
+    ones given (an existing collection's index, chunking and KV memory are fixed)."""
+    given = {"index_factory": index_factory, "chunk_tokens": chunk_tokens}
+    given = {k: v for k, v in given.items() if v}
+    if kv_memory:
+        given["kv_memory"] = True  # only when asked: an absent flag means "whatever it has"
+    config = client.create_collection(collection, if_not_exists=True, **given)
+    differ = [f"{k}={getattr(config, k)!r} (asked for {v!r})" for k, v in given.items() if getattr(config, k) != v]
+    if differ:
+        hint = "; --kv-memory cannot be turned on for an existing collection" if "kv_memory" in given and not config.kv_memory else ""
+        err.print(
+            f"[red]error:[/red] ALREADY_EXISTS: collection {collection!r} exists with {', '.join(differ)}{hint}; "
+            "drop it first or ingest without those options", markup=True, highlight=False,
+        )
+        raise typer.Exit(1)
+    return config
 
 
 @app.command()
 def ingest(
-    paths: List[Path] = typer.Argument(..., help="files and folders: .txt, .md, .jsonl (id/text/metadata)"),
+    paths: List[Path] = typer.Argument(..., help="files and folders: .txt .md .markdown .rst .text, and .jsonl/.ndjson (id/text/metadata per line)"),
     collection: str = typer.Option(..., "--collection", "-c"),
+    glob: List[str] = typer.Option([], "--glob", help="in folders, read the files matching this pattern (repeatable, e.g. '*' or 'docs/**/*.log') instead of the suffixes above"),
+    id_prefix: str = typer.Option("", "--id-prefix", help="put in front of each file's document id (ids are relative to the folder named, or the file's name)"),
     index_factory: str = typer.Option("", "--index-factory", help="FAISS factory string for a new collection"),
     chunk_tokens: int = typer.Option(0, "--chunk-tokens", help="chunk size for a new collection (0: default 64)"),
     kv_memory: bool = typer.Option(False, "--kv-memory", help="create the collection with KV memory on"),
     batch_size: int = typer.Option(32, "--batch-size", help="documents per atomic Ingest call"),
+    as_json: bool = JsonOpt,
     address: str = AddressOpt,
     api_key: Optional[str] = ApiKeyOpt,
+    tls_ca: Optional[Path] = TlsCaOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
-    """Chunk, embed, index and store documents (creates the collection if it is missing)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Chunk, embed, index and store documents (creates the collection if it is missing).
 
-    skipped: list = []
-    with _connected(address, api_key, timeout) as client:
-        client.create_collection(
-            collection, index_factory=index_factory, chunk_tokens=chunk_tokens, kv_memory=kv_memory or None,
-            if_not_exists=True,
-        )
-        files = list(_iter_files(paths))
+    A file's document id is its path relative to the folder named on the command line (a file named directly: its name), so re-ingesting from anywhere replaces rather than duplicates. A missing path, or a folder with nothing to read, stops the command before anything is sent.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from memlm.file_documents import count_documents, read_documents
+
+    files = _select_files(paths, glob, id_prefix)
+    total = count_documents(files)
+    skipped: list[tuple[str, str]] = []
+
+    def skip(where: str, why: str) -> None:
+        skipped.append((where, why))
+        err.print(f"skipped {where}: {why}", markup=False, highlight=False)
+
+    with _connected(address, api_key, timeout, tls_ca) as client:
+        config = _open_collection(client, collection, index_factory, chunk_tokens, kv_memory)
+        # The server embeds and stores each batch, and, for a KV-memory collection, runs the model
+        # over it before answering: that last stage is the slow one, so it is named.
+        stage = "embedding, storing, building KV memory" if config.kv_memory else "embedding and storing"
         with Progress(
-            TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeElapsedColumn(),
-            console=err, transient=False,
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
         ) as bar:
-            task = bar.add_task("ingest", total=None)
+            task = bar.add_task("reading files", total=total)
+
+            def sending(first: int, size: int) -> None:
+                bar.update(task, description=f"{stage}: docs {first + 1}-{first + size}")
+                if not err.is_terminal:  # no live bar in a log: one line per batch instead
+                    err.print(f"ingest: {stage}: docs {first + 1}-{first + size} of {total}", highlight=False)
+
             report = client.ingest(
-                _read_documents(paths, skipped), collection=collection, batch_size=batch_size,
-                skip_invalid=True, progress=lambda n: bar.update(task, completed=n),
+                read_documents(files, skip), collection=collection, batch_size=batch_size, skip_invalid=True,
+                progress=lambda n: bar.update(task, completed=n + len(skipped), description="reading files"),
+                before_batch=sending,
             )
+            bar.update(task, completed=total, description="done")
     for r in report.rejected:
-        err.print(f"rejected {r.id}: {r.error_code}: {r.message}", highlight=False)
+        err.print(f"rejected {r.id}: {r.error_code}: {r.message}", highlight=False, markup=False)
+    unchanged = getattr(report, "unchanged", None)  # counted by servers that skip unchanged re-ingests
+    if as_json:
+        _print_json({
+            "collection": collection, "files": len(files), "created": report.created, "replaced": report.replaced,
+            **({"unchanged": unchanged} if unchanged is not None else {}),
+            "rejected": [{"id": r.id, "error_code": r.error_code, "message": r.message} for r in report.rejected],
+            "skipped": [{"source": w, "reason": why} for w, why in skipped],
+            "chunks": report.chunks, "results": report.results,
+        })
+        return
     out.print(
         f"{len(files)} files: {report.created} documents created, {report.replaced} replaced, "
-        f"{len(report.rejected)} rejected, {len(skipped)} skipped; {report.chunks} chunks in '{collection}'",
-        highlight=False,
+        + (f"{unchanged} unchanged, " if unchanged is not None else "")
+        + f"{len(report.rejected)} rejected, {len(skipped)} skipped; {report.chunks} chunks in '{collection}'",
+        highlight=False, markup=False,
     )
 
 
@@ -241,13 +375,14 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print one JSON list of hits"),
     address: str = AddressOpt,
     api_key: Optional[str] = ApiKeyOpt,
+    tls_ca: Optional[Path] = TlsCaOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Ranked chunks with scores, document ids and metadata."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         hits = client.search(query, collection=collection, k=k, filter=_parse_filter(filter), mode=mode)
     if as_json:
-        sys.stdout.write(json.dumps([_hit_json(h) for h in hits], ensure_ascii=False) + "\n")
+        _print_json([_hit_json(h) | {"chunk_index": h.chunk_index, "start": h.start, "end": h.end} for h in hits])
         return
     table = Table("#", "score", "document", "chunk", "text")
     for i, h in enumerate(hits, 1):
@@ -269,21 +404,27 @@ def ask(
     stop: List[str] = typer.Option([], "--stop", help="stop sequence (repeatable)"),
     filter: Optional[str] = typer.Option(None, "--filter", help="JSON metadata filter for retrieval"),
     search_mode: Optional[str] = typer.Option(None, "--search-mode", help="retrieval: dense, lexical or hybrid; default: the server's"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (text, citations, token counts, timings) when done, instead of streaming"),
     address: str = AddressOpt,
     api_key: Optional[str] = ApiKeyOpt,
+    tls_ca: Optional[Path] = TlsCaOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Stream an answer to the terminal, then the chunks it used."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         stream = client.generate(
             prompt, collection=collection, memory=memory, k=k, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, stop=stop, filter=_parse_filter(filter),
             search_mode=search_mode,
         )
         for piece in stream:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         result = stream.result
+    if as_json:
+        _print_json(result)
+        return
     sys.stdout.write("\n")
     if result.citations:
         out.print("\n[bold]citations[/bold]")
@@ -301,16 +442,15 @@ def ask(
 
 @app.command()
 def collections(
-    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """List collections."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         configs = client.list_collections()
     if as_json:
-        from dataclasses import asdict
-
-        sys.stdout.write(json.dumps([asdict(c) for c in configs]) + "\n")
+        _print_json(configs)
         return
     table = Table("name", "embedding", "dim", "index", "chunk tokens", "kv memory")
     for c in configs:
@@ -321,16 +461,15 @@ def collections(
 @app.command()
 def stats(
     collection: str = typer.Option("", "--collection", "-c", help="one collection (default: all)"),
-    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Document, chunk and index counts."""
-    from google.protobuf.json_format import MessageToDict
-
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         reply = client.stats(collection)
     if as_json:
-        sys.stdout.write(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)) + "\n")
+        _print_json(reply)
         return
     table = Table("collection", "documents", "chunks", "index vectors", "index", "pending ops", "disk MB")
     for c in reply.collections:
@@ -349,25 +488,35 @@ def create_collection(
     chunk_tokens: int = typer.Option(0, "--chunk-tokens"),
     chunk_overlap: int = typer.Option(0, "--chunk-overlap"),
     kv_memory: bool = typer.Option(False, "--kv-memory"),
-    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
+    as_json: bool = JsonOpt,
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Create a collection (its index type and chunking are fixed from then on)."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         c = client.create_collection(
             name, index_factory=index_factory, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-            kv_memory=kv_memory,
+            **({"kv_memory": True} if kv_memory else {}),
         )
+    if as_json:
+        _print_json(c)
+        return
     out.print(f"created '{c.name}': {c.index_factory}, {c.dim}-d {c.embedding_model}, {c.chunk_tokens}-token chunks")
 
 
 @app.command()
 def drop(
     collection: str = typer.Argument(...),
-    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
+    as_json: bool = JsonOpt,
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Drop a collection and everything in it."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         client.drop_collection(collection)
+    if as_json:
+        _print_json({"dropped": collection})
+        return
     out.print(f"dropped '{collection}'")
 
 
@@ -375,25 +524,35 @@ def drop(
 def get(
     ids: List[str] = typer.Argument(...),
     collection: str = typer.Option(..., "--collection", "-c"),
-    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
+    as_json: bool = typer.Option(False, "--json", help="one JSON list instead of one JSON object per line"),
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Print documents as JSON lines."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         docs = client.get(ids, collection=collection)
+    if as_json:
+        _print_json(docs)
+        return
     for d in docs:
-        sys.stdout.write(json.dumps({"id": d.id, "text": d.text, "metadata": d.metadata}, ensure_ascii=False) + "\n")
+        _print_json(d)
 
 
 @app.command()
 def delete(
     ids: List[str] = typer.Argument(...),
     collection: str = typer.Option(..., "--collection", "-c"),
-    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, timeout: float = TimeoutOpt,
+    as_json: bool = JsonOpt,
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Delete documents everywhere they went."""
-    with _connected(address, api_key, timeout) as client:
+    with _connected(address, api_key, timeout, tls_ca) as client:
         deleted = client.delete(ids, collection=collection)
     missing = [i for i in ids if i not in set(deleted)]
+    if as_json:
+        _print_json({"deleted": deleted, "not_found": missing})
+        return
     out.print(f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else ""), highlight=False)
 
 

@@ -15,7 +15,10 @@ InvalidArgument, ResourceExhausted, ...), so callers catch what they mean rather
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -75,23 +78,45 @@ def _to_filter(filter: FilterLike) -> Optional[pb.Filter]:
     return None if filter is None or filter.is_empty() else wire.filter_to_pb(filter)
 
 
+def content_id(text: str, metadata: Mapping[str, Any]) -> str:
+    """A stable id for a document that has none: a hash of its text and metadata (as LangChain's
+    indexing API derives one), so ingesting the same loader output again replaces, not duplicates."""
+    key = json.dumps({"text": text, "metadata": metadata}, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
 def _document_fields(doc: DocumentLike, position: int) -> tuple[str, str, Mapping[str, Any]]:
-    """Accept dicts `{id, text, metadata}` and objects such as LangChain (`page_content`) or
-    LlamaIndex (`id_`, `text`) documents."""
+    """Accept dicts `{id, text, metadata}` and objects such as LangChain (`id`, `page_content`) or
+    LlamaIndex (`id_`, `text`) documents. No id at all (None or absent) means `content_id()`; an
+    empty one is an error."""
     if isinstance(doc, Mapping):
         get = doc.get
     else:
         def get(name, default=None):
             return getattr(doc, name, default)
-    doc_id = get("id") or get("id_") or get("doc_id")
+    doc_id = next((v for v in (get("id"), get("id_"), get("doc_id")) if v is not None), None)
     text = get("text")
     if text is None:
         text = get("page_content")
-    if doc_id is None:
-        raise InvalidArgument(f"document {position} has no id (expected an `id` field)")
     if not isinstance(text, str):
-        raise InvalidArgument(f"document {position} ({doc_id!r}) has no text string")
-    return str(doc_id), text, dict(get("metadata") or {})
+        raise InvalidArgument(f"document {position} ({doc_id!r}) has no text string (expected `text` or `page_content`)")
+    metadata = dict(get("metadata") or {})
+    if doc_id is None:
+        doc_id = content_id(text, metadata)
+    elif str(doc_id) == "":
+        raise InvalidArgument(f"document {position} has an empty id; expected a non-empty string, or no id for a content hash")
+    return str(doc_id), text, metadata
+
+
+def _search_request(query, collection: str, k: int, filter: FilterLike, mode: Optional[str]) -> pb.SearchRequest:
+    request = pb.SearchRequest(collection=collection, k=k, mode=mode or "")
+    if isinstance(query, str):
+        request.text = query
+    else:
+        request.vector.values.extend(np.asarray(query, dtype=np.float32).ravel().tolist())
+    if (f := _to_filter(filter)) is not None:
+        request.filter.CopyFrom(f)
+    return request
 
 
 class GenerationStream:
@@ -151,11 +176,13 @@ class Client:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        if tls or root_certificates:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls or root_certificates else None
+        if creds is not None:
             self._channel = grpc.secure_channel(address, creds, options=opts)
         else:
             self._channel = grpc.insecure_channel(address, options=opts)
+        self._channel_args = (address, creds, opts)
+        self._aio: Optional[tuple[asyncio.AbstractEventLoop, Any, pb_grpc.MemoryStub]] = None  # (loop, channel, stub)
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -177,7 +204,28 @@ class Client:
         except grpc.FutureTimeoutError:
             raise error_for_code("UNAVAILABLE", f"no memlm server at {self.address} after {timeout} s") from None
 
+    def _aio_memory(self) -> pb_grpc.MemoryStub:
+        """The Memory stub over a grpc.aio channel of the running event loop, for the async calls.
+        Made on first use; a channel belongs to one loop, so another loop (a second asyncio.run)
+        gets a channel of its own."""
+        loop = asyncio.get_running_loop()
+        if self._aio is None or self._aio[0] is not loop:
+            address, creds, opts = self._channel_args
+            if creds is not None:
+                channel = grpc.aio.secure_channel(address, creds, options=opts)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=opts)
+            self._aio = (loop, channel, pb_grpc.MemoryStub(channel))
+        return self._aio[2]
+
+    async def aclose(self) -> None:
+        """Close the async channel this event loop made (the blocking one stays open: `close()`)."""
+        if self._aio is not None and self._aio[0] is asyncio.get_running_loop():
+            await self._aio[1].close()
+        self._aio = None
+
     def close(self) -> None:
+        self._aio = None  # an async channel's loop closes it; it cannot be awaited from here
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -239,6 +287,7 @@ class Client:
         skip_invalid: bool = False,
         progress: Union[bool, Callable[[int], None]] = False,
         total: Optional[int] = None,
+        before_batch: Optional[Callable[[int, int], None]] = None,
         timeout: Optional[float] = None,
     ) -> IngestReport:
         """Upsert documents in batches of `batch_size`, one atomic Ingest call per batch.
@@ -246,6 +295,9 @@ class Client:
         When this returns, every document reported "created"/"replaced" is durable. If a batch
         fails, earlier batches stay stored; the exception says which batch failed.
         `progress=True` shows a progress bar; a callable gets the count of documents done.
+        `before_batch(first, size)` is called as each batch is sent (the server then embeds and
+        stores it, and builds KV memory for a `kv_memory` collection, before it answers).
+        A document without an id (a LangChain loader's or splitter's, say) gets `content_id()`.
         """
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
@@ -266,6 +318,8 @@ class Client:
                     doc_id, text, metadata = _document_fields(doc, start + i)
                     msgs.append(pb.Document(id=doc_id, text=text, metadata=wire.dict_to_struct(metadata)))
                 request = pb.IngestRequest(collection=collection, documents=msgs, skip_invalid=skip_invalid)
+                if before_batch is not None:
+                    before_batch(start, len(batch))
                 try:
                     reply = self._call(self._memory.Ingest, iter([request]), timeout)
                 except Exception as exc:
@@ -296,14 +350,26 @@ class Client:
         """Text (embedded by the server) or vector query. `filter`: `{"lang": "en", "tag": ["a", "b"]}`
         (equality; a list means any of) or the explicit `{"must": [...], "should": [...], "must_not": [...]}`.
         `mode`: "dense", "lexical" (BM25) or "hybrid"; None = the server's default (a vector: dense)."""
-        request = pb.SearchRequest(collection=collection, k=k, mode=mode or "")
-        if isinstance(query, str):
-            request.text = query
-        else:
-            request.vector.values.extend(np.asarray(query, dtype=np.float32).ravel().tolist())
-        if (f := _to_filter(filter)) is not None:
-            request.filter.CopyFrom(f)
-        reply = self._call(self._memory.Search, request, timeout)
+        reply = self._call(self._memory.Search, _search_request(query, collection, k, filter, mode), timeout)
+        return [wire.hit_from_pb(h) for h in reply.hits]
+
+    async def asearch(
+        self,
+        query: Union[str, Sequence[float], np.ndarray],
+        *,
+        collection: str,
+        k: int = 10,
+        filter: FilterLike = None,
+        mode: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> list[SearchHit]:
+        """`search` for asyncio code: the same request over a grpc.aio channel, so the event
+        loop keeps running while the server searches (no thread is held)."""
+        request = _search_request(query, collection, k, filter, mode)
+        try:
+            reply = await self._aio_memory().Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:  # grpc.aio.AioRpcError is one
+            _raise_from(err)
         return [wire.hit_from_pb(h) for h in reply.hits]
 
     def get(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[StoredDocument]:

@@ -1,15 +1,21 @@
 """The `memlm` CLI as a user runs it, against the real server."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from memlm.services.process import ServerProcess
+
 pytestmark = pytest.mark.server
 
 
-def memlm(*args, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "memlm.cli", *args], capture_output=True, text=True, timeout=timeout)
+def memlm(*args, check=True, timeout=300, cwd=None, env=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "memlm.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
     if check:
         assert proc.returncode == 0, f"memlm {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -48,7 +54,7 @@ def test_ingest_folder_search_ask_stats(server, tmp_path):
 
     assert "cli" in memlm("collections", *addr).stdout
     stats = json.loads(memlm("stats", "--collection", "cli", "--json", *addr).stdout)
-    assert int(stats["collections"][0]["documents"]) == 4
+    assert stats["collections"][0]["documents"] == 4
 
 
 def test_cli_errors_are_clear(server):
@@ -59,3 +65,118 @@ def test_cli_errors_are_clear(server):
     assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stderr and "telepathy" in proc.stderr
     proc = memlm("collections", "--address", "127.0.0.1:1", "--timeout", "2", check=False)
     assert proc.returncode == 1 and ("UNAVAILABLE" in proc.stderr or "DEADLINE_EXCEEDED" in proc.stderr)
+
+
+def test_ingest_ids_do_not_depend_on_how_the_path_is_typed(server, tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("Lighthouses guide ships along dangerous coasts.\n")
+    (corpus / "sub" / "b.md").write_text("Glaciers carve valleys over thousands of years.\n")
+    addr = ("--address", server.address, "-c", "ids")
+    memlm("ingest", "corpus/a.txt", *addr, cwd=tmp_path)
+    memlm("ingest", str(corpus / "a.txt"), *addr, cwd=tmp_path)
+    memlm("ingest", "a.txt", *addr, cwd=corpus)
+    again = memlm("ingest", "corpus", *addr, cwd=tmp_path)  # the folder: ids relative to it
+    assert "1 documents created, 1 replaced" in again.stdout
+    memlm("ingest", str(corpus), "--id-prefix", "kb/", *addr)
+    ids = [h["doc_id"] for h in json.loads(memlm("search", "ships", "-k", "10", "--json", *addr).stdout)]
+    assert sorted(set(ids)) == ["a.txt", "kb/a.txt", "kb/sub/b.md", "sub/b.md"]
+    stats = json.loads(memlm("stats", "--json", *addr).stdout)
+    assert stats["collections"][0]["documents"] == 4
+
+
+def test_ingest_stops_on_a_missing_path_and_stores_nothing(server, tmp_path):
+    (tmp_path / "real.txt").write_text("A real document.\n")
+    proc = memlm("ingest", str(tmp_path / "real.txt"), str(tmp_path / "nope.txt"), "-c", "missing-path",
+                 "--address", server.address, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("nope.txt") == 1 and "no such file or folder" in proc.stderr
+    assert "nothing was ingested" in proc.stderr and "created" not in proc.stdout
+    names = [c["name"] for c in json.loads(memlm("collections", "--json", "--address", server.address).stdout)]
+    assert "missing-path" not in names
+
+
+def test_ingest_says_which_suffixes_it_reads_and_takes_glob(server, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README").write_text("Ferns reproduce with spores rather than seeds.\n")
+    (notes / "day.log").write_text("Moss grows on the shaded side of the stones.\n")
+    addr = ("-c", "globbed", "--address", server.address)
+    proc = memlm("ingest", str(notes), *addr, check=False)
+    assert proc.returncode == 2 and "nothing was ingested" in proc.stderr
+    assert "2 files not read" in proc.stderr and ".txt" in proc.stderr and "--glob" in proc.stderr
+    ok = memlm("ingest", str(notes), "--glob", "*", *addr)
+    assert "2 documents created" in ok.stdout
+    got = memlm("get", "README", "day.log", *addr).stdout.splitlines()
+    assert {json.loads(line)["id"] for line in got} == {"README", "day.log"}
+
+
+def test_ingest_progress_has_a_total_and_names_the_kv_memory_stage(server, tmp_path):
+    docs = tmp_path / "kv"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text(f"Fact {i}: the locker code number {i} is {1000 + i}.\n")
+    proc = memlm("ingest", str(docs), "-c", "kv-progress", "--kv-memory", "--batch-size", "2",
+                 "--address", server.address)
+    assert "building KV memory: docs 1-2 of 3" in proc.stderr and "docs 3-3 of 3" in proc.stderr
+    assert "3/3" in proc.stderr and "ETA" in proc.stderr
+    assert "/?" not in proc.stderr
+
+
+def test_ingest_kv_memory_into_a_plain_collection_is_an_error(server, tmp_path):
+    (tmp_path / "a.txt").write_text("Plain collection text.\n")
+    addr = ("--address", server.address)
+    memlm("create-collection", "plain-kv", *addr)
+    proc = memlm("ingest", str(tmp_path / "a.txt"), "-c", "plain-kv", "--kv-memory", *addr, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "ALREADY_EXISTS" in proc.stderr and "kv_memory" in proc.stderr and "created" not in proc.stdout
+    assert json.loads(memlm("stats", "-c", "plain-kv", "--json", *addr).stdout)["collections"][0]["documents"] == 0
+    memlm("ingest", str(tmp_path / "a.txt"), "-c", "plain-kv", *addr)  # without the flag it is fine
+
+
+def test_every_json_output_is_snake_case_with_numbers(server, tmp_path):
+    addr = ("--address", server.address)
+    (tmp_path / "owls.txt").write_text("Owls hunt at night and can turn their heads very far.\n")
+    made = json.loads(memlm("create-collection", "js", "--chunk-tokens", "32", "--json", *addr).stdout)
+    assert made["name"] == "js" and made["chunk_tokens"] == 32 and made["kv_memory"] is False
+    ingested = json.loads(memlm("ingest", str(tmp_path / "owls.txt"), "-c", "js", "--json", *addr).stdout)
+    assert ingested["created"] == 1 and ingested["files"] == 1 and ingested["rejected"] == [] and ingested["chunks"] >= 1
+    assert ingested["results"][0]["id"] == "owls.txt" and ingested["results"][0]["status"] == "created"
+
+    stats = json.loads(memlm("stats", "-c", "js", "--json", *addr).stdout)
+    info = stats["collections"][0]
+    assert info["documents"] == 1 and isinstance(info["chunks"], int) and isinstance(info["disk_bytes"], int)
+    assert info["config"]["index_factory"] and "indexFactory" not in info["config"] and "uptime_s" in stats
+    listed = json.loads(memlm("collections", "--json", *addr).stdout)
+    assert {"name", "chunk_tokens", "kv_memory"} <= set(next(c for c in listed if c["name"] == "js"))
+
+    answer = json.loads(memlm("ask", "When do owls hunt?", "-c", "js", "--max-new-tokens", "4", "--json", *addr).stdout)
+    assert isinstance(answer["text"], str) and answer["completion_tokens"] >= 1
+    assert answer["citations"][0]["doc_id"] == "owls.txt" and "total_ms" in answer["timings"]
+    got = json.loads(memlm("get", "owls.txt", "-c", "js", "--json", *addr).stdout)
+    assert got[0]["id"] == "owls.txt" and got[0]["chunk_ids"] and isinstance(got[0]["updated_at"], float)
+
+    deleted = json.loads(memlm("delete", "owls.txt", "ghost", "-c", "js", "--json", *addr).stdout)
+    assert deleted == {"deleted": ["owls.txt"], "not_found": ["ghost"]}
+    assert json.loads(memlm("drop", "js", "--json", *addr).stdout) == {"dropped": "js"}
+
+
+def test_cli_talks_to_a_tls_server(tmp_path, bundled_model_dir):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
+    try:
+        addr = ("--address", server.address)
+        assert "created 'secure'" in memlm("create-collection", "secure", "--tls-ca", str(cert), *addr).stdout
+        listed = memlm("collections", "--json", *addr, env={"MEMLM_TLS_CA": str(cert)})
+        assert [c["name"] for c in json.loads(listed.stdout)] == ["secure"]
+        plain = memlm("collections", *addr, "--timeout", "5", check=False)
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+        missing = memlm("collections", *addr, "--tls-ca", str(tmp_path / "nope.pem"), check=False)
+        assert missing.returncode == 2 and "nope.pem" in missing.stderr and "PEM" in missing.stderr
+    finally:
+        assert server.terminate() == 0
