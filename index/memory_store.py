@@ -547,6 +547,7 @@ class MemoryStore:
         returns, the stored documents are durable (one LMDB commit) and searchable.
         """
         col = self._collection(name)
+        self._check_writes_allowed()  # a stopping store refuses every write, unchanged documents included
         if isinstance(docs, (Document, str)) or not isinstance(docs, Sequence):
             raise InvalidArgument(f"ingest takes a sequence of Documents, got {type(docs).__name__}")
         total = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs if isinstance(d, Document) and isinstance(d.text, str))
