@@ -12,9 +12,11 @@ ends the process at once, which recovery at the next start handles like a crash.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +109,28 @@ def _tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
 
+def _probe_address(host: str, port: int) -> None:
+    """Bind the address once with a plain socket, so a taken or foreign address gets one clear line
+    (gRPC's own failure also logs a C-core error line to stderr)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise FailedPrecondition(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --host") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is not "in use"
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            why = "the address is in use (another memlm serve?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise FailedPrecondition(
+                f"cannot listen on {host}:{port}: {why}; stop the other server or choose another --port/--host"
+            ) from None
+
+
 def bind(settings: Settings) -> Listener:
     """Create the gRPC server and bind its port (and the metrics port); nothing is served yet."""
     guard = CallGuard()
@@ -120,9 +144,10 @@ def bind(settings: Settings) -> Listener:
     address = f"{settings.server.host}:{settings.server.port}"
     if settings.server.tls_cert:
         creds = _tls_credentials(settings.server.tls_cert, settings.server.tls_key)
+    _probe_address(settings.server.host, settings.server.port)
     try:
         port = server.add_secure_port(address, creds) if settings.server.tls_cert else server.add_insecure_port(address)
-    except RuntimeError:
+    except RuntimeError:  # lost a race after the probe
         raise FailedPrecondition(
             f"cannot listen on {address}: the address is in use (another memlm serve?) or not one of this "
             "host's; stop the other server or choose another --port/--host"
