@@ -138,12 +138,27 @@ class LexicalIndex:
         self._slot_of = {int(c): s for s, c in enumerate(ids.tolist())}
         self._dead = 0
 
-    def search(self, query: str, k: int, allowed_ids: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    def reference_score(self, query: str | Sequence[str]) -> float:
+        """What an average-length chunk holding each of the query's indexed terms once scores:
+        the sum of their idfs (BM25's tf part is 1 at tf 1 and average length). BM25 over it is a
+        query-independent scale: 1 is "the whole query, once each"; 0 if no term is indexed."""
+        q_terms = query_terms(query) if isinstance(query, str) else query
+        n_docs = len(self._ids)
+        return float(sum(
+            np.log1p((n_docs - len(p.slots) + 0.5) / (len(p.slots) + 0.5))
+            for p in (self._postings.get(t) for t in q_terms) if p is not None
+        ))
+
+    def search(
+        self, query: str | Sequence[str], k: int, allowed_ids: Optional[np.ndarray] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The k best chunks for `query` by BM25 -> (scores, ids), best first; fewer than k when
-        fewer chunks share a term with it. `allowed_ids` (ascending, as `MetadataIndex.select`
-        gives them) restricts the ids."""
+        fewer chunks share a term with it. `query` is text, or its `query_terms` already taken
+        (the store analyses queries before it takes the collection lock). `allowed_ids`
+        (ascending, as `MetadataIndex.select` gives them) restricts the ids."""
         n_docs = len(self._ids)  # removed-but-not-compacted chunks still count, as in Lucene
-        lists = [self._postings[t] for t in query_terms(query) if t in self._postings]
+        q_terms = query_terms(query) if isinstance(query, str) else query
+        lists = [self._postings[t] for t in q_terms if t in self._postings]
         if not lists or k <= 0 or not self._slot_of:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         avg_len = max(self._live_words / len(self._slot_of), 1e-6)

@@ -40,8 +40,9 @@ from memlm.errors import (
 from memlm.index.chunking import Chunker
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
 from memlm.index.filters import MetadataIndex, parse_filter
-from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
-from memlm.index.lexical_index import LexicalIndex
+from memlm.index.fusion import fuse, fusion_depth
+from memlm.index.lexical_index import LexicalIndex, query_terms
+from memlm.index.locks import ReadWriteLock
 from memlm.index.lmdb_store import ChunkRecord, Commit, DocHeader, LmdbStore, PreparedDocument
 from memlm.index.types import (
     CollectionConfig,
@@ -76,7 +77,7 @@ class _Collection:
     index: VectorIndex
     metadata: MetadataIndex
     lexical: LexicalIndex
-    lock: threading.RLock
+    lock: ReadWriteLock  # exclusive: writers, describe, drop; shared: searches
     applied_seq: int  # last oplog seq reflected in `index`
     snapshot_seq: int  # last oplog seq in the newest index file on disk (0: none)
     dropped: bool = False
@@ -324,7 +325,7 @@ class MemoryStore:
         assert index.ntotal == len(stored) == len(metadata) == len(lexical), "indexes and LMDB disagree after recovery"
         log.info("collection %r: %s; %d documents, %d chunks, %d vectors", name, how, docs, len(stored), index.ntotal)
         col = _Collection(
-            config, index, metadata, lexical, threading.RLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
+            config, index, metadata, lexical, ReadWriteLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
         )
         if snapshot_seq < 0:
             self._snapshot_locked(col)
@@ -455,7 +456,7 @@ class MemoryStore:
             self._dir(name).mkdir(parents=True, exist_ok=True)
             self._collections[name] = _Collection(
                 config, self._new_index(config), MetadataIndex(), LexicalIndex(),
-                threading.RLock(), applied_seq=0, snapshot_seq=0,
+                ReadWriteLock(), applied_seq=0, snapshot_seq=0,
             )
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
         return config, True
@@ -722,13 +723,16 @@ class MemoryStore:
             for q in queries:
                 self._check_query(q)
             if mode != "lexical":
-                q_vecs = self._embedder_for(col.config).embed(list(queries))  # (nq, dim), unit rows
+                embedder = self._embedder_for(col.config)
+                embed = getattr(embedder, "embed_queries", embedder.embed)  # never behind ingest batches
+                q_vecs = embed(list(queries))  # (nq, dim), unit rows
         else:
             q_vecs = self._check_vectors(vectors, col.config, collection)
         nq = len(queries) if queries is not None else len(q_vecs)
         depth = fusion_depth(k) if mode == "hybrid" else k
+        q_terms = [query_terms(q) for q in queries] if mode != "dense" else []  # outside the lock: O(query)
         _set_faiss_threads(self.settings.faiss_threads)
-        with col.lock:
+        with col.lock.shared():  # searches run side by side; a writer waits for them, they for it
             if col.dropped:
                 raise NotFound(f"collection {collection!r} does not exist")
             allowed = col.metadata.select(f) if f is not None else None
@@ -737,11 +741,12 @@ class MemoryStore:
             if q_vecs is not None:
                 scores, ids = col.index.search(q_vecs, depth, allowed)  # (nq, depth) each
             if mode != "dense":
-                lexical = [col.lexical.search(q, depth, allowed) for q in queries]
+                lexical = [col.lexical.search(t, depth, allowed) for t in q_terms]
         if mode == "lexical":
             scores, ids = _pad([s for s, _ in lexical], [i for _, i in lexical], k)
         elif mode == "hybrid":
-            fused = [reciprocal_rank_fusion([ids[q], lexical[q][1]], k) for q in range(nq)]
+            method = self.settings.fusion
+            fused = [fuse(method, [(scores[q], ids[q]), lexical[q]], k) for q in range(nq)]
             scores, ids = _pad([s for s, _ in fused], [i for _, i in fused], k)
         return self._hits(collection, scores, ids)
 

@@ -56,7 +56,12 @@ class StoreSettings(BaseModel):
     max_ids_per_call: int = Field(1000, gt=0, description="document ids one Get or Delete may name")
     search_mode: Literal["dense", "lexical", "hybrid"] = Field(
         "hybrid", description="how a text search ranks chunks when the request does not say, and how rag and "
-        "chunk-gated knn find theirs: dense (embeddings), lexical (BM25) or hybrid (both, reciprocal rank fusion)",
+        "chunk-gated knn find theirs: dense (embeddings), lexical (BM25) or hybrid (both, fused by `fusion`)",
+    )
+    fusion: Literal["relative_score", "dbsf", "rrf"] = Field(
+        "relative_score", description="how hybrid search fuses the dense and lexical rankings (memlm.index.fusion): "
+        "relative_score (each min-max scaled to [0, 1], then averaged; scores in [0, 1]), dbsf (scaled by mean "
+        "+- 3 std), rrf (reciprocal rank, constant 60); see benchmarks/search_fusion.py",
     )
 
 
