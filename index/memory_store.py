@@ -210,7 +210,7 @@ class MemoryStore:
     def _embedder_for(self, config: CollectionConfig) -> Embedder:
         if self._embedder is not None and self._embedder.name == config.embedding_model:
             return self._embedder
-        return load_embedder(config.embedding_model, self.settings.embed_batch_size)
+        return load_embedder(config.embedding_model, self.settings.embed_batch_size, self.settings.embed_bulk_nice)
 
     def _chunker(self, config: CollectionConfig) -> Chunker:
         key = (config.chunk_tokens, config.chunk_overlap)
