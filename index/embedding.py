@@ -40,10 +40,12 @@ class Embedder(Protocol):
 
 
 # The default of how much nicer than the process the document-embedding thread runs (its OpenMP workers inherit it):
-# under contention Linux's scheduler gives a nice-10 thread ~1/10 of a nice-0 one's share, so a
-# query's forward pass gets the cores while a document batch is in flight, and the batch takes
-# the rest. With nothing else running the batch has the whole machine, as before.
-BULK_NICE = 10
+# under contention Linux's scheduler weighs a nice-5 thread at ~1/3 of a nice-0 one (10: ~1/10),
+# so a query's forward pass gets most of the cores while a document batch is in flight, and the
+# batch takes the rest. With nothing else running the batch has the whole machine, as before.
+# benchmarks/search_under_ingest.py, 2 ingest clients (README, Concurrency): nice 0 / 5 / 10 gave
+# search p99 2.01x / 1.45x / 1.05x idle, ingest meanwhile 26.6 / 11.6 / 2.8 chunks/s.
+BULK_NICE = 5
 
 
 class _BulkWorker:

@@ -28,7 +28,7 @@ class StoreSettings(BaseModel):
     default_chunk_tokens: int = Field(64, gt=0, description="chunk size in language-model tokens (RETRO's 64)")
     embed_batch_size: int = Field(64, gt=0, description="chunks embedded per forward pass")
     embed_bulk_nice: int = Field(
-        10, ge=0, le=19, description="how much nicer (lower priority) than the server the thread embedding "
+        5, ge=0, le=19, description="how much nicer (lower priority) than the server the thread embedding "
         "documents runs, so that a search's query embedding gets the CPU while an ingest is embedding; 0 treats "
         "them alike (see README, Concurrency)",
     )
