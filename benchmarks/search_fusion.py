@@ -16,10 +16,10 @@ four kinds, each with one right document:
 - topical:    a document's first sentence, removed from the document, as the query: both
               rankings have something to go on ("no worse elsewhere").
 Each query is searched once dense and once lexical over every chunk, through the store; every
-fusion variant is then computed from the top of those two lists with `memlm.index.fusion` ("both":
-each candidate of either list also gets its score from the other ranking, instead of none), and
-the store's own hybrid search (its `fusion` setting) is checked against the same variant. Printed per kind:
-top-1 (the right document first) and recall@10 (among the first 10 hits), over --per-kind queries.
+fusion variant is then computed from the top of those two lists with `memlm.index.fusion` (the
+"absolute" ones score every candidate by both rankers, as the store does), and the store's own
+hybrid search (its `fusion` setting) runs beside them as a check. Printed per kind: top-1 (the
+right document first) and recall@10 (among the first 10 hits), over --per-kind queries.
 """
 from __future__ import annotations
 
@@ -160,32 +160,32 @@ def build(n_docs: int, per_kind: int, seed: int):
 
 
 def variants():
-    """name -> (fuser(lists, k), candidates per list (None: fusion_depth(k)), whether each
-    candidate of either list gets both its scores ("both scores") instead of none from the list
-    that did not return it)."""
-    from memlm.index.fusion import distribution_based_score_fusion, reciprocal_rank_fusion, relative_score_fusion
+    """name -> fuser(dense, lexical, k, cosine_of, bm25_of, reference) over one query's candidates
+    ((scores, ids) best first, fusion_depth(k) from each ranking unless the name says @N),
+    each calling memlm.index.fusion (the store's code)."""
+    from memlm.index import fusion as F
 
-    rrf = lambda c: lambda ls, k: reciprocal_rank_fusion([i for _, i in ls], k, rank_constant=c)  # noqa: E731
-    rsf = lambda w: lambda ls, k: relative_score_fusion(ls, k, [w, 1 - w])  # noqa: E731
-    dbsf = lambda ls, k: distribution_based_score_fusion(ls, k)  # noqa: E731
+    def rrf(c: int, lexical_weight: float = 1.0, depth: int | None = None):
+        return depth, lambda d, lx, k, **_: F.reciprocal_rank_fusion([d[1], lx[1]], k, [1.0, lexical_weight], c)
+
+    def absolute(dense_weight: float, power: float):
+        return None, lambda d, lx, k, **kw: F.absolute_fusion(d, lx, k, dense_weight=dense_weight, lexical_power=power, **kw)
+
     return {
-        "rrf60@2k (old default)": (rrf(60), None, False),
-        "rrf60@100": (rrf(60), 100, False),
-        "rrf10@2k": (rrf(10), None, False),
-        "rrf1@2k": (rrf(1), None, False),
-        "relative_score@2k": (rsf(0.5), None, False),
-        "relative_score@100": (rsf(0.5), 100, False),
-        "relative_score 0.7 dense": (rsf(0.7), None, False),
-        "relative_score 0.3 dense": (rsf(0.3), None, False),
-        "dbsf@2k": (dbsf, None, False),
-        "dbsf@100": (dbsf, 100, False),
-        "relative_score@2k both": (rsf(0.5), None, True),
-        "relative_score@100 both": (rsf(0.5), 100, True),
-        "dbsf@2k both": (dbsf, None, True),
-        "rrf60@2k both": (rrf(60), None, True),
-        "absolute@2k": ("absolute", None, False),
-        "absolute@100": ("absolute", 100, False),
-        "absolute@2k both": ("absolute", None, True),
+        "rrf, constant 60 (old default)": rrf(60),
+        "rrf 60, depth 100": rrf(60, depth=100),
+        "rrf 10": rrf(10),
+        "rrf 1": rrf(1),
+        "rrf 60, lexical weight 2": rrf(60, 2.0),
+        "relative_score": (None, lambda d, lx, k, **_: F.relative_score_fusion([d, lx], k)),
+        "relative_score, depth 100": (100, lambda d, lx, k, **_: F.relative_score_fusion([d, lx], k)),
+        "dbsf": (None, lambda d, lx, k, **_: F.distribution_based_score_fusion([d, lx], k)),
+        "absolute 0.5 dense, coverage^1": absolute(0.5, 1.0),
+        "absolute 0.5 dense, coverage^2": absolute(0.5, 2.0),
+        "absolute 0.6 dense, coverage^2": absolute(0.6, 2.0),
+        "absolute 0.4 dense, coverage^1": absolute(0.4, 1.0),
+        "absolute 0.4 dense, coverage^2 (default)": absolute(0.4, 2.0),
+        "absolute 0.4 dense, coverage^3": absolute(0.4, 3.0),
     }
 
 
@@ -217,7 +217,7 @@ def main() -> None:
         print(f"ingested in {time.perf_counter() - t0:.0f} s; searching ...", flush=True)
         texts = [q for _, q, _ in queries]
         n_chunks = store.describe("fusion").chunks
-        ranked = {}  # every chunk's score by each ranking (lexical: those sharing a word), best first
+        ranked = {}  # every chunk by each ranking, best first (lexical: those sharing a word)
         for mode in ("dense", "lexical"):
             hits = []
             for i in range(0, len(texts), 32):
@@ -228,39 +228,33 @@ def main() -> None:
         reference = [lexical_index.reference_score(q) for q in texts]
         store.close()
 
+    # Per query, every chunk's cosine and BM25 (0: no word shared): what the store's cosine_of /
+    # bm25_of return for candidates a ranking did not give.
     full = {m: [{h.chunk_id: h.score for h in row} for row in ranked[m]] for m in ranked}
-
-    def as_lists(q: int, depth: int, both: bool):
-        tops = [[h.chunk_id for h in ranked[m][q][:depth]] for m in ("dense", "lexical")]
-        if both:  # every candidate of either list, scored by both (BM25 0: no word shared)
-            union = list(dict.fromkeys(tops[0] + tops[1]))
-            tops = [sorted(union, key=lambda c: -full[m][q].get(c, 0.0)) for m in ("dense", "lexical")]
-        return [(np.array([full[m][q].get(c, 0.0) for c in top], np.float32), np.array(top, np.int64))
-                for m, top in zip(("dense", "lexical"), tops)]
-
-    def absolute(q: int, lists, k: int):
-        """Mean of clip(cosine, 0, 1) and min(1, BM25 / reference score); a candidate missing
-        from a list gets that list's lowest score (an upper bound on its own)."""
-        (ds, di), (ls, li) = lists
-        d = dict(zip(di.tolist(), np.clip(ds, 0, 1).tolist()))
-        lx = dict(zip(li.tolist(), np.minimum(1, ls / max(reference[q], 1e-9)).tolist()))
-        d_floor, l_floor = (min(d.values()) if d else 0.0), (min(lx.values()) if lx else 0.0)
-        cands = list(dict.fromkeys(di.tolist() + li.tolist()))
-        fused = sorted(((0.5 * d.get(c, d_floor) + 0.5 * lx.get(c, l_floor), c) for c in cands), key=lambda t: -t[0])
-        return None, [c for _, c in fused[:k]]
-
     doc_of = {h.chunk_id: h.doc_id for m in ranked for row in ranked[m] for h in row}
+
+    def candidates(m: str, q: int, depth: int):
+        top = ranked[m][q][:depth]
+        return np.array([h.score for h in top], np.float32), np.array([h.chunk_id for h in top], np.int64)
+
     rows: dict[str, list[list[str]]] = {  # mode -> per query, the doc ids of its top k
         "dense": [[h.doc_id for h in r[:k]] for r in ranked["dense"]],
         "lexical": [[h.doc_id for h in r[:k]] for r in ranked["lexical"]],
     }
-    for name, (fuser, depth, both) in variants().items():
+    for name, (depth, fuser) in variants().items():
         d = depth or fusion_depth(k)
-        fn = (lambda q, ls, kk: absolute(q, ls, kk)) if fuser == "absolute" else (lambda q, ls, kk, f=fuser: f(ls, kk))
-        rows[name] = [[doc_of[int(c)] for c in fn(q, as_lists(q, d, both), k)[1]] for q in range(len(queries))]
-    rows[f"store hybrid ({settings.fusion})"] = [[h.doc_id for h in r] for r in store_hybrid]
+        rows[name] = []
+        for q in range(len(queries)):
+            _, ids = fuser(
+                candidates("dense", q, d), candidates("lexical", q, d), k,
+                cosine_of=lambda c, q=q: np.array([full["dense"][q][i] for i in c.tolist()]),
+                bm25_of=lambda c, q=q: np.array([full["lexical"][q].get(i, 0.0) for i in c.tolist()]),
+                bm25_reference=reference[q],
+            )
+            rows[name].append([doc_of[int(c)] for c in ids])
+    rows[f"store hybrid (store.fusion={settings.fusion})"] = [[h.doc_id for h in r] for r in store_hybrid]
 
-    header = "mode".ljust(28) + "".join(f"{kind:>16s}" for kind in KINDS) + f"{'all':>16s}"
+    header = "mode".ljust(42) + "".join(f"{kind:>14s}" for kind in KINDS) + f"{'all':>14s}"
     print(f"\ntop-1 / recall@{k} per query kind\n{header}")
     for name, tops in rows.items():
         cells = []
@@ -268,10 +262,8 @@ def main() -> None:
             qs = [i for i, q in enumerate(queries) if kind in ("all", q[0])]
             top1 = np.mean([bool(tops[i]) and tops[i][0] == queries[i][2] for i in qs])
             rec = np.mean([queries[i][2] in tops[i][:k] for i in qs])
-            cells.append(f"{top1:7.2f} / {rec:4.2f}  ")
-        print(name.ljust(28) + "".join(f"{c:>16s}" for c in cells))
-    print("\nThe store's default (StoreSettings.fusion) should be the variant that is at least as good as the "
-          "better single ranking on every kind.")
+            cells.append(f"{top1:.2f} / {rec:.2f}")
+        print(name.ljust(42) + "".join(f"{c:>14s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -188,8 +188,9 @@ def matches(metadata: Metadata, f: Optional[Filter]) -> bool:
 
 
 class MetadataIndex:
-    """key -> value key -> set of chunk ids, plus the set of all live chunk ids. Not thread-safe:
-    the store calls it under its per-collection lock."""
+    """key -> value key -> set of chunk ids, plus the set of all live chunk ids. `select` only
+    reads, so searches may run it at once; `add` and `remove` must run alone (the store's
+    collection lock: shared for searches, exclusive for commits)."""
 
     def __init__(self) -> None:
         self._postings: dict[str, dict[tuple[str, Any], set[int]]] = {}

@@ -1,31 +1,41 @@
-"""Fusing ranked lists from several retrievers (dense and lexical) into one ranking.
+"""Fusing the dense (embedding) and lexical (BM25) rankings of a hybrid search into one.
 
-Three methods, each taking every list as (scores, ids) best first (ids < 0 are holes):
+Each method takes each ranking's candidates as (scores, ids), best first (ids < 0 are holes), and
+returns the k best fused (scores, ids), best first; ties go to the id met first (dense first).
 
-- "relative_score" (Weaviate's relativeScoreFusion, its default since 1.24): each list's scores
-  are min-max scaled over its own candidates to [0, 1] (best 1, worst 0, a list with one score
-  gives it 1), and a chunk scores the weighted mean over lists, 0 where a list did not return it.
-  The fused score is in [0, 1]: 1 means every list ranked the chunk first.
-- "dbsf" (Qdrant's distribution-based score fusion): like relative_score, but a list is scaled by
-  its mean +- 3 standard deviations instead of its min and max (clipped to [0, 1]), so one
-  outlying score does not squash the rest.
-- "rrf", reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009): a chunk scores
-  sum over lists of weight / (rank_constant + rank), rank from 1; ranks only. With the usual
-  constant 60 a chunk that only one list ranks first (1/61) scores below one both rank third
-  (2/63), which loses the rare name or code only BM25 finds; benchmarks/search_fusion.py measures
-  that (it is why relative_score is the store's default). Scores are at most
-  sum(weights) / (rank_constant + 1).
+- "absolute" (the store's default, `store.fusion`): every candidate of either ranking is scored
+  by BOTH rankers (`cosine_of` / `bm25_of` give the score a ranking did not return), each score is
+  mapped to a query-independent [0, 1] scale, and the fused score is their weighted mean:
+      dense_weight * max(cosine, 0) + (1 - dense_weight) * min(1, BM25 / reference) ** LEXICAL_POWER
+  `reference` is what a chunk holding every query term once scores (`LexicalIndex.reference_score`),
+  so the lexical part is 1 for "the whole query, rare words included", and squaring it keeps a
+  chunk that shares one common word with the query (a paraphrase's false friend) near 0 while a
+  chunk holding the query's rare name or code keeps most of it. With no lexical match the order is
+  the dense one. Scores are in [0, 1] and mean the same across queries, so they can be thresholded.
+- "rrf", reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009; Elastic's, Qdrant's and
+  LlamaIndex's default): sum over lists of weight / (rank_constant + rank), rank from 1; ranks only.
+  With constant 60 a chunk that only BM25 ranks first (1/61) scores below one both rank third
+  (2/63): the rare name or code only BM25 finds is lost. At most sum(weights) / (rank_constant + 1).
+- "relative_score" (Weaviate's relativeScoreFusion, its default since 1.24): each list min-max
+  scaled over its own candidates to [0, 1], then the weighted mean, 0 where a list did not return
+  the chunk. In [0, 1], but relative to the query's candidates: the best chunk of a query nothing
+  matches well still scores near 1.
+- "dbsf" (Qdrant's distribution-based score fusion): like relative_score with each list scaled by
+  its mean +- 3 standard deviations (clipped to [0, 1]).
 
-`fusion_depth` is how many candidates each list contributes.
+benchmarks/search_fusion.py measures them per kind of query (README, "Search quality").
+`fusion_depth` is how many candidates each ranking contributes.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 RANK_CONSTANT = 60
-FUSION_METHODS = ("relative_score", "dbsf", "rrf")
+FUSION_METHODS = ("absolute", "rrf", "relative_score", "dbsf")
+DENSE_WEIGHT = 0.4  # "absolute": the dense share of the fused score
+LEXICAL_POWER = 2.0  # "absolute": the exponent on the lexical coverage
 
 Ranked = tuple[np.ndarray, np.ndarray]  # (scores, ids) of one list, best first
 
@@ -97,16 +107,65 @@ def reciprocal_rank_fusion(
     return _weighted_sum(by_rank, weights, k)
 
 
-def fuse(method: str, lists: Sequence[Ranked], k: int, weights: Sequence[float] | None = None) -> Ranked:
-    """Fuse (scores, ids) lists with one of FUSION_METHODS -> the k best (scores, ids)."""
-    fusers: dict[str, Callable[..., Ranked]] = {
-        "relative_score": relative_score_fusion,
-        "dbsf": distribution_based_score_fusion,
-        "rrf": lambda ls, kk, w: reciprocal_rank_fusion([i for _, i in ls], kk, w),
-    }
-    if method not in fusers:
-        raise ValueError(f"unknown fusion method {method!r}; expected one of {', '.join(FUSION_METHODS)}")
-    return fusers[method](lists, k, weights)
+def absolute_fusion(
+    dense: Ranked,
+    lexical: Ranked,
+    k: int,
+    *,
+    cosine_of: Callable[[np.ndarray], np.ndarray],
+    bm25_of: Callable[[np.ndarray], np.ndarray],
+    bm25_reference: float,
+    dense_weight: float = DENSE_WEIGHT,
+    lexical_power: float = LEXICAL_POWER,
+) -> Ranked:
+    """The union of both rankings' candidates, each scored by both rankers on absolute [0, 1]
+    scales and fused by a weighted mean (module docstring) -> the k best (scores, ids).
+    `cosine_of(ids)` / `bm25_of(ids)`: (n,) ids -> (n,) scores, for candidates a ranking did not
+    return (BM25 0 for a chunk sharing no word with the query)."""
+    if not 0 <= dense_weight <= 1:
+        raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
+    (d_s, d_i), (l_s, l_i) = _live(*dense), _live(*lexical)
+    ids = np.array(list(dict.fromkeys(d_i.tolist() + l_i.tolist())), dtype=np.int64)  # dense first
+    if len(ids) == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    cos = dict(zip(d_i.tolist(), d_s.tolist()))
+    bm25 = dict(zip(l_i.tolist(), l_s.tolist()))
+    for known, fill in ((cos, cosine_of), (bm25, bm25_of)):
+        missing = np.array([c for c in ids.tolist() if c not in known], dtype=np.int64)
+        if len(missing):
+            known.update(zip(missing.tolist(), np.asarray(fill(missing), dtype=np.float64).tolist()))
+    c = np.array([cos[i] for i in ids.tolist()])  # (n,) cosine in [-1, 1]
+    b = np.array([bm25[i] for i in ids.tolist()])  # (n,) BM25 >= 0
+    coverage = np.minimum(1.0, b / bm25_reference) if bm25_reference > 0 else np.zeros_like(b)
+    fused = dense_weight * np.clip(c, 0.0, 1.0) + (1 - dense_weight) * coverage ** lexical_power
+    order = np.argsort(-fused, kind="stable")[:k]
+    return fused[order].astype(np.float32), ids[order]
+
+
+def fuse(
+    method: str,
+    dense: Ranked,
+    lexical: Ranked,
+    k: int,
+    *,
+    cosine_of: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    bm25_of: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    bm25_reference: float = 0.0,
+) -> Ranked:
+    """Fuse a hybrid search's dense and lexical candidates with one of FUSION_METHODS -> the k best
+    (scores, ids). "absolute" needs `cosine_of`, `bm25_of` and `bm25_reference`; the others use
+    the candidates alone."""
+    if method == "absolute":
+        if cosine_of is None or bm25_of is None:
+            raise ValueError("absolute fusion needs cosine_of and bm25_of")
+        return absolute_fusion(dense, lexical, k, cosine_of=cosine_of, bm25_of=bm25_of, bm25_reference=bm25_reference)
+    if method == "rrf":
+        return reciprocal_rank_fusion([dense[1], lexical[1]], k)
+    if method == "relative_score":
+        return relative_score_fusion([dense, lexical], k)
+    if method == "dbsf":
+        return distribution_based_score_fusion([dense, lexical], k)
+    raise ValueError(f"unknown fusion method {method!r}; expected one of {', '.join(FUSION_METHODS)}")
 
 
 def fusion_depth(k: int) -> int:

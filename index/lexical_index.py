@@ -18,7 +18,8 @@ then they still count in document frequencies, as Lucene's deleted documents do 
 Analysis (Lucene's standard analyzer, with English stop words): Unicode words (`\\w+`), lower-cased;
 no stemming. Stop words are neither indexed nor searched (a query of nothing but stop words
 matches nothing). Memory: ~8 bytes per distinct term of a chunk (~0.3 KB per 64-token chunk).
-Not thread-safe: the store calls it under the collection lock.
+Threads: reads (`search`, `score`, `reference_score`) only read, so any number may run at once;
+a write must run alone (the store's collection lock: shared for searches, exclusive for commits).
 """
 from __future__ import annotations
 
@@ -148,6 +149,32 @@ class LexicalIndex:
             np.log1p((n_docs - len(p.slots) + 0.5) / (len(p.slots) + 0.5))
             for p in (self._postings.get(t) for t in q_terms) if p is not None
         ))
+
+    def score(self, query: str | Sequence[str], ids: np.ndarray) -> np.ndarray:
+        """BM25 of the given chunks for `query` (text or its `query_terms`) -> (n,) float32, as
+        `search` scores them; 0 for a chunk sharing no term with it or not held. For hybrid
+        search's candidates that BM25 did not rank."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.zeros(len(ids), np.float64)
+        if not self._slot_of or len(ids) == 0:
+            return out.astype(np.float32)
+        q_terms = query_terms(query) if isinstance(query, str) else query
+        n_docs = len(self._ids)
+        avg_len = max(self._live_words / len(self._slot_of), 1e-6)
+        chunk_length = np.frombuffer(self._length, dtype=np.float32)  # slot -> indexed words
+        slots = np.array([self._slot_of.get(int(c), -1) for c in ids.tolist()], dtype=np.int64)  # (n,)
+        for t in q_terms:
+            p = self._postings.get(t)
+            if p is None:
+                continue
+            sl = np.frombuffer(p.slots, dtype=np.int32)  # ascending: slots are appended in order
+            pos = np.minimum(np.searchsorted(sl, slots), len(sl) - 1)
+            hit = (slots >= 0) & (sl[pos] == slots)
+            tf = np.frombuffer(p.tf, dtype=np.float32)[pos[hit]]
+            length = chunk_length[slots[hit]]
+            idf = np.log1p((n_docs - len(sl) + 0.5) / (len(sl) + 0.5))
+            out[hit] += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avg_len))
+        return out.astype(np.float32)
 
     def search(
         self, query: str | Sequence[str], k: int, allowed_ids: Optional[np.ndarray] = None

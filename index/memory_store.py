@@ -742,11 +742,19 @@ class MemoryStore:
                 scores, ids = col.index.search(q_vecs, depth, allowed)  # (nq, depth) each
             if mode != "dense":
                 lexical = [col.lexical.search(t, depth, allowed) for t in q_terms]
+            if mode == "hybrid":  # under the lock: "absolute" fusion scores candidates by both rankers
+                fused = [
+                    fuse(
+                        self.settings.fusion, (scores[q], ids[q]), lexical[q], k,
+                        cosine_of=lambda c, v=q_vecs[q]: col.index.fetch(c) @ v,  # (n, dim) @ (dim,)
+                        bm25_of=lambda c, t=q_terms[q]: col.lexical.score(t, c),
+                        bm25_reference=col.lexical.reference_score(q_terms[q]),
+                    )
+                    for q in range(nq)
+                ]
         if mode == "lexical":
             scores, ids = _pad([s for s, _ in lexical], [i for _, i in lexical], k)
         elif mode == "hybrid":
-            method = self.settings.fusion
-            fused = [fuse(method, [(scores[q], ids[q]), lexical[q]], k) for q in range(nq)]
             scores, ids = _pad([s for s, _ in fused], [i for _, i in fused], k)
         return self._hits(collection, scores, ids)
 

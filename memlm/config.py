@@ -63,10 +63,11 @@ class StoreSettings(BaseModel):
         "hybrid", description="how a text search ranks chunks when the request does not say, and how rag and "
         "chunk-gated knn find theirs: dense (embeddings), lexical (BM25) or hybrid (both, fused by `fusion`)",
     )
-    fusion: Literal["relative_score", "dbsf", "rrf"] = Field(
-        "relative_score", description="how hybrid search fuses the dense and lexical rankings (memlm.index.fusion): "
-        "relative_score (each min-max scaled to [0, 1], then averaged; scores in [0, 1]), dbsf (scaled by mean "
-        "+- 3 std), rrf (reciprocal rank, constant 60); see benchmarks/search_fusion.py",
+    fusion: Literal["absolute", "rrf", "relative_score", "dbsf"] = Field(
+        "absolute", description="how hybrid search fuses the dense and lexical rankings (memlm.index.fusion): "
+        "absolute (every candidate scored by both: 0.4 * max(cosine, 0) + 0.6 * (BM25 coverage of the query)^2, "
+        "in [0, 1]), rrf (reciprocal rank, constant 60), relative_score (each ranking min-max scaled, then "
+        "averaged), dbsf (scaled by mean +- 3 std); README, Search quality",
     )
 
 
