@@ -168,8 +168,10 @@ def variants():
     def rrf(c: int, lexical_weight: float = 1.0, depth: int | None = None):
         return depth, lambda d, lx, k, **_: F.reciprocal_rank_fusion([d[1], lx[1]], k, [1.0, lexical_weight], c)
 
-    def absolute(dense_weight: float, power: float):
-        return None, lambda d, lx, k, **kw: F.absolute_fusion(d, lx, k, dense_weight=dense_weight, lexical_power=power, **kw)
+    def absolute(dense_weight: float, floor: float, power: float = 1.0):
+        return None, lambda d, lx, k, **kw: F.absolute_fusion(
+            d, lx, k, dense_weight=dense_weight, lexical_floor=floor, lexical_power=power, **kw
+        )
 
     return {
         "rrf, constant 60 (old default)": rrf(60),
@@ -180,12 +182,16 @@ def variants():
         "relative_score": (None, lambda d, lx, k, **_: F.relative_score_fusion([d, lx], k)),
         "relative_score, depth 100": (100, lambda d, lx, k, **_: F.relative_score_fusion([d, lx], k)),
         "dbsf": (None, lambda d, lx, k, **_: F.distribution_based_score_fusion([d, lx], k)),
-        "absolute 0.5 dense, coverage^1": absolute(0.5, 1.0),
-        "absolute 0.5 dense, coverage^2": absolute(0.5, 2.0),
-        "absolute 0.6 dense, coverage^2": absolute(0.6, 2.0),
-        "absolute 0.4 dense, coverage^1": absolute(0.4, 1.0),
-        "absolute 0.4 dense, coverage^2 (default)": absolute(0.4, 2.0),
-        "absolute 0.4 dense, coverage^3": absolute(0.4, 3.0),
+        "absolute 0.5 dense, coverage": absolute(0.5, 0.0),
+        "absolute 0.4 dense, coverage": absolute(0.4, 0.0),
+        "absolute 0.5 dense, coverage^2": absolute(0.5, 0.0, 2.0),
+        "absolute 0.4 dense, coverage^2": absolute(0.4, 0.0, 2.0),
+        "absolute 0.4 dense, coverage^3": absolute(0.4, 0.0, 3.0),
+        "absolute 0.5 dense, coverage > 0.2": absolute(0.5, 0.2),
+        "absolute 0.5 dense, coverage > 0.3": absolute(0.5, 0.3),
+        "absolute 0.4 dense, coverage > 0.3 (default)": absolute(0.4, 0.3),
+        "absolute 0.4 dense, coverage > 0.4": absolute(0.4, 0.4),
+        "absolute 0.3 dense, coverage > 0.3": absolute(0.3, 0.3),
     }
 
 
@@ -254,7 +260,7 @@ def main() -> None:
             rows[name].append([doc_of[int(c)] for c in ids])
     rows[f"store hybrid (store.fusion={settings.fusion})"] = [[h.doc_id for h in r] for r in store_hybrid]
 
-    header = "mode".ljust(42) + "".join(f"{kind:>14s}" for kind in KINDS) + f"{'all':>14s}"
+    header = "mode".ljust(46) + "".join(f"{kind:>14s}" for kind in KINDS) + f"{'all':>14s}"
     print(f"\ntop-1 / recall@{k} per query kind\n{header}")
     for name, tops in rows.items():
         cells = []
@@ -263,7 +269,7 @@ def main() -> None:
             top1 = np.mean([bool(tops[i]) and tops[i][0] == queries[i][2] for i in qs])
             rec = np.mean([queries[i][2] in tops[i][:k] for i in qs])
             cells.append(f"{top1:.2f} / {rec:.2f}")
-        print(name.ljust(42) + "".join(f"{c:>14s}" for c in cells))
+        print(name.ljust(46) + "".join(f"{c:>14s}" for c in cells))
 
 
 if __name__ == "__main__":

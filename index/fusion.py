@@ -6,12 +6,14 @@ returns the k best fused (scores, ids), best first; ties go to the id met first 
 - "absolute" (the store's default, `store.fusion`): every candidate of either ranking is scored
   by BOTH rankers (`cosine_of` / `bm25_of` give the score a ranking did not return), each score is
   mapped to a query-independent [0, 1] scale, and the fused score is their weighted mean:
-      dense_weight * max(cosine, 0) + (1 - dense_weight) * min(1, BM25 / reference) ** LEXICAL_POWER
-  `reference` is what a chunk holding every query term once scores (`LexicalIndex.reference_score`),
-  so the lexical part is 1 for "the whole query, rare words included", and squaring it keeps a
-  chunk that shares one common word with the query (a paraphrase's false friend) near 0 while a
-  chunk holding the query's rare name or code keeps most of it. With no lexical match the order is
-  the dense one. Scores are in [0, 1] and mean the same across queries, so they can be thresholded.
+      0.4 * max(cosine, 0) + 0.6 * clip((coverage - 0.3) / 0.7, 0, 1),  coverage = min(1, BM25 / reference)
+  (DENSE_WEIGHT, LEXICAL_FLOOR). `reference` is what a chunk holding every query term once scores
+  (`LexicalIndex.reference_score`, the sum of the terms' idfs), so coverage is 1 for "the whole
+  query, rare words included"; the floor makes a chunk that shares only a common word or two with
+  the query (a paraphrase's false friend) count as no lexical match, while a chunk holding the
+  query's rare name or code keeps most of it. With no lexical match the order is the dense one.
+  Scores are in [0, 1] and mean the same across queries, so they can be thresholded: above 0.6
+  takes a lexical match of most of the query's weight, 0.4 at most from the embedding alone.
 - "rrf", reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009; Elastic's, Qdrant's and
   LlamaIndex's default): sum over lists of weight / (rank_constant + rank), rank from 1; ranks only.
   With constant 60 a chunk that only BM25 ranks first (1/61) scores below one both rank third
@@ -35,7 +37,8 @@ import numpy as np
 RANK_CONSTANT = 60
 FUSION_METHODS = ("absolute", "rrf", "relative_score", "dbsf")
 DENSE_WEIGHT = 0.4  # "absolute": the dense share of the fused score
-LEXICAL_POWER = 2.0  # "absolute": the exponent on the lexical coverage
+LEXICAL_FLOOR = 0.3  # "absolute": BM25 coverage at or below this counts 0 (a common word or two shared)
+LEXICAL_POWER = 1.0  # "absolute": the exponent on the rescaled coverage
 
 Ranked = tuple[np.ndarray, np.ndarray]  # (scores, ids) of one list, best first
 
@@ -116,14 +119,15 @@ def absolute_fusion(
     bm25_of: Callable[[np.ndarray], np.ndarray],
     bm25_reference: float,
     dense_weight: float = DENSE_WEIGHT,
+    lexical_floor: float = LEXICAL_FLOOR,
     lexical_power: float = LEXICAL_POWER,
 ) -> Ranked:
     """The union of both rankings' candidates, each scored by both rankers on absolute [0, 1]
     scales and fused by a weighted mean (module docstring) -> the k best (scores, ids).
     `cosine_of(ids)` / `bm25_of(ids)`: (n,) ids -> (n,) scores, for candidates a ranking did not
     return (BM25 0 for a chunk sharing no word with the query)."""
-    if not 0 <= dense_weight <= 1:
-        raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
+    if not 0 <= dense_weight <= 1 or not 0 <= lexical_floor < 1:
+        raise ValueError(f"need dense_weight in [0, 1] and lexical_floor in [0, 1), got {dense_weight}, {lexical_floor}")
     (d_s, d_i), (l_s, l_i) = _live(*dense), _live(*lexical)
     ids = np.array(list(dict.fromkeys(d_i.tolist() + l_i.tolist())), dtype=np.int64)  # dense first
     if len(ids) == 0:
@@ -137,7 +141,8 @@ def absolute_fusion(
     c = np.array([cos[i] for i in ids.tolist()])  # (n,) cosine in [-1, 1]
     b = np.array([bm25[i] for i in ids.tolist()])  # (n,) BM25 >= 0
     coverage = np.minimum(1.0, b / bm25_reference) if bm25_reference > 0 else np.zeros_like(b)
-    fused = dense_weight * np.clip(c, 0.0, 1.0) + (1 - dense_weight) * coverage ** lexical_power
+    lexical_part = np.clip((coverage - lexical_floor) / (1 - lexical_floor), 0.0, 1.0) ** lexical_power
+    fused = dense_weight * np.clip(c, 0.0, 1.0) + (1 - dense_weight) * lexical_part
     order = np.argsort(-fused, kind="stable")[:k]
     return fused[order].astype(np.float32), ids[order]
 

@@ -56,19 +56,21 @@ def test_absolute_fusion_scores_every_candidate_by_both():
 
     def cosine_of(ids):
         asked["cos"].append(ids.tolist())
-        return np.array([{9: 0.2}[i] for i in ids.tolist()])
+        return np.array([{9: 0.2, 3: 0.3}[i] for i in ids.tolist()])
 
     def bm25_of(ids):
         asked["bm25"].append(ids.tolist())
         return np.array([{1: 0.0, 2: 1.0}[i] for i in ids.tolist()])
 
     dense = ranked([0.6, 0.5], [1, 2])
-    lexical = ranked([4.0, 1.0], [9, 2])
+    lexical = ranked([4.0, 2.6, 1.0], [9, 2, 3])
     scores, ids = absolute_fusion(dense, lexical, k=3, cosine_of=cosine_of, bm25_of=bm25_of, bm25_reference=4.0)
-    assert asked == {"cos": [[9]], "bm25": [[1]]}  # only what each ranking did not return
-    # 9: 0.4 * 0.2 + 0.6 * (4/4)^2 = 0.68; 2: 0.4 * 0.5 + 0.6 * (1/4)^2 = 0.2375; 1: 0.4 * 0.6 = 0.24
-    assert ids.tolist() == [9, 1, 2]
-    np.testing.assert_allclose(scores, [0.68, 0.24, 0.2375], rtol=1e-6)
+    assert asked == {"cos": [[9, 3]], "bm25": [[1]]}  # only what each ranking did not return
+    # coverage = BM25 / 4; its part: (coverage - 0.3) / 0.7 clipped to [0, 1]
+    # 9: 0.4 * 0.2 + 0.6 * 1 = 0.68; 2: 0.4 * 0.5 + 0.6 * 0.5 = 0.5; 1: 0.4 * 0.6 = 0.24;
+    # 3: coverage 0.25 is below the floor (a common word shared): 0.4 * 0.3 = 0.12
+    assert ids.tolist() == [9, 2, 1]
+    np.testing.assert_allclose(scores, [0.68, 0.5, 0.24], rtol=1e-6)
     assert all(0 <= s <= 1 for s in scores)
     # coverage is capped at 1 and cosine clipped at 0: scores stay in [0, 1]
     s, _ = absolute_fusion(ranked([-0.5], [1]), ranked([40.0], [1]), k=1, cosine_of=None, bm25_of=None, bm25_reference=4.0)
