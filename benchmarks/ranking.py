@@ -3,7 +3,7 @@ benchmarks that keep their corpora as cached vectors and token ids rather than i
 
 Modes as `MemoryStore.search`: "dense" (cosine of the bundled MiniLM vectors), "lexical" (BM25 in
 the store's own `LexicalIndex`) and "hybrid" (each contributes `fusion_depth(k)`, fused by
-`reciprocal_rank_fusion`: the store's code and constants).
+`fuse` with the store's default `store.fusion`: the store's code and constants).
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from memlm.index.fusion import fusion_depth, reciprocal_rank_fusion
+from memlm.config import StoreSettings
+from memlm.index.fusion import fuse, fusion_depth
 from memlm.index.lexical_index import LexicalIndex
 
 SEARCH_MODES = ("dense", "lexical", "hybrid")
@@ -35,23 +36,40 @@ class ChunkRanker:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def dense(self, query: str, k: int) -> np.ndarray:
-        scores = self.vectors @ self.embedder.embed([query])[0]  # (n,)
+    def _dense(self, query_vec: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.vectors @ query_vec  # (n,)
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
-        return top[np.argsort(-scores[top], kind="stable")]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return scores[top], top
 
-    def lexical(self, query: str, k: int) -> np.ndarray:
+    def _embed(self, query: str) -> np.ndarray:
+        embed = getattr(self.embedder, "embed_queries", self.embedder.embed)
+        return embed([query])[0]  # (dim,)
+
+    def dense(self, query: str, k: int) -> np.ndarray:
+        return self._dense(self._embed(query), k)[1]
+
+    @property
+    def lexical_index(self) -> LexicalIndex:
         if self._lexical is None:
             self._lexical = LexicalIndex()
             self._lexical.add(range(len(self)), [self.text(r) for r in range(len(self))])
-        return self._lexical.search(query, k)[1]
+        return self._lexical
+
+    def lexical(self, query: str, k: int) -> np.ndarray:
+        return self.lexical_index.search(query, k)[1]
 
     def rank(self, mode: str, query: str, k: int) -> list[int]:
         """The k best rows for `query`, best first."""
         if mode == "hybrid":
-            depth = fusion_depth(k)
-            return reciprocal_rank_fusion([self.dense(query, depth), self.lexical(query, depth)], k)[1].tolist()
+            depth, q_vec, lex = fusion_depth(k), self._embed(query), self.lexical_index
+            return fuse(
+                StoreSettings().fusion, self._dense(q_vec, depth), lex.search(query, depth), k,
+                cosine_of=lambda rows: self.vectors[rows] @ q_vec,
+                bm25_of=lambda rows: lex.score(query, rows),
+                bm25_reference=lex.reference_score(query),
+            )[1].tolist()
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; expected one of {SEARCH_MODES}")
         return getattr(self, mode)(query, k).tolist()

@@ -3,16 +3,18 @@
 
 LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in memory a FAISS
 `VectorIndex`, a `MetadataIndex` and a BM25 `LexicalIndex`, all derived from LMDB. A search is
-dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank). A write is: validate,
+dense (embedding), lexical (BM25) or hybrid (both, fused by `store.fusion`). A write is: validate,
 chunk and embed (outside any lock), ONE durable LMDB transaction (the acknowledgement), then the
 same change applied to the derived indexes. Index files are snapshots:
 `collections/<name>/index-<seq>.faiss` holds every oplog entry up to `seq`; entries after it are
 replayed at open, and if no file loads the index is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
 The metadata and lexical indexes are filled from LMDB at open.
 
-Concurrency: every method may be called from many threads. LMDB readers run concurrently; writers
-and searches of one collection share a per-collection lock (FAISS is not safe under concurrent
-mutation), so a search waits for at most one commit. Embedding runs outside that lock.
+Concurrency: every method may be called from many threads. LMDB readers run concurrently. Each
+collection has a readers-writer lock (`index.locks`): searches share it and run side by side
+(FAISS, metadata and lexical reads are safe together), writers (commit + apply, snapshots, drop)
+hold it alone (FAISS is not safe under concurrent mutation), so a search waits for at most one
+commit. Embedding runs outside that lock, queries never behind ingest batches (`index.embedding`).
 Limits: one process per data dir (a file lock); the metadata index and the set of live ids live in
 memory; a collection's index file is rewritten whole at each snapshot.
 """
@@ -669,7 +671,8 @@ class MemoryStore:
 
         mode "dense": nearest by the collection's embedder (score: cosine similarity; `vector` is
         normalised to unit length); "lexical": BM25 over the chunk words (score: BM25); "hybrid":
-        both, fused by reciprocal rank (score: the fused RRF score). None: the store's
+        both, fused by `store.fusion` (score: for "absolute", the default, in [0, 1]; see
+        `memlm.index.fusion`). None: the store's
         `search_mode` for a text query, "dense" for a vector (the only mode a vector can use)."""
         if (query is None) == (vector is None):
             self._both_or_neither(query, vector)
