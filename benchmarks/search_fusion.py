@@ -19,7 +19,8 @@ Each query is searched once dense and once lexical over every chunk, through the
 fusion variant is then computed from the top of those two lists with `memlm.index.fusion` (the
 "absolute" ones score every candidate by both rankers, as the store does), and the store's own
 hybrid search (its `fusion` setting) runs beside them as a check. Printed per kind: top-1 (the
-right document first) and recall@10 (among the first 10 hits), over --per-kind queries.
+right document first) and recall@10 (among the first 10 hits), over --per-kind queries; then the
+mean time of one search through the store, dense alone and hybrid with each fusion method.
 """
 from __future__ import annotations
 
@@ -230,6 +231,18 @@ def main() -> None:
                 hits += store.search_batch("fusion", queries=texts[i : i + 32], k=n_chunks, mode=mode)
             ranked[mode] = hits
         store_hybrid = store.search_batch("fusion", queries=texts, k=k, mode="hybrid")
+        # What each fusion costs: one query at a time through the store, embedding included.
+        from memlm.index.fusion import FUSION_METHODS
+
+        ms: dict[str, float] = {}
+        for method in ("dense only", *FUSION_METHODS):
+            store.settings = settings.model_copy(update={"fusion": method} if method != "dense only" else {})
+            mode = "dense" if method == "dense only" else "hybrid"
+            t0 = time.perf_counter()
+            for q in texts:
+                store.search("fusion", q, k=k, mode=mode)
+            ms[method] = (time.perf_counter() - t0) / len(texts) * 1e3
+        store.settings = settings
         lexical_index = store._collections["fusion"].lexical  # noqa: SLF001 - the benchmark's own store
         reference = [lexical_index.reference_score(q) for q in texts]
         store.close()
@@ -270,6 +283,8 @@ def main() -> None:
             rec = np.mean([queries[i][2] in tops[i][:k] for i in qs])
             cells.append(f"{top1:.2f} / {rec:.2f}")
         print(name.ljust(46) + "".join(f"{c:>14s}" for c in cells))
+    print(f"\nsearch, one query at a time in-process (embedding included), k {k}, mean ms/query: "
+          + ", ".join(f"{m} {v:.1f}" for m, v in ms.items()))
 
 
 if __name__ == "__main__":

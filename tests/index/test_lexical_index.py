@@ -1,4 +1,4 @@
-"""LexicalIndex (in-memory BM25) and reciprocal rank fusion, on their own."""
+"""LexicalIndex (in-memory BM25: search, score, reference_score) and reciprocal rank fusion, on their own."""
 from __future__ import annotations
 
 import math
@@ -81,6 +81,21 @@ def test_add_remove_compact():
     assert big._dead == 0 and len(big) == 500 and big.search("word3", 1000)[1].min() >= 2500
 
 
+def test_reference_score_is_a_chunk_holding_each_query_term_once():
+    ix = make()  # 40 chunks with "parser", the needle with "pass"
+    n = len(ix)
+    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t, df in (("pass", 1), ("parser", 40))}
+    assert ix.reference_score("the pass parser zebra") == pytest.approx(idf["pass"] + idf["parser"])  # zebra: not indexed
+    assert ix.reference_score("zebra") == 0.0
+    # an average-length chunk holding "pass" and "parser" once each scores the reference (within 2%:
+    # its length is the average rounded to whole words, and adding it moves the average)
+    avg = ix._live_words / n  # noqa: SLF001
+    ix.add([2000], [" ".join(["pass", "parser"] + [f"w{i}" for i in range(round(avg) - 2)])])
+    n = len(ix)
+    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t, df in (("pass", 2), ("parser", 41))}
+    assert ix.score("pass parser", np.array([2000]))[0] == pytest.approx(idf["pass"] + idf["parser"], rel=0.02)
+
+
 def test_reciprocal_rank_fusion():
     scores, ids = reciprocal_rank_fusion([np.array([3, 1, -1, 7]), np.array([1, 2])], k=3)
     assert ids.tolist() == [1, 3, 2]  # 1: 1/62 + 1/61 beats 3: 1/61; holes (-1) do not count as ranks
@@ -128,7 +143,15 @@ def test_matches_a_brute_force_bm25_through_adds_removes_and_compaction(ops, que
     assert sorted(ix.ids().tolist()) == sorted(live)
     # before compaction removed chunks still count in df (as in Lucene): the same chunks match
     assert set(ix.search(query, 100)[1].tolist()) == {i for i, s in expect.items() if s > 0}
+    def score_matches_search() -> None:  # score() of given chunks is what search() gives them, 0 if unmatched
+        found = dict(zip(ix.search(query, 100)[1].tolist(), ix.search(query, 100)[0].tolist()))
+        asked = np.array(sorted(live) + [10_000], np.int64)  # and an id it never held
+        got = ix.score(query_terms(query), asked)
+        assert got.tolist() == pytest.approx([found.get(i, 0.0) for i in asked.tolist()], rel=1e-5)
+
+    score_matches_search()
     ix._compact()  # afterwards the scores are exactly BM25 over the live chunks
+    score_matches_search()
     scores, ids = ix.search(query, 100)
     assert dict(zip(ids.tolist(), scores.tolist())) == pytest.approx({i: s for i, s in expect.items() if s > 0}, rel=1e-5)
     assert np.all(np.diff(scores) <= 0)
