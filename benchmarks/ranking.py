@@ -67,7 +67,8 @@ class ChunkRanker:
             return fuse(
                 StoreSettings().fusion, self._dense(q_vec, depth), lex.search(query, depth), k,
                 cosine_of=lambda rows: self.vectors[rows] @ q_vec,
-                coverage_of=lambda rows: lex.coverage(query, rows),
+                bm25_of=lambda rows: lex.score(query, rows),
+                bm25_reference=lex.reference_score(query),
             )[1].tolist()
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; expected one of {SEARCH_MODES}")

@@ -161,7 +161,7 @@ def build(n_docs: int, per_kind: int, seed: int):
 
 
 def variants():
-    """name -> fuser(dense, lexical, k, cosine_of, coverage_of) over one query's candidates
+    """name -> fuser(dense, lexical, k, cosine_of, bm25_of, reference) over one query's candidates
     ((scores, ids) best first, fusion_depth(k) from each ranking unless the name says @N),
     each calling memlm.index.fusion (the store's code)."""
     from memlm.index import fusion as F
@@ -244,12 +244,11 @@ def main() -> None:
             ms[method] = (time.perf_counter() - t0) / len(texts) * 1e3
         store.settings = settings
         lexical_index = store._collections["fusion"].lexical  # noqa: SLF001 - the benchmark's own store
-        all_ids = np.array([h.chunk_id for h in ranked["dense"][0]], np.int64)
-        # Per query, every chunk's lexical coverage: what the store's coverage_of gives.
-        coverage = [dict(zip(all_ids.tolist(), lexical_index.coverage(q, all_ids).tolist())) for q in texts]
+        reference = [lexical_index.reference_score(q) for q in texts]
         store.close()
 
-    # Per query, every chunk's cosine: what the store's cosine_of gives for a chunk dense did not return.
+    # Per query, every chunk's cosine and BM25 (0: no word shared): what the store's cosine_of /
+    # bm25_of return for candidates a ranking did not give.
     full = {m: [{h.chunk_id: h.score for h in row} for row in ranked[m]] for m in ranked}
     doc_of = {h.chunk_id: h.doc_id for m in ranked for row in ranked[m] for h in row}
 
@@ -268,7 +267,8 @@ def main() -> None:
             _, ids = fuser(
                 candidates("dense", q, d), candidates("lexical", q, d), k,
                 cosine_of=lambda c, q=q: np.array([full["dense"][q][i] for i in c.tolist()]),
-                coverage_of=lambda c, q=q: np.array([coverage[q][i] for i in c.tolist()]),
+                bm25_of=lambda c, q=q: np.array([full["lexical"][q].get(i, 0.0) for i in c.tolist()]),
+                bm25_reference=reference[q],
             )
             rows[name].append([doc_of[int(c)] for c in ids])
     rows[f"store hybrid (store.fusion={settings.fusion})"] = [[h.doc_id for h in r] for r in store_hybrid]

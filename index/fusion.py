@@ -4,16 +4,14 @@ Each method takes each ranking's candidates as (scores, ids), best first (ids < 
 returns the k best fused (scores, ids), best first; ties go to the id met first (dense first).
 
 - "absolute" (the store's default, `store.fusion`): every candidate of either ranking is scored
-  by BOTH rankers (`cosine_of` gives the cosine of a chunk only BM25 returned, `coverage_of` the
-  lexical coverage of every candidate), each on a query-independent [0, 1] scale, and the fused
-  score is their weighted mean:
-      0.4 * max(cosine, 0) + 0.6 * clip((coverage - 0.3) / 0.7, 0, 1)
-  (DENSE_WEIGHT, LEXICAL_FLOOR). Coverage (`LexicalIndex.coverage`) is the share of the query's
-  idf weight the chunk holds (each term's BM25 tf part capped at 1): 1 for "the whole query, rare
-  words included", whatever the length of the query; the floor makes a chunk that shares only a
-  common word or two with the query (a paraphrase's false friend) count as no lexical match, while
-  a chunk holding the query's rare name or code keeps most of it. With no lexical match the order
-  is the dense one.
+  by BOTH rankers (`cosine_of` / `bm25_of` give the score a ranking did not return), each score is
+  mapped to a query-independent [0, 1] scale, and the fused score is their weighted mean:
+      0.4 * max(cosine, 0) + 0.6 * clip((coverage - 0.3) / 0.7, 0, 1),  coverage = min(1, BM25 / reference)
+  (DENSE_WEIGHT, LEXICAL_FLOOR). `reference` is what a chunk holding every query term once scores
+  (`LexicalIndex.reference_score`, the sum of the terms' idfs), so coverage is 1 for "the whole
+  query, rare words included"; the floor makes a chunk that shares only a common word or two with
+  the query (a paraphrase's false friend) count as no lexical match, while a chunk holding the
+  query's rare name or code keeps most of it. With no lexical match the order is the dense one.
   Scores are in [0, 1] and mean the same across queries, so they can be thresholded: above 0.6
   takes a lexical match of most of the query's weight, 0.4 at most from the embedding alone.
 - "rrf", reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009; Elastic's, Qdrant's and
@@ -118,29 +116,31 @@ def absolute_fusion(
     k: int,
     *,
     cosine_of: Callable[[np.ndarray], np.ndarray],
-    coverage_of: Callable[[np.ndarray], np.ndarray],
+    bm25_of: Callable[[np.ndarray], np.ndarray],
+    bm25_reference: float,
     dense_weight: float = DENSE_WEIGHT,
     lexical_floor: float = LEXICAL_FLOOR,
     lexical_power: float = LEXICAL_POWER,
 ) -> Ranked:
     """The union of both rankings' candidates, each scored by both rankers on absolute [0, 1]
     scales and fused by a weighted mean (module docstring) -> the k best (scores, ids).
-    `cosine_of(ids)`: (n,) ids -> (n,) cosines, asked for the candidates dense did not return;
-    `coverage_of(ids)`: (n,) ids -> (n,) lexical coverage in [0, 1], asked for every candidate
-    (0 for a chunk sharing no word with the query). The lexical scores themselves go unused: BM25
-    only chooses its candidates."""
+    `cosine_of(ids)` / `bm25_of(ids)`: (n,) ids -> (n,) scores, for candidates a ranking did not
+    return (BM25 0 for a chunk sharing no word with the query)."""
     if not 0 <= dense_weight <= 1 or not 0 <= lexical_floor < 1:
         raise ValueError(f"need dense_weight in [0, 1] and lexical_floor in [0, 1), got {dense_weight}, {lexical_floor}")
-    (d_s, d_i), (_, l_i) = _live(*dense), _live(*lexical)
+    (d_s, d_i), (l_s, l_i) = _live(*dense), _live(*lexical)
     ids = np.array(list(dict.fromkeys(d_i.tolist() + l_i.tolist())), dtype=np.int64)  # dense first
     if len(ids) == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
     cos = dict(zip(d_i.tolist(), d_s.tolist()))
-    missing = np.array([c for c in ids.tolist() if c not in cos], dtype=np.int64)
-    if len(missing):
-        cos.update(zip(missing.tolist(), np.asarray(cosine_of(missing), dtype=np.float64).tolist()))
+    bm25 = dict(zip(l_i.tolist(), l_s.tolist()))
+    for known, fill in ((cos, cosine_of), (bm25, bm25_of)):
+        missing = np.array([c for c in ids.tolist() if c not in known], dtype=np.int64)
+        if len(missing):
+            known.update(zip(missing.tolist(), np.asarray(fill(missing), dtype=np.float64).tolist()))
     c = np.array([cos[i] for i in ids.tolist()])  # (n,) cosine in [-1, 1]
-    coverage = np.clip(np.asarray(coverage_of(ids), dtype=np.float64), 0.0, 1.0)  # (n,)
+    b = np.array([bm25[i] for i in ids.tolist()])  # (n,) BM25 >= 0
+    coverage = np.minimum(1.0, b / bm25_reference) if bm25_reference > 0 else np.zeros_like(b)
     lexical_part = np.clip((coverage - lexical_floor) / (1 - lexical_floor), 0.0, 1.0) ** lexical_power
     fused = dense_weight * np.clip(c, 0.0, 1.0) + (1 - dense_weight) * lexical_part
     order = np.argsort(-fused, kind="stable")[:k]
@@ -154,15 +154,16 @@ def fuse(
     k: int,
     *,
     cosine_of: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-    coverage_of: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    bm25_of: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    bm25_reference: float = 0.0,
 ) -> Ranked:
     """Fuse a hybrid search's dense and lexical candidates with one of FUSION_METHODS -> the k best
-    (scores, ids). "absolute" needs `cosine_of` and `coverage_of`; the others use the candidates
-    alone."""
+    (scores, ids). "absolute" needs `cosine_of`, `bm25_of` and `bm25_reference`; the others use
+    the candidates alone."""
     if method == "absolute":
-        if cosine_of is None or coverage_of is None:
-            raise ValueError("absolute fusion needs cosine_of and coverage_of")
-        return absolute_fusion(dense, lexical, k, cosine_of=cosine_of, coverage_of=coverage_of)
+        if cosine_of is None or bm25_of is None:
+            raise ValueError("absolute fusion needs cosine_of and bm25_of")
+        return absolute_fusion(dense, lexical, k, cosine_of=cosine_of, bm25_of=bm25_of, bm25_reference=bm25_reference)
     if method == "rrf":
         return reciprocal_rank_fusion([dense[1], lexical[1]], k)
     if method == "relative_score":

@@ -18,7 +18,7 @@ then they still count in document frequencies, as Lucene's deleted documents do 
 Analysis (Lucene's standard analyzer, with English stop words): Unicode words (`\\w+`), lower-cased;
 no stemming. Stop words are neither indexed nor searched (a query of nothing but stop words
 matches nothing). Memory: ~8 bytes per distinct term of a chunk (~0.3 KB per 64-token chunk).
-Threads: reads (`search`, `score`, `coverage`, `reference_score`) only read, so any number may run at once;
+Threads: reads (`search`, `score`, `reference_score`) only read, so any number may run at once;
 a write must run alone (the store's collection lock: shared for searches, exclusive for commits).
 """
 from __future__ import annotations
@@ -152,36 +152,15 @@ class LexicalIndex:
 
     def score(self, query: str | Sequence[str], ids: np.ndarray) -> np.ndarray:
         """BM25 of the given chunks for `query` (text or its `query_terms`) -> (n,) float32, as
-        `search` scores them; 0 for a chunk sharing no term with it or not held."""
+        `search` scores them; 0 for a chunk sharing no term with it or not held. For hybrid
+        search's candidates that BM25 did not rank."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = np.zeros(len(ids), np.float64)
         if not self._slot_of or len(ids) == 0:
             return out.astype(np.float32)
         q_terms = query_terms(query) if isinstance(query, str) else query
-        for idf, hit, tf_part in self._term_parts(q_terms, ids):
-            out[hit] += idf * tf_part
-        return out.astype(np.float32)
-
-    def coverage(self, query: str | Sequence[str], ids: np.ndarray) -> np.ndarray:
-        """How much of the query's weight each given chunk holds -> (n,) float32 in [0, 1]: the sum
-        over the query's terms of idf * min(1, BM25's tf part) over the sum of their idfs
-        (`reference_score`). 1: the chunk holds every query term (once is enough at up to average
-        length); a term it lacks costs its idf's share, so rare terms weigh most. Unlike BM25 /
-        reference it cannot reach 1 by repeating a few of the terms. 0 for an unknown chunk."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        q_terms = query_terms(query) if isinstance(query, str) else query
-        reference = self.reference_score(q_terms)
-        out = np.zeros(len(ids), np.float64)
-        if reference <= 0 or len(ids) == 0:
-            return out.astype(np.float32)
-        for idf, hit, tf_part in self._term_parts(q_terms, ids):
-            out[hit] += idf * np.minimum(1.0, tf_part)
-        return (out / reference).astype(np.float32)
-
-    def _term_parts(self, q_terms: Sequence[str], ids: np.ndarray):
-        """Per indexed query term: (idf, mask over `ids` of the chunks holding it, their BM25 tf part)."""
         n_docs = len(self._ids)
-        avg_len = max(self._live_words / max(len(self._slot_of), 1), 1e-6)
+        avg_len = max(self._live_words / len(self._slot_of), 1e-6)
         chunk_length = np.frombuffer(self._length, dtype=np.float32)  # slot -> indexed words
         slots = np.array([self._slot_of.get(int(c), -1) for c in ids.tolist()], dtype=np.int64)  # (n,)
         for t in q_terms:
@@ -194,7 +173,8 @@ class LexicalIndex:
             tf = np.frombuffer(p.tf, dtype=np.float32)[pos[hit]]
             length = chunk_length[slots[hit]]
             idf = np.log1p((n_docs - len(sl) + 0.5) / (len(sl) + 0.5))
-            yield idf, hit, tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avg_len))
+            out[hit] += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avg_len))
+        return out.astype(np.float32)
 
     def search(
         self, query: str | Sequence[str], k: int, allowed_ids: Optional[np.ndarray] = None

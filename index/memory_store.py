@@ -750,7 +750,8 @@ class MemoryStore:
                     fuse(
                         self.settings.fusion, (scores[q], ids[q]), lexical[q], k,
                         cosine_of=lambda c, v=q_vecs[q]: col.index.fetch(c) @ v,  # (n, dim) @ (dim,)
-                        coverage_of=lambda c, t=q_terms[q]: col.lexical.coverage(t, c),
+                        bm25_of=lambda c, t=q_terms[q]: col.lexical.score(t, c),
+                        bm25_reference=col.lexical.reference_score(q_terms[q]),
                     )
                     for q in range(nq)
                 ]

@@ -52,35 +52,36 @@ def test_reciprocal_rank_fusion_loses_what_only_one_list_ranks_first():
 
 
 def test_absolute_fusion_scores_every_candidate_by_both():
-    asked = {"cos": [], "coverage": []}
-    coverage = {1: 0.0, 2: 0.65, 9: 1.0, 3: 0.25}
+    asked = {"cos": [], "bm25": []}
 
     def cosine_of(ids):
         asked["cos"].append(ids.tolist())
         return np.array([{9: 0.2, 3: 0.3}[i] for i in ids.tolist()])
 
-    def coverage_of(ids):
-        asked["coverage"].append(ids.tolist())
-        return np.array([coverage[i] for i in ids.tolist()])
+    def bm25_of(ids):
+        asked["bm25"].append(ids.tolist())
+        return np.array([{1: 0.0, 2: 1.0}[i] for i in ids.tolist()])
 
     dense = ranked([0.6, 0.5], [1, 2])
-    lexical = ranked([4.0, 2.6, 1.0], [9, 2, 3])  # BM25 only picks the candidates
-    scores, ids = absolute_fusion(dense, lexical, k=3, cosine_of=cosine_of, coverage_of=coverage_of)
-    assert asked == {"cos": [[9, 3]], "coverage": [[1, 2, 9, 3]]}  # cosines only where dense gave none
-    # lexical part: (coverage - 0.3) / 0.7 clipped to [0, 1]
+    lexical = ranked([4.0, 2.6, 1.0], [9, 2, 3])
+    scores, ids = absolute_fusion(dense, lexical, k=3, cosine_of=cosine_of, bm25_of=bm25_of, bm25_reference=4.0)
+    assert asked == {"cos": [[9, 3]], "bm25": [[1]]}  # only what each ranking did not return
+    # coverage = BM25 / 4; its part: (coverage - 0.3) / 0.7 clipped to [0, 1]
     # 9: 0.4 * 0.2 + 0.6 * 1 = 0.68; 2: 0.4 * 0.5 + 0.6 * 0.5 = 0.5; 1: 0.4 * 0.6 = 0.24;
     # 3: coverage 0.25 is below the floor (a common word shared): 0.4 * 0.3 = 0.12
     assert ids.tolist() == [9, 2, 1]
     np.testing.assert_allclose(scores, [0.68, 0.5, 0.24], rtol=1e-6)
-    # cosine clipped at 0 (and coverage at 1): scores stay in [0, 1]
-    s, _ = absolute_fusion(ranked([-0.5], [1]), ranked([40.0], [1]), k=1, cosine_of=None,
-                           coverage_of=lambda c: np.ones(len(c)))
+    assert all(0 <= s <= 1 for s in scores)
+    # coverage is capped at 1 and cosine clipped at 0: scores stay in [0, 1]
+    s, _ = absolute_fusion(ranked([-0.5], [1]), ranked([40.0], [1]), k=1, cosine_of=None, bm25_of=None, bm25_reference=4.0)
     assert s[0] == pytest.approx(0.6)
 
 
 def test_absolute_fusion_without_lexical_matches_is_the_dense_order():
     dense = ranked([0.7, 0.4, 0.3], [5, 6, 7])
-    scores, ids = absolute_fusion(dense, ranked([], []), k=3, cosine_of=None, coverage_of=lambda c: np.zeros(len(c)))
+    scores, ids = absolute_fusion(
+        dense, ranked([], []), k=3, cosine_of=None, bm25_of=lambda c: np.zeros(len(c)), bm25_reference=0.0
+    )
     assert ids.tolist() == [5, 6, 7]
     np.testing.assert_allclose(scores, 0.4 * np.array([0.7, 0.4, 0.3]), rtol=1e-6)
 
@@ -89,7 +90,7 @@ def test_fuse_dispatches_and_names_bad_methods():
     dense, lexical = ranked([0.9, 0.1], [1, 2]), ranked([3.0], [2])
     for method in ("rrf", "relative_score", "dbsf"):
         assert set(fuse(method, dense, lexical, k=2)[1].tolist()) == {1, 2}
-    with pytest.raises(ValueError, match="needs cosine_of and coverage_of"):
+    with pytest.raises(ValueError, match="needs cosine_of and bm25_of"):
         fuse("absolute", dense, lexical, k=2)
     with pytest.raises(ValueError, match="unknown fusion method 'max'; expected one of absolute, rrf"):
         fuse("max", dense, lexical, k=2)

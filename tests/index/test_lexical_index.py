@@ -96,22 +96,6 @@ def test_reference_score_is_a_chunk_holding_each_query_term_once():
     assert ix.score("pass parser", np.array([2000]))[0] == pytest.approx(idf["pass"] + idf["parser"], rel=0.02)
 
 
-def test_coverage_is_the_share_of_the_query_weight_a_chunk_holds():
-    ix = make()  # 40 chunks with "parser" (and "key"), the needle with "pass" and "key" (twice)
-    n = len(ix)
-    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t, df in (("pass", 1), ("parser", 40))}
-    cov = ix.coverage("pass parser", np.array([1000, 0, 77]))  # needle, a filler chunk, unknown
-    total = idf["pass"] + idf["parser"]
-    # the needle is shorter than average (tf part >= 1: capped); a filler chunk a little longer
-    length, avg = len(terms(FILLER[0])), ix._live_words / n  # noqa: SLF001
-    filler_tf_part = min(1.0, 2.2 / (1 + 1.2 * (0.25 + 0.75 * length / avg)))
-    assert filler_tf_part < 1
-    assert cov.tolist() == pytest.approx([idf["pass"] / total, idf["parser"] * filler_tf_part / total, 0.0], rel=1e-5)
-    # repeating a term does not buy coverage: "pass" twice in the needle counts once (capped at 1)
-    assert ix.coverage("pass", np.array([1000]))[0] == pytest.approx(1.0)
-    assert ix.coverage("zebra", np.array([1000]))[0] == 0.0
-
-
 def test_reciprocal_rank_fusion():
     scores, ids = reciprocal_rank_fusion([np.array([3, 1, -1, 7]), np.array([1, 2])], k=3)
     assert ids.tolist() == [1, 3, 2]  # 1: 1/62 + 1/61 beats 3: 1/61; holes (-1) do not count as ranks
@@ -164,8 +148,6 @@ def test_matches_a_brute_force_bm25_through_adds_removes_and_compaction(ops, que
         asked = np.array(sorted(live) + [10_000], np.int64)  # and an id it never held
         got = ix.score(query_terms(query), asked)
         assert got.tolist() == pytest.approx([found.get(i, 0.0) for i in asked.tolist()], rel=1e-5)
-        cov = ix.coverage(query, asked)  # in [0, 1], 0 exactly where nothing matched
-        assert ((cov >= 0) & (cov <= 1 + 1e-6)).all() and ((cov > 0) == (got > 0)).all()
 
     score_matches_search()
     ix._compact()  # afterwards the scores are exactly BM25 over the live chunks

@@ -63,7 +63,10 @@ def test_kill_9_mid_ingest_then_restart(tmp_path, bundled_model_dir):
                 client.get(["doc-00003"], collection="crash")
             by_id = {d["id"]: d for d in docs}
             for doc_id in random.Random(1).sample(acknowledged, 25):
-                hits = client.search(by_id[doc_id]["text"], collection="crash", k=1)
+                # dense: what this checks is the recovered vector index. (Hybrid would let the rare
+                # word "1" of "(record 1)" pull up another document's chunk that the chunker cut
+                # inside "(record 1|56)": these texts are 26 words repeated.)
+                hits = client.search(by_id[doc_id]["text"], collection="crash", k=1, mode="dense")
                 assert hits and hits[0].doc_id == doc_id
             deleted_text = by_id["doc-00003"]["text"]
             assert all(h.doc_id != "doc-00003" for h in client.search(deleted_text, collection="crash", k=5))
