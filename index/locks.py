@@ -10,7 +10,6 @@ Used as a context manager (`with lock:`) it is the exclusive side and re-entrant
 holding it, so it replaces the `threading.RLock` writers took before without changing them; a
 thread holding it exclusively may also take the shared side. The shared side (`with
 lock.shared():`) is not re-entrant: a reader that asks again while a writer waits would deadlock.
-(PyPI's `readerwriterlock` has the same writer preference but no re-entrant exclusive side.)
 """
 from __future__ import annotations
 
