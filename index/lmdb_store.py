@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -242,6 +242,14 @@ class LmdbStore:
                     f"the store holds as many collections as LMDB can open ({MAX_COLLECTIONS}); drop one first"
                 ) from None
         self._dbs[config.name] = dbs
+
+    def set_index_factory(self, name: str, factory: str) -> CollectionConfig:  # WRITE
+        """Record a new index factory for the collection (its counters and data unchanged)."""
+        with self.env.begin(write=True) as txn:
+            rec = self.record(name, txn)
+            rec.config = replace(rec.config, index_factory=factory)
+            txn.put(name.encode(), rec.encode(), db=self._collections)
+        return rec.config
 
     def drop_collection(self, name: str) -> None:  # WRITE
         """Durable: the record and all four DBs go in one transaction. The caller holds the

@@ -346,20 +346,23 @@ class MemoryStore:
             index = self._rebuild(config)
             how = "rebuilt from stored vectors"
             snapshot_seq = -1  # force a snapshot below
-        metadata = MetadataIndex()
-        docs = 0
-        for _doc_id, header in self._lmdb.iter_doc_headers(name):
-            metadata.add(header.chunk_ids, header.metadata)
-            docs += 1
+        metadata = self._load_metadata(name)
         lexical = self._load_lexical(name)
         assert index.ntotal == len(stored) == len(metadata) == len(lexical), "indexes and LMDB disagree after recovery"
-        log.info("collection %r: %s; %d documents, %d chunks, %d vectors", name, how, docs, len(stored), index.ntotal)
+        log.info("collection %r: %s; %d chunks, %d vectors", name, how, len(stored), index.ntotal)
         col = _Collection(
             config, index, metadata, lexical, threading.RLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
         )
         if snapshot_seq < 0:
             self._snapshot_locked(col)
         return col
+
+    def _load_metadata(self, name: str) -> MetadataIndex:
+        """The collection's metadata index, filled from its stored document headers."""
+        metadata = MetadataIndex()
+        for _doc_id, header in self._lmdb.iter_doc_headers(name):
+            metadata.add(header.chunk_ids, header.metadata)
+        return metadata
 
     def _load_lexical(self, name: str) -> LexicalIndex:
         """The collection's BM25 index, filled from its stored chunk texts."""
@@ -499,6 +502,30 @@ class MemoryStore:
             )
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
         return config, True
+
+    def reindex(self, name: str, index_factory: Optional[str] = None) -> CollectionConfig:
+        """Rebuild a collection's indexes from LMDB with `index_factory` (None: the one it has):
+        the repair for an unavailable collection, and the way to change a collection's index type
+        (e.g. Flat to HNSW32 as it grows). Durable when it returns; searches and writes of the
+        collection wait while it builds. InvalidArgument for a factory the store cannot serve."""
+        col = self._collection(name, usable=False)
+        factory = col.config.index_factory if index_factory is None else index_factory
+        check_factory(col.config.dim, factory, self.settings)
+        with col.lock:
+            if col.dropped:
+                raise NotFound(f"collection {name!r} does not exist")
+            self._check_writes_allowed()
+            config = replace(col.config, index_factory=factory)
+            index = self._rebuild(config)  # first: a failure here leaves the collection as it was
+            metadata, lexical = self._load_metadata(name), self._load_lexical(name)
+            folder = self._dir(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lmdb.set_index_factory(name, factory)  # recovery ignores files of another factory
+            col.config, col.index, col.metadata, col.lexical, col.problem = config, index, metadata, lexical, None
+            col.applied_seq, col.snapshot_seq = self._lmdb.record(name).next_op_seq - 1, -1
+            self._snapshot_locked(col)  # also removes the old factory's files
+        log.info("collection %r: reindexed as %s (%d vectors)", name, factory, index.ntotal)
+        return config
 
     def list_collections(self) -> list[CollectionConfig]:
         return [c.config for _, c in sorted(self._collections.items())]
