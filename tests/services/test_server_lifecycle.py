@@ -152,6 +152,53 @@ def _sigterm_during_ingest(server, docs, outcome, grace):
     return took, code
 
 
+def test_sigterm_during_long_delete_acknowledges_what_is_deleted(tmp_path, bundled_model_dir):
+    """SIGTERM (grace 0) while one Delete removes 3,000 documents: it either completes (all gone)
+    or is refused UNAVAILABLE before its commit (none gone); after a restart the store agrees with
+    what the client was told, and the process was gone within the stated bound."""
+    n = 3_000
+    env = {"MEMLM_SERVER__GRACE_SECONDS": "0", "MEMLM_STORE__MAX_IDS_PER_CALL": str(n)}
+    server = ServerProcess(tmp_path / "d", env=env)
+    outcome: dict = {}
+    try:
+        with memlm.Client(server.address, timeout=300) as client:
+            client.create_collection("c", chunk_tokens=16)
+            client.ingest(({"id": f"d{i}", "text": f"w{i} w{i % 7}"} for i in range(n)), collection="c", batch_size=1000)
+
+            def delete():
+                try:
+                    outcome["deleted"] = client.delete([f"d{i}" for i in range(n)], collection="c")
+                except memlm.errors.MemlmError as exc:
+                    outcome["error"] = exc
+
+            t = threading.Thread(target=delete)
+            t.start()
+            time.sleep(0.02)  # the call is in; the delete itself takes ~0.2 s
+            sent_at = time.monotonic()
+            server.proc.send_signal(subprocess.signal.SIGTERM)
+            code = server.proc.wait(60)
+            took = time.monotonic() - sent_at
+            t.join(30)
+    finally:
+        server.kill()
+    assert code == 0, server.output
+    assert took < 5 + 5, f"exited {took:.1f} s after SIGTERM with grace 0:\n{server.output[-3000:]}"
+    if "error" in outcome:
+        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
+        assert "nothing from this call was stored" in str(outcome["error"])
+        expected = n
+    else:
+        assert len(outcome["deleted"]) == n
+        expected = 0
+    server = ServerProcess(tmp_path / "d", env=env)
+    try:
+        with memlm.Client(server.address, timeout=60) as client:
+            info = client.describe_collection("c")
+            assert (info.documents, info.index_vectors) == (expected, expected), (outcome, info)
+    finally:
+        assert server.terminate() == 0
+
+
 def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, bundled_model_dir):
     first = ServerProcess(tmp_path / "a")
     try:
