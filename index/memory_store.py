@@ -412,20 +412,16 @@ class MemoryStore:
         config, _ = self._create(name, False, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
         return config
 
-    def ensure_collection(
-        self,
-        name: str,
-        *,
-        index_factory: Optional[str] = None,
-        chunk_tokens: Optional[int] = None,
-        chunk_overlap: Optional[int] = None,
-        embedding_model: Optional[str] = None,
-        kv_memory: Optional[bool] = None,
-    ) -> tuple[CollectionConfig, bool]:
+    def ensure_collection(self, name: str, **settings: Any) -> tuple[CollectionConfig, bool]:
         """(config, created): create the collection unless it exists (so start-up scripts can be
-        re-run). An existing one must agree with every setting given (not None), else
-        AlreadyExists names the ones that differ."""
-        return self._create(name, True, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
+        re-run); `settings` are create_collection's. An existing one must agree with every
+        setting given (not None), else AlreadyExists names the ones that differ."""
+        unknown = set(settings) - {"index_factory", "chunk_tokens", "chunk_overlap", "embedding_model", "kv_memory"}
+        if unknown:
+            raise TypeError(f"ensure_collection() got unexpected settings {sorted(unknown)}")
+        get = settings.get
+        return self._create(name, True, get("index_factory"), get("chunk_tokens"), get("chunk_overlap"),
+                            get("embedding_model"), get("kv_memory"))
 
     def _create(
         self,

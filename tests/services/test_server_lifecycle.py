@@ -39,13 +39,8 @@ def test_api_key_auth(tmp_path, bundled_model_dir):
         assert server.terminate() == 0
 
 
-def test_tls(tmp_path, bundled_model_dir):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
+def test_tls(tmp_path, bundled_model_dir, self_signed):
+    key, cert = self_signed()
     server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
     try:
         assert "grpcs://" in server.output
@@ -220,20 +215,10 @@ def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_
         assert first.terminate() == 0
 
 
-def _self_signed(tmp_path, name: str):
-    key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )
-    return key, cert
-
-
 @pytest.mark.parametrize("case", ["mismatched", "unreadable"])
-def test_bad_tls_files_give_one_clear_line(tmp_path, case):
-    key_a, cert_a = _self_signed(tmp_path, "a")
-    key = _self_signed(tmp_path, "b")[0] if case == "mismatched" else tmp_path / "missing-key.pem"
+def test_bad_tls_files_give_one_clear_line(tmp_path, case, self_signed):
+    key_a, cert_a = self_signed("a")
+    key = self_signed("b")[0] if case == "mismatched" else tmp_path / "missing-key.pem"
     env = {**os.environ, "MEMLM_SERVER__TLS_CERT": str(cert_a), "MEMLM_SERVER__TLS_KEY": str(key)}
     result = subprocess.run(
         [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(tmp_path / "d"), "--port", "0"],
