@@ -269,6 +269,15 @@ class LmdbStore:
         """Store documents, replacing earlier versions of the same ids, in ONE transaction with one
         oplog entry. Durable when it returns; nothing of it exists if it raises."""
         dbs = self.dbs(name)
+        try:
+            return self._write_ingest(name, dbs, prepared, now)
+        except lmdb.MapFullError:  # the transaction aborted: nothing of it is stored
+            raise ResourceExhausted(
+                f"the store's LMDB map ({self.env.info()['map_size'] / 2**30:.1f} GiB, store.map_size_gib) is full; "
+                "nothing from this call was stored: raise store.map_size_gib and restart, or delete documents"
+            ) from None
+
+    def _write_ingest(self, name: str, dbs: _Dbs, prepared: Sequence[PreparedDocument], now: float) -> Commit:
         with self.env.begin(write=True) as txn:
             rec = self.record(name, txn)
             commit = Commit(seq=rec.next_op_seq)

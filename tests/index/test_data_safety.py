@@ -144,3 +144,17 @@ def test_a_stored_collection_with_an_unservable_factory_opens_unavailable(store_
     check_consistent(s2, "bad", {"d1", "d2"}, set())
     s2.drop("good")  # and a drop works on any of them
     assert [c.name for c in s2.list_collections()] == ["bad"]
+
+
+def test_a_full_lmdb_map_is_resource_exhausted_and_stores_nothing(store_factory):
+    from memlm.errors import ResourceExhausted
+
+    s = store_factory(StoreSettings(map_size_gib=2 / 1024))  # a 2 MiB map
+    s.create_collection("c")
+    s.ingest("c", [doc(1)])
+    big = [Document(f"big{i}", f"Filler text number {i} about nothing in particular. " * 200) for i in range(20)]
+    with pytest.raises(ResourceExhausted, match=r"store\.map_size_gib.*nothing from this call was stored"):
+        s.ingest("c", big)
+    assert s.describe("c").documents == 1
+    s.close()
+    check_consistent(store_factory(StoreSettings(map_size_gib=2 / 1024)), "c", {"d1"}, set())
