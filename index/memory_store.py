@@ -545,7 +545,7 @@ class MemoryStore:
         self._write_listeners.append(listener)
 
     def _notify_write(self, col: _Collection) -> None:
-        if not col.config.kv_memory:
+        if not col.config.kv_memory or self.stopping:  # stopping: the next start brings KV memory in step
             return
         for listener in self._write_listeners:
             try:
@@ -643,7 +643,7 @@ class MemoryStore:
         chunk_lists = [chunker.chunk(docs[i].text) for i in valid]
         texts = [c.text for cl in chunk_lists for c in cl]
         t1 = time.perf_counter()
-        embedder, step = self._embedder_for(col.config), 2 * self.settings.embed_batch_size
+        embedder, step = self._embedder_for(col.config), self.settings.embed_batch_size
         parts = [np.zeros((0, col.config.dim), np.float32)]
         for start in range(0, len(texts), step):  # a stop check between batches keeps shutdown prompt
             self._check_writes_allowed()
@@ -1012,6 +1012,11 @@ class MemoryStore:
         ends): an ingest or delete still running raises Unavailable at its next check (between
         embedding batches, right before the commit, inside a long delete), having stored nothing."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether stop_writes() was called: derived work (KV memory builds) stops early too."""
+        return self._stopping.is_set()
 
     def _check_writes_allowed(self) -> None:
         if self._stopping.is_set():

@@ -194,6 +194,61 @@ def test_sigterm_during_long_delete_acknowledges_what_is_deleted(tmp_path, bundl
         assert server.terminate() == 0
 
 
+def test_sigterm_during_a_kv_memory_build_stops_it_and_the_next_start_finishes_it(tmp_path, bundled_model_dir):
+    """An Ingest into a kv_memory collection is acknowledged after its KV memory is built, which can
+    take far longer than the grace period: at SIGTERM the build stops at its next segment (derived
+    data), the committed call is answered, the process is gone within grace + the stated bound, and
+    the next start builds the rest (the knn answer reads the pass key from the first document)."""
+    from test_knn_service import FILLER, QUESTION, haystack  # tests/services is on sys.path
+
+    grace = 6.0
+    env = {"MEMLM_SERVER__GRACE_SECONDS": str(grace), "MEMLM_KNN__BUILD_BATCH_TOKENS": "1024"}
+    docs = [{"id": "vault", "text": haystack("48213")}] + [
+        {"id": f"filler{i}", "text": f"Part {i}. " + FILLER * 24} for i in range(11)
+    ]  # ~12k tokens: a KV build of 15 s or more on 2 cores
+    server = ServerProcess(tmp_path / "d", env=env)
+    outcome: dict = {}
+    try:
+        with memlm.Client(server.address, timeout=300) as client:
+            client.create_collection("kv", kv_memory=True, chunk_tokens=512)  # few chunks: embedding is quick
+            client.ingest([{"id": "warm-up", "text": "Loads the embedder and the KV path."}], collection="kv")
+
+            def ingest():
+                try:
+                    outcome["report"] = client.ingest(docs, collection="kv", batch_size=len(docs))
+                except memlm.errors.MemlmError as exc:
+                    outcome["error"] = exc
+
+            t = threading.Thread(target=ingest)
+            t.start()
+            time.sleep(0.5)
+            sent_at = time.monotonic()
+            server.proc.send_signal(subprocess.signal.SIGTERM)
+            code = server.proc.wait(120)
+            took = time.monotonic() - sent_at
+            t.join(30)
+    finally:
+        server.kill()
+    assert code == 0, server.output
+    assert took < grace + 5 + 3, f"exited {took:.1f} s after SIGTERM with grace {grace} s:\n{server.output[-3000:]}"
+    if "error" in outcome:  # the grace period ended while it embedded: nothing stored
+        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
+        assert "nothing from this call was stored" in str(outcome["error"])
+        expected = 0
+    else:
+        assert outcome["report"].created == len(docs)
+        expected = len(docs)
+    server = ServerProcess(tmp_path / "d", env=env)
+    try:
+        with memlm.Client(server.address, timeout=300) as client:
+            assert client.describe_collection("kv").documents == 1 + expected
+            if expected:
+                stream = client.generate(QUESTION, collection="kv", memory="knn", max_new_tokens=8)
+                assert "48213" in "".join(stream), server.output[-3000:]
+    finally:
+        assert server.terminate() == 0
+
+
 def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, bundled_model_dir):
     first = ServerProcess(tmp_path / "a")
     try:
