@@ -27,6 +27,7 @@ from typing import Optional
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from prometheus_client import REGISTRY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -36,7 +37,7 @@ from memlm.engine import EngineClient
 from memlm.errors import FailedPrecondition
 from memlm.services.auth import ApiKeyInterceptor
 from memlm.services.interceptors import CallGuard
-from memlm.services.metrics import start_metrics_server
+from memlm.services.metrics import StoreCollector, start_metrics_server
 from memlm.services.generation_servicer import GenerationServicer, model_info_to_pb
 from memlm.services.memory_servicer import MemoryServicer
 from memlm.v1 import memlm_pb2 as pb
@@ -74,6 +75,7 @@ class RunningServer:
     guard: CallGuard
     store: object
     metrics: Optional[WSGIServer] = None
+    collector: Optional[StoreCollector] = None
 
     async def stop(self, grace: Optional[float]) -> None:
         """Drain, then stop. Health answers NOT_SERVING throughout the drain and other new calls
@@ -99,6 +101,8 @@ class RunningServer:
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.shutdown)
             self.metrics.server_close()
+        if self.collector is not None:
+            REGISTRY.unregister(self.collector)
 
 
 def _tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -197,12 +201,16 @@ async def start_server(listener: Listener, settings: Settings, store, engine: En
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    collector = None
+    if listener.metrics is not None:
+        collector = StoreCollector(store, listener.guard)
+        REGISTRY.register(collector)
     await server.start()
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server=server, health=health_servicer, port=listener.port, executor=executor, guard=listener.guard,
-        store=store, metrics=listener.metrics,
+        store=store, metrics=listener.metrics, collector=collector,
     )
 
 
