@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -243,6 +243,14 @@ class LmdbStore:
                 ) from None
         self._dbs[config.name] = dbs
 
+    def set_index_factory(self, name: str, factory: str) -> CollectionConfig:  # WRITE
+        """Record a new index factory for the collection (its counters and data unchanged)."""
+        with self.env.begin(write=True) as txn:
+            rec = self.record(name, txn)
+            rec.config = replace(rec.config, index_factory=factory)
+            txn.put(name.encode(), rec.encode(), db=self._collections)
+        return rec.config
+
     def drop_collection(self, name: str) -> None:  # WRITE
         """Durable: the record and all four DBs go in one transaction. The caller holds the
         collection's lock so no other thread uses the handles being deleted."""
@@ -261,6 +269,15 @@ class LmdbStore:
         """Store documents, replacing earlier versions of the same ids, in ONE transaction with one
         oplog entry. Durable when it returns; nothing of it exists if it raises."""
         dbs = self.dbs(name)
+        try:
+            return self._write_ingest(name, dbs, prepared, now)
+        except lmdb.MapFullError:  # the transaction aborted: nothing of it is stored
+            raise ResourceExhausted(
+                f"the store's LMDB map ({self.env.info()['map_size'] / 2**30:.1f} GiB, store.map_size_gib) is full; "
+                "nothing from this call was stored: raise store.map_size_gib and restart, or delete documents"
+            ) from None
+
+    def _write_ingest(self, name: str, dbs: _Dbs, prepared: Sequence[PreparedDocument], now: float) -> Commit:
         with self.env.begin(write=True) as txn:
             rec = self.record(name, txn)
             commit = Commit(seq=rec.next_op_seq)

@@ -37,9 +37,10 @@ from prometheus_client import Histogram
 from memlm.config import StoreSettings
 from memlm.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, MemlmError, NotFound, ResourceExhausted, Unavailable,
-    quoted, quoted_items,
+    bounded, quoted, quoted_items,
 )
 from memlm.index.chunking import Chunker
+from memlm.index.factory_check import check_factory, factory_problem
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
 from memlm.index.filters import MetadataIndex, parse_filter
 from memlm.index.fusion import fuse, fusion_depth
@@ -76,13 +77,16 @@ SEARCH_MODES = ("dense", "lexical", "hybrid")
 @dataclass
 class _Collection:
     config: CollectionConfig
-    index: VectorIndex
+    index: Optional[VectorIndex]  # None while `problem` is set
     metadata: MetadataIndex
     lexical: LexicalIndex
     lock: ReadWriteLock  # exclusive: writers, describe, drop; shared: searches
     applied_seq: int  # last oplog seq reflected in `index`
     snapshot_seq: int  # last oplog seq in the newest index file on disk (0: none)
     dropped: bool = False
+    # Why the derived indexes cannot serve (None: they can). Searches and writes then answer
+    # FAILED_PRECONDITION with it; Get, Describe, Drop and Reindex still work (LMDB holds the data).
+    problem: Optional[str] = None
 
 
 def _check_name(name: Any) -> str:
@@ -158,6 +162,10 @@ def _pad(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tup
 
 
 SHUTTING_DOWN = "server is shutting down; nothing from this call was stored"
+_REMEDY = (
+    "its documents are kept and Get still reads them; Reindex it (memlm reindex NAME --index-factory F) "
+    "to rebuild its index from them, or drop it"
+)
 
 
 class MemoryStore:
@@ -185,7 +193,7 @@ class MemoryStore:
         self._write_listeners: list[Callable[[str], None]] = []
         try:
             for name, rec in self._lmdb.records().items():
-                self._collections[name] = self._recover(rec.config, last_seq=rec.next_op_seq - 1)
+                self._collections[name] = self._open_collection(rec.config, last_seq=rec.next_op_seq - 1)
         except BaseException:
             self._lmdb.close()
             raise
@@ -232,7 +240,7 @@ class MemoryStore:
 
     def collection_dir(self, name: str) -> Path:
         """The folder of a collection's derived files (index snapshots, KV memory); dropped with it."""
-        self._collection(name)
+        self._collection(name, usable=False)
         return self._dir(name)
 
     def _fetch(self, name: str, dim: int):
@@ -261,6 +269,26 @@ class MemoryStore:
             index.add(found, vecs)
         return index
 
+    def _open_collection(self, config: CollectionConfig, last_seq: int) -> _Collection:
+        """Recover one collection at open. Whatever its derived data does, the store opens: a
+        factory the store cannot serve (checked in a child process before FAISS touches it here,
+        for data dirs written before that check existed) or a recovery that fails leaves this
+        collection unavailable, with the reason, and the others serving."""
+        problem = factory_problem(config.dim, config.index_factory)
+        if problem is not None:
+            problem = f"its index factory {config.index_factory!r} cannot be served: {problem}"
+        else:
+            try:
+                return self._recover(config, last_seq)
+            except Exception as e:  # noqa: BLE001 - one collection's derived data must not stop the store
+                log.exception("collection %r: recovering its indexes failed", config.name)
+                problem = f"recovering its indexes failed: {type(e).__name__}: {bounded(str(e), 300)}"
+        log.error("collection %r is unavailable: %s (%s)", config.name, problem, _REMEDY)
+        return _Collection(
+            config, None, MetadataIndex(), LexicalIndex(), threading.RLock(),
+            applied_seq=last_seq, snapshot_seq=0, problem=problem,
+        )
+
     def _recover(self, config: CollectionConfig, last_seq: int) -> _Collection:
         """Load the newest loadable index file, replay the oplog after it, check against LMDB, and
         rebuild from the stored vectors whenever that does not give exactly LMDB's chunks."""
@@ -280,9 +308,12 @@ class MemoryStore:
                 continue
             try:
                 index = VectorIndex.load(path, self._fetch(name, config.dim))
+                if index.factory != config.index_factory:  # left by a reindex cut short
+                    raise IndexFileError(f"it holds a {index.factory!r} index, the collection uses {config.index_factory!r}")
                 snapshot_seq = seq
                 break
             except (IndexFileError, RuntimeError) as e:
+                index = None
                 log.warning("collection %r: cannot load %s (%s); trying an older one", name, path, e)
         if index is not None:
             index.exact_filter_below = self.settings.exact_filter_below
@@ -318,20 +349,23 @@ class MemoryStore:
             index = self._rebuild(config)
             how = "rebuilt from stored vectors"
             snapshot_seq = -1  # force a snapshot below
-        metadata = MetadataIndex()
-        docs = 0
-        for _doc_id, header in self._lmdb.iter_doc_headers(name):
-            metadata.add(header.chunk_ids, header.metadata)
-            docs += 1
+        metadata = self._load_metadata(name)
         lexical = self._load_lexical(name)
         assert index.ntotal == len(stored) == len(metadata) == len(lexical), "indexes and LMDB disagree after recovery"
-        log.info("collection %r: %s; %d documents, %d chunks, %d vectors", name, how, docs, len(stored), index.ntotal)
+        log.info("collection %r: %s; %d chunks, %d vectors", name, how, len(stored), index.ntotal)
         col = _Collection(
             config, index, metadata, lexical, ReadWriteLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
         )
         if snapshot_seq < 0:
             self._snapshot_locked(col)
         return col
+
+    def _load_metadata(self, name: str) -> MetadataIndex:
+        """The collection's metadata index, filled from its stored document headers."""
+        metadata = MetadataIndex()
+        for _doc_id, header in self._lmdb.iter_doc_headers(name):
+            metadata.add(header.chunk_ids, header.metadata)
+        return metadata
 
     def _load_lexical(self, name: str) -> LexicalIndex:
         """The collection's BM25 index, filled from its stored chunk texts."""
@@ -349,13 +383,22 @@ class MemoryStore:
 
     # ---------------------------------------------------------------- collections
 
-    def _collection(self, name: str) -> _Collection:
+    def _collection(self, name: str, *, usable: bool = True) -> _Collection:
+        """The named collection; NotFound if there is none, FailedPrecondition if `usable` and its
+        indexes cannot serve (usable=False: for what reads LMDB only)."""
         if self._closed:
             raise FailedPrecondition(f"the memory store at {self.data_dir} is closed")
         col = self._collections.get(name) if isinstance(name, str) else None
         if col is None:
             raise NotFound(f"collection {quoted(name)} does not exist")
+        if usable:
+            self._check_usable(col)
         return col
+
+    @staticmethod
+    def _check_usable(col: _Collection) -> None:
+        if col.problem is not None:
+            raise FailedPrecondition(f"collection {col.config.name!r} is unavailable: {col.problem}; {_REMEDY}")
 
     def create_collection(
         self,
@@ -372,20 +415,16 @@ class MemoryStore:
         config, _ = self._create(name, False, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
         return config
 
-    def ensure_collection(
-        self,
-        name: str,
-        *,
-        index_factory: Optional[str] = None,
-        chunk_tokens: Optional[int] = None,
-        chunk_overlap: Optional[int] = None,
-        embedding_model: Optional[str] = None,
-        kv_memory: Optional[bool] = None,
-    ) -> tuple[CollectionConfig, bool]:
+    def ensure_collection(self, name: str, **settings: Any) -> tuple[CollectionConfig, bool]:
         """(config, created): create the collection unless it exists (so start-up scripts can be
-        re-run). An existing one must agree with every setting given (not None), else
-        AlreadyExists names the ones that differ."""
-        return self._create(name, True, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
+        re-run); `settings` are create_collection's. An existing one must agree with every
+        setting given (not None), else AlreadyExists names the ones that differ."""
+        unknown = set(settings) - {"index_factory", "chunk_tokens", "chunk_overlap", "embedding_model", "kv_memory"}
+        if unknown:
+            raise TypeError(f"ensure_collection() got unexpected settings {sorted(unknown)}")
+        get = settings.get
+        return self._create(name, True, get("index_factory"), get("chunk_tokens"), get("chunk_overlap"),
+                            get("embedding_model"), get("kv_memory"))
 
     def _create(
         self,
@@ -422,7 +461,7 @@ class MemoryStore:
             dim = self._embedder.dim
         else:
             dim = embedder_dim(embedding_model)  # InvalidArgument naming the known models
-        VectorIndex(dim, factory)  # InvalidArgument naming a bad factory string
+        check_factory(dim, factory, self.settings)  # InvalidArgument naming a string the store cannot serve
         config = CollectionConfig(
             name=name,
             embedding_model=embedding_model,
@@ -463,12 +502,36 @@ class MemoryStore:
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
         return config, True
 
+    def reindex(self, name: str, index_factory: Optional[str] = None) -> CollectionConfig:
+        """Rebuild a collection's indexes from LMDB with `index_factory` (None: the one it has):
+        the repair for an unavailable collection, and the way to change a collection's index type
+        (e.g. Flat to HNSW32 as it grows). Durable when it returns; searches and writes of the
+        collection wait while it builds. InvalidArgument for a factory the store cannot serve."""
+        col = self._collection(name, usable=False)
+        factory = col.config.index_factory if index_factory is None else index_factory
+        check_factory(col.config.dim, factory, self.settings)
+        with col.lock:
+            if col.dropped:
+                raise NotFound(f"collection {name!r} does not exist")
+            self._check_writes_allowed()
+            config = replace(col.config, index_factory=factory)
+            index = self._rebuild(config)  # first: a failure here leaves the collection as it was
+            metadata, lexical = self._load_metadata(name), self._load_lexical(name)
+            folder = self._dir(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lmdb.set_index_factory(name, factory)  # recovery ignores files of another factory
+            col.config, col.index, col.metadata, col.lexical, col.problem = config, index, metadata, lexical, None
+            col.applied_seq, col.snapshot_seq = self._lmdb.record(name).next_op_seq - 1, -1
+            self._snapshot_locked(col)  # also removes the old factory's files
+        log.info("collection %r: reindexed as %s (%d vectors)", name, factory, index.ntotal)
+        return config
+
     def list_collections(self) -> list[CollectionConfig]:
         return [c.config for _, c in sorted(self._collections.items())]
 
     def collection_config(self, name: str) -> CollectionConfig:
         """A collection's settings (NotFound if it does not exist); cheaper than `describe`."""
-        return self._collection(name).config
+        return self._collection(name, usable=False).config
 
     @property
     def tokenizer_name(self) -> str:
@@ -485,7 +548,7 @@ class MemoryStore:
         self._write_listeners.append(listener)
 
     def _notify_write(self, col: _Collection) -> None:
-        if not col.config.kv_memory:
+        if not col.config.kv_memory or self.stopping:  # stopping: the next start brings KV memory in step
             return
         for listener in self._write_listeners:
             try:
@@ -494,7 +557,7 @@ class MemoryStore:
                 log.exception("collection %r: a write listener failed after a committed write", col.config.name)
 
     def describe(self, name: str) -> CollectionStats:
-        col = self._collection(name)
+        col = self._collection(name, usable=False)
         with col.lock:
             docs, chunks, lmdb_bytes = self._lmdb.counts(name)
             files = sum(p.stat().st_size for p in self._dir(name).glob("*") if p.is_file())
@@ -502,10 +565,11 @@ class MemoryStore:
                 config=col.config,
                 documents=docs,
                 chunks=chunks,
-                index_vectors=col.index.ntotal,
-                index_trained=col.index.is_trained,
+                index_vectors=col.index.ntotal if col.index is not None else 0,
+                index_trained=col.index.is_trained if col.index is not None else False,
                 pending_ops=col.applied_seq - max(col.snapshot_seq, 0),
                 disk_bytes=lmdb_bytes + files,
+                problem=col.problem,
             )
 
     stats = describe
@@ -513,7 +577,7 @@ class MemoryStore:
     def drop(self, name: str) -> None:
         """Delete a collection: its LMDB databases (one durable transaction), then its index files."""
         with self._global:
-            col = self._collection(name)
+            col = self._collection(name, usable=False)
             with col.lock:
                 self._lmdb.drop_collection(name)
                 col.dropped = True
@@ -582,7 +646,7 @@ class MemoryStore:
         chunk_lists = [chunker.chunk(docs[i].text) for i in valid]
         texts = [c.text for cl in chunk_lists for c in cl]
         t1 = time.perf_counter()
-        embedder, step = self._embedder_for(col.config), 2 * self.settings.embed_batch_size
+        embedder, step = self._embedder_for(col.config), self.settings.embed_batch_size
         parts = [np.zeros((0, col.config.dim), np.float32)]
         for start in range(0, len(texts), step):  # a stop check between batches keeps shutdown prompt
             self._check_writes_allowed()
@@ -601,12 +665,12 @@ class MemoryStore:
             with col.lock:
                 if col.dropped:
                     raise NotFound(f"collection {name!r} does not exist")
+                self._check_usable(col)  # a failure since this call began
                 t0 = time.perf_counter()
                 self._check_writes_allowed()
                 commit = self._lmdb.write_ingest(name, prepared, time.time())  # durable from here
                 t1 = time.perf_counter()
-                self._apply(col, commit, prepared)
-                self._maybe_snapshot(col)
+                self._after_commit(col, commit, prepared)
                 INGEST_STAGE_SECONDS.labels("store").observe(t1 - t0)
                 INGEST_STAGE_SECONDS.labels("index").observe(time.perf_counter() - t1)
             self._notify_write(col)
@@ -638,6 +702,38 @@ class MemoryStore:
                 else:
                     todo.append(i)
         return todo
+
+    def _after_commit(self, col: _Collection, commit: Commit, prepared: Sequence[PreparedDocument] = ()) -> None:
+        """The derived half of a write whose LMDB commit succeeded (caller holds col.lock). The
+        commit is the acknowledgement, so nothing here turns the write into an error: a failure
+        mirroring it is logged and the collection's indexes are recovered from LMDB (index file +
+        oplog, else a rebuild); only if that fails too is the collection marked unavailable. A
+        failed snapshot is logged and retried at the next write: the oplog still holds its entries."""
+        try:
+            self._apply(col, commit, prepared)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("collection %r: mirroring committed write %d in the indexes failed; recovering them from LMDB",
+                          col.config.name, commit.seq)
+            self._rederive(col)
+            return
+        try:
+            self._maybe_snapshot(col)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("collection %r: writing an index snapshot failed; the oplog keeps the entries", col.config.name)
+
+    def _rederive(self, col: _Collection) -> None:
+        """Replace a collection's derived indexes by ones recovered from LMDB (caller holds col.lock)."""
+        name = col.config.name
+        try:
+            fresh = self._recover(col.config, last_seq=self._lmdb.record(name).next_op_seq - 1)
+        except Exception as e:  # noqa: BLE001 - LMDB keeps the data; a restart or Reindex retries
+            log.exception("collection %r: recovering its indexes failed", name)
+            col.index, col.metadata, col.lexical = None, MetadataIndex(), LexicalIndex()
+            col.problem = f"recovering its indexes after a failed update failed: {type(e).__name__}: {bounded(str(e), 300)}"
+            log.error("collection %r is unavailable: %s (%s)", name, col.problem, _REMEDY)
+            return
+        col.index, col.metadata, col.lexical = fresh.index, fresh.metadata, fresh.lexical
+        col.applied_seq, col.snapshot_seq, col.problem = fresh.applied_seq, fresh.snapshot_seq, None
 
     def _apply(self, col: _Collection, commit: Commit, prepared: Sequence[PreparedDocument] = ()) -> None:
         """Mirror a committed LMDB transaction in the in-memory indexes (caller holds col.lock).
@@ -738,6 +834,7 @@ class MemoryStore:
         with col.lock.shared():  # searches run side by side; a writer waits for them, they for it
             if col.dropped:
                 raise NotFound(f"collection {collection!r} does not exist")
+            self._check_usable(col)
             allowed = col.metadata.select(f) if f is not None else None
             if allowed is not None and len(allowed) == 0:
                 return [[] for _ in range(nq)]
@@ -844,7 +941,7 @@ class MemoryStore:
 
     def get(self, name: str, ids: Sequence[str]) -> list[StoredDocument]:
         """The stored documents, in the order asked. Raises NotFound naming every missing id."""
-        self._collection(name)
+        self._collection(name, usable=False)
         ids = self._check_ids(ids, "get")
         found: list[StoredDocument] = []
         missing: list[str] = []
@@ -879,7 +976,7 @@ class MemoryStore:
     def read_chunks(self, name: str, chunk_ids: Sequence[int]) -> list[ChunkRecord]:
         """Stored chunks (document id, index in the document, text, token ids), in the order asked,
         read in one LMDB snapshot. Raises NotFound naming the first missing chunk."""
-        self._collection(name)
+        self._collection(name, usable=False)
         out = []
         with self._lmdb.begin() as txn:
             for cid in chunk_ids:
@@ -892,7 +989,7 @@ class MemoryStore:
     def following_chunks(self, name: str, chunk_id: int, n: int) -> list[int]:
         """The ids of the (up to) n chunks after `chunk_id` in its document, in order; [] for an
         unknown chunk (deleted since it was found)."""
-        self._collection(name)
+        self._collection(name, usable=False)
         with self._lmdb.begin() as txn:
             rec = self._lmdb.read_chunk(name, int(chunk_id), txn)
             header = self._lmdb.read_doc_header(name, rec.doc_id, txn) if rec is not None else None
@@ -902,7 +999,7 @@ class MemoryStore:
 
     def chunk_ids(self, name: str) -> np.ndarray:
         """Every stored chunk id of a collection, ascending (int64): what derived data must hold."""
-        self._collection(name)
+        self._collection(name, usable=False)
         return self._lmdb.chunk_ids(name)
 
     # ---------------------------------------------------------------- delete
@@ -915,12 +1012,12 @@ class MemoryStore:
         with col.lock:
             if col.dropped:
                 raise NotFound(f"collection {name!r} does not exist")
+            self._check_usable(col)
             self._check_writes_allowed()
             commit = self._lmdb.write_delete(name, list(ids), should_stop=self._stopping.is_set)  # durable from here
             if not commit.removed:
                 return []
-            self._apply(col, commit)
-            self._maybe_snapshot(col)
+            self._after_commit(col, commit)
         self._notify_write(col)
         return [doc_id for doc_id, _ in commit.removed]
 
@@ -931,6 +1028,11 @@ class MemoryStore:
         ends): an ingest or delete still running raises Unavailable at its next check (between
         embedding batches, right before the commit, inside a long delete), having stored nothing."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether stop_writes() was called: derived work (KV memory builds) stops early too."""
+        return self._stopping.is_set()
 
     def _check_writes_allowed(self) -> None:
         if self._stopping.is_set():
@@ -963,9 +1065,9 @@ class MemoryStore:
         """Write index files for one collection (or all) and truncate their oplogs."""
         names = [name] if name is not None else list(self._collections)
         for n in names:
-            col = self._collection(n)
+            col = self._collection(n, usable=False)
             with col.lock:
-                if not col.dropped:
+                if not col.dropped and col.problem is None:
                     self._snapshot_locked(col)
 
     def close(self) -> None:

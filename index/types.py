@@ -6,7 +6,7 @@ engine, the servicers and the tests share one vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 # A metadata value is a JSON scalar or a list of JSON scalars (a document's tags, say).
 Scalar = Union[str, int, float, bool]
@@ -46,6 +46,7 @@ class CollectionStats:
     index_trained: bool
     pending_ops: int  # index operations logged in LMDB but not yet in the index snapshot on disk
     disk_bytes: int  # LMDB share is approximate: LMDB is one file for all collections
+    problem: Optional[str] = None  # why the collection cannot serve searches and writes; None: it can
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,19 @@ def _make_faiss_index(dim: int, factory: str) -> faiss.Index:
         ) from None
 
 
+def _no_polysemous_training(index: faiss.Index) -> None:
+    """Turn off polysemous training, which index_factory switches on for every "PQ<m>" (IndexPQ,
+    IndexIVFPQ): it reorders the PQ centroids for Hamming-distance filtering that the store never
+    searches with, and costs ~55 s of annealing per training on one core (512 vectors of dim 384;
+    the codebook k-means itself takes 0.05 s)."""
+    part = faiss.downcast_index(index)
+    while part is not None:
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+        inner = getattr(part, "index", None) or getattr(part, "base_index", None)  # IDMap, PreTransform, Refine
+        part = faiss.downcast_index(inner) if inner is not None else None
+
+
 def _ivf_of(index: faiss.Index) -> Optional[faiss.IndexIVF]:
     try:
         return faiss.extract_index_ivf(index)
@@ -102,7 +115,10 @@ class VectorIndex:
         rebuild_fraction: float = 0.2,
         nprobe: Optional[int] = None,
         ef_search: int = 64,
+        min_train: Optional[int] = None,
     ) -> None:
+        """`min_train`: vectors staged before an index that needs training is trained; None =
+        FAISS's 39 per centroid (see the module docstring). The factory check trains on fewer."""
         if not isinstance(dim, int) or dim <= 0:
             raise InvalidArgument(f"vector dim must be a positive integer, got {dim!r}")
         self.dim = dim
@@ -119,7 +135,7 @@ class VectorIndex:
         self._nlist = ivf.nlist if ivf is not None else 0
         self.nprobe = nprobe if nprobe is not None else (min(self._nlist, max(8, self._nlist // 8)) if ivf else 0)
         self._staging: Optional[faiss.Index] = None if self._main.is_trained else self._new_staging()
-        self._min_train = self._training_size()
+        self._min_train = self._training_size() if min_train is None or self._main.is_trained else min_train
         self._supports_remove = True  # learnt on first failure (HNSW, NSG raise)
         self._supports_selector = True  # learnt on first failure (flat PQ raises)
 
@@ -127,6 +143,7 @@ class VectorIndex:
 
     def _new_main(self) -> faiss.Index:
         index = _make_faiss_index(self.dim, self.factory)
+        _no_polysemous_training(index)
         if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) or _ivf_of(index) is not None:
             return index
         return faiss.IndexIDMap2(index)

@@ -478,6 +478,9 @@ def stats(
             str(c.pending_ops), f"{c.disk_bytes / 1e6:.1f}",
         )
     out.print(table)
+    for c in reply.collections:
+        if c.problem:
+            out.print(f"'{c.config.name}' is unavailable: {c.problem}", style="red", highlight=False)
     out.print(f"memlm {reply.version}, model {reply.model.name}, up {reply.uptime_s:.0f} s", highlight=False)
 
 
@@ -518,6 +521,24 @@ def drop(
         _print_json({"dropped": collection})
         return
     out.print(f"dropped '{collection}'")
+
+
+@app.command()
+def reindex(
+    collection: str = typer.Argument(...),
+    index_factory: str = typer.Option("", "--index-factory", help="a FAISS factory string; default: the collection's own"),
+    as_json: bool = JsonOpt,
+    address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Rebuild a collection's index from its stored vectors (repairs an unavailable collection;
+    with --index-factory, changes its index type)."""
+    with _connected(address, api_key, timeout, tls_ca) as client:
+        c = client.reindex_collection(collection, index_factory)
+    if as_json:
+        _print_json(c)
+        return
+    out.print(f"reindexed '{c.name}': {c.index_factory}")
 
 
 @app.command()

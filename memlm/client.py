@@ -273,6 +273,14 @@ class Client:
     def drop_collection(self, name: str, *, timeout: Optional[float] = None) -> None:
         self._call(self._memory.DropCollection, pb.DropCollectionRequest(collection=name), timeout)
 
+    def reindex_collection(
+        self, name: str, index_factory: str = "", *, timeout: Optional[float] = None
+    ) -> CollectionConfig:
+        """Rebuild the collection's index from its stored vectors, with `index_factory` ("" keeps
+        its own): repairs an unavailable collection (`describe_collection(name).problem`)."""
+        request = pb.ReindexCollectionRequest(collection=name, index_factory=index_factory)
+        return wire.config_from_pb(self._call(self._memory.ReindexCollection, request, timeout).config)
+
     def stats(self, collection: str = "", *, timeout: Optional[float] = None) -> pb.StatsResponse:
         return self._call(self._memory.Stats, pb.StatsRequest(collection=collection), timeout)
 

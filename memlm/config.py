@@ -59,6 +59,14 @@ class StoreSettings(BaseModel):
     max_filter_conditions: int = Field(64, gt=0, description="conditions one filter may hold (must + should + must_not)")
     max_filter_values: int = Field(1024, gt=0, description="values one filter may test (each equals 1, each any_of its length)")
     max_ids_per_call: int = Field(1000, gt=0, description="document ids one Get or Delete may name")
+    max_ivf_lists: int = Field(
+        65536, gt=0, description="inverted lists an index factory may ask for (IVF<n>; IMI2x<b> counts 2^(2b)): "
+        "FAISS allocates them at creation, ~150 bytes each before any vector (IVF4000000 ~610 MB)",
+    )
+    max_graph_degree: int = Field(256, gt=0, description="neighbours per vector an index factory may ask for (HNSW<M>, NSG<R>)")
+    max_pq_bits: int = Field(
+        10, gt=0, description="bits per code of a PQ-like encoder (PQ<m>x<bits>, RQ, LSQ): training needs ~39 x 2^bits vectors",
+    )
     search_mode: Literal["dense", "lexical", "hybrid"] = Field(
         "hybrid", description="how a text search ranks chunks when the request does not say, and how rag and "
         "chunk-gated knn find theirs: dense (embeddings), lexical (BM25) or hybrid (both, fused by `fusion`)",

@@ -131,7 +131,7 @@ class KVMemories:
         if len(missing):
             added, built = self._build(name, mem, missing, config.chunk_overlap)
         compacted = False
-        if len(mem.manifest.segments) > self.settings.max_segments:
+        if len(mem.manifest.segments) > self.settings.max_segments and not getattr(self.store, "stopping", False):
             mem.compact()
             compacted = True
         report = SyncReport(added, built, len(extra), compacted, time.perf_counter() - t0)
@@ -156,6 +156,9 @@ class KVMemories:
                 batch.append((toks, cid, d))
                 size += len(toks)
             if size >= self.settings.build_batch_tokens or d == len(docs) - 1:  # whole documents per segment
+                if getattr(self.store, "stopping", False):  # shutting down: the next start builds the rest
+                    log.info("collection %r: KV memory build stopped for shutdown; it resumes at the next start", name)
+                    break
                 toks, cids, doc_numbers = zip(*batch)
                 added += mem.build(self.model, list(toks), list(cids), documents=list(doc_numbers))
                 batch, size = [], 0

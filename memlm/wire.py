@@ -186,14 +186,14 @@ def config_from_pb(m: pb.CollectionConfig) -> CollectionConfig:
 def stats_to_pb(s: CollectionStats) -> pb.CollectionInfo:
     return pb.CollectionInfo(
         config=config_to_pb(s.config), documents=s.documents, chunks=s.chunks, index_vectors=s.index_vectors,
-        index_trained=s.index_trained, pending_ops=s.pending_ops, disk_bytes=s.disk_bytes,
+        index_trained=s.index_trained, pending_ops=s.pending_ops, disk_bytes=s.disk_bytes, problem=s.problem or "",
     )
 
 
 def stats_from_pb(m: pb.CollectionInfo) -> CollectionStats:
     return CollectionStats(
         config=config_from_pb(m.config), documents=m.documents, chunks=m.chunks, index_vectors=m.index_vectors,
-        index_trained=m.index_trained, pending_ops=m.pending_ops, disk_bytes=m.disk_bytes,
+        index_trained=m.index_trained, pending_ops=m.pending_ops, disk_bytes=m.disk_bytes, problem=m.problem or None,
     )
 
 

@@ -8,7 +8,8 @@ limit, truncated bytes) answers INVALID_ARGUMENT with protobuf's reason and logs
 
 Draining: after `begin_drain()` new calls answer UNAVAILABLE, except health checks, which keep
 answering (NOT_SERVING) until the server stops, so load balancers see the drain. Calls admitted
-before are counted; `wait_idle` waits for them to end.
+before are counted; `wait_idle` waits for them to end, `wait_store_idle` for the Memory service's
+(store) calls among them, which end by themselves once the store stops writes.
 """
 from __future__ import annotations
 
@@ -23,7 +24,16 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger(__name__)
 
 _ALWAYS_OPEN = ("/grpc.health.v1.Health/",)  # answered during the drain too
+_STORE_CALLS = "/memlm.v1.Memory/"
 DRAINING_MESSAGE = "server is shutting down: not accepting new calls; retry on another replica or after restart"
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -32,6 +42,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._store_in_flight = 0
+        self._store_idle = asyncio.Event()
+        self._store_idle.set()
 
     # ---------------------------------------------------------------- draining
 
@@ -43,22 +56,34 @@ class CallGuard(grpc.aio.ServerInterceptor):
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def store_in_flight(self) -> int:
+        return self._store_in_flight
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to `timeout` s for the admitted calls to end; True when none is left."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        return await _wait(self._idle, timeout)
 
-    def _enter(self) -> None:
+    async def wait_store_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the admitted Memory-service calls to end."""
+        return await _wait(self._store_idle, timeout)
+
+    def _enter(self, store: bool) -> None:
         self._in_flight += 1
         self._idle.clear()
+        if store:
+            self._store_in_flight += 1
+            self._store_idle.clear()
 
-    def _exit(self) -> None:
+    def _exit(self, store: bool) -> None:
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()
+        if store:
+            self._store_in_flight -= 1
+            if self._store_in_flight == 0:
+                self._store_idle.set()
+
 
     # ---------------------------------------------------------------- the interceptor
 
@@ -91,6 +116,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, guard: Optional[CallGu
     """A handler of the same kind as `handler` that takes raw bytes, decodes them itself, refuses
     calls during the drain (when `guard` counts this method) and counts the calls it runs."""
     deserialize = handler.request_deserializer
+    store = method.startswith(_STORE_CALLS)
 
     def decoded_stream(raw_iterator: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
         async def messages():
@@ -115,26 +141,26 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, guard: Optional[CallGu
             async def run_stream(request, context):
                 request = await prepare(request, context)
                 if guard is not None:
-                    guard._enter()
+                    guard._enter(store)
                 try:
                     async for item in behavior(request, context):
                         yield item
                 finally:
                     if guard is not None:
-                        guard._exit()
+                        guard._exit(store)
 
             return run_stream
 
         async def run(request, context):
             request = await prepare(request, context)
             if guard is not None:
-                guard._enter()
+                guard._enter(store)
             try:
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             finally:
                 if guard is not None:
-                    guard._exit()
+                    guard._exit(store)
 
         return run
 

@@ -55,6 +55,11 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         return pb.DropCollectionResponse()
 
     @unary
+    async def ReindexCollection(self, request: pb.ReindexCollectionRequest, context) -> pb.ReindexCollectionResponse:
+        config = await self._run(self._store.reindex, request.collection, request.index_factory or None)
+        return pb.ReindexCollectionResponse(config=wire.config_to_pb(config))
+
+    @unary
     async def Ingest(self, request_iterator: AsyncIterator[pb.IngestRequest], context) -> pb.IngestResponse:
         started = time.perf_counter()
         collection, skip_invalid, docs, total_bytes = "", False, [], 0

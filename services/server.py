@@ -5,7 +5,8 @@ TLS pair fails here, in a second), open the store (recovering the indexes from L
 crashed), load the model, start, report SERVING. On SIGTERM or SIGINT: health goes NOT_SERVING
 (and keeps answering), new calls are refused UNAVAILABLE, in-flight calls get `grace_seconds` to
 finish; then the store refuses to commit, so an ingest or delete still running stops before its
-commit and is answered UNAVAILABLE "nothing from this call was stored"; then the engine stops and
+commit and is answered UNAVAILABLE "nothing from this call was stored", and one past its commit
+finishes its derived work (a KV memory build stops early) and is answered; then the engine stops and
 LMDB is closed cleanly (index snapshots written). A SIGTERM before the ready line (model loading)
 ends the process at once, which recovery at the next start handles like a crash.
 """
@@ -26,6 +27,7 @@ from typing import Optional
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from prometheus_client import REGISTRY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,7 +37,7 @@ from memlm.engine import EngineClient
 from memlm.errors import FailedPrecondition
 from memlm.services.auth import ApiKeyInterceptor
 from memlm.services.interceptors import CallGuard
-from memlm.services.metrics import start_metrics_server
+from memlm.services.metrics import StoreCollector, start_metrics_server
 from memlm.services.generation_servicer import GenerationServicer, model_info_to_pb
 from memlm.services.memory_servicer import MemoryServicer
 from memlm.v1 import memlm_pb2 as pb
@@ -46,7 +48,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Memory", "Generation"))
 
 
-STOP_BOUND_SECONDS = 5.0  # after the grace period: how long a store call may take to notice the stop
+STOP_BOUND_SECONDS = 5.0  # after the grace period: how long a store call may take to reach its next stop check
+# A store call still running this long after the stop is cancelled (its client then sees UNAVAILABLE
+# without knowing whether it committed): a hard cap for a stop check that never comes.
+STORE_CALL_CAP_SECONDS = 60.0
+RESPONSE_FLUSH_SECONDS = 0.5  # lets a response whose handler just returned reach the wire before the cancel
 
 
 @dataclass
@@ -69,24 +75,34 @@ class RunningServer:
     guard: CallGuard
     store: object
     metrics: Optional[WSGIServer] = None
+    collector: Optional[StoreCollector] = None
 
     async def stop(self, grace: Optional[float]) -> None:
         """Drain, then stop. Health answers NOT_SERVING throughout the drain and other new calls
         UNAVAILABLE; admitted calls get `grace` s. Then the store refuses to commit (a store call
-        still running raises Unavailable before its commit and its client is told so), and what is
-        left (generations) is cancelled. Gone within grace + STOP_BOUND_SECONDS + a commit."""
+        still running raises Unavailable before its commit and its client is told so; one past
+        its commit finishes and is answered), and what is left (generations) is cancelled. Gone
+        within grace + STOP_BOUND_SECONDS (to the next stop check: an embedding slice, a KV
+        memory segment, a commit) in practice, STORE_CALL_CAP_SECONDS at most."""
         self.guard.begin_drain()
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, Watch streams told
-        if not await self.guard.wait_idle(grace if grace is not None else float("inf")):
+        idle = await self.guard.wait_idle(grace if grace is not None else float("inf"))
+        if not idle:
             log.info("grace period over with %d call(s) in flight: stopping writes", self.guard.in_flight)
-            self.store.stop_writes()
-            await self.guard.wait_idle(STOP_BOUND_SECONDS)
-        await self.server.stop(0)
+        self.store.stop_writes()  # also when idle: background KV memory builds stop at their next segment
+        # Store calls end by themselves now: before their commit with nothing stored, or after it
+        # answered. Cancelling one would tell its client "failed" about a write that is stored.
+        if not idle and not await self.guard.wait_store_idle(STORE_CALL_CAP_SECONDS):
+            log.error("%d store call(s) still running %.0f s after the stop: cancelling them",
+                      self.guard.store_in_flight, STORE_CALL_CAP_SECONDS)
+        await self.server.stop(RESPONSE_FLUSH_SECONDS)  # what is left (generations) is cancelled
         await asyncio.to_thread(self.executor.shutdown, wait=True)  # store calls end at their next stop check
         log.info("all calls ended")
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.shutdown)
             self.metrics.server_close()
+        if self.collector is not None:
+            REGISTRY.unregister(self.collector)
 
 
 def _tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -185,12 +201,16 @@ async def start_server(listener: Listener, settings: Settings, store, engine: En
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    collector = None
+    if listener.metrics is not None:
+        collector = StoreCollector(store, listener.guard)
+        REGISTRY.register(collector)
     await server.start()
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server=server, health=health_servicer, port=listener.port, executor=executor, guard=listener.guard,
-        store=store, metrics=listener.metrics,
+        store=store, metrics=listener.metrics, collector=collector,
     )
 
 

@@ -87,7 +87,7 @@ class CollectionConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., dimension: _Optional[int] = ..., index_factory: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., tokenizer: _Optional[str] = ..., kv_memory: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("config", "documents", "chunks", "index_vectors", "index_trained", "pending_ops", "disk_bytes")
+    __slots__ = ("config", "documents", "chunks", "index_vectors", "index_trained", "pending_ops", "disk_bytes", "problem")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class CollectionInfo(_message.Message):
     INDEX_TRAINED_FIELD_NUMBER: _ClassVar[int]
     PENDING_OPS_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     config: CollectionConfig
     documents: int
     chunks: int
@@ -102,7 +103,8 @@ class CollectionInfo(_message.Message):
     index_trained: bool
     pending_ops: int
     disk_bytes: int
-    def __init__(self, config: _Optional[_Union[CollectionConfig, _Mapping]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., index_vectors: _Optional[int] = ..., index_trained: _Optional[bool] = ..., pending_ops: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
+    problem: str
+    def __init__(self, config: _Optional[_Union[CollectionConfig, _Mapping]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., index_vectors: _Optional[int] = ..., index_trained: _Optional[bool] = ..., pending_ops: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()
@@ -129,6 +131,20 @@ class DropCollectionRequest(_message.Message):
 class DropCollectionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReindexCollectionRequest(_message.Message):
+    __slots__ = ("collection", "index_factory")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FACTORY_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    index_factory: str
+    def __init__(self, collection: _Optional[str] = ..., index_factory: _Optional[str] = ...) -> None: ...
+
+class ReindexCollectionResponse(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: CollectionConfig
+    def __init__(self, config: _Optional[_Union[CollectionConfig, _Mapping]] = ...) -> None: ...
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata")

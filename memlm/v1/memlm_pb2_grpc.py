@@ -58,6 +58,11 @@ class MemoryStub:
                 request_serializer=memlm_dot_v1_dot_memlm__pb2.DropCollectionRequest.SerializeToString,
                 response_deserializer=memlm_dot_v1_dot_memlm__pb2.DropCollectionResponse.FromString,
                 _registered_method=True)
+        self.ReindexCollection = channel.unary_unary(
+                '/memlm.v1.Memory/ReindexCollection',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.ReindexCollectionRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.ReindexCollectionResponse.FromString,
+                _registered_method=True)
         self.Ingest = channel.stream_unary(
                 '/memlm.v1.Memory/Ingest',
                 request_serializer=memlm_dot_v1_dot_memlm__pb2.IngestRequest.SerializeToString,
@@ -112,7 +117,16 @@ class MemoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DropCollection(self, request, context):
-        """Drop a collection with all its documents, chunks and index files.
+        """Drop a collection with all its documents, chunks and index files. Works on an unavailable one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReindexCollection(self, request, context):
+        """Rebuild a collection's indexes from its stored vectors, with a new index factory or the same
+        one: the repair for an unavailable collection (CollectionInfo.problem), and the way to change
+        the index type. Durable on return; the collection's searches and writes wait meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +192,11 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.DropCollection,
                     request_deserializer=memlm_dot_v1_dot_memlm__pb2.DropCollectionRequest.FromString,
                     response_serializer=memlm_dot_v1_dot_memlm__pb2.DropCollectionResponse.SerializeToString,
+            ),
+            'ReindexCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReindexCollection,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.ReindexCollectionRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.ReindexCollectionResponse.SerializeToString,
             ),
             'Ingest': grpc.stream_unary_rpc_method_handler(
                     servicer.Ingest,
@@ -317,6 +336,33 @@ class Memory:
             '/memlm.v1.Memory/DropCollection',
             memlm_dot_v1_dot_memlm__pb2.DropCollectionRequest.SerializeToString,
             memlm_dot_v1_dot_memlm__pb2.DropCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReindexCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/ReindexCollection',
+            memlm_dot_v1_dot_memlm__pb2.ReindexCollectionRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.ReindexCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
 import socket
+import subprocess
 
 import pytest
 
@@ -45,3 +46,19 @@ def collection(client, request):
     client.create_collection(name)
     yield name
     client.drop_collection(name)
+
+
+@pytest.fixture()
+def self_signed(tmp_path):
+    """make(name) -> (key, cert): a fresh self-signed localhost certificate (openssl) in tmp_path."""
+
+    def make(name: str = "server"):
+        key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            check=True, capture_output=True,
+        )
+        return key, cert
+
+    return make

@@ -161,13 +161,8 @@ def test_every_json_output_is_snake_case_with_numbers(server, tmp_path):
     assert json.loads(memlm("drop", "js", "--json", *addr).stdout) == {"dropped": "js"}
 
 
-def test_cli_talks_to_a_tls_server(tmp_path, bundled_model_dir):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
+def test_cli_talks_to_a_tls_server(tmp_path, bundled_model_dir, self_signed):
+    key, cert = self_signed()
     server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
     try:
         addr = ("--address", server.address)

@@ -291,10 +291,14 @@ def test_stats(client, collection):
 def test_prometheus_metrics(server, client, collection):
     import urllib.request
 
+    client.ingest(DOCS, collection=collection)
     client.search("anything", collection=collection, k=1)
     with pytest.raises(NotFound):
         client.search("anything", collection="no-such-collection-metrics", k=1)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert f'memlm_collection_documents{{collection="{collection}"}} 4.0' in body
+    assert f'memlm_collection_available{{collection="{collection}"}} 1.0' in body
+    assert "memlm_calls_in_flight 0.0" in body
     assert 'memlm_rpc_calls_total{code="OK",method="Search"}' in body
     assert 'memlm_rpc_calls_total{code="NOT_FOUND",method="Search"}' in body
     assert "memlm_rpc_duration_seconds_bucket" in body

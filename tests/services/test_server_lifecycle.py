@@ -39,13 +39,8 @@ def test_api_key_auth(tmp_path, bundled_model_dir):
         assert server.terminate() == 0
 
 
-def test_tls(tmp_path, bundled_model_dir):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
+def test_tls(tmp_path, bundled_model_dir, self_signed):
+    key, cert = self_signed()
     server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
     try:
         assert "grpcs://" in server.output
@@ -152,6 +147,108 @@ def _sigterm_during_ingest(server, docs, outcome, grace):
     return took, code
 
 
+def test_sigterm_during_long_delete_acknowledges_what_is_deleted(tmp_path, bundled_model_dir):
+    """SIGTERM (grace 0) while one Delete removes 3,000 documents: it either completes (all gone)
+    or is refused UNAVAILABLE before its commit (none gone); after a restart the store agrees with
+    what the client was told, and the process was gone within the stated bound."""
+    n = 3_000
+    env = {"MEMLM_SERVER__GRACE_SECONDS": "0", "MEMLM_STORE__MAX_IDS_PER_CALL": str(n)}
+    server = ServerProcess(tmp_path / "d", env=env)
+    outcome: dict = {}
+    try:
+        with memlm.Client(server.address, timeout=300) as client:
+            client.create_collection("c", chunk_tokens=16)
+            client.ingest(({"id": f"d{i}", "text": f"w{i} w{i % 7}"} for i in range(n)), collection="c", batch_size=1000)
+
+            def delete():
+                try:
+                    outcome["deleted"] = client.delete([f"d{i}" for i in range(n)], collection="c")
+                except memlm.errors.MemlmError as exc:
+                    outcome["error"] = exc
+
+            t = threading.Thread(target=delete)
+            t.start()
+            time.sleep(0.02)  # the call is in; the delete itself takes ~0.2 s
+            sent_at = time.monotonic()
+            server.proc.send_signal(subprocess.signal.SIGTERM)
+            code = server.proc.wait(60)
+            took = time.monotonic() - sent_at
+            t.join(30)
+    finally:
+        server.kill()
+    assert code == 0, server.output
+    assert took < 5 + 5, f"exited {took:.1f} s after SIGTERM with grace 0:\n{server.output[-3000:]}"
+    if "error" in outcome:
+        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
+        assert "nothing from this call was stored" in str(outcome["error"])
+        expected = n
+    else:
+        assert len(outcome["deleted"]) == n
+        expected = 0
+    server = ServerProcess(tmp_path / "d", env=env)
+    try:
+        with memlm.Client(server.address, timeout=60) as client:
+            info = client.describe_collection("c")
+            assert (info.documents, info.index_vectors) == (expected, expected), (outcome, info)
+    finally:
+        assert server.terminate() == 0
+
+
+def test_sigterm_during_a_kv_memory_build_stops_it_and_the_next_start_finishes_it(tmp_path, bundled_model_dir):
+    """An Ingest into a kv_memory collection is acknowledged after its KV memory is built, which can
+    take far longer than the grace period: at SIGTERM the build stops at its next segment (derived
+    data), the committed call is answered, the process is gone within grace + the stated bound, and
+    the next start builds the rest (the knn answer reads the pass key from the first document)."""
+    from test_knn_service import FILLER, QUESTION, haystack  # tests/services is on sys.path
+
+    grace = 6.0
+    env = {"MEMLM_SERVER__GRACE_SECONDS": str(grace), "MEMLM_KNN__BUILD_BATCH_TOKENS": "1024"}
+    docs = [{"id": "vault", "text": haystack("48213")}] + [
+        {"id": f"filler{i}", "text": f"Part {i}. " + FILLER * 24} for i in range(11)
+    ]  # ~12k tokens: a KV build of 15 s or more on 2 cores
+    server = ServerProcess(tmp_path / "d", env=env)
+    outcome: dict = {}
+    try:
+        with memlm.Client(server.address, timeout=300) as client:
+            client.create_collection("kv", kv_memory=True, chunk_tokens=512)  # few chunks: embedding is quick
+            client.ingest([{"id": "warm-up", "text": "Loads the embedder and the KV path."}], collection="kv")
+
+            def ingest():
+                try:
+                    outcome["report"] = client.ingest(docs, collection="kv", batch_size=len(docs))
+                except memlm.errors.MemlmError as exc:
+                    outcome["error"] = exc
+
+            t = threading.Thread(target=ingest)
+            t.start()
+            time.sleep(0.5)
+            sent_at = time.monotonic()
+            server.proc.send_signal(subprocess.signal.SIGTERM)
+            code = server.proc.wait(120)
+            took = time.monotonic() - sent_at
+            t.join(30)
+    finally:
+        server.kill()
+    assert code == 0, server.output
+    assert took < grace + 5 + 3, f"exited {took:.1f} s after SIGTERM with grace {grace} s:\n{server.output[-3000:]}"
+    if "error" in outcome:  # the grace period ended while it embedded: nothing stored
+        assert isinstance(outcome["error"], memlm.errors.Unavailable), outcome["error"]
+        assert "nothing from this call was stored" in str(outcome["error"])
+        expected = 0
+    else:
+        assert outcome["report"].created == len(docs)
+        expected = len(docs)
+    server = ServerProcess(tmp_path / "d", env=env)
+    try:
+        with memlm.Client(server.address, timeout=300) as client:
+            assert client.describe_collection("kv").documents == 1 + expected
+            if expected:
+                stream = client.generate(QUESTION, collection="kv", memory="knn", max_new_tokens=8)
+                assert "48213" in "".join(stream), server.output[-3000:]
+    finally:
+        assert server.terminate() == 0
+
+
 def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, bundled_model_dir):
     first = ServerProcess(tmp_path / "a")
     try:
@@ -173,20 +270,10 @@ def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_
         assert first.terminate() == 0
 
 
-def _self_signed(tmp_path, name: str):
-    key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )
-    return key, cert
-
-
 @pytest.mark.parametrize("case", ["mismatched", "unreadable"])
-def test_bad_tls_files_give_one_clear_line(tmp_path, case):
-    key_a, cert_a = _self_signed(tmp_path, "a")
-    key = _self_signed(tmp_path, "b")[0] if case == "mismatched" else tmp_path / "missing-key.pem"
+def test_bad_tls_files_give_one_clear_line(tmp_path, case, self_signed):
+    key_a, cert_a = self_signed("a")
+    key = self_signed("b")[0] if case == "mismatched" else tmp_path / "missing-key.pem"
     env = {**os.environ, "MEMLM_SERVER__TLS_CERT": str(cert_a), "MEMLM_SERVER__TLS_KEY": str(key)}
     result = subprocess.run(
         [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(tmp_path / "d"), "--port", "0"],
