@@ -285,7 +285,7 @@ class MemoryStore:
                 problem = f"recovering its indexes failed: {type(e).__name__}: {bounded(str(e), 300)}"
         log.error("collection %r is unavailable: %s (%s)", config.name, problem, _REMEDY)
         return _Collection(
-            config, None, MetadataIndex(), LexicalIndex(), threading.RLock(),
+            config, None, MetadataIndex(), LexicalIndex(), ReadWriteLock(),
             applied_seq=last_seq, snapshot_seq=0, problem=problem,
         )
 
