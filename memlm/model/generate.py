@@ -6,7 +6,7 @@ The hot path is split into `prefill` and `decode_one_token` so each can be compi
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -27,8 +27,11 @@ def decode_one_token(model: Llama, token: Tensor, input_pos: Tensor, cache: KVCa
 
 @torch.inference_mode()
 def greedy_generate(model: Llama, tokens: Tensor, max_new_tokens: int, eos_ids: Iterable[int] = (),
-                    cache: Optional[KVCache] = None) -> Tensor:
-    """tokens (1, T) -> the new tokens (N,), N <= max_new_tokens, stopping after an eos id."""
+                    cache: Optional[KVCache] = None,
+                    decode_step: Callable[[Llama, Tensor, Tensor, KVCache], Tensor] = decode_one_token) -> Tensor:
+    """tokens (1, T) -> the new tokens (N,), N <= max_new_tokens, stopping after an eos id.
+
+    `decode_step` is `decode_one_token` or a compiled version of it."""
     T = tokens.shape[1]
     cache = cache if cache is not None else model.new_cache(1, T + max_new_tokens)
     eos = set(eos_ids)
@@ -37,6 +40,6 @@ def greedy_generate(model: Llama, tokens: Tensor, max_new_tokens: int, eos_ids: 
     for pos in range(T, T + max_new_tokens - 1):
         if int(next_token) in eos:
             break
-        next_token = decode_one_token(model, next_token, torch.tensor([pos]), cache).argmax(-1, keepdim=True)
+        next_token = decode_step(model, next_token, torch.tensor([pos]), cache).argmax(-1, keepdim=True)
         out.append(next_token)
     return torch.cat(out, dim=1)[0]

@@ -147,10 +147,11 @@ class KVCache(nn.Module):
 class AttentionBackend(Protocol):
     """How a layer's queries read its keys and values (the per-layer attention extension point).
 
-    q (B, H, T, hd) and k, v (B, KV, S, hd) come after RoPE and the cache update: k, v hold the
-    sequence's positions [0, S) and the queries are positions [S - T, S). mask is None for plain
-    causal attention (T == S, or T == 1 where every key is visible), else a (T, S) bool tensor,
-    True where a query may attend. Returns (B, H, T, hd). H is a multiple of KV (GQA).
+    q (B, H, T, hd) and k, v (B, KV, S, hd) come after RoPE and the cache update; k, v hold the
+    sequence's positions [0, S). mask is None for plain causal attention with the queries at the
+    last T positions (T == S, or T == 1 where every key is visible), else a (T, S) bool tensor,
+    True where a query may attend (it also hides cache slots not written yet). Returns
+    (B, H, T, hd). H is a multiple of KV (GQA).
     """
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor: ...
@@ -285,20 +286,31 @@ class Llama(nn.Module):
         T = x.shape[1]
         if input_pos.shape != (T,):
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},)")
-        start = int(input_pos[0])
-        if cache is None:
-            kv_len, mask = T, None  # attention among these T positions only
-        else:
-            kv_len = start + T
-            if kv_len > cache.max_seq:
-                raise ValueError(f"positions up to {kv_len - 1} do not fit a KV cache of {cache.max_seq}")
-            # None = plain causal; a chunk after cached positions needs its offset written out.
-            mask = None if T == 1 or start == 0 else (
-                torch.arange(kv_len, device=x.device) <= input_pos[:, None])  # (T, kv_len)
+        kv_len, mask = _attention_span(input_pos, cache)
         rope = (self.rope_cos[input_pos].to(x.dtype), self.rope_sin[input_pos].to(x.dtype))  # each (T, hd)
         for layer in self.layers:
             x = layer(x, rope, input_pos, mask, cache, kv_len)
         return self.norm(x)
+
+
+def _attention_span(input_pos: Tensor, cache: Optional[KVCache]) -> tuple[int, Optional[Tensor]]:
+    """How many cached positions the queries at input_pos (T,) read, and the mask for them.
+
+    Eager: the filled prefix [0, start + T), unmasked where plain causal attention is right (no
+    cache, a prefill from 0, one token). Under torch.compile: the whole cache, masked, so shapes do
+    not change from step to step and no tensor is read back to Python.
+    """
+    T = input_pos.shape[0]
+    if cache is None:
+        return T, None  # attention among these T positions only
+    if torch.compiler.is_compiling():
+        return cache.max_seq, torch.arange(cache.max_seq, device=input_pos.device) <= input_pos[:, None]
+    start = int(input_pos[0])
+    if start + T > cache.max_seq:
+        raise ValueError(f"positions up to {start + T - 1} do not fit a KV cache of {cache.max_seq}")
+    if T == 1 or start == 0:
+        return start + T, None
+    return start + T, torch.arange(start + T, device=input_pos.device) <= input_pos[:, None]  # (T, start + T)
 
 
 def rope_tables(config: LlamaConfig) -> tuple[Tensor, Tensor]:

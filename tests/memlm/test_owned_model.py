@@ -123,6 +123,17 @@ def test_a_reused_cache_ignores_the_previous_sequence(tiny):
         tiny(a, torch.arange(10, 22), cache)
 
 
+@torch.inference_mode()
+def test_the_fixed_shape_path_taken_under_torch_compile_gives_the_same_logits(tiny, monkeypatch):
+    tokens = torch.randint(0, 101, (1, 9))
+    expected = tiny(tokens, torch.arange(9))
+    cache = tiny.new_cache(1, 16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # whole cache, masked (eager here)
+    out = torch.cat([tiny(tokens[:, :5], torch.arange(5), cache)]
+                    + [tiny(tokens[:, i : i + 1], torch.tensor([i]), cache) for i in range(5, 9)], dim=1)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 class RecordingBackend(nn.Module):
     """Delegates to the default backend and records what each call saw."""
 
