@@ -102,7 +102,9 @@ def test_tiny_llama_round_trips_through_a_saved_hf_folder(tmp_path, overrides):
     assert (ours.output.weight is ours.tok_embeddings.weight) == theirs.config.tie_word_embeddings
     tokens = torch.randint(0, 101, (2, 40))  # a batch of 2; 40 positions pass the llama3 ramp (16)
     diff = (ours(tokens, torch.arange(40)) - theirs(tokens).logits).abs().max().item()
-    assert diff < 1e-5, diff  # logits are ~1 here, so the same few ulps as above
+    print(f"tiny Llama {overrides}: max |logit difference| = {diff:.3g}")
+    # Logits are ~2 here; measured 0 for each variant (and 0.69 if the llama3 rescaling is left out).
+    assert diff < 1e-5, diff
 
 
 @pytest.fixture(scope="module")
