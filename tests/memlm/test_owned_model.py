@@ -41,6 +41,7 @@ def prompt_ids(bundled) -> torch.Tensor:
     return ids
 
 
+@pytest.mark.model
 @torch.inference_mode()
 def test_bundled_logits_match_transformers(bundled, prompt_ids):
     ours, theirs, _ = bundled
@@ -50,6 +51,7 @@ def test_bundled_logits_match_transformers(bundled, prompt_ids):
     assert diff < MAX_LOGIT_DIFF
 
 
+@pytest.mark.model
 @torch.inference_mode()
 def test_cached_decoding_matches_a_full_forward(bundled, prompt_ids):
     model = bundled[0]
@@ -62,6 +64,7 @@ def test_cached_decoding_matches_a_full_forward(bundled, prompt_ids):
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < INCREMENTAL_MAX_DIFF
 
 
+@pytest.mark.model
 @torch.inference_mode()
 def test_greedy_generation_equals_transformers_generate(bundled, prompt_ids):
     ours, theirs, _ = bundled
