@@ -1,0 +1,11 @@
+"""memlm's own Llama-family model, with extension points for the memory modes.
+
+`memlm.model` is the network (`Llama`, its KV cache and hooks, greedy decoding); `memlm.models`
+finds and converts weights (the bundled SmolLM2 GGUF -> a cached safetensors folder). Typical use:
+`load_llama(bundled_model_dir())`.
+"""
+from memlm.model.generate import decode_one_token, greedy_generate, prefill
+from memlm.model.llama import AttentionBackend, KVCache, Llama, LlamaConfig, SDPABackend, load_llama
+
+__all__ = ["AttentionBackend", "KVCache", "Llama", "LlamaConfig", "SDPABackend", "decode_one_token",
+           "greedy_generate", "load_llama", "prefill"]
