@@ -46,7 +46,7 @@ from memlm.index.filters import MetadataIndex, parse_filter
 from memlm.index.fusion import fuse, fusion_depth
 from memlm.index.lexical_index import LexicalIndex, query_terms
 from memlm.index.locks import ReadWriteLock
-from memlm.index.lmdb_store import ChunkRecord, Commit, DocHeader, LmdbStore, PreparedDocument
+from memlm.index.lmdb_store import STOPPED, ChunkRecord, Commit, DocHeader, LmdbStore, PreparedDocument
 from memlm.index.types import (
     CollectionConfig,
     CollectionStats,
@@ -161,7 +161,10 @@ def _pad(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tup
     return out_s, out_i
 
 
-SHUTTING_DOWN = "server is shutting down; nothing from this call was stored"
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {bounded(str(e), 300)}"
+
+
 _REMEDY = (
     "its documents are kept and Get still reads them; Reindex it (memlm reindex NAME --index-factory F) "
     "to rebuild its index from them, or drop it"
@@ -282,12 +285,18 @@ class MemoryStore:
                 return self._recover(config, last_seq)
             except Exception as e:  # noqa: BLE001 - one collection's derived data must not stop the store
                 log.exception("collection %r: recovering its indexes failed", config.name)
-                problem = f"recovering its indexes failed: {type(e).__name__}: {bounded(str(e), 300)}"
-        log.error("collection %r is unavailable: %s (%s)", config.name, problem, _REMEDY)
-        return _Collection(
-            config, None, MetadataIndex(), LexicalIndex(), ReadWriteLock(),
-            applied_seq=last_seq, snapshot_seq=0, problem=problem,
+                problem = f"recovering its indexes failed: {_why(e)}"
+        col = _Collection(
+            config, None, MetadataIndex(), LexicalIndex(), ReadWriteLock(), applied_seq=last_seq, snapshot_seq=0
         )
+        self._mark_unavailable(col, problem)
+        return col
+
+    @staticmethod
+    def _mark_unavailable(col: _Collection, problem: str) -> None:
+        """Drop the collection's derived indexes and record why it cannot serve (see `problem`)."""
+        col.index, col.metadata, col.lexical, col.problem = None, MetadataIndex(), LexicalIndex(), problem
+        log.error("collection %r is unavailable: %s (%s)", col.config.name, problem, _REMEDY)
 
     def _recover(self, config: CollectionConfig, last_seq: int) -> _Collection:
         """Load the newest loadable index file, replay the oplog after it, check against LMDB, and
@@ -517,8 +526,6 @@ class MemoryStore:
             config = replace(col.config, index_factory=factory)
             index = self._rebuild(config)  # first: a failure here leaves the collection as it was
             metadata, lexical = self._load_metadata(name), self._load_lexical(name)
-            folder = self._dir(name)
-            folder.mkdir(parents=True, exist_ok=True)
             self._lmdb.set_index_factory(name, factory)  # recovery ignores files of another factory
             col.config, col.index, col.metadata, col.lexical, col.problem = config, index, metadata, lexical, None
             col.applied_seq, col.snapshot_seq = self._lmdb.record(name).next_op_seq - 1, -1
@@ -728,9 +735,7 @@ class MemoryStore:
             fresh = self._recover(col.config, last_seq=self._lmdb.record(name).next_op_seq - 1)
         except Exception as e:  # noqa: BLE001 - LMDB keeps the data; a restart or Reindex retries
             log.exception("collection %r: recovering its indexes failed", name)
-            col.index, col.metadata, col.lexical = None, MetadataIndex(), LexicalIndex()
-            col.problem = f"recovering its indexes after a failed update failed: {type(e).__name__}: {bounded(str(e), 300)}"
-            log.error("collection %r is unavailable: %s (%s)", name, col.problem, _REMEDY)
+            self._mark_unavailable(col, f"recovering its indexes after a failed update failed: {_why(e)}")
             return
         col.index, col.metadata, col.lexical = fresh.index, fresh.metadata, fresh.lexical
         col.applied_seq, col.snapshot_seq, col.problem = fresh.applied_seq, fresh.snapshot_seq, None
@@ -1024,9 +1029,10 @@ class MemoryStore:
     # ---------------------------------------------------------------- shutdown
 
     def stop_writes(self) -> None:
-        """Refuse every commit from now on (the server calls this when its shutdown grace period
-        ends): an ingest or delete still running raises Unavailable at its next check (between
-        embedding batches, right before the commit, inside a long delete), having stored nothing."""
+        """Refuse every commit from now on (the server calls this at shutdown, once the drain's
+        grace period is over or nothing is in flight): an ingest or delete still running raises
+        Unavailable at its next check (between embedding batches, right before the commit, inside
+        a long delete), having stored nothing; KV memory builds stop at their next segment."""
         self._stopping.set()
 
     @property
@@ -1036,7 +1042,7 @@ class MemoryStore:
 
     def _check_writes_allowed(self) -> None:
         if self._stopping.is_set():
-            raise Unavailable(SHUTTING_DOWN)
+            raise Unavailable(STOPPED)
 
     # ---------------------------------------------------------------- snapshots
 

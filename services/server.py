@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Memory", "Generation"))
 
 
-STOP_BOUND_SECONDS = 5.0  # after the grace period: how long a store call may take to reach its next stop check
 # A store call still running this long after the stop is cancelled (its client then sees UNAVAILABLE
 # without knowing whether it committed): a hard cap for a stop check that never comes.
 STORE_CALL_CAP_SECONDS = 60.0
@@ -82,8 +81,8 @@ class RunningServer:
         UNAVAILABLE; admitted calls get `grace` s. Then the store refuses to commit (a store call
         still running raises Unavailable before its commit and its client is told so; one past
         its commit finishes and is answered), and what is left (generations) is cancelled. Gone
-        within grace + STOP_BOUND_SECONDS (to the next stop check: an embedding slice, a KV
-        memory segment, a commit) in practice, STORE_CALL_CAP_SECONDS at most."""
+        within grace + the time to the next stop check (an embedding batch, a KV memory segment,
+        a commit: seconds; the SIGTERM tests allow 5) in practice, STORE_CALL_CAP_SECONDS at most."""
         self.guard.begin_drain()
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, Watch streams told
         idle = await self.guard.wait_idle(grace if grace is not None else float("inf"))
