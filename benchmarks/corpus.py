@@ -251,6 +251,7 @@ class CorpusMemory:
         from pathlib import Path
 
         import memlm.index.kv_memory as kv_module
+        import memlm.modes.knn.capture as capture_module
         from memlm.index.chunking import Chunker
 
         self.kind, self.model, self.tokenizer = kind, model, tokenizer
@@ -258,7 +259,7 @@ class CorpusMemory:
         self.layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
         self.chunker = Chunker(tokenizer, CHUNK_TOKENS)
         key = json.dumps([CACHE_VERSION, Path(model_dir).name, kind, window, overlap, doc_tokens, self.layers,
-                          CHUNK_TOKENS, hashlib.sha1(Path(kv_module.__file__).read_bytes()).hexdigest()])
+                          CHUNK_TOKENS, hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (kv_module, capture_module))).hexdigest()])
         self.folder = Path(cache_root) / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         self._docs: list[PackedDocument] = []
         self._chunks: list[list[tuple[int, ...]]] = []  # per document: token ids of each chunk
@@ -331,6 +332,8 @@ class CorpusMemory:
 
         from memlm.index.kv_memory import KVMemory
 
+        from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+
         if not (self._memory_folder() / "manifest.json").exists():
             return 0
         meta = self._read_meta()
@@ -353,6 +356,8 @@ class CorpusMemory:
 
         from memlm.index.kv_memory import KVMemory
 
+        from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+
         have = self._built_docs()  # wipes a stale cache
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self._read_meta()
@@ -362,8 +367,8 @@ class CorpusMemory:
             if stale:
                 gb = sum(f.stat().st_size for p in stale for f in p.rglob("*") if f.is_file()) / 1e9
                 print(f"  note: {len(stale)} older caches of {self.kind} ({gb:.1f} GB) in {self.folder.parent}, "
-                      "for other settings or an older kv_memory.py; remove them by hand if unused", flush=True)
-            mem = KVMemory.for_model(self._memory_folder(), self.model, layers=self.layers,
+                      "for other settings or an older kv_memory.py / capture.py; remove them by hand if unused", flush=True)
+            mem = kv_memory_for_model(self._memory_folder(), self.model, layers=self.layers,
                                      window=self.window, overlap=self.overlap)
         else:
             mem = KVMemory.open(self._memory_folder())
@@ -380,7 +385,7 @@ class CorpusMemory:
                     ids.append(i * CHUNK_ID_STRIDE + j)
                     owners.append(i)
             t0 = time.perf_counter()
-            rows = mem.build(self.model, lists, ids, documents=owners)
+            rows = build_kv_memory(mem, self.model, lists, ids, documents=owners)
             dt = time.perf_counter() - t0
             meta["kv_seconds"] += dt
             meta["kv_tokens"] += rows
@@ -437,6 +442,8 @@ class CorpusMemory:
 
         from memlm.index.kv_memory import KVMemory
 
+        from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+
         shutil.copytree(self._memory_folder(), dst, copy_function=os.link)
         mem = KVMemory.open(dst)
         built = int(mem.chunk_ids().max()) // CHUNK_ID_STRIDE + 1 if len(mem.chunk_ids()) else 0
@@ -446,5 +453,5 @@ class CorpusMemory:
         gone = [i for i in range(n_docs, built)] + list(drop)
         mem.delete(i * CHUNK_ID_STRIDE + j for i in gone for j in range(len(self.chunks(i))))
         for base, chunks in extra:
-            mem.build(self.model, list(chunks), [base + j for j in range(len(chunks))], documents=[base] * len(chunks))
+            build_kv_memory(mem, self.model, list(chunks), [base + j for j in range(len(chunks))], documents=[base] * len(chunks))
         return mem

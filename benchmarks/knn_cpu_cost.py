@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build-tokens", type=int, default=16384, help="(a) corpus size for the build throughput")
     p.add_argument("--layers", nargs="+", default=["all"],
-                   help="(a) layer sets to build: memlm.knn_memory LAYER_PRESETS names or comma-separated indices")
+                   help="(a) layer sets to build: memlm.modes.knn.reading LAYER_PRESETS names or comma-separated indices")
     p.add_argument("--memory-tokens", type=int, nargs="+", default=[16384, 65536], help="(b) memory sizes")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, resolve_layers, with_following
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories, resolve_layers
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -133,10 +134,10 @@ def main(argv=None) -> None:
             layers = resolve_layers(spec if "," not in spec and not spec.isdigit() else [int(x) for x in spec.split(",")],
                                     n_layers)
             with tempfile.TemporaryDirectory(dir=args.cache_dir if os.path.isdir(args.cache_dir) else None) as td:
-                mem = KVMemory.for_model(Path(td) / "kv", model, layers=layers, window=args.knn_window,
+                mem = kv_memory_for_model(Path(td) / "kv", model, layers=layers, window=args.knn_window,
                                          overlap=args.knn_overlap)
                 t0 = time.perf_counter()
-                built = mem.build(model, lists, ids, documents=owners)
+                built = build_kv_memory(mem, model, lists, ids, documents=owners)
                 dt = time.perf_counter() - t0
                 disk = folder_bytes(Path(td) / "kv")
                 rows.append((f"KV build, layers {spec} ({len(layers)})", len(layers), built / dt, mem.bytes_per_token,
@@ -161,8 +162,8 @@ def main(argv=None) -> None:
 
         embedder = load_embedder("all-MiniLM-L6-v2")
         corpus.ensure_vectors(m_max, embedder)
-        config = KNNConfig.from_name("ungated")
-        gated_config = KNNConfig.from_name(
+        config = ReadConfig.from_name("ungated")
+        gated_config = ReadConfig.from_name(
             "default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks)
         table = []
         scratch = Path(args.cache_dir) / "trials"
@@ -184,12 +185,10 @@ def main(argv=None) -> None:
                     with knn_mode(model, mem, config, layer_memories=mems):
                         knn.append(timed_greedy(model, prompt, args.new_tokens))
                     t0 = time.perf_counter()
-                    top = with_following(
+                    rows = gated_rows(
+                        model, mem, gated_config,
                         [where[r] for r in ranker.rank(StoreSettings().search_mode, args.prompt, gated_config.candidate_chunks)],
-                        lambda c, n: following(c, n, len(corpus.chunks(c[0]))),
-                        gated_config.follow_chunks)
-                    rows = prepare_layer_memories(model, mem, gated_config,
-                                                  chunks=[i * CHUNK_ID_STRIDE + j for i, j in top])
+                        lambda c, n: following(c, n, len(corpus.chunks(c[0]))), lambda c: c[0] * CHUNK_ID_STRIDE + c[1])
                     gated_load.append(time.perf_counter() - t0)
                     with knn_mode(model, mem, gated_config, layer_memories=rows):
                         gated.append(timed_greedy(model, prompt, args.new_tokens))

@@ -89,14 +89,15 @@ def haystack(tok, kind: str, n_tokens: int, seed: int) -> tuple[list[list[int]],
 def build_memory(model, path: Path, docs: list[list[int]], layers=None):
     """A KVMemory of the documents (each its own token stream, 64-token chunks), as ingest builds it."""
     from memlm.index.kv_memory import KVMemory
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
 
     chunks, doc_of = [], []
     for j, ids in enumerate(docs):
         for i in range(0, len(ids), 64):
             chunks.append(ids[i : i + 64])
             doc_of.append(j)
-    mem = KVMemory.for_model(path, model, layers=layers)
-    mem.build(model, chunks, list(range(len(chunks))), documents=doc_of)
+    mem = kv_memory_for_model(path, model, layers=layers)
+    build_kv_memory(mem, model, chunks, list(range(len(chunks))), documents=doc_of)
     return mem
 
 
@@ -121,7 +122,7 @@ def _best_ms(f, rounds: int = 3, reps: int = 5) -> float:
 
 
 def timing(ns: list[int], k: int = 8) -> None:
-    from memlm.memory_attention import FaissKV
+    from memlm.modes.knn.attention import FaissKV
 
     hkv, g, d = 3, 3, 64
     print(f"| N | Tq | torch fp32 search ms | faiss fp16 | faiss pq16 | torch fp32 layer call ms | faiss fp16 | faiss pq16 |")
@@ -162,14 +163,14 @@ class _Recording:
 
 def accuracy(args) -> None:
     from passkey import QUESTION, found, greedy
-    from memlm.knn_memory import KNNConfig, LayerMemories, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
-    from memlm.memory_attention import TensorKV
+    from memlm.modes.knn.reading import ReadConfig, LayerMemories, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
+    from memlm.modes.knn.attention import TensorKV
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(None)
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    base = KNNConfig.from_name("ungated")
-    codecs = [("fp16", base)] + [(f"pq M={m}", KNNConfig.from_name("ungated", codec="pq", pq_m=m)) for m in args.pq_m]
+    base = ReadConfig.from_name("ungated")
+    codecs = [("fp16", base)] + [(f"pq M={m}", ReadConfig.from_name("ungated", codec="pq", pq_m=m)) for m in args.pq_m]
     rows = {name: dict(recall=[], err=[], passkey=[], load=[], reload=[]) for name, _ in codecs}
     sizes = {}
     error_layers = resolve_layers(args.error_layers, model.config.num_hidden_layers)
@@ -180,7 +181,7 @@ def accuracy(args) -> None:
         t0 = time.perf_counter()
         mem = build_memory(model, Path(td) / "prose", docs, layers=error_layers)
         print(f"prose memory: {len(mem)} tokens, {len(error_layers)} layers, built in {time.perf_counter() - t0:.0f} s", flush=True)
-        exact_cfg = KNNConfig.from_name("ungated", layers=error_layers)
+        exact_cfg = ReadConfig.from_name("ungated", layers=error_layers)
         exact = LayerMemories(exact_cfg, torch.device("cpu"))
         for l in mem.layers:
             k, v = mem.layer(l)  # (Hkv, N, D) fp16, "fixed" positions: no rotation
@@ -188,7 +189,7 @@ def accuracy(args) -> None:
         with knn_mode(model, mem, exact_cfg, layer_memories=exact):
             model(torch.tensor([tok(QUERY_TEXT).input_ids]))
         for name, cfg in codecs:
-            cfg = KNNConfig.from_name("ungated", layers=error_layers, codec=cfg.codec, pq_m=cfg.pq_m)
+            cfg = ReadConfig.from_name("ungated", layers=error_layers, codec=cfg.codec, pq_m=cfg.pq_m)
             t0 = time.perf_counter()
             mems = prepare_layer_memories(model, mem, cfg)
             rows[name]["load"].append((time.perf_counter() - t0) / len(mems))

@@ -7,7 +7,7 @@ with the bundled MiniLM. For each document the scored span is its tokens [S, S+2
 S = `--span-start` (default 1024), and the local context is the `--prefix` (64) tokens just before
 it. The span is scored by teacher forcing, one forward pass, under:
 - none:  the 64-token prefix only;
-- knn:   the same prefix, with the KV memory of all documents (memlm.knn_memory, default config)
+- knn:   the same prefix, with the KV memory of all documents (memlm.modes.knn.reading, default config)
          read whole (ungated: every row is searched);
 - knn-gated: the same, reading only the rows of the top `--candidate-chunks` (8) chunks retrieved
          with the prefix's text, "ranked" positions (the service's default, preset "default");
@@ -89,7 +89,8 @@ def main(argv=None) -> None:
 
     from memlm.index.chunking import Chunker
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, with_following
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -121,18 +122,18 @@ def main(argv=None) -> None:
         mem = mems = None
         if "knn" in args.methods or "knn-gated" in args.methods:
             t0 = time.perf_counter()
-            mem = KVMemory.for_model(Path(td) / "kv", model, window=args.knn_window, overlap=args.knn_overlap)
+            mem = kv_memory_for_model(Path(td) / "kv", model, window=args.knn_window, overlap=args.knn_overlap)
             lists, ids, owners = [], [], []
             for i, (_, cs) in enumerate(docs):
                 for j, c in enumerate(cs):
                     lists.append(c)
                     ids.append(i * CHUNK_ID_STRIDE + j)
                     owners.append(i)
-            rows = mem.build(model, lists, ids, documents=owners)
+            rows = build_kv_memory(mem, model, lists, ids, documents=owners)
             dt = time.perf_counter() - t0
             print(f"ingest: KV memory of {rows:,} tokens in {dt:.1f} s ({rows / dt:.0f} tokens/s)", flush=True)
-            config = KNNConfig.from_name("ungated")
-            gated_config = KNNConfig.from_name(
+            config = ReadConfig.from_name("ungated")
+            gated_config = ReadConfig.from_name(
                 "default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks,
                 follow_chunks=PRESETS["default"].follow_chunks if args.follow_chunks is None else args.follow_chunks)
             mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
@@ -163,10 +164,9 @@ def main(argv=None) -> None:
                     with knn_mode(model, mem, config, layer_memories=mems):
                         s = span_nll(model, prefix, span)
                 elif method == "knn-gated":
-                    top = with_following(ranked(gated_config.candidate_chunks),
-                                         lambda c, n: following(c, n, len(docs[c[0]][1])),
-                                         gated_config.follow_chunks)
-                    gated = prepare_layer_memories(model, mem, gated_config, chunks=[a * CHUNK_ID_STRIDE + b for a, b in top])
+                    gated = gated_rows(model, mem, gated_config, ranked(gated_config.candidate_chunks),
+                                       lambda c, n: following(c, n, len(docs[c[0]][1])),
+                                       lambda c: c[0] * CHUNK_ID_STRIDE + c[1])
                     with knn_mode(model, mem, gated_config, layer_memories=gated):
                         s = span_nll(model, prefix, span)
                 elif method == "rag":

@@ -14,7 +14,7 @@ key is" and greedily generates 10 tokens; a trial counts when the key appears in
   `ranking.ChunkRanker`), in document order, then the question.
 - knn: the documents in a KVMemory, each its own token stream (as ingest stores them, window
   1,024, overlap 128, all 30 layers); the local context is ONLY the question. Each `--knn` config
-  (memlm.knn_memory presets / overrides) is evaluated on the same memory; by default "gated" (the
+  (memlm.modes.knn.reading presets / overrides) is evaluated on the same memory; by default "gated" (the
   service's default: the rows of the 8 chunks the store's search ranks first for the question,
   each with the 2 chunks after it, laid out by rank) and "ungated" (every row searched).
 Haystack kinds (corpus.HAYSTACK_KINDS): "filler" (five sentences repeated), "prose" (generated
@@ -51,7 +51,7 @@ mean seconds per trial per method.
 Earlier figures (the previous version of this script, one haystack re-ingested per trial as a
 single stream; 2 CPU cores under load; tiny samples, directions only): filler 4k, knn all
 layers/per-query/k8: 2/2 for every position choice; subsets of layers 0/2; per-KV-head 1/2; k4
-0/2; k16 2/2 (details in memlm/knn_memory.py above PRESETS).
+0/2; k16 2/2 (details in benchmarks/results/knn_presets.md).
 """
 from __future__ import annotations
 
@@ -64,13 +64,14 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from memlm.config import StoreSettings
+from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ranking import SEARCH_MODES, ChunkRanker, following  # noqa: E402
@@ -119,13 +120,19 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _overrides(config: ReadConfig) -> dict:
+    """A preset as overrides of ReadConfig()."""
+    base = ReadConfig()
+    return {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != getattr(base, f.name)}
+
+
 KNN_CONFIGS = {
-    # name: overrides of KNNConfig(); run by default
-    "gated": dict(candidate_chunks=8, follow_chunks=2, positions="ranked", top_k=64),  # = PRESETS["default"], the service's (checked in run)
-    "ungated": {},  # = PRESETS["ungated"]: every row of the memory searched
+    # name: overrides of ReadConfig(); run by default
+    "gated": _overrides(PRESETS["default"]),  # the service's default preset
+    "ungated": _overrides(PRESETS["ungated"]),  # every row of the memory searched
 }
 SWEEP = {
-    # overrides of KNNConfig() (= "ungated", session 2's choice: original positions, prompt after
+    # overrides of ReadConfig() (= "ungated", session 2's choice: original positions, prompt after
     # one window, layers 1-29, k 8, per query head, window positions < 4 (sinks) dropped)
     "fixed0-all": dict(layers="all", positions="fixed", local_offset=0, min_memory_position=0),  # session 1's
     "fixed4096": dict(positions="fixed", local_offset=4096),
@@ -201,9 +208,6 @@ def run(args) -> None:
     def label(retrieval) -> str:  # methods on the service's retrieval keep their plain names
         return "" if retrieval in (None, DEFAULT_RETRIEVAL) else f"@{retrieval}"
 
-    from memlm.knn_memory import PRESETS, KNNConfig, knn_mode, prepare_layer_memories, with_following
-
-    assert replace(KNNConfig(), **KNN_CONFIGS["gated"]) == PRESETS["default"], "keep KNN_CONFIGS in step with PRESETS"
     from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
@@ -297,13 +301,12 @@ def run(args) -> None:
                         runs = [(name, r) for name, over in knn_configs.items()
                                 for r in (args.retrieval if over.get("candidate_chunks") else [None])]
                         for name, retrieval in runs:
-                            cfg = replace(KNNConfig(), **knn_configs[name])
+                            cfg = replace(ReadConfig(), **knn_configs[name])
                             t1 = time.perf_counter()
                             if cfg.candidate_chunks:  # the service's chunk gate: the prompt's top chunks by its search
-                                top = with_following(ranker.rank(retrieval, QUESTION, cfg.candidate_chunks),
-                                                     ranker.following, cfg.follow_chunks)
-                                ids = [NEEDLE_CHUNK_BASE + j if i == at else i * CHUNK_ID_STRIDE + j for i, j in top]
-                                read = prepare_layer_memories(model, mem, cfg, chunks=ids)
+                                read = gated_rows(model, mem, cfg, ranker.rank(retrieval, QUESTION, cfg.candidate_chunks),
+                                                  ranker.following, lambda c: NEEDLE_CHUNK_BASE + c[1] if c[0] == at
+                                                  else c[0] * CHUNK_ID_STRIDE + c[1])
                             else:  # the whole memory, loaded once per trial for every ungated config
                                 if mems is None or replace(mems.config, top_k=cfg.top_k) != cfg:
                                     mems = prepare_layer_memories(model, mem, cfg)
@@ -362,7 +365,7 @@ def time_retrieval(n: int = 65536, k: int = 8) -> None:
     import faiss
     import numpy as np
 
-    from memlm.memory_attention import memory_topk
+    from memlm.modes.knn.attention import memory_topk
 
     torch.manual_seed(0)
     hkv, g, d = 3, 3, 64

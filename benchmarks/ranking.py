@@ -20,7 +20,7 @@ SEARCH_MODES = ("dense", "lexical", "hybrid")
 
 def following(chunk: tuple[int, int], n: int, count: int) -> list[tuple[int, int]]:
     """The (up to) n chunks (doc, index) after `chunk` in its document of `count` chunks: what
-    `MemoryStore.following_chunks` gives the service, for `knn_memory.with_following`."""
+    `MemoryStore.following_chunks` gives the service, for `memlm.modes.knn.reading.gated_rows`."""
     doc, j = chunk
     return [(doc, c) for c in range(j + 1, min(j + 1 + n, count))]
 

@@ -10,7 +10,7 @@ Layout of one collection's folder:
         positions.npy        (n,) int32: the position the token had when its K/V were computed
 
 Keys are kept un-rotated with their positions so that the position strategy (see
-`memlm.knn_memory`) is chosen at read time: "original" re-rotates each key to its stored position,
+`memlm.modes.knn.reading`) is chosen at read time: "original" re-rotates each key to its stored position,
 "fixed" gives all of them one position, without rebuilding the memory.
 
 Durability: a segment is written under a temporary folder (each file flushed and fsynced), renamed
@@ -34,7 +34,7 @@ million rows per layer and head is tens of GFLOP: neither can be redone at every
 loading codes reads M bytes per key instead of 2 x D. The fp16/bf16 segments stay the exact data: codes are rebuilt
 from them (another M, after compaction, or a retrain once the memory has grown 4x past the
 rows its codebooks saw, up to `train_rows`). Codes are of the PRE-RoPE keys: valid for readers
-that search keys at one fixed position (memlm.knn_memory's "fixed"), where RoPE is the identity.
+that search keys at one fixed position (memlm.modes.knn.reading's "fixed"), where RoPE is the identity.
 Writes follow the segment rules: files fsynced under a temporary name, renamed, then pq.json
 (tmp + fsync + os.replace + fsync of the folder); what pq.json does not list is removed.
 
@@ -56,11 +56,6 @@ import torch
 
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "bfloat16")
-# Windows shorter than this are packed into one forward pass (block-diagonal mask from position
-# ids). A scratch timing on 2 loaded CPU cores (not yet a benchmark script): 16 documents of 64
-# tokens took 7.2-7.5 s one by one, 6.2-6.5 s in packs of 128-256 tokens and 8.0 s in one pack of
-# 1,024 (attention under a mask grows quadratically): CPU gains are small; a GPU gains more.
-PACK_TOKENS = 512
 PQ_MANIFEST = "pq.json"
 PQ_BITS = 8  # bits per PQ sub-code: 256 centroids per sub-quantizer, one byte
 PQ_MIN_TRAIN_ROWS = 10 * (1 << PQ_BITS)  # fewer rows per head: k-means of 256 centroids is noise
@@ -141,14 +136,6 @@ class KVMemory:
         mem = cls(path, KVMemoryManifest(sorted(set(int(l) for l in layers)), num_kv_heads, head_dim, dtype, window, overlap))
         mem._write_manifest()
         return mem
-
-    @classmethod
-    def for_model(cls, path: "str | os.PathLike", model, layers: Optional[Sequence[int]] = None, **kw) -> "KVMemory":
-        """`create` with the shape facts read from a Hugging Face causal LM's config (all layers by default)."""
-        c = model.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        layers = range(c.num_hidden_layers) if layers is None else layers
-        return cls.create(path, layers, c.num_key_value_heads, head_dim, **kw)
 
     @classmethod
     def open(cls, path: "str | os.PathLike") -> "KVMemory":
@@ -461,91 +448,6 @@ class KVMemory:
         os.replace(tmp, self._pq_dir(m) / PQ_MANIFEST)
         _fsync_dir(self._pq_dir(m))
 
-    # --- building from a model ------------------------------------------------------------
-
-    @torch.inference_mode()
-    def build(
-        self,
-        model,
-        token_id_lists: Sequence[Sequence[int]],
-        chunk_ids: Sequence[int],
-        documents: Optional[Sequence[object]] = None,
-        pack_tokens: int = PACK_TOKENS,
-    ) -> int:
-        """Run `model` over the text and store K/V of every token at the stored layers.
-
-        token_id_lists[i] holds the token ids of chunk chunk_ids[i] (as `MemoryStore.chunk_tokens`
-        returns them); consecutive chunks with the same documents[i] (default: all one document)
-        are read as one token stream. A stream longer than `window` is read in windows of `window`
-        tokens that overlap by `overlap`: each window starts at position 0, and of every window
-        after the first only the last window - overlap tokens are kept (they had `overlap` tokens of
-        left context). Windows shorter than `pack_tokens` (short documents, the tails of long
-        ones) are packed, in order, into forward passes of up to `pack_tokens` tokens without
-        padding. Returns rows added (one segment).
-        """
-        if len(token_id_lists) != len(chunk_ids):
-            raise ValueError(f"{len(token_id_lists)} token lists for {len(chunk_ids)} chunk ids")
-        documents = [0] * len(chunk_ids) if documents is None else list(documents)
-        m = self.manifest
-        streams: list[tuple[list[int], list[int]]] = []  # (token ids, chunk id per token)
-        for i, (toks, cid) in enumerate(zip(token_id_lists, chunk_ids)):
-            toks = [int(t) for t in toks]
-            if i == 0 or documents[i] != documents[i - 1]:
-                streams.append(([], []))
-            streams[-1][0].extend(toks)
-            streams[-1][1].extend([int(cid)] * len(toks))
-
-        # Windows of every stream: (token ids, first row kept, chunk id per kept row).
-        pieces: list[tuple[list[int], int, list[int]]] = []
-        stride = m.window - m.overlap
-        for toks, cids in streams:
-            start = 0
-            while True:
-                piece = toks[start : start + m.window]
-                keep_from = 0 if start == 0 else m.overlap
-                if len(piece) > keep_from:
-                    pieces.append((piece, keep_from, cids[start + keep_from : start + len(piece)]))
-                if start + m.window >= len(toks):
-                    break
-                start += stride
-
-        captured = _KVCapture(model, m.layers)
-        keys: dict[int, list[torch.Tensor]] = {l: [] for l in m.layers}
-        values: dict[int, list[torch.Tensor]] = {l: [] for l in m.layers}
-        row_chunks: list[np.ndarray] = []
-        row_pos: list[np.ndarray] = []
-        try:
-            for pack in _packs(pieces, pack_tokens):
-                # One forward pass over several short windows, positions restarting at 0 in each:
-                # transformers builds a block-diagonal causal mask from the position ids, so every
-                # window sees only itself, exactly as when run alone (no padding anywhere).
-                ids = [t for piece, _, _ in pack for t in piece]
-                positions = None
-                if len(pack) > 1:
-                    positions = torch.cat([torch.arange(len(piece)) for piece, _, _ in pack]).view(1, -1)
-                kv = captured.run(torch.tensor([ids], dtype=torch.long), positions)
-                offset = 0
-                for piece, keep_from, cids in pack:
-                    lo, hi = offset + keep_from, offset + len(piece)
-                    for l in m.layers:
-                        k, v = kv[l]  # (Hkv, T, D) each
-                        keys[l].append(k[:, lo:hi].clone())
-                        values[l].append(v[:, lo:hi].clone())
-                    row_chunks.append(np.asarray(cids, dtype=np.int64))
-                    row_pos.append(np.arange(keep_from, len(piece), dtype=np.int32))
-                    offset += len(piece)
-        finally:
-            captured.remove()
-        if not row_chunks:
-            return 0
-        return self.add(
-            {l: torch.cat(keys[l], dim=1) for l in m.layers},
-            {l: torch.cat(values[l], dim=1) for l in m.layers},
-            np.concatenate(row_chunks),
-            np.concatenate(row_pos),
-        )
-
-
 def product_quantizer(d: int, m: int, centroids: Optional[np.ndarray] = None, seed: int = 0):
     """A faiss.ProductQuantizer(d, m, 8), with centroids (M, 256, D/M) set when given."""
     import faiss
@@ -582,66 +484,3 @@ def decode_pq(codes: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """(n, M) uint8 codes -> (n, D) fp32 reconstructions."""
     pq = product_quantizer(centroids.shape[0] * centroids.shape[2], centroids.shape[0], centroids)
     return pq.decode(np.ascontiguousarray(codes))
-
-
-def _packs(pieces: list, limit: int):
-    """Consecutive pieces grouped so each group's tokens stay within `limit` (a longer piece alone)."""
-    group: list = []
-    size = 0
-    for p in pieces:
-        n = len(p[0])
-        if group and size + n > limit:
-            yield group
-            group, size = [], 0
-        group.append(p)
-        size += n
-    if group:
-        yield group
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _KVCapture:
-    """Forward hooks on k_proj / v_proj of the chosen decoder layers (Llama-family layout:
-    model.model.layers[i].self_attn.{k,v}_proj). k_proj's output is the key BEFORE RoPE. The
-    forward stops after the last chosen layer (no later layers, no LM head)."""
-
-    def __init__(self, model, layers: Sequence[int]):
-        self.base = getattr(model, "model", model)
-        c = model.config
-        self.hkv = c.num_key_value_heads
-        self.out: dict[int, list[Optional[torch.Tensor]]] = {l: [None, None] for l in layers}
-        self.hooks = []
-        decoder = self.base.layers
-        for l in layers:
-            attn = decoder[l].self_attn
-            self.hooks.append(attn.k_proj.register_forward_hook(self._save(l, 0)))
-            self.hooks.append(attn.v_proj.register_forward_hook(self._save(l, 1)))
-        self.hooks.append(decoder[max(layers)].register_forward_hook(self._stop))
-
-    def _save(self, layer: int, which: int):
-        def hook(_module, _inputs, output):  # output (1, T, Hkv*D)
-            t = output[0]
-            self.out[layer][which] = t.view(t.shape[0], self.hkv, -1).transpose(0, 1)  # (Hkv, T, D)
-        return hook
-
-    @staticmethod
-    def _stop(*_):
-        raise _StopForward
-
-    def run(
-        self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """input_ids (1, T) -> {layer: (keys (Hkv, T, D), values (Hkv, T, D))}; positions 0..T-1
-        unless position_ids (1, T) says otherwise (packed windows restart at 0)."""
-        try:
-            self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        except _StopForward:
-            pass
-        return {l: (kv[0], kv[1]) for l, kv in self.out.items()}
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()

@@ -70,7 +70,7 @@ class CollectionRecord:
     @classmethod
     def decode(cls, raw: bytes) -> "CollectionRecord":
         obj = json.loads(raw)
-        return cls(CollectionConfig(**obj["config"]), obj["next_chunk_id"], obj["next_op_seq"])
+        return cls(CollectionConfig.from_dict(obj["config"]), obj["next_chunk_id"], obj["next_op_seq"])
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from prometheus_client import Histogram
@@ -57,6 +57,7 @@ from memlm.index.types import (
     StoredDocument,
 )
 from memlm.index.vector_index import IndexFileError, VectorIndex
+from memlm.modes import collection_memory
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,34 @@ class _Collection:
     # Why the derived indexes cannot serve (None: they can). Searches and writes then answer
     # FAILED_PRECONDITION with it; Get, Describe, Drop and Reindex still work (LMDB holds the data).
     problem: Optional[str] = None
+
+
+def _memory_arg(memory: Optional[Mapping[str, Any]], kv_memory: Optional[bool]) -> Optional[Mapping[str, Any]]:
+    """create_collection's `memory`, with the older `kv_memory` flag folded in."""
+    if not isinstance(kv_memory, (bool, type(None))):
+        raise InvalidArgument(f"kv_memory must be true or false, got {quoted(kv_memory)}")
+    if memory is not None and not isinstance(memory, Mapping):
+        raise InvalidArgument(f"memory must map memory modes to their options, got {quoted(memory)}")
+    if kv_memory:
+        memory = {"knn": {}, **(memory or {})}
+    return memory
+
+
+def _memory_differences(existing: CollectionConfig, asked: Mapping[str, Any], filled: Mapping[str, Any],
+                        off: frozenset[str] = frozenset()) -> list[str]:
+    """What an `if_not_exists` request asks of the collection's memory that it does not have: a
+    mode it lacks (or has, when asked off), or an option the request set to another value
+    (options it left out agree)."""
+    have = collection_memory(existing.memory)  # the defaults of options stored before they were recorded
+    out = [f"memory {mode!r} is on (asked off)" for mode in sorted(off) if mode in have]
+    for mode, options in filled.items():
+        if mode not in have:
+            out.append(f"memory {mode!r} is off (asked on; a collection's memory modes are fixed at creation)")
+            continue
+        for key in dict(asked.get(mode) or {}):
+            if have[mode].get(key) != options.get(key):
+                out.append(f"memory.{mode}.{key}={have[mode].get(key)!r} (asked {options.get(key)!r})")
+    return out
 
 
 def _check_name(name: Any) -> str:
@@ -417,23 +446,28 @@ class MemoryStore:
         chunk_tokens: Optional[int] = None,
         chunk_overlap: Optional[int] = None,
         embedding_model: Optional[str] = None,
+        memory: Optional[Mapping[str, Optional[Mapping[str, Any]]]] = None,
         kv_memory: Optional[bool] = None,
     ) -> CollectionConfig:
         """Create a collection; AlreadyExists if one of that name exists. A setting left None
-        takes the store's default."""
-        config, _ = self._create(name, False, index_factory, chunk_tokens, chunk_overlap, embedding_model, kv_memory)
+        takes the store's default. memory: {mode: options} for the memory modes that derive
+        something from the collection (`{"knn": {}}`: knn's KV memory with its default options);
+        kv_memory=True is the older spelling of `{"knn": {}}`."""
+        config, _ = self._create(name, False, index_factory, chunk_tokens, chunk_overlap, embedding_model,
+                                 _memory_arg(memory, kv_memory))
         return config
 
     def ensure_collection(self, name: str, **settings: Any) -> tuple[CollectionConfig, bool]:
         """(config, created): create the collection unless it exists (so start-up scripts can be
         re-run); `settings` are create_collection's. An existing one must agree with every
         setting given (not None), else AlreadyExists names the ones that differ."""
-        unknown = set(settings) - {"index_factory", "chunk_tokens", "chunk_overlap", "embedding_model", "kv_memory"}
+        unknown = set(settings) - {"index_factory", "chunk_tokens", "chunk_overlap", "embedding_model", "memory", "kv_memory"}
         if unknown:
             raise TypeError(f"ensure_collection() got unexpected settings {sorted(unknown)}")
         get = settings.get
+        off = frozenset({"knn"}) if get("kv_memory") is False else frozenset()  # kv_memory=False: asked without knn
         return self._create(name, True, get("index_factory"), get("chunk_tokens"), get("chunk_overlap"),
-                            get("embedding_model"), get("kv_memory"))
+                            get("embedding_model"), _memory_arg(get("memory"), get("kv_memory")), off)
 
     def _create(
         self,
@@ -443,13 +477,14 @@ class MemoryStore:
         chunk_tokens: Optional[int],
         chunk_overlap: Optional[int],
         embedding_model: Optional[str],
-        kv_memory: Optional[bool],
+        memory: Optional[Mapping[str, Optional[Mapping[str, Any]]]],
+        memory_off: frozenset[str] = frozenset(),
     ) -> tuple[CollectionConfig, bool]:
         _check_name(name)
         given = {
             k: v for k, v in (
                 ("index_factory", index_factory), ("chunk_tokens", chunk_tokens), ("chunk_overlap", chunk_overlap),
-                ("embedding_model", embedding_model), ("kv_memory", kv_memory),
+                ("embedding_model", embedding_model),
             ) if v is not None
         }
         factory = index_factory or self.settings.default_index_factory
@@ -464,8 +499,8 @@ class MemoryStore:
             )
         if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, int) or not 0 <= chunk_overlap < chunk_tokens:
             raise InvalidArgument(f"chunk_overlap must be an integer in [0, {chunk_tokens}), got {quoted(chunk_overlap)}")
-        if not isinstance(kv_memory, (bool, type(None))):
-            raise InvalidArgument(f"kv_memory must be true or false, got {quoted(kv_memory)}")
+        asked_memory = dict(memory or {})
+        memory_options = collection_memory(asked_memory)  # InvalidArgument naming a mode or option
         if self._embedder is not None and self._embedder.name == embedding_model:
             dim = self._embedder.dim
         else:
@@ -479,7 +514,7 @@ class MemoryStore:
             chunk_tokens=chunk_tokens,
             chunk_overlap=chunk_overlap,
             tokenizer=self.tokenizer_name,
-            kv_memory=bool(kv_memory),
+            memory=memory_options,
             created_at=time.time(),
         )
         with self._global:
@@ -492,7 +527,7 @@ class MemoryStore:
                 diff = [
                     f"{f}={getattr(existing.config, f)!r} (asked {quoted(v)})"
                     for f, v in given.items() if getattr(existing.config, f) != v
-                ]
+                ] + _memory_differences(existing.config, asked_memory, memory_options, memory_off)
                 if diff:
                     raise AlreadyExists(f"collection {name!r} already exists with different settings: {', '.join(diff)}")
                 return existing.config, False
@@ -547,19 +582,20 @@ class MemoryStore:
             return Path(str(self._tokenizer.name_or_path)).name
         return DEFAULT_TOKENIZER_NAME
 
-    def add_write_listener(self, listener: Callable[[str], None]) -> None:
-        """Call `listener(collection)` after every durable ingest or delete into a `kv_memory`
-        collection, on the writing thread, outside every store lock (the write is already
-        acknowledged to LMDB). The model host uses it to keep KV memory in step; an exception
-        from it is logged, never raised to the writer."""
+    def add_write_listener(self, listener: Callable[[str, Mapping[str, Any]], None]) -> None:
+        """Call `listener(collection, memory)` (memory: the collection's `CollectionConfig.memory`)
+        after every durable ingest or delete into a collection with derived memory on, on the
+        writing thread, outside every store lock (the write is already acknowledged to LMDB). The
+        model host uses it to have the memory modes keep their derived memory in step; the store
+        never runs the model. An exception from it is logged, never raised to the writer."""
         self._write_listeners.append(listener)
 
     def _notify_write(self, col: _Collection) -> None:
-        if not col.config.kv_memory or self.stopping:  # stopping: the next start brings KV memory in step
+        if not col.config.memory or self.stopping:  # stopping: the next start brings derived memory in step
             return
         for listener in self._write_listeners:
             try:
-                listener(col.config.name)
+                listener(col.config.name, col.config.memory)
             except Exception:  # noqa: BLE001 - derived data; the next sync repairs it
                 log.exception("collection %r: a write listener failed after a committed write", col.config.name)
 

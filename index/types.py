@@ -6,7 +6,7 @@ engine, the servicers and the tests share one vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 # A metadata value is a JSON scalar or a list of JSON scalars (a document's tags, say).
 Scalar = Union[str, int, float, bool]
@@ -33,8 +33,24 @@ class CollectionConfig:
     chunk_tokens: int = 64  # RETRO's chunk size, in language-model tokens
     chunk_overlap: int = 0  # tokens shared by consecutive chunks of one document
     tokenizer: str = "SmolLM2-135M-Instruct"
-    kv_memory: bool = False  # reserved for the knn memory mode (issue 3)
+    # The memory modes that derive something from this collection, with the options each fixed at
+    # creation ({"knn": {"layers": ..., "window": ...}}; memlm.modes.collection_memory fills them).
+    # Modes that read the store as it is (rag) need no entry.
+    memory: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     created_at: float = 0.0  # unix seconds
+
+    @property
+    def kv_memory(self) -> bool:
+        """Whether the collection keeps a KV memory (the knn mode's); the older name for `"knn" in memory`."""
+        return "knn" in self.memory
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "CollectionConfig":
+        """From `dataclasses.asdict` output, also as written before `memory` existed (`kv_memory: bool`)."""
+        obj = dict(obj)
+        if obj.pop("kv_memory", False) and "memory" not in obj:
+            obj["memory"] = {"knn": {}}
+        return cls(**obj)
 
 
 @dataclass(frozen=True)

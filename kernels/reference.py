@@ -4,8 +4,8 @@ They are the `forward_native` of the kernels: the dispatcher runs them on CPU, t
 Triton kernels against them, and they state the semantics plainly. They compute in fp32 whatever
 the input dtype (pass fp64 tensors for a tighter ground truth).
 - memory_topk_ref materialises all N scores of every query: fine for tests and small memories;
-  CPU serving retrieves through FAISS instead (memlm.memory_attention.FaissKV).
-- knn_attention_ref IS the CPU serving path of the attention (memlm.memory_attention calls it
+  CPU serving retrieves through FAISS instead (memlm.modes.knn.attention.FaissKV).
+- knn_attention_ref IS the CPU serving path of the attention (memlm.modes.knn.attention calls it
   through the dispatcher): local scores by one matmul per KV group, queries in chunks of bounded
   size, the gathered memory rows only K per query.
 

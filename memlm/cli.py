@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from memlm import modes as registry
 from memlm.errors import MemlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="memlm: memory-augmented language-model service.")
@@ -268,23 +269,50 @@ def _select_files(paths: List[Path], globs: List[str], id_prefix: str):
     return sel.files
 
 
-def _open_collection(client, collection: str, index_factory: str, chunk_tokens: int, kv_memory: bool):
+MemoryOpt = typer.Option(
+    [], "--memory", help="a memory mode whose derived memory the collection keeps (repeatable; `memlm modes` lists "
+    "them): knn keeps the model's keys and values; rag needs nothing. Fixed when the collection is created",
+)
+MemoryOptionOpt = typer.Option(
+    [], "--memory-option", help="MODE.OPTION=VALUE for a new collection's memory (repeatable), e.g. knn.window=512 "
+    "(VALUE read as JSON when it parses, else as text)",
+)
+
+
+def _memory_arg(memory: List[str], options: List[str], kv_memory: bool) -> dict[str, dict[str, Any]]:
+    """--memory / --memory-option / --kv-memory -> {mode: options}; exit 2 on a malformed option."""
+    out: dict[str, dict[str, Any]] = {m.strip().lower(): {} for m in memory}
+    if kv_memory:
+        out.setdefault("knn", {})
+    for item in options:
+        key, sep, value = item.partition("=")
+        mode, dot, option = key.strip().partition(".")
+        if not sep or not dot or not mode or not option:
+            err.print(f"error: --memory-option {item!r}: expected MODE.OPTION=VALUE, e.g. knn.window=512",
+                      markup=False, highlight=False)
+            raise typer.Exit(2)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(mode.lower(), {})[option] = parsed
+    return out
+
+
+def _open_collection(client, collection: str, index_factory: str, chunk_tokens: int, memory: dict[str, dict]):
     """Create the collection if it is missing; exit 1 when it exists with settings other than the
-    ones given (an existing collection's index, chunking and KV memory are fixed)."""
+    ones given (an existing collection's index, chunking and memory modes are fixed): the server
+    answers ALREADY_EXISTS naming them."""
     given = {"index_factory": index_factory, "chunk_tokens": chunk_tokens}
     given = {k: v for k, v in given.items() if v}
-    if kv_memory:
-        given["kv_memory"] = True  # only when asked: an absent flag means "whatever it has"
-    config = client.create_collection(collection, if_not_exists=True, **given)
-    differ = [f"{k}={getattr(config, k)!r} (asked for {v!r})" for k, v in given.items() if getattr(config, k) != v]
-    if differ:
-        hint = "; --kv-memory cannot be turned on for an existing collection" if "kv_memory" in given and not config.kv_memory else ""
-        err.print(
-            f"[red]error:[/red] ALREADY_EXISTS: collection {collection!r} exists with {', '.join(differ)}{hint}; "
-            "drop it first or ingest without those options", markup=True, highlight=False,
-        )
-        raise typer.Exit(1)
-    return config
+    try:
+        return client.create_collection(collection, if_not_exists=True, memory=memory or None, **given)
+    except MemlmError as e:
+        if e.code != "ALREADY_EXISTS":
+            raise
+        err.print(f"[red]error:[/red] ALREADY_EXISTS: {e}; drop it first or ingest without those options",
+                  markup=True, highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -295,7 +323,9 @@ def ingest(
     id_prefix: str = typer.Option("", "--id-prefix", help="put in front of each file's document id (ids are relative to the folder named, or the file's name)"),
     index_factory: str = typer.Option("", "--index-factory", help="FAISS factory string for a new collection"),
     chunk_tokens: int = typer.Option(0, "--chunk-tokens", help="chunk size for a new collection (0: default 64)"),
-    kv_memory: bool = typer.Option(False, "--kv-memory", help="create the collection with KV memory on"),
+    memory: List[str] = MemoryOpt,
+    memory_option: List[str] = MemoryOptionOpt,
+    kv_memory: bool = typer.Option(False, "--kv-memory", help="the older spelling of --memory knn"),
     batch_size: int = typer.Option(32, "--batch-size", help="documents per atomic Ingest call"),
     as_json: bool = JsonOpt,
     address: str = AddressOpt,
@@ -320,10 +350,11 @@ def ingest(
         err.print(f"skipped {where}: {why}", markup=False, highlight=False)
 
     with _connected(address, api_key, timeout, tls_ca) as client:
-        config = _open_collection(client, collection, index_factory, chunk_tokens, kv_memory)
-        # The server embeds and stores each batch, and, for a KV-memory collection, runs the model
-        # over it before answering: that last stage is the slow one, so it is named.
-        stage = "embedding, storing, building KV memory" if config.kv_memory else "embedding and storing"
+        config = _open_collection(client, collection, index_factory, chunk_tokens,
+                                  _memory_arg(memory, memory_option, kv_memory))
+        # The server embeds and stores each batch, and, for a collection with derived memory (knn's
+        # KV memory), builds it before answering: that last stage is the slow one, so it is named.
+        stage = f"embedding, storing, building {'+'.join(config.memory)} memory" if config.memory else "embedding and storing"
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
@@ -395,7 +426,7 @@ def search(
 def ask(
     prompt: str = typer.Argument(...),
     collection: str = typer.Option("", "--collection", "-c"),
-    memory: str = typer.Option("rag", "--memory", help="none, rag, knn (landmark, retro, rmt: later)"),
+    memory: str = typer.Option("rag", "--memory", help="the memory mode: " + ", ".join(registry.MODES) + " (`memlm modes`)"),
     k: int = typer.Option(0, "-k", "--k", help="rag: chunks to retrieve; knn: memory rows per head and layer (0: server default)"),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="0: server default"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
@@ -452,9 +483,9 @@ def collections(
     if as_json:
         _print_json(configs)
         return
-    table = Table("name", "embedding", "dim", "index", "chunk tokens", "kv memory")
+    table = Table("name", "embedding", "dim", "index", "chunk tokens", "memory")
     for c in configs:
-        table.add_row(c.name, c.embedding_model, str(c.dim), c.index_factory, str(c.chunk_tokens), str(c.kv_memory))
+        table.add_row(c.name, c.embedding_model, str(c.dim), c.index_factory, str(c.chunk_tokens), ", ".join(c.memory) or "-")
     out.print(table)
 
 
@@ -490,7 +521,9 @@ def create_collection(
     index_factory: str = typer.Option("", "--index-factory"),
     chunk_tokens: int = typer.Option(0, "--chunk-tokens"),
     chunk_overlap: int = typer.Option(0, "--chunk-overlap"),
-    kv_memory: bool = typer.Option(False, "--kv-memory"),
+    memory: List[str] = MemoryOpt,
+    memory_option: List[str] = MemoryOptionOpt,
+    kv_memory: bool = typer.Option(False, "--kv-memory", help="the older spelling of --memory knn"),
     as_json: bool = JsonOpt,
     address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
     timeout: float = TimeoutOpt,
@@ -499,12 +532,47 @@ def create_collection(
     with _connected(address, api_key, timeout, tls_ca) as client:
         c = client.create_collection(
             name, index_factory=index_factory, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-            **({"kv_memory": True} if kv_memory else {}),
+            memory=_memory_arg(memory, memory_option, kv_memory) or None,
         )
     if as_json:
         _print_json(c)
         return
-    out.print(f"created '{c.name}': {c.index_factory}, {c.dim}-d {c.embedding_model}, {c.chunk_tokens}-token chunks")
+    modes = f"; memory: {', '.join(c.memory)}" if c.memory else ""
+    out.print(f"created '{c.name}': {c.index_factory}, {c.dim}-d {c.embedding_model}, {c.chunk_tokens}-token chunks{modes}")
+
+
+@app.command()
+def modes(as_json: bool = JsonOpt) -> None:
+    """The registered memory modes: what each reads, keeps per collection, and takes as options."""
+    rows = []
+    for name in registry.MODES:
+        cls = registry.mode_class(name)
+        try:
+            options, settings = registry.collection_options_class(name), registry.settings_class(name)
+        except ImportError:  # a client-only install (no pydantic): the options are the server's business
+            options = settings = None
+        rows.append({
+            "mode": name,
+            "summary": cls.summary,
+            "needs": ("a collection" + (f" created with --memory {name}" if options else "")) if cls.reads_collection else "nothing",
+            "keeps per collection": cls.derives or "-",
+            "collection options": {k: f.default for k, f in options.model_fields.items()} if options else {},
+            "settings": f"[{name}] / MEMLM_{name.upper()}__*" if settings else "-",
+            "k": cls.k_means or "-",
+        })
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.markup import escape
+
+    shown = ("mode", "summary", "needs", "collection options", "settings")
+    table = Table(*shown)
+    for r in rows:
+        cells = [r[c] for c in shown]
+        table.add_row(*(escape(", ".join(f"{k}={v}" for k, v in x.items()) or "-" if isinstance(x, dict) else str(x)) for x in cells))
+    out.print(table)
+    out.print("keeps per collection: " + "; ".join(f"{r['mode']}: {r['keeps per collection']}" for r in rows if r["keeps per collection"] != "-"),
+              highlight=False, markup=False)
 
 
 @app.command()

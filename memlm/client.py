@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from memlm import wire
-from memlm.engine import GenerationResult, MemoryMode
+from memlm.engine import GenerationResult
 from memlm.errors import InvalidArgument, error_for_code
 from memlm.index.types import CollectionConfig, CollectionStats, DocumentResult, Filter, SearchHit, StoredDocument
 from memlm.v1 import memlm_pb2 as pb
@@ -244,22 +244,25 @@ class Client:
         embedding_model: Optional[str] = None,
         chunk_tokens: Optional[int] = None,
         chunk_overlap: Optional[int] = None,
+        memory: Union[None, Sequence[str], Mapping[str, Optional[Mapping[str, Any]]]] = None,
         kv_memory: Optional[bool] = None,
         if_not_exists: bool = False,
         timeout: Optional[float] = None,
     ) -> CollectionConfig:
         """Create a collection; a setting left None takes the server's default. If it exists:
         AlreadyExists, or with `if_not_exists` the existing one, provided it agrees with every
-        setting given here (AlreadyExists names those that differ)."""
+        setting given here (AlreadyExists names those that differ).
+        memory: the memory modes to derive memory for, as names (["knn"]) or {mode: options}
+        ({"knn": {"window": 512}}; `memlm modes` lists them); kv_memory=True means ["knn"]."""
         given = dict(index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
                      chunk_overlap=chunk_overlap, kv_memory=kv_memory)
-        reply = self._call(
-            self._memory.CreateCollection,
-            pb.CreateCollectionRequest(
-                name=name, if_not_exists=if_not_exists, **{k: v for k, v in given.items() if v is not None}
-            ),
-            timeout,
+        request = pb.CreateCollectionRequest(
+            name=name, if_not_exists=if_not_exists, **{k: v for k, v in given.items() if v is not None}
         )
+        if memory is not None:
+            modes = {m: None for m in memory} if not isinstance(memory, Mapping) else dict(memory)
+            request.memory.extend(wire.memory_to_pb(modes))
+        reply = self._call(self._memory.CreateCollection, request, timeout)
         return wire.config_from_pb(reply.config)
 
     def list_collections(self, *, timeout: Optional[float] = None) -> list[CollectionConfig]:
@@ -304,7 +307,7 @@ class Client:
         fails, earlier batches stay stored; the exception says which batch failed.
         `progress=True` shows a progress bar; a callable gets the count of documents done.
         `before_batch(first, size)` is called as each batch is sent (the server then embeds and
-        stores it, and builds KV memory for a `kv_memory` collection, before it answers).
+        stores it, and builds the derived memory of a collection with any (knn's KV memory), before it answers).
         A document without an id (a LangChain loader's or splitter's, say) gets `content_id()`.
         """
         if batch_size < 1:
@@ -399,7 +402,7 @@ class Client:
         *,
         messages: Optional[Sequence[Mapping[str, str]]] = None,
         collection: str = "",
-        memory: Union[str, MemoryMode] = "rag",
+        memory: str = "rag",
         k: int = 0,
         filter: FilterLike = None,
         max_new_tokens: int = 0,
@@ -413,11 +416,11 @@ class Client:
         """Stream a completion. `memory="rag"` needs a collection; `memory="none"` does not.
         0 for `k` / `max_new_tokens` means the server's default. `search_mode`: how rag and
         chunk-gated knn search the collection ("dense", "lexical", "hybrid"; None: the server's)."""
-        mode = MemoryMode.parse(memory)
-        if mode is not MemoryMode.NONE and not collection:
-            raise InvalidArgument(f"memory={mode.value!r} reads a collection: pass collection=...")
+        mode = wire.memory_mode_to_pb(memory)  # InvalidArgument for a name the wire does not know
+        if mode not in (pb.MEMORY_MODE_NONE, pb.MEMORY_MODE_UNSPECIFIED) and not collection:
+            raise InvalidArgument(f"memory={memory!r} reads a collection: pass collection=...")
         request = pb.GenerateRequest(
-            collection=collection, memory=wire.memory_mode_to_pb(mode), k=k, max_new_tokens=max_new_tokens,
+            collection=collection, memory=mode, k=k, max_new_tokens=max_new_tokens,
             stop=list(stop), search_mode=search_mode or "",
         )
         if (prompt is None) == (messages is None):

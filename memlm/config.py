@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from memlm import modes as registry
 from memlm.index.lmdb_store import MAX_COLLECTIONS as LMDB_MAX_COLLECTIONS
 
 
@@ -101,34 +102,6 @@ class ModelSettings(BaseModel):
     torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch's default")
 
 
-class KnnSettings(BaseModel):
-    """The `knn` memory mode: what ingest stores for `kv_memory` collections, and how generation reads it."""
-
-    layers: str = Field(
-        "all_but_first", description="decoder layers whose keys/values are stored at ingest: a preset of "
-        "memlm.knn_memory.LAYER_PRESETS or comma-separated indices (fixed per collection when its memory is created)",
-    )
-    top_k: Optional[int] = Field(None, gt=0, description="memory rows each query head retrieves per layer when a "
-                                 "request leaves k at 0; None = the preset's (64 for 'default', 8 for 'ungated')")
-    candidate_chunks: Optional[int] = Field(
-        None, ge=0, le=1000, description="chunk-gated knn: a generation reads only the rows of the chunks the "
-        "store's search (store.search_mode) ranks first for its prompt (as rag does; `filter` applies); None = the preset's "
-        "(8 for 'default'), 0 = every row (needs a preset without 'ranked' positions, e.g. 'ungated')",
-    )
-    follow_chunks: Optional[int] = Field(
-        None, ge=0, le=16, description="chunk-gated knn: each candidate chunk also brings the next N chunks "
-        "of its document; None = the preset's (2 for 'default')",
-    )
-    preset: str = Field("default", description="memlm.knn_memory.PRESETS entry: 'default' (chunk-gated), 'ungated' "
-                        "(every row of the memory searched), 'fixed'; sets positions, gating, per-head retrieval, codec")
-    window: int = Field(1024, gt=1, description="tokens per forward pass when building memory")
-    overlap: int = Field(128, ge=0, description="left context a build window shares with the one before")
-    dtype: str = Field("float16", description="on-disk dtype of stored keys and values: float16 | bfloat16")
-    build_batch_tokens: int = Field(16384, gt=0, description="tokens built into one memory segment at a time")
-    max_segments: int = Field(32, gt=0, description="compact a memory once it has more segments than this")
-    resident_collections: int = Field(2, gt=0, description="collections whose memory stays loaded between requests")
-
-
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
@@ -150,7 +123,9 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "memlm"
 
 
-class Settings(BaseSettings):
+class _CommonSettings(BaseSettings):
+    """The sections every server has; `Settings` adds one per memory mode (memlm.modes)."""
+
     model_config = SettingsConfigDict(env_prefix="MEMLM_", env_nested_delimiter="__", extra="forbid")
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="LMDB, FAISS and KV-memory files")
@@ -159,7 +134,6 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
-    knn: KnnSettings = KnnSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -177,3 +151,21 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"MEMLM_CONFIG names {toml_path}, which does not exist")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+    def modes(self) -> dict[str, BaseModel]:
+        """{mode name: its settings section} for every registered mode that has one."""
+        return {name: getattr(self, name) for name in registry.MODES if registry.settings_class(name) is not None}
+
+
+def _mode_sections() -> dict[str, Any]:
+    """One field per registered memory mode with settings: `[knn]` in memlm.toml, `MEMLM_KNN__PRESET`."""
+    sections = {}
+    for name in registry.MODES:
+        cls = registry.settings_class(name)
+        if cls is not None:
+            sections[name] = (cls, Field(default_factory=cls, description=f"the {name!r} memory mode"))
+    return sections
+
+
+Settings = create_model("Settings", __base__=_CommonSettings, __doc__="All of memlm's settings: the common "
+                        "sections and one per memory mode.", **_mode_sections())

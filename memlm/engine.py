@@ -3,39 +3,19 @@
 Servicers build a `GenerationRequest`, iterate `EngineClient.generate()` and translate what comes
 back; they never touch the model. The engine reads memory through `MemoryReader`, which the
 in-process `MemoryStore` implements and a remote store client can implement too, so the same
-engine code serves one machine and a sharded deployment. Later memory modes (knn, landmark, retro,
-rmt) plug in behind `generate()` without changing any servicer; batching concurrent requests is
-likewise the engine's business.
+engine code serves one machine and a sharded deployment. Memory modes (memlm.modes) plug in
+behind `generate()` without changing any servicer; batching concurrent requests is likewise the
+engine's business.
 """
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 from memlm.index.types import Filter, SearchHit
-
-
-class MemoryMode(str, enum.Enum):
-    NONE = "none"  # plain generation
-    RAG = "rag"  # retrieved chunks put into the prompt
-    KNN = "knn"  # attention over the model's own keys/values of the ingested text (issue 3)
-    LANDMARK = "landmark"
-    RETRO = "retro"
-    RMT = "rmt"
-
-    @classmethod
-    def parse(cls, value: "str | MemoryMode") -> "MemoryMode":
-        from memlm.errors import InvalidArgument
-
-        try:
-            return cls(value.value if isinstance(value, MemoryMode) else str(value).lower())
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise InvalidArgument(f"unknown memory mode {value!r}; expected one of: {choices}") from None
 
 
 class MemoryReader(Protocol):
@@ -74,7 +54,7 @@ class GenerationRequest:
     prompt: Optional[str] = None
     messages: Optional[tuple[ChatMessage, ...]] = None
     collection: Optional[str] = None
-    memory: MemoryMode = MemoryMode.NONE
+    memory: str = "none"  # a registered memory mode's name (memlm.modes.MODES)
     k: Optional[int] = None  # rag: chunks retrieved (None: 4); knn: memory rows per query head and layer
     filter: Optional[Filter] = None
     sampling: SamplingParams = SamplingParams()
@@ -120,7 +100,7 @@ class ModelInfo:
     context_length: int
     vocab_size: int
     layers: int
-    supported_memory_modes: tuple[MemoryMode, ...]
+    supported_memory_modes: tuple[str, ...]  # registered modes this host can serve
 
 
 class EngineClient(abc.ABC):

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from memlm.engine import SamplingParams, TextDelta
+from memlm.modes.base import NO_HOOKS, GenerationHooks
 
 # Prompts longer than this are prefilled in pieces, so attention scores for an 8k-token prompt
 # never need a (heads, T, T) matrix at once; shorter prompts take one forward pass, exactly as
@@ -184,12 +185,15 @@ def generate_tokens(
     sampling: SamplingParams,
     cancel: threading.Event,
     eos_ids: Optional[Iterable[int]] = None,
+    hooks: GenerationHooks = NO_HOOKS,
 ) -> Iterator[Union[TextDelta, GenerationOutcome]]:
     """Generate after `input_ids` ((1, T) tensor or a list of ids), yielding non-empty
     `TextDelta`s as text becomes safe to show, then one `GenerationOutcome`.
 
     Stops on an EOS token (not part of the text), `sampling.max_new_tokens`, a stop sequence
     (the text ends before it) or `cancel.set()` (checked before every forward pass).
+    `hooks`: the memory mode's (memlm.modes.base.GenerationHooks): extra embeddings before the
+    prompt, a call each time the sequence completes a chunk of `hooks.chunk_tokens`, one per token.
     """
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
     eos = frozenset(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
@@ -207,7 +211,14 @@ def generate_tokens(
         return
     cache = new_cache(model)
     t0 = time.perf_counter()
+    prompt_ids = ids[0].tolist()
+    prefix = hooks.prefix_embeds(prompt_ids)  # (1, P, dim) or None
+    if prefix is not None:
+        model(inputs_embeds=prefix.to(model.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = prefill(model, ids, cache)
+    every = hooks.chunk_tokens
+    if every and len(prompt_ids) >= every:  # the prompt's own completed chunks, before the first new token
+        hooks.on_chunk(prompt_ids, len(prompt_ids) - len(prompt_ids) % every)
     token = sample(logits, sampling.temperature, sampling.top_p, generator)  # (1, 1)
     first_token_at = time.perf_counter()
     prefill_s = first_token_at - t0
@@ -215,6 +226,10 @@ def generate_tokens(
     while True:
         token_id = int(token)
         token_ids.append(token_id)
+        position = len(prompt_ids) + len(token_ids) - 1
+        hooks.on_token(token_id, position)
+        if every and (position + 1) % every == 0:  # a chunk completed: before the forward pass that follows it
+            hooks.on_chunk(prompt_ids + token_ids, position + 1)
         if token_id in eos:
             reason = "eos"
             break

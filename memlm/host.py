@@ -1,9 +1,13 @@
 """`ModelHost`: the in-process `EngineClient` that owns the language model.
 
-One model, one worker thread. `generate()` validates the request, retrieves memory (rag) off the
-event loop, then hands a `_Job` to the worker thread, which builds the prompt, runs the token loop
-(`memlm.generation.generate_tokens`) and posts events back with `loop.call_soon_threadsafe`
-onto the request's `asyncio.Queue`. The event loop never runs model work.
+One model, one worker thread. `generate()` does the work every request shares (validation of
+the prompt and sampling, the collection check), then hands the request to its memory mode
+(memlm.modes, looked up in the registry by name: the host names no mode): the mode validates it
+and plans its reads off the event loop; the plan carries the citations. A `_Job` then goes to the
+worker thread, which builds the prompt (with the plan's prompt chunks, if any), enters the mode's
+generation context, runs the token loop (`memlm.generation.generate_tokens`) with the mode's hooks
+and posts events back with `loop.call_soon_threadsafe` onto the request's `asyncio.Queue`. The
+event loop never runs model work.
 
 Jobs wait in a FIFO and run one at a time. Batching concurrent requests later means replacing
 `_ModelWorker._serve` with a scheduler that drains several jobs and steps them together; jobs,
@@ -12,15 +16,10 @@ events and `generate()` stay as they are.
 Closing the iterator early (aclose, task cancellation, a deadline) sets the job's cancel event:
 a queued job is skipped, a running one stops before its next forward pass.
 
-The `knn` mode (when the memory is a `MemoryStore`): `memlm.kv_memories.KVMemories` keeps each
-kv collection's KV memory in step with the store. Its work runs on the same worker thread, as
-`_Call`s: the store's write listener (after each ingest/delete, waited for, so Ingest returns with
-the memory built), one sync per kv collection at start-up (crash repair), and the sync + load at
-the start of every knn job. A knn job runs `generate_tokens` inside `knn_mode`. With
-`knn.candidate_chunks` = M > 0 (chunk-gated knn), `generate()` first searches the collection for
-the prompt like rag does (M chunks, `filter` applies) and the job's memory is only those chunks'
-rows and those of the `follow_chunks` chunks after each in its document (the default preset;
-"ungated" reads the whole memory); the result cites the M chunks found.
+Derived memory: a store in this process reports every acknowledged write
+(`add_write_listener`); the host forwards it to each mode whose memory the collection has on
+(`MemoryModeBase.after_write`), and calls every mode's `start()` once (crash repair). Modes run
+their model work on the worker through `ModeRuntime.run_on_model`.
 """
 from __future__ import annotations
 
@@ -30,37 +29,33 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Mapping, Optional
 
 import torch
+from pydantic import BaseModel
 
-from memlm.config import KnnSettings, ModelSettings
+from memlm import modes as registry
+from memlm.config import ModelSettings
 from memlm.engine import (
     EngineClient,
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
-    MemoryMode,
     MemoryReader,
     ModelInfo,
-    SamplingParams,
     TextDelta,
     Timings,
 )
-from memlm.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from memlm.errors import FailedPrecondition, InvalidArgument
 from memlm.generation import GenerationOutcome, eos_token_ids, generate_tokens
-from memlm.index.types import SearchHit
 from memlm.models.loading import BUNDLED_MODEL_NAME, load_causal_lm, load_tokenizer, resolve_model_dir
+from memlm.modes.base import MemoryModeBase, ModeRuntime, ReadPlan
 from memlm.prompts import BuiltPrompt, build_prompt, prompt_budget, query_text
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODES = (MemoryMode.NONE, MemoryMode.RAG, MemoryMode.KNN)  # KNN when the memory is a MemoryStore
-MAX_K = 100  # rag: chunks (more would not fit a small model's context); knn: memory rows per head and layer
-RAG_DEFAULT_K = 4
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -68,13 +63,10 @@ CHAT_ROLES = ("system", "user", "assistant")
 class _Job:
     """One request as the worker thread sees it."""
 
-    prompt: Optional[str]
-    messages: Optional[tuple]
-    hits: tuple[SearchHit, ...]
-    rag: bool
-    memory: Optional[Callable[[], AbstractContextManager]]  # knn: the context to generate in
+    request: GenerationRequest
+    mode: MemoryModeBase
+    plan: ReadPlan
     budget: int
-    sampling: SamplingParams
     cancel: threading.Event
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # of TextDelta | _Done | BaseException
@@ -90,12 +82,12 @@ class _Job:
 class _Done:
     prompt: Optional[BuiltPrompt]  # None when the job was cancelled before it started
     outcome: GenerationOutcome
-    memory_s: float = 0.0  # knn: syncing and loading the KV memory
+    memory_s: float = 0.0  # the mode getting its memory ready (knn: syncing and loading the KV memory)
 
 
 @dataclass
 class _Call:
-    """Any other model work (building KV memory): run `fn` on the worker, answer through `future`."""
+    """Any other model work (a mode building derived memory): run `fn` on the worker, answer through `future`."""
 
     fn: Callable[[], object]
     future: Future
@@ -161,24 +153,21 @@ class _ModelWorker:
         if job.cancel.is_set():
             job.post(_Done(None, GenerationOutcome("", (), "cancelled")))
             return
-        built = build_prompt(
-            self._tokenizer, job.budget, prompt=job.prompt, messages=job.messages, hits=job.hits, rag=job.rag
-        )
-        t0 = time.perf_counter()
-        context = job.memory() if job.memory is not None else nullcontext()
-        memory_s = time.perf_counter() - t0
-        with context:
-            for event in generate_tokens(
-                self._model, self._tokenizer, list(built.input_ids), job.sampling, job.cancel, self._eos_ids
-            ):
+        r, plan = job.request, job.plan
+        chunks = plan.prompt_chunks
+        built = build_prompt(self._tokenizer, job.budget, prompt=r.prompt, messages=r.messages,
+                             hits=chunks or (), rag=chunks is not None)
+        with job.mode.generation(r, plan) as hooks:
+            for event in generate_tokens(self._model, self._tokenizer, list(built.input_ids), r.sampling, job.cancel,
+                                         self._eos_ids, hooks=hooks):
                 if isinstance(event, TextDelta):
                     job.post(event)
                 else:
-                    job.post(_Done(built, event, memory_s))
+                    job.post(_Done(built, event, hooks.memory_s))
 
 
 class ModelHost(EngineClient):
-    """Serves one causal LM: plain, rag and knn generation, streamed."""
+    """Serves one causal LM in every registered memory mode, streamed."""
 
     def __init__(
         self,
@@ -187,19 +176,30 @@ class ModelHost(EngineClient):
         settings: Optional[ModelSettings] = None,
         memory: Optional[MemoryReader] = None,
         name: str = BUNDLED_MODEL_NAME,
-        knn: Optional[KnnSettings] = None,
+        mode_settings: Optional[Mapping[str, BaseModel]] = None,
     ):
+        """memory: the store modes read (a `MemoryStore` in this process, or any `StoreView`);
+        mode_settings: {mode name: its settings section} (`Settings.modes()`); absent: the defaults."""
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ModelSettings()
         self.memory = memory
         self.name = name
-        self.kv_memories = None
-        if memory is not None and hasattr(memory, "add_write_listener"):  # a MemoryStore, in process
-            from memlm.kv_memories import KVMemories
-
-            tokenizer_name = Path(str(getattr(tokenizer, "name_or_path", "") or name)).name
-            self.kv_memories = KVMemories(memory, model, knn or KnnSettings(), model_name=tokenizer_name)
-        modes = SUPPORTED_MODES if self.kv_memories is not None else tuple(m for m in SUPPORTED_MODES if m is not MemoryMode.KNN)
+        self._closed = False
+        self._active: set[threading.Event] = set()
+        self._worker = _ModelWorker(model, tokenizer, eos_token_ids(model, tokenizer), self.settings.torch_threads)
+        in_process = memory is not None and hasattr(memory, "add_write_listener")  # a MemoryStore: its files are here
+        runtime = ModeRuntime(
+            model=model, tokenizer=tokenizer,
+            model_name=Path(str(getattr(tokenizer, "name_or_path", "") or name)).name,
+            store=memory, in_process_store=in_process, run_on_model=self._worker.call,
+        )
+        mode_settings = dict(mode_settings or {})
+        self.modes: dict[str, MemoryModeBase] = {}
+        for mode_name in registry.MODES:
+            section = mode_settings.get(mode_name)
+            if section is None and (cls := registry.settings_class(mode_name)) is not None:
+                section = cls()
+            self.modes[mode_name] = registry.mode_class(mode_name)(runtime, section)
         config = model.config
         limits = [n for n in (getattr(config, "max_position_embeddings", None), self.settings.max_context_tokens) if n]
         self.context_length = int(min(limits)) if limits else 2048  # 2048: a model that states no limit
@@ -208,27 +208,22 @@ class ModelHost(EngineClient):
             context_length=self.context_length,
             vocab_size=int(config.vocab_size),
             layers=int(config.num_hidden_layers),
-            supported_memory_modes=modes,
+            supported_memory_modes=tuple(n for n, m in self.modes.items() if m.unavailable() is None),
         )
-        self._active: set[threading.Event] = set()
-        self._closed = False
-        self._worker = _ModelWorker(model, tokenizer, eos_token_ids(model, tokenizer), self.settings.torch_threads)
-        if self.kv_memories is not None:
-            memory.add_write_listener(self._kv_sync_now)
-            for config in memory.list_collections():  # repair what a crash left behind, in the background
-                if config.kv_memory:
-                    self._worker.call(lambda name=config.name: self._kv_sync_quietly(name))
+        if in_process:
+            memory.add_write_listener(self._after_write)
+        for mode in self.modes.values():
+            if mode.unavailable() is None:
+                mode.start()
 
-    def _kv_sync_quietly(self, name: str) -> None:
-        try:
-            self.kv_memories.sync(name)
-        except Exception:  # noqa: BLE001 - logged; the next write or knn request retries
-            log.exception("collection %r: building its KV memory failed", name)
-
-    def _kv_sync_now(self, name: str) -> None:
-        """The store's write listener: bring `name`'s KV memory in step and wait for it."""
-        if not self._closed:
-            self._worker.call(lambda: self.kv_memories.sync(name)).result()
+    def _after_write(self, collection: str, memory: Mapping[str, Any]) -> None:
+        """The store's write listener: each mode whose memory `collection` has brings it in step."""
+        if self._closed:
+            return
+        for mode_name in memory:
+            mode = self.modes.get(mode_name)
+            if mode is not None and mode.unavailable() is None:
+                mode.after_write(collection)
 
     @classmethod
     def load(
@@ -236,7 +231,7 @@ class ModelHost(EngineClient):
         settings: Optional[ModelSettings] = None,
         memory: Optional[MemoryReader] = None,
         cache_dir: Optional[Path] = None,
-        knn: Optional[KnnSettings] = None,
+        mode_settings: Optional[Mapping[str, BaseModel]] = None,
         tokenizer=None,
     ) -> "ModelHost":
         """Load `settings.path` (None = the bundled SmolLM2, converted once into `cache_dir`).
@@ -250,15 +245,15 @@ class ModelHost(EngineClient):
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         name = BUNDLED_MODEL_NAME if settings.path in (None, "", "bundled") else Path(model_dir).name
         log.info("loaded %s from %s in %.1f s", name, model_dir, time.perf_counter() - t0)
-        return cls(model, tokenizer, settings, memory, name, knn)
+        return cls(model, tokenizer, settings, memory, name, mode_settings)
 
     def info(self) -> ModelInfo:
         return self._info
 
     # --- validation ------------------------------------------------------------------------
 
-    def _validate(self, request: GenerationRequest) -> tuple[MemoryMode, int]:
-        """Raise a `memlm.errors` exception for a bad request; return (mode, prompt budget)."""
+    def _validate(self, request: GenerationRequest) -> tuple[MemoryModeBase, int]:
+        """Raise a `memlm.errors` exception for a bad request; return (its mode, prompt budget)."""
         if self._closed:
             raise FailedPrecondition("the model host is closed")
         if (request.prompt is None) == (request.messages is None):
@@ -272,29 +267,27 @@ class ModelHost(EngineClient):
             for m in request.messages:
                 if m.role not in CHAT_ROLES:
                     raise InvalidArgument(f"message role {m.role!r} is not one of {', '.join(CHAT_ROLES)}")
-        mode = MemoryMode.parse(request.memory)
-        if mode not in SUPPORTED_MODES:
-            raise Unimplemented(
-                f"memory mode {mode.value!r} is not implemented yet; supported: "
-                + ", ".join(m.value for m in SUPPORTED_MODES)
-            )
-        if mode is not MemoryMode.NONE:
+        mode = self.modes[registry.parse_mode(request.memory)]  # InvalidArgument / Unimplemented
+        collection = None
+        if mode.reads_collection:
             if not request.collection:
-                raise InvalidArgument(f"memory mode {mode.value!r} needs a `collection` to read memory from")
-            if self.memory is None:
-                raise FailedPrecondition(f"memory mode {mode.value!r} needs a memory store, and this model host has none")
-            if request.k is not None and not 1 <= request.k <= MAX_K:
-                raise InvalidArgument(f"k={request.k} is out of range; expected 1 <= k <= {MAX_K}")
-        if mode is MemoryMode.KNN:
-            if self.kv_memories is None:
-                raise FailedPrecondition("memory mode 'knn' needs the in-process memory store, and this model host has another")
-            if request.filter is not None and not self.kv_memories.candidate_chunks:
-                raise InvalidArgument("this server's knn reads the whole collection's KV memory (knn preset "
-                                      f"{self.kv_memories.settings.preset!r}, candidate_chunks=0); `filter` needs "
-                                      "chunk-gated knn (knn.candidate_chunks > 0, preset 'default') or rag")
-            self.kv_memories.check_collection(request.collection)  # NotFound / FailedPrecondition
-        if request.messages is not None and self._searches(mode):
-            query_text(None, request.messages)  # raises when there is no user message to search for
+                raise InvalidArgument(f"memory mode {mode.name!r} needs a `collection` to read memory from")
+        problem = mode.unavailable()
+        if problem:
+            raise FailedPrecondition(problem)
+        if mode.reads_collection:
+            if request.k is not None and not 1 <= request.k <= mode.max_k:
+                raise InvalidArgument(f"k={request.k} is out of range; expected 1 <= k <= {mode.max_k}"
+                                      + (f" ({mode.k_means})" if mode.k_means else ""))
+            if registry.collection_options_class(mode.name) is not None:  # the mode derives memory per collection
+                collection = self.memory.collection_config(request.collection)  # NotFound
+                if mode.name not in collection.memory:
+                    raise FailedPrecondition(
+                        f"collection {request.collection!r} has no {mode.name} memory; create one with it on "
+                        f"(CLI: memlm create-collection NAME --memory {mode.name}) to use memory mode {mode.name!r}")
+            if request.messages is not None:
+                query_text(None, request.messages)  # raises when there is no user message to search for
+        mode.validate(request, collection)
         s = request.sampling
         limit = self.settings.max_new_tokens_limit
         if not 1 <= s.max_new_tokens <= limit:
@@ -312,33 +305,9 @@ class ModelHost(EngineClient):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         t0 = time.perf_counter()
         mode, budget = self._validate(request)
-        hits: tuple[SearchHit, ...] = ()
-        retrieval_ms = 0.0
-        if self._searches(mode):  # rag: the chunks for the prompt; gated knn: the chunks whose memory it reads
-            query = query_text(request.prompt, request.messages)
-            k = request.k or RAG_DEFAULT_K if mode is MemoryMode.RAG else self.kv_memories.candidate_chunks
-            # `mode` only when the request names one: a MemoryReader without search modes still works
-            mode_arg = {"mode": request.search_mode} if request.search_mode else {}
-            hits = tuple(
-                await asyncio.to_thread(self.memory.search, request.collection, query=query, k=k,
-                                        filter=request.filter, **mode_arg)
-            )
-            retrieval_ms = (time.perf_counter() - t0) * 1000
-        knn_chunks = [h.chunk_id for h in hits] if mode is MemoryMode.KNN and self._searches(mode) else None
-        loop = asyncio.get_running_loop()
-        job = _Job(
-            prompt=request.prompt,
-            messages=tuple(request.messages) if request.messages is not None else None,
-            hits=hits,
-            rag=mode is MemoryMode.RAG,
-            memory=(lambda: self.kv_memories.knn_context(request.collection, request.k, chunks=knn_chunks))
-            if mode is MemoryMode.KNN else None,
-            budget=budget,
-            sampling=request.sampling,
-            cancel=threading.Event(),
-            loop=loop,
-            events=asyncio.Queue(),
-        )
+        plan = await mode.plan(request)
+        job = _Job(request=request, mode=mode, plan=plan, budget=budget, cancel=threading.Event(),
+                   loop=asyncio.get_running_loop(), events=asyncio.Queue())
         self._active.add(job.cancel)
         self._worker.submit(job)
         try:
@@ -347,8 +316,7 @@ class ModelHost(EngineClient):
                 if isinstance(item, TextDelta):
                     yield item
                 elif isinstance(item, _Done):
-                    citations = hits if mode is MemoryMode.KNN else None  # knn: the chunks it read
-                    yield self._result(item, t0, retrieval_ms + item.memory_s * 1000, citations)
+                    yield self._result(item, plan, t0)
                     return
                 else:
                     raise item
@@ -357,17 +325,12 @@ class ModelHost(EngineClient):
             job.cancel.set()
             self._active.discard(job.cancel)
 
-    def _searches(self, mode: MemoryMode) -> bool:
-        """Whether a request in `mode` starts with a search of the collection (store.search_mode)."""
-        return mode is MemoryMode.RAG or (mode is MemoryMode.KNN and bool(self.kv_memories.candidate_chunks))
-
     @staticmethod
-    def _result(done: _Done, t0: float, retrieval_ms: float,
-                citations: Optional[tuple[SearchHit, ...]] = None) -> GenerationResult:
+    def _result(done: _Done, plan: ReadPlan, t0: float) -> GenerationResult:
         outcome, built = done.outcome, done.prompt
         first = outcome.first_token_at
-        if citations is None:
-            citations = built.citations if built else ()
+        # Chunks put into the prompt: those that fitted (prompt building drops the rest).
+        citations = (built.citations if built else ()) if plan.prompt_chunks is not None else plan.citations
         return GenerationResult(
             text=outcome.text,
             finish_reason=outcome.finish_reason,
@@ -376,7 +339,7 @@ class ModelHost(EngineClient):
             completion_tokens=outcome.completion_tokens,
             truncated_prompt_tokens=built.truncated_prompt_tokens if built else 0,
             timings=Timings(
-                retrieval_ms=retrieval_ms,
+                retrieval_ms=plan.retrieval_ms + done.memory_s * 1000,
                 prefill_ms=outcome.prefill_s * 1000,
                 decode_ms=outcome.decode_s * 1000,
                 time_to_first_token_ms=(first - t0) * 1000 if first is not None else 0.0,
@@ -391,6 +354,8 @@ class ModelHost(EngineClient):
         self._closed = True
         for cancel in list(self._active):
             cancel.set()
+        for mode in self.modes.values():
+            mode.close()
         self._worker.stop()
         await asyncio.to_thread(self._worker.join)
         self._worker = None

@@ -6,26 +6,18 @@ metadata: protobuf stores every number as a double, so integral values come back
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from google.protobuf import struct_pb2
 
-from memlm.engine import ChatMessage, GenerationRequest, GenerationResult, MemoryMode, SamplingParams
+from memlm.engine import ChatMessage, GenerationRequest, GenerationResult, SamplingParams
 from memlm.errors import InvalidArgument
 from memlm.index.types import (
     CollectionConfig, CollectionStats, Condition, DocumentResult, Filter, SearchHit, StoredDocument,
 )
 from memlm.v1 import memlm_pb2 as pb
 
-_MODE_TO_PB = {
-    MemoryMode.NONE: pb.MEMORY_MODE_NONE,
-    MemoryMode.RAG: pb.MEMORY_MODE_RAG,
-    MemoryMode.KNN: pb.MEMORY_MODE_KNN,
-    MemoryMode.LANDMARK: pb.MEMORY_MODE_LANDMARK,
-    MemoryMode.RETRO: pb.MEMORY_MODE_RETRO,
-    MemoryMode.RMT: pb.MEMORY_MODE_RMT,
-}
-_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()} | {pb.MEMORY_MODE_UNSPECIFIED: MemoryMode.NONE}
+_MODE_PREFIX = "MEMORY_MODE_"
 _FINISH_TO_PB = {
     "stop": pb.FINISH_REASON_STOP,
     "eos": pb.FINISH_REASON_EOS,
@@ -158,8 +150,25 @@ def config_to_pb(c: CollectionConfig) -> pb.CollectionConfig:
     return pb.CollectionConfig(
         name=c.name, embedding_model=c.embedding_model, dimension=c.dim, index_factory=c.index_factory,
         chunk_tokens=c.chunk_tokens, chunk_overlap=c.chunk_overlap, tokenizer=c.tokenizer,
-        kv_memory=c.kv_memory, created_at=c.created_at,
+        kv_memory=c.kv_memory, created_at=c.created_at, memory=memory_to_pb(c.memory),
     )
+
+
+def memory_to_pb(memory: Mapping[str, Optional[Mapping[str, Any]]]) -> list[pb.MemoryOptions]:
+    """{mode: options} -> MemoryOptions messages."""
+    return [pb.MemoryOptions(mode=mode, options=dict_to_struct(options or {})) for mode, options in memory.items()]
+
+
+def memory_from_pb(items: Sequence[pb.MemoryOptions]) -> dict[str, dict[str, Any]]:
+    """MemoryOptions messages -> {mode: options}; InvalidArgument for a mode named twice or not at all."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if not item.mode:
+            raise InvalidArgument("MemoryOptions.mode is empty; expected a memory mode name such as 'knn'")
+        if item.mode in out:
+            raise InvalidArgument(f"memory mode {item.mode!r} is named twice")
+        out[item.mode] = struct_to_dict(item.options)
+    return out
 
 
 def collection_settings_from_pb(m: pb.CreateCollectionRequest) -> dict[str, Any]:
@@ -172,6 +181,8 @@ def collection_settings_from_pb(m: pb.CreateCollectionRequest) -> dict[str, Any]
     for name in ("embedding_model", "index_factory", "chunk_tokens"):
         if not out.get(name, True):
             del out[name]
+    if m.memory:
+        out["memory"] = memory_from_pb(m.memory)
     return out
 
 
@@ -179,7 +190,7 @@ def config_from_pb(m: pb.CollectionConfig) -> CollectionConfig:
     return CollectionConfig(
         name=m.name, embedding_model=m.embedding_model, dim=m.dimension, index_factory=m.index_factory,
         chunk_tokens=m.chunk_tokens, chunk_overlap=m.chunk_overlap, tokenizer=m.tokenizer,
-        kv_memory=m.kv_memory, created_at=m.created_at,
+        memory=memory_from_pb(m.memory) or ({"knn": {}} if m.kv_memory else {}), created_at=m.created_at,
     )
 
 
@@ -239,15 +250,24 @@ def stored_from_pb(m: pb.StoredDocument) -> StoredDocument:
 
 # --- generation ------------------------------------------------------------------------------
 
-def memory_mode_to_pb(mode: MemoryMode) -> int:
-    return _MODE_TO_PB[mode]
-
-
-def memory_mode_from_pb(value: int) -> MemoryMode:
+def memory_mode_to_pb(mode: str) -> int:
+    """A memory mode name -> its MemoryMode enum value (by name: "knn" -> MEMORY_MODE_KNN)."""
+    name = str(mode).strip().lower()
     try:
-        return _MODE_FROM_PB[value]
-    except KeyError:
-        names = ", ".join(pb.MemoryMode.Name(v) for v in _MODE_FROM_PB)
+        return pb.MemoryMode.Value(_MODE_PREFIX + name.upper())
+    except ValueError:
+        names = ", ".join(n.removeprefix(_MODE_PREFIX).lower() for n in pb.MemoryMode.keys() if n != _MODE_PREFIX + "UNSPECIFIED")
+        raise InvalidArgument(f"unknown memory mode {mode!r}; expected one of: {names}") from None
+
+
+def memory_mode_from_pb(value: int) -> str:
+    """A MemoryMode enum value -> the mode's name (UNSPECIFIED: "none"); the engine checks that it is registered."""
+    if value == pb.MEMORY_MODE_UNSPECIFIED:
+        return "none"
+    try:
+        return pb.MemoryMode.Name(value).removeprefix(_MODE_PREFIX).lower()
+    except ValueError:
+        names = ", ".join(n for n in pb.MemoryMode.keys())
         raise InvalidArgument(f"unknown memory mode {value}; expected one of: {names}") from None
 
 

@@ -229,7 +229,7 @@ def open_store(settings: Settings, tokenizer):
 def load_engine(settings: Settings, store, tokenizer=None) -> EngineClient:
     from memlm.host import ModelHost
 
-    return ModelHost.load(settings.model, memory=store, cache_dir=settings.cache_dir, knn=settings.knn, tokenizer=tokenizer)
+    return ModelHost.load(settings.model, memory=store, cache_dir=settings.cache_dir, mode_settings=settings.modes(), tokenizer=tokenizer)
 
 
 async def serve(settings: Settings, *, ready_message: bool = True) -> None:

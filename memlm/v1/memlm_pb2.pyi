@@ -39,7 +39,7 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "embedding_model", "index_factory", "chunk_tokens", "chunk_overlap", "kv_memory", "if_not_exists")
+    __slots__ = ("name", "embedding_model", "index_factory", "chunk_tokens", "chunk_overlap", "kv_memory", "if_not_exists", "memory")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FACTORY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class CreateCollectionRequest(_message.Message):
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     KV_MEMORY_FIELD_NUMBER: _ClassVar[int]
     IF_NOT_EXISTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     embedding_model: str
     index_factory: str
@@ -54,7 +55,16 @@ class CreateCollectionRequest(_message.Message):
     chunk_overlap: int
     kv_memory: bool
     if_not_exists: bool
-    def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., index_factory: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., kv_memory: _Optional[bool] = ..., if_not_exists: _Optional[bool] = ...) -> None: ...
+    memory: _containers.RepeatedCompositeFieldContainer[MemoryOptions]
+    def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., index_factory: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., kv_memory: _Optional[bool] = ..., if_not_exists: _Optional[bool] = ..., memory: _Optional[_Iterable[_Union[MemoryOptions, _Mapping]]] = ...) -> None: ...
+
+class MemoryOptions(_message.Message):
+    __slots__ = ("mode", "options")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    options: _struct_pb2.Struct
+    def __init__(self, mode: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("config", "created")
@@ -65,7 +75,7 @@ class CreateCollectionResponse(_message.Message):
     def __init__(self, config: _Optional[_Union[CollectionConfig, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class CollectionConfig(_message.Message):
-    __slots__ = ("name", "embedding_model", "dimension", "index_factory", "chunk_tokens", "chunk_overlap", "tokenizer", "kv_memory", "created_at")
+    __slots__ = ("name", "embedding_model", "dimension", "index_factory", "chunk_tokens", "chunk_overlap", "tokenizer", "kv_memory", "created_at", "memory")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +85,7 @@ class CollectionConfig(_message.Message):
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     KV_MEMORY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     embedding_model: str
     dimension: int
@@ -84,7 +95,8 @@ class CollectionConfig(_message.Message):
     tokenizer: str
     kv_memory: bool
     created_at: float
-    def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., dimension: _Optional[int] = ..., index_factory: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., tokenizer: _Optional[str] = ..., kv_memory: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
+    memory: _containers.RepeatedCompositeFieldContainer[MemoryOptions]
+    def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., dimension: _Optional[int] = ..., index_factory: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., tokenizer: _Optional[str] = ..., kv_memory: _Optional[bool] = ..., created_at: _Optional[float] = ..., memory: _Optional[_Iterable[_Union[MemoryOptions, _Mapping]]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
     __slots__ = ("config", "documents", "chunks", "index_vectors", "index_trained", "pending_ops", "disk_bytes", "problem")

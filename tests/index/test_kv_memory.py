@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from memlm.index.kv_memory import KVMemory
+from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
 
 
 def _rows(layers, hkv, n, d, seed):
@@ -81,9 +82,9 @@ def test_build_captures_pre_rope_keys_in_overlapping_windows(tmp_path):
 
     model = load_causal_lm(bundled_model_dir())
     ids = list(range(1000, 1150))  # 150 tokens: windows of 64 overlapping by 16 -> starts 0, 48, 96
-    mem = KVMemory.for_model(tmp_path / "kv", model, layers=[0, 5], window=64, overlap=16)
+    mem = kv_memory_for_model(tmp_path / "kv", model, layers=[0, 5], window=64, overlap=16)
     chunks = [ids[i : i + 64] for i in range(0, 150, 64)]
-    assert mem.build(model, chunks, [7, 8, 9]) == 150
+    assert build_kv_memory(mem, model, chunks, [7, 8, 9]) == 150
     assert mem.chunk_ids().tolist() == [7] * 64 + [8] * 64 + [9] * 22
     assert mem.positions().tolist() == list(range(64)) + list(range(16, 64)) + list(range(16, 54))
     # Layer 0's keys depend only on the token (k_proj of the embedding's norm): compare to a direct pass.
@@ -207,10 +208,10 @@ def test_build_packs_short_documents_without_changing_their_keys(tmp_path):
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (50, 70, 30, 300)]
     chunk_ids = list(range(len(docs)))
-    packed = KVMemory.for_model(tmp_path / "packed", model, layers=[1, 5])
-    alone = KVMemory.for_model(tmp_path / "alone", model, layers=[1, 5])
-    assert packed.build(model, docs, chunk_ids, documents=chunk_ids, pack_tokens=512) == 450
-    assert alone.build(model, docs, chunk_ids, documents=chunk_ids, pack_tokens=1) == 450
+    packed = kv_memory_for_model(tmp_path / "packed", model, layers=[1, 5])
+    alone = kv_memory_for_model(tmp_path / "alone", model, layers=[1, 5])
+    assert build_kv_memory(packed, model, docs, chunk_ids, documents=chunk_ids, pack_tokens=512) == 450
+    assert build_kv_memory(alone, model, docs, chunk_ids, documents=chunk_ids, pack_tokens=1) == 450
     assert np.array_equal(packed.chunk_ids(), alone.chunk_ids())
     assert np.array_equal(packed.positions(), alone.positions())
     assert packed.positions()[:50].tolist() == list(range(50))  # each document starts at 0

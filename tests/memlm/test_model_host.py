@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memlm.config import ModelSettings
-from memlm.engine import ChatMessage, GenerationRequest, MemoryMode, SamplingParams, TextDelta
+from memlm.engine import ChatMessage, GenerationRequest, SamplingParams, TextDelta
 from memlm.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from memlm.generation import GenerationOutcome, generate_tokens
 
@@ -27,7 +27,7 @@ def greedy(prompt: str = PROMPT, n: int = 16, **kw) -> GenerationRequest:
 def test_info(host):
     info = host.info()
     assert (info.context_length, info.layers, info.vocab_size) == (8192, 30, 49152)
-    assert set(info.supported_memory_modes) == {MemoryMode.NONE, MemoryMode.RAG}
+    assert set(info.supported_memory_modes) == {"none", "rag"}
 
 
 def test_greedy_equals_hf_generate_token_for_token(host, collect):
@@ -168,7 +168,7 @@ def test_over_long_prompt_is_left_truncated(host, collect):
 
 def test_rag_answers_from_the_retrieved_chunk(host, memory, collect):
     request = GenerationRequest(
-        prompt="What is the pass key?", memory=MemoryMode.RAG, collection="notes", k=2,
+        prompt="What is the pass key?", memory="rag", collection="notes", k=2,
         sampling=SamplingParams(max_new_tokens=16),
     )
     memory.calls.clear()
@@ -185,7 +185,7 @@ def test_rag_answers_from_the_retrieved_chunk(host, memory, collect):
 
 def test_store_errors_propagate(host, collect):
     with pytest.raises(NotFound, match="nope"):
-        collect(host, GenerationRequest(prompt="hi", memory=MemoryMode.RAG, collection="nope"))
+        collect(host, GenerationRequest(prompt="hi", memory="rag", collection="nope"))
 
 
 def _request(**kw) -> GenerationRequest:
@@ -202,11 +202,11 @@ def _request(**kw) -> GenerationRequest:
         (_request(prompt="  "), InvalidArgument, "prompt"),
         (_request(prompt=None, messages=()), InvalidArgument, "messages"),
         (_request(prompt=None, messages=(ChatMessage("robot", "hi"),)), InvalidArgument, "robot"),
-        (_request(memory=MemoryMode.KNN, collection="notes"), FailedPrecondition, "knn.*in-process memory store"),
-        (_request(memory=MemoryMode.RETRO, collection="notes"), Unimplemented, "not implemented yet"),
-        (_request(memory=MemoryMode.RAG), InvalidArgument, "collection"),
-        (_request(memory=MemoryMode.RAG, collection="notes", k=0), InvalidArgument, "k=0"),
-        (_request(memory=MemoryMode.RAG, collection="notes", k=101), InvalidArgument, "k=101"),
+        (_request(memory="knn", collection="notes"), FailedPrecondition, "knn.*in-process memory store"),
+        (_request(memory="retro", collection="notes"), Unimplemented, "not implemented yet"),
+        (_request(memory="rag"), InvalidArgument, "collection"),
+        (_request(memory="rag", collection="notes", k=0), InvalidArgument, "k=0"),
+        (_request(memory="rag", collection="notes", k=101), InvalidArgument, "k=101"),
         (_request(max_new_tokens=0), InvalidArgument, "max_new_tokens=0"),
         (_request(max_new_tokens=4096), InvalidArgument, "max_new_tokens=4096.*2048"),
         (_request(temperature=-0.5), InvalidArgument, "temperature=-0.5"),
@@ -234,6 +234,6 @@ def test_rag_without_a_memory_store_is_a_failed_precondition(host, collect):
     bare = ModelHost(host.model, host.tokenizer, ModelSettings())
     try:
         with pytest.raises(FailedPrecondition, match="memory store"):
-            collect(bare, _request(memory=MemoryMode.RAG, collection="notes"))
+            collect(bare, _request(memory="rag", collection="notes"))
     finally:
         asyncio.run(bare.close())

@@ -118,18 +118,19 @@ def test_ingest_progress_has_a_total_and_names_the_kv_memory_stage(server, tmp_p
         (docs / f"d{i}.txt").write_text(f"Fact {i}: the locker code number {i} is {1000 + i}.\n")
     proc = memlm("ingest", str(docs), "-c", "kv-progress", "--kv-memory", "--batch-size", "2",
                  "--address", server.address)
-    assert "building KV memory: docs 1-2 of 3" in proc.stderr and "docs 3-3 of 3" in proc.stderr
+    assert "building knn memory: docs 1-2 of 3" in proc.stderr and "docs 3-3 of 3" in proc.stderr
     assert "3/3" in proc.stderr and "ETA" in proc.stderr
     assert "/?" not in proc.stderr
 
 
-def test_ingest_kv_memory_into_a_plain_collection_is_an_error(server, tmp_path):
+def test_ingest_with_memory_into_a_plain_collection_is_an_error(server, tmp_path):
     (tmp_path / "a.txt").write_text("Plain collection text.\n")
     addr = ("--address", server.address)
     memlm("create-collection", "plain-kv", *addr)
-    proc = memlm("ingest", str(tmp_path / "a.txt"), "-c", "plain-kv", "--kv-memory", *addr, check=False)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "ALREADY_EXISTS" in proc.stderr and "kv_memory" in proc.stderr and "created" not in proc.stdout
+    for flag in (("--kv-memory",), ("--memory", "knn")):
+        proc = memlm("ingest", str(tmp_path / "a.txt"), "-c", "plain-kv", *flag, *addr, check=False)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "ALREADY_EXISTS" in proc.stderr and "memory 'knn' is off" in proc.stderr and "created" not in proc.stdout
     assert json.loads(memlm("stats", "-c", "plain-kv", "--json", *addr).stdout)["collections"][0]["documents"] == 0
     memlm("ingest", str(tmp_path / "a.txt"), "-c", "plain-kv", *addr)  # without the flag it is fine
 
@@ -138,7 +139,7 @@ def test_every_json_output_is_snake_case_with_numbers(server, tmp_path):
     addr = ("--address", server.address)
     (tmp_path / "owls.txt").write_text("Owls hunt at night and can turn their heads very far.\n")
     made = json.loads(memlm("create-collection", "js", "--chunk-tokens", "32", "--json", *addr).stdout)
-    assert made["name"] == "js" and made["chunk_tokens"] == 32 and made["kv_memory"] is False
+    assert made["name"] == "js" and made["chunk_tokens"] == 32 and made["memory"] == {}
     ingested = json.loads(memlm("ingest", str(tmp_path / "owls.txt"), "-c", "js", "--json", *addr).stdout)
     assert ingested["created"] == 1 and ingested["files"] == 1 and ingested["rejected"] == [] and ingested["chunks"] >= 1
     assert ingested["results"][0]["id"] == "owls.txt" and ingested["results"][0]["status"] == "created"
@@ -148,7 +149,7 @@ def test_every_json_output_is_snake_case_with_numbers(server, tmp_path):
     assert info["documents"] == 1 and isinstance(info["chunks"], int) and isinstance(info["disk_bytes"], int)
     assert info["config"]["index_factory"] and "indexFactory" not in info["config"] and "uptime_s" in stats
     listed = json.loads(memlm("collections", "--json", *addr).stdout)
-    assert {"name", "chunk_tokens", "kv_memory"} <= set(next(c for c in listed if c["name"] == "js"))
+    assert {"name", "chunk_tokens", "memory"} <= set(next(c for c in listed if c["name"] == "js"))
 
     answer = json.loads(memlm("ask", "When do owls hunt?", "-c", "js", "--max-new-tokens", "4", "--json", *addr).stdout)
     assert isinstance(answer["text"], str) and answer["completion_tokens"] >= 1

@@ -9,7 +9,7 @@ import pytest
 
 import memlm
 from memlm.errors import FailedPrecondition, InvalidArgument, NotFound
-from memlm.knn_memory import PRESETS
+from memlm.modes.knn.reading import PRESETS
 from memlm.services.process import ServerProcess
 from memlm.v1 import memlm_pb2 as pb
 
@@ -65,7 +65,7 @@ def test_knn_answers_from_memory_and_follows_upserts_and_deletes(client, kv_coll
 
 
 def test_knn_request_errors_name_the_problem(client, collection, kv_collection):
-    with pytest.raises(FailedPrecondition, match="no KV memory.*kv-memory"):
+    with pytest.raises(FailedPrecondition, match="no knn memory.*--memory knn"):
         ask_knn(client, collection)  # a plain collection
     with pytest.raises(NotFound, match="no-such-collection"):
         ask_knn(client, "no-such-collection")
@@ -98,7 +98,7 @@ def test_cli_ingest_kv_memory_and_ask_knn(server, tmp_path):
     ingest = run("ingest", str(doc), "--collection", "cli-kv", "--kv-memory")
     assert ingest.returncode == 0, ingest.stderr
     listed = run("collections")
-    assert "cli-kv" in listed.stdout and "True" in listed.stdout
+    assert "cli-kv" in listed.stdout and "knn" in listed.stdout
     ask = run("ask", QUESTION, "--collection", "cli-kv", "--memory", "knn", "--max-new-tokens", "8")
     assert ask.returncode == 0, ask.stderr
     assert "90317" in ask.stdout, ask.stdout

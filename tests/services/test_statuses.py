@@ -249,7 +249,9 @@ def test_create_collection_semantics(memory):
             assert not again.created and again.config == first.config
         # if_not_exists with a setting that differs: say so, naming it
         assert_status(rpc_error(memory.CreateCollection, pb.CreateCollectionRequest(name="made", kv_memory=True, if_not_exists=True)),
-                      grpc.StatusCode.ALREADY_EXISTS, "kv_memory", "True", "False")
+                      grpc.StatusCode.ALREADY_EXISTS, "memory 'knn' is off")
+        asked_knn = pb.CreateCollectionRequest(name="made", if_not_exists=True, memory=[pb.MemoryOptions(mode="knn")])
+        assert_status(rpc_error(memory.CreateCollection, asked_knn), grpc.StatusCode.ALREADY_EXISTS, "memory 'knn' is off")
         err = rpc_error(memory.CreateCollection, pb.CreateCollectionRequest(
             name="made", index_factory="Flat", chunk_overlap=4, if_not_exists=True))
         assert_status(err, grpc.StatusCode.ALREADY_EXISTS, "index_factory", "'HNSW32'", "'Flat'", "chunk_overlap")
@@ -265,8 +267,11 @@ def test_client_create_collection_sends_only_what_is_given(limited):
         client.create_collection("given", kv_memory=True)
         try:
             assert client.create_collection("given", if_not_exists=True).kv_memory  # kv_memory=None: not given
-            with pytest.raises(AlreadyExists, match="kv_memory"):
+            assert client.create_collection("given", memory=["knn"], if_not_exists=True).memory["knn"]["window"] == 1024
+            with pytest.raises(AlreadyExists, match="memory 'knn' is on"):
                 client.create_collection("given", kv_memory=False, if_not_exists=True)
+            with pytest.raises(AlreadyExists, match=r"memory.knn.window=1024 \(asked 512\)"):
+                client.create_collection("given", memory={"knn": {"window": 512}}, if_not_exists=True)
         finally:
             client.drop_collection("given")
 

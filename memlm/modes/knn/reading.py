@@ -1,15 +1,15 @@
 """Putting a Hugging Face Llama-family model into `knn` memory mode for one generation.
 
-    with knn_mode(model, kv_memory, KNNConfig.from_name("ungated")):
+    with knn_mode(model, kv_memory, ReadConfig.from_name("ungated")):
         ...  # memlm.generation.generate_tokens(model, ...) as usual
 
-    config = KNNConfig.from_name("default")  # chunk-gated: the rows of the prompt's best chunks
+    config = ReadConfig.from_name("default")  # chunk-gated: the rows of the prompt's best chunks
     rows = prepare_layer_memories(model, kv_memory, config, chunks=chunk_ids_ranked_for_the_prompt)
     with knn_mode(model, kv_memory, config, layer_memories=rows):
         ...
 
 Inside the block, at each memory layer every query retrieves its top-k rows of that layer's KV
-memory and attends to them and to its local context in one softmax (`memlm.memory_attention`);
+memory and attends to them and to its local context in one softmax (`memlm.modes.knn.attention`);
 the other layers run SDPA exactly as before. On exit the model is as it was (attention
 implementation, hooks, per-layer state), also after an exception.
 
@@ -19,7 +19,7 @@ memory) and give the same name SDPA's mask builder. The memory of a layer is att
 attention module as `_memlm_knn`, so two models never share state.
 
 Positions (RoPE). The memory holds keys before RoPE with the position each had in its build
-window; on entry they are rotated once, by `KNNConfig.positions`:
+window; on entry they are rotated once, by `ReadConfig.positions`:
 - "fixed": every memory key at position 0 (RoPE at 0 is the identity: no work); the local context
   is moved to start at `local_offset`, so every memory sits `local_offset` + i tokens before
   query i (Extended Mind likewise gives retrieved memories one fixed position).
@@ -34,7 +34,7 @@ The local context is moved by a forward pre-hook on the model's rotary embedding
 Where the memory lives while the block runs (`prepare_layer_memories`). Chunk-gated (`chunks`
 given): the candidate chunks' rows, memory-mapped from the segment files, as exact tensors
 (`TensorKV`) on the model's device. Otherwise, on a CPU model, per layer and KV head a FAISS
-index over the rotated keys plus the values, coded by `KNNConfig.codec`:
+index over the rotated keys plus the values, coded by `ReadConfig.codec`:
 "fp16" (768 B per token and layer for SmolLM2: 23,040 B/token over 30 layers) or "pq" (product
 quantization of keys AND values, 2 x Hkv x pq_m B per token and layer: 2,880 B/token over 30
 layers at pq_m = 16). PQ costs accuracy: recall@8 of 0.66 / 0.72 / 0.85 against exact search and
@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from memlm.index.kv_memory import KVMemory
-from memlm.memory_attention import CODECS, PQ_MIN_TRAIN_ROWS, FaissKV, KVStore, TensorKV
+from memlm.modes.knn.attention import CODECS, PQ_MIN_TRAIN_ROWS, FaissKV, KVStore, TensorKV
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,10 +80,10 @@ GATE_ATTR = "memory_gate"  # a trained model's per-layer (Hq,) gate logits, on e
 
 
 @dataclass(frozen=True)
-class KNNConfig:
+class ReadConfig:
     """How one generation reads its KV memory. The field defaults read the WHOLE memory
     (PRESETS["ungated"]); the service's default is PRESETS["default"], chunk-gated (chosen by
-    measurement, see above PRESETS). Presets: `KNNConfig.from_name`."""
+    measurement: benchmarks/results/knn_presets.md). Presets: `ReadConfig.from_name`."""
 
     layers: Union[str, tuple[int, ...]] = "all_but_first"  # a LAYER_PRESETS name or explicit layer indices
     top_k: int = 8  # memory rows retrieved per query (per head, see shared_per_kv_head)
@@ -134,78 +134,20 @@ class KNNConfig:
             raise ValueError(f"pq_train_rows={self.pq_train_rows} must be >= {PQ_MIN_TRAIN_ROWS} (10 rows per centroid)")
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "KNNConfig":
+    def from_name(cls, name: str, **overrides) -> "ReadConfig":
         return replace(PRESETS[name], **overrides)
 
 
-# Chosen by measurement (pass key in 4,105 tokens of filler, local prompt = the question only,
-# greedy; 2 trials, seeds 4096000 and 4096010, depths 0.55 and 0.16):
-#   .venv/bin/python benchmarks/passkey.py --lengths 4096 --trials 3 --methods knn --sweep
-#   (a) positions, all layers, per-query-head, k=8: fixed@local_offset 0: 2/2, fixed@64: 2/2,
-#       fixed@1024: 2/2, original (local context at `window`): 2/2, fixed@0 dropping the 4 first
-#       rows of each window (sinks): 2/2  -> a tie; "fixed" kept: no rotation at load and mem_k is
-#       then one tensor the fused kernel reads as is.
-#   (b) layers (fixed@0, per-query, k=8): all 30: 2/2; every4: 0/2; middle_third: 0/2;
-#       last_half: 0/2; first_half: 0/2  -> all layers (as Extended Mind found: most layers).
-#   (c) per-KV-head (group mean query): 1/2; per-query-head: 2/2  -> per query head.
-#   (d) k: 4: 0/2; 8: 2/2; 16: 2/2  -> 8 (the cheaper of the two that work).
-# Small samples: these are directions, not estimates.
-# Session 2 re-chose on VARIED text (the filler above hid the problem): 6 prose memories of 16k
-# tokens, 3 of 4k, 2 of 64k, 2 filler and 3 stdlib-docstring memories of 16k, ~60 configs ranked by
-# the teacher-forced log-prob of " " + the 5 key digits, then greedy (scratch harness of the
-# research run, cross-checked against knn_mode on one memory):
-#   fixed@0, all layers, k8 (the old default): prose 4k 2/3, 16k 0/6, 64k 0/2; stdlib 0/3.
-#     It fails on the FIRST answer token (" " after "is": p ~ 0.07); the model continues in prose.
-#   original positions (local context at `window`), all layers: prose 16k 4/6, 64k 0/1.
-#   fixed@local_offset 4096: prose 16k 6/6, 64k 2/2; stdlib 0/3.
-#   original, layers 1-29 ("all_but_first"): prose 4k 3/3, 16k 6/6, 64k 2/2, filler 2/2, stdlib 1/3.
-#   same + min_memory_position=4 (drop each window's attention-sink rows): prose 16k 6/6 (best
-#     mean log-prob, -0.63 vs -0.75), stdlib 2/3; sometimes a 6th digit follows the key.
-#   k 16/32/64, memory-logit biases, per-KV-head, chat template, BOS, later layers only: worse.
-# Diagnosis: retrieval finds the needle in a few heads of layers 17-24; layer 0's memory reads
-# pull the last rows of every window (they look adjacent to the question) and junk takes 60-90% of
-# the attention elsewhere; a third of it went to position-0 sink rows. Every ingested document
-# starts a window at position 0 (one sink per document), hence min_memory_position=4.
-# Session 3: chunk gating (`candidate_chunks`). Searching every row leaves the model to pick the
-# needle out of all the memory's "... is ..." rows; on real text it cannot (stdlib 64k: 0/5). Gating
-# first narrows the memory to the chunks an embedding search ranks first for the prompt (the
-# store's own search, as rag uses), then each query head retrieves its top-k rows among those
-# chunks' rows only. Fewer chunks means less junk but misses the needle's chunk when the embedder
-# ranks it low; "ranked" positions put the best-ranked chunk right before the prompt (RoPE's
-# recency), which let more chunks in without more junk winning:
-#   .venv/bin/python benchmarks/passkey.py --lengths 16384 65536 --trials 5 --haystacks stdlib \
-#       --methods knn --knn chunks4 chunks8 chunks4-ranked chunks8-ranked chunks16-ranked --threads 1
-#   stdlib 16k: every one 5/5 (ungated 2/5); stdlib 64k: chunks4 3/5, chunks8 1/5, chunks4-ranked
-#   3/5, chunks8-ranked 3/5, chunks16-ranked 4/5 (ungated 0/5, rag 3/5).
-# Then k within the 16 chunks, stdlib 4k + 64k + 128k of 15 (same trials):
-#   .venv/bin/python benchmarks/passkey.py --lengths 4096 65536 131072 --trials 5 --haystacks stdlib \
-#       --methods knn --knn gated-k4 gated-k8 gated-k16 gated-k32 gated gated-k128 gated-all --threads 2
-#   k4 10, k8 10, k16 10, k32 12, k64 (now "gated") 13, k128 13, all ~1,000 rows 13:
-#   unlike the ungated read (k16 no better than k8), inside the gate more rows help up to ~64.
-# Across kinds and lengths (filler, prose, stdlib x 4k, 16k, 64k, 128k, 5 trials each; README
-# "knn memory mode"): gated (k 8) 55/60, rag 49/60, ungated 35/60; 32 chunks ranked 52/60; then
-# with k 64 (below) 58/60.
-# Session 4: the store's search became hybrid (MiniLM + BM25, reciprocal rank fusion), which ranks
-# the needle's chunk first far more often on stdlib (BM25 36/40, MiniLM 19/40), and then a
-# smaller gate wins (fewer distractors). stdlib 64k + 128k, 20 trials each, hybrid:
-#   .venv/bin/python benchmarks/passkey.py --lengths 65536 131072 --trials 20 --haystacks stdlib \
-#       --methods knn --knn gated16 gated4 gated8 gated4-all gated8-all --threads 2
-#   4 chunks 38/40, 8 chunks 39/40, 16 chunks 33/40 (dense: 32/40), 4 or 8 chunks with every row
-#   38 and 39: 8 chunks, k 64 (those with the first, SQLite FTS5 BM25; the in-memory one since).
-# Then following chunks (`follow_chunks`: each candidate brings the next N of its document), for
-# memory recall (continuing a document wants what comes after the match) without losing the key:
-#   .venv/bin/python benchmarks/passkey.py --lengths 65536 131072 --trials 20 --haystacks stdlib \
-#       --methods knn --knn gated8 gated-follow1 gated-follow2 --threads 1
-#   stdlib 64k + 128k: 0 following 40/40, 1: 39/40, 2: 39/40; memory recall perplexity
-#   (benchmarks/memory_recall.py --follow-chunks N): 5.64, 2.97, 2.11 -> 2 following chunks.
-PRESETS: dict[str, KNNConfig] = {
+# Chosen by measurement: the history, with the commands, is in benchmarks/results/knn_presets.md;
+# the current figures in the README ("knn memory mode").
+PRESETS: dict[str, ReadConfig] = {
     # the service's default: the prompt's 8 best chunks by the store's (hybrid) search, each with
     # the 2 chunks after it, laid out by rank, 64 of their ~1,500 rows per query head and layer
-    "default": KNNConfig(candidate_chunks=8, follow_chunks=2, positions="ranked", top_k=64),
+    "default": ReadConfig(candidate_chunks=8, follow_chunks=2, positions="ranked", top_k=64),
     # every row searched: layers all_but_first, k 8, per query head, original positions, sinks dropped
-    "ungated": KNNConfig(),
+    "ungated": ReadConfig(),
     # session 1's default: no rotation at load (the form PQ codes on disk and the GPU kernels read as is)
-    "fixed": KNNConfig(layers="all", top_k=8, positions="fixed", local_offset=0, min_memory_position=0),
+    "fixed": ReadConfig(layers="all", top_k=8, positions="fixed", local_offset=0, min_memory_position=0),
 }
 
 
@@ -218,6 +160,16 @@ def with_following(ranked: Sequence[T], following: Callable[[T, int], Sequence[T
         for f in following(c, n) if n else ():
             out.setdefault(f, None)
     return list(out)
+
+
+def gated_rows(model, memory: KVMemory, config: "ReadConfig", ranked: Sequence[T],
+               following: Callable[[T, int], Sequence[T]], to_id: Callable[[T], int] = int) -> "LayerMemories":
+    """Chunk-gated knn's read, the one pipeline the service and the benchmarks share: the ranked
+    candidate chunks (best first), each with the `config.follow_chunks` chunks after it in its
+    document (`following(chunk, n)`), their rows loaded by `prepare_layer_memories(chunks=...)`.
+    to_id: a ranked item's chunk id (benchmarks rank (document, chunk) pairs)."""
+    chunks = [to_id(c) for c in with_following(list(ranked), following, config.follow_chunks)]
+    return prepare_layer_memories(model, memory, config, chunks=chunks)
 
 
 def resolve_layers(spec: Union[str, Sequence[int]], num_layers: int) -> tuple[int, ...]:
@@ -266,7 +218,7 @@ class LayerMemories(dict):
     """`prepare_layer_memories`' result: {layer index: LayerMemory}, with the RAM they take and
     what they were built from (so that a later call can extend them instead of rebuilding)."""
 
-    def __init__(self, config: "KNNConfig", device: torch.device, segments: Sequence[str] = (),
+    def __init__(self, config: "ReadConfig", device: torch.device, segments: Sequence[str] = (),
                  row_chunks: Optional[np.ndarray] = None):
         super().__init__()
         self.config, self.device = config, device
@@ -352,7 +304,7 @@ def register_attention() -> None:
 
 
 def prepare_layer_memories(
-    model, memory: KVMemory, config: KNNConfig, previous: Optional[LayerMemories] = None,
+    model, memory: KVMemory, config: ReadConfig, previous: Optional[LayerMemories] = None,
     chunks: Optional[Sequence[int]] = None,
 ) -> LayerMemories:
     """Load, rotate and code the memory of each chosen layer (see the module docstring for where
@@ -368,7 +320,7 @@ def prepare_layer_memories(
     of rebuilt: new rows are coded with the codebooks already trained, tombstoned rows are removed
     (CPU stores; a GPU memory is reloaded). `previous` is then returned, updated.
 
-    chunks: chunk-gated knn (`KNNConfig.candidate_chunks`): only these chunks' rows, read straight
+    chunks: chunk-gated knn (`ReadConfig.candidate_chunks`): only these chunks' rows, read straight
     from the segment files (memory-mapped: a few hundred rows are read, whatever the memory's
     size) into exact `TensorKV` stores; `codec` and `previous` do not apply.
     """
@@ -445,7 +397,7 @@ def prepare_layer_memories(
     return out
 
 
-def _load_rows(model, memory: KVMemory, config: KNNConfig, layers: tuple[int, ...], chunks: np.ndarray) -> LayerMemories:
+def _load_rows(model, memory: KVMemory, config: ReadConfig, layers: tuple[int, ...], chunks: np.ndarray) -> LayerMemories:
     """prepare_layer_memories(chunks=...): the live rows of `chunks` at or after min_memory_position."""
     device = next(model.parameters()).device
     dtype = model.dtype if device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -517,7 +469,7 @@ def _empty_layer(memory: KVMemory) -> torch.Tensor:
     return torch.zeros(m.num_kv_heads, 0, m.head_dim, dtype=torch.float16)
 
 
-def _can_extend(previous: Optional[LayerMemories], config: KNNConfig, layers: tuple[int, ...], device: torch.device,
+def _can_extend(previous: Optional[LayerMemories], config: ReadConfig, layers: tuple[int, ...], device: torch.device,
                 segments: list[str], codec: str, generation: Optional[int]) -> bool:
     """Whether `previous` can be extended to the memory's current segments (see prepare_layer_memories)."""
     if not isinstance(previous, LayerMemories) or device.type == "cuda" or previous.device != device:
@@ -532,7 +484,7 @@ def _can_extend(previous: Optional[LayerMemories], config: KNNConfig, layers: tu
     return all(isinstance(s, FaissKV) and s.codec == codec for s in stores)
 
 
-def local_offset(memory: KVMemory, config: KNNConfig, rows: int = 0) -> int:
+def local_offset(memory: KVMemory, config: ReadConfig, rows: int = 0) -> int:
     """First position of the local context. rows: memory rows loaded ("ranked" lays them all out
     before the prompt, so more than a window of them pushes the prompt further)."""
     if config.local_offset is not None:
@@ -556,7 +508,7 @@ def _trained_gate(attn, layer: int, num_heads: int) -> torch.Tensor:
 
 @contextmanager
 def knn_mode(
-    model, memory: KVMemory, config: KNNConfig = KNNConfig(), layer_memories: Optional[dict[int, LayerMemory]] = None
+    model, memory: KVMemory, config: ReadConfig = ReadConfig(), layer_memories: Optional[dict[int, LayerMemory]] = None
 ) -> Iterator[dict[int, LayerMemory]]:
     """Put `model` into knn mode for the block; yields the per-layer memories (for inspection).
 

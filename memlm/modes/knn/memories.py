@@ -1,5 +1,5 @@
-"""The KV memories of a store's `kv_memory` collections, kept in step with LMDB, and the loaded
-copies the `knn` mode reads: the service side of the knn memory mode.
+"""The KV memories of a store's knn collections (created with `--memory knn`), kept in step
+with LMDB, and the loaded copies the `knn` mode reads.
 
 One `KVMemory` per collection, in `collections/<name>/kv/`. Like the FAISS index it is derived
 data: LMDB's chunks (with their language-model token ids) are the truth, and `sync(name)` brings
@@ -9,16 +9,17 @@ the memory to exactly LMDB's set of chunks:
   through the model, document by document in chunk order, and appended as segments of at most
   `knn.build_batch_tokens` tokens;
 - a memory with more than `knn.max_segments` segments is compacted.
-`sync` is idempotent and is the one mechanism for every path: the store calls it after each
-ingest or delete into a kv collection (so Ingest returns once the memory is built), the host
-calls it at start-up for every kv collection (repairing a crash between the LMDB commit and the
-memory write) and before each knn generation (so a generation sees every acknowledged write).
-A memory folder that is missing or unreadable is rebuilt from LMDB.
+`sync` is idempotent and is the one mechanism for every path: the knn mode runs it on the model
+worker after each acknowledged ingest or delete into a knn collection (so Ingest returns once the
+memory is built), once per knn collection at start-up (repairing a crash between the LMDB commit
+and the memory write), and before each knn generation (so a generation sees every acknowledged
+write). A memory folder that is missing or unreadable is rebuilt from LMDB. The store never runs
+the model: it only reports writes (`MemoryStore.add_write_listener`).
 
 Threading: everything here runs on the model host's one worker thread; the model is never shared.
-Chunk-gated knn (preset "default": 16 candidate chunks): a generation reads only the rows of
-the chunks the caller ranked first for its prompt, memory-mapped from the segment files per
-generation; nothing stays loaded. Ungated (preset "ungated"): the whole memory is loaded into FAISS stores
+Chunk-gated knn (preset "default": 8 candidate chunks, 2 following chunks each): a generation
+reads only those chunks' rows, memory-mapped from the segment files per generation; nothing stays
+loaded. Ungated (preset "ungated"): the whole memory is loaded into FAISS stores
 (`prepare_layer_memories`), cached for the `knn.resident_collections` most recently used
 collections and extended or reloaded when the memory's segments or tombstones change.
 """
@@ -35,11 +36,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from memlm.config import KnnSettings
 from memlm.errors import FailedPrecondition
 from memlm.index.kv_memory import MANIFEST, KVMemory
-from memlm.knn_memory import (
-    PRESETS, KNNConfig, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers, with_following,
+from memlm.modes.knn.settings import CollectionOptions, Settings
+from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+from memlm.modes.knn.reading import (
+    PRESETS, ReadConfig, LayerMemory, gated_rows, knn_mode, prepare_layer_memories, resolve_layers,
 )
 
 log = logging.getLogger(__name__)
@@ -56,18 +58,18 @@ class SyncReport:
     seconds: float = 0.0
 
 
-class KVMemories:
-    """Builds, repairs and loads the KV memory of every `kv_memory` collection of one store."""
+class KVMemoryManager:
+    """Builds, repairs and loads the KV memory of every knn collection of one store."""
 
-    def __init__(self, store, model, settings: KnnSettings = KnnSettings(), model_name: str = ""):
+    def __init__(self, store, model, settings: Optional[Settings] = None, model_name: str = ""):
+        settings = settings or Settings()
         self.store, self.model, self.settings = store, model, settings
         self.model_name = model_name
-        self._layers = resolve_layers(_layer_spec(settings.layers), model.config.num_hidden_layers)
         if settings.preset not in PRESETS:
             raise ValueError(f"knn.preset={settings.preset!r} is not one of {sorted(PRESETS)}")
         gating = {name: value for name in ("candidate_chunks", "follow_chunks")
                   if (value := getattr(settings, name)) is not None}
-        self.config = KNNConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
+        self.config = ReadConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
         self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
         # (name, created_at) -> (memory state, loaded layer memories, layers read), most recent last
         self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory], tuple]]" = OrderedDict()
@@ -77,10 +79,10 @@ class KVMemories:
     def check_collection(self, name: str):
         """The collection's config if knn can read it; FailedPrecondition naming why not."""
         config = self.store.collection_config(name)  # NotFound
-        if not config.kv_memory:
+        if "knn" not in config.memory:
             raise FailedPrecondition(
-                f"collection {name!r} has no KV memory; create it with kv_memory=True "
-                "(CLI: memlm ingest PATH --collection NAME --kv-memory) to use memory mode 'knn'"
+                f"collection {name!r} has no knn memory; create it with it on (memory={{'knn': {{}}}}; "
+                "CLI: memlm ingest PATH --collection NEW_NAME --memory knn) to use memory mode 'knn'"
             )
         if self.model_name and config.tokenizer != self.model_name:
             raise FailedPrecondition(
@@ -101,18 +103,20 @@ class KVMemories:
         try:
             mem = KVMemory.open(path)
         except FileNotFoundError:
-            mem = self._create(path)
+            mem = self._create(path, config)
         except Exception as e:  # noqa: BLE001 - derived data: start over from LMDB
             log.warning("collection %r: KV memory at %s is unreadable (%s); rebuilding it from the store", name, path, e)
             shutil.rmtree(path, ignore_errors=True)
-            mem = self._create(path)
+            mem = self._create(path, config)
         self._open = {k: v for k, v in self._open.items() if k[0] != name}  # a dropped namesake's
         self._open[key] = mem
         return mem
 
-    def _create(self, path: Path) -> KVMemory:
-        s = self.settings
-        return KVMemory.for_model(path, self.model, layers=self._layers, window=s.window, overlap=s.overlap, dtype=s.dtype)
+    def _create(self, path: Path, config) -> KVMemory:
+        """An empty memory shaped by the collection's knn options (fixed when it was created)."""
+        o = CollectionOptions(**config.memory["knn"])
+        layers = resolve_layers(_layer_spec(o.layers), self.model.config.num_hidden_layers)
+        return kv_memory_for_model(path, self.model, layers=layers, window=o.window, overlap=o.overlap, dtype=o.dtype)
 
     # --- keeping in step with LMDB ----------------------------------------------------------
 
@@ -160,7 +164,7 @@ class KVMemories:
                     log.info("collection %r: KV memory build stopped for shutdown; it resumes at the next start", name)
                     break
                 toks, cids, doc_numbers = zip(*batch)
-                added += mem.build(self.model, list(toks), list(cids), documents=list(doc_numbers))
+                added += build_kv_memory(mem, self.model, list(toks), list(cids), documents=list(doc_numbers))
                 batch, size = [], 0
         return added, len(docs)
 
@@ -168,7 +172,7 @@ class KVMemories:
 
     @property
     def candidate_chunks(self) -> int:
-        """Chunks whose rows a knn generation reads (0: all; see KNNConfig.candidate_chunks), at most
+        """Chunks whose rows a knn generation reads (0: all; see ReadConfig.candidate_chunks), at most
         the store's largest search (`store.max_k`)."""
         return min(self.config.candidate_chunks, self.store.settings.max_k)
 
@@ -179,16 +183,15 @@ class KVMemories:
         collection = self.check_collection(name)
         self.sync(name, collection)
         mem = self.memory(name, collection)
-        # Read the preset's layers that this memory stores (it was built under `knn.layers`).
+        # Read the preset's layers that this memory stores (built with its collection's `layers` option).
         wanted = resolve_layers(self.config.layers, self.model.config.num_hidden_layers)
         layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
         config = replace(self.config, layers=layers, top_k=top_k or self.settings.top_k or self.config.top_k)
         if bool(config.candidate_chunks) != (chunks is not None):
             raise ValueError(f"knn config reads {config.candidate_chunks or 'all'} chunks; got chunks={chunks!r}")
         if chunks is not None:  # a few chunks' rows, read from disk per generation: nothing stays resident
-            chunks = with_following(list(chunks), lambda c, n: self.store.following_chunks(name, c, n),
-                                    config.follow_chunks)
-            return knn_mode(self.model, mem, config, layer_memories=prepare_layer_memories(self.model, mem, config, chunks=chunks))
+            rows = gated_rows(self.model, mem, config, chunks, lambda c, n: self.store.following_chunks(name, c, n))
+            return knn_mode(self.model, mem, config, layer_memories=rows)
         key = (name, collection.created_at)
         state = (tuple(mem.manifest.segments), tuple(mem.manifest.deleted_chunks))
         cached = self._loaded.pop(key, None)
@@ -207,7 +210,7 @@ class KVMemories:
 
 
 def _layer_spec(spec: str):
-    """`knn.layers` setting: a preset name, or comma-separated layer indices."""
+    """The `layers` collection option: a preset name, or comma-separated layer indices."""
     spec = spec.strip()
     if spec and all(part.strip().isdigit() for part in spec.split(",")):
         return tuple(int(part) for part in spec.split(","))

@@ -19,7 +19,7 @@ tensors.
 Conventions (those of kernels/reference.py): GQA query head h reads KV head h // (Hq // Hkv);
 index -1 = no entry; query i of Tq sits at local position Tk - Tq + i and sees local keys at
 positions <= its own; memory rows are not masked by position (their position is baked into the
-keys when they were rotated, see `memlm.knn_memory`).
+keys when they were rotated, see `memlm.modes.knn.reading`).
 
 Retrieval per layer call (ms; 1 thread, Hkv = 3, G = 3, D = 64, k = 8, per query head; the old
 CPU path kept fp32 copies and ran torch matmul + topk; `benchmarks/kv_compression.py --timing`):

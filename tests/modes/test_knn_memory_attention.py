@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import memlm.memory_attention as ma
-from memlm.memory_attention import FaissKV, TensorKV, knn_attention, memory_attention, memory_topk
+import memlm.modes.knn.attention as ma
+from memlm.modes.knn.attention import FaissKV, TensorKV, knn_attention, memory_attention, memory_topk
 
 
 def _sdpa(q, k, v):
@@ -236,7 +236,7 @@ def test_pq_sizes_shapes_and_decoding():
 
 def test_pq_falls_back_to_fp16_below_the_training_minimum(caplog):
     keys, values = _fp16_exact(2, ma.PQ_MIN_TRAIN_ROWS - 1, 16, seed=10)
-    with caplog.at_level(logging.INFO, logger="memlm.memory_attention"):
+    with caplog.at_level(logging.INFO, logger="memlm.modes.knn.attention"):
         store = FaissKV.from_tensors(keys, values, "pq", pq_m=4, name="layer 3")
     assert store.codec == "fp16" and store.bytes_per_row == 2 * 2 * 16 * 2
     assert any("layer 3" in r.message and "using fp16" in r.message for r in caplog.records)
@@ -256,14 +256,15 @@ def _cpu_model(num_layers):
 
 def test_prepare_layer_memories_sizes_and_incremental_refresh(tmp_path):
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, LayerMemories, prepare_layer_memories
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, LayerMemories, prepare_layer_memories
 
     hkv, d = 3, 16
     mem = KVMemory.create(tmp_path / "kv", layers=[0, 1], num_kv_heads=hkv, head_dim=d)
     g = torch.Generator().manual_seed(11)
     rows = lambda n: ({l: torch.randn(hkv, n, d, generator=g) for l in (0, 1)}, {l: torch.randn(hkv, n, d, generator=g) for l in (0, 1)})
     mem.add(*rows(40), np.repeat([1, 2], 20), np.arange(40))
-    model, config = _cpu_model(2), KNNConfig.from_name("fixed", top_k=4)
+    model, config = _cpu_model(2), ReadConfig.from_name("fixed", top_k=4)
     mems = prepare_layer_memories(model, mem, config)
     assert isinstance(mems, LayerMemories) and sorted(mems) == [0, 1] and mems.num_rows == 40
     assert mems.bytes_per_token == 2 * hkv * d * 2 * 2  # 2 layers x Hkv x (K + V) x D x fp16
@@ -286,13 +287,14 @@ def test_prepare_layer_memories_sizes_and_incremental_refresh(tmp_path):
 
 def test_prepare_layer_memories_pq_reads_stored_codes_and_falls_back_when_small(tmp_path, caplog):
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, prepare_layer_memories
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, prepare_layer_memories
 
     hkv, d, m, n = 3, 16, 4, 2600
     keys, values, q = _clustered(hkv, n, d, 16, 5, seed=12)
     mem = KVMemory.create(tmp_path / "kv", layers=[0, 1], num_kv_heads=hkv, head_dim=d)
     mem.add({0: keys, 1: keys.flip(0)}, {0: values, 1: values.flip(0)}, np.repeat([1, 2], [20, n - 20]), np.arange(n))
-    model, config = _cpu_model(2), KNNConfig.from_name("fixed", top_k=5, codec="pq", pq_m=m, pq_train_rows=n)
+    model, config = _cpu_model(2), ReadConfig.from_name("fixed", top_k=5, codec="pq", pq_m=m, pq_train_rows=n)
     mems = prepare_layer_memories(model, mem, config)
     assert mem.pq_generation(m) == 1 and all(x.store.codec == "pq" for x in mems.values())
     assert mems.bytes_per_token == 2 * hkv * 2 * m  # 2 layers x Hkv x (key + value) x M bytes
@@ -310,7 +312,7 @@ def test_prepare_layer_memories_pq_reads_stored_codes_and_falls_back_when_small(
 
     small = KVMemory.create(tmp_path / "small", layers=[0, 1], num_kv_heads=hkv, head_dim=d)
     small.add({0: keys[:, :100], 1: keys[:, :100]}, {0: values[:, :100], 1: values[:, :100]}, np.zeros(100, dtype=np.int64), np.arange(100))
-    with caplog.at_level(logging.INFO, logger="memlm.knn_memory"):
+    with caplog.at_level(logging.INFO, logger="memlm.modes.knn.reading"):
         fallback = prepare_layer_memories(model, small, config)
     assert all(x.store.codec == "fp16" for x in fallback.values()) and small.pq_generation(m) is None
     assert any("needed to train PQ" in r.message for r in caplog.records)
@@ -320,8 +322,9 @@ def test_prepare_layer_memories_for_chunks_reads_only_their_live_rows(tmp_path):
     """Chunk-gated knn: the rows of the given chunks (live, at or after min_memory_position), read
     from the segment files into exact stores, in memory order."""
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, prepare_layer_memories
-    from memlm.memory_attention import TensorKV
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, prepare_layer_memories
+    from memlm.modes.knn.attention import TensorKV
 
     hkv, d = 3, 16
     mem = KVMemory.create(tmp_path / "kv", layers=[0, 1, 2], num_kv_heads=hkv, head_dim=d)
@@ -332,7 +335,7 @@ def test_prepare_layer_memories_for_chunks_reads_only_their_live_rows(tmp_path):
     mem.add({l: keys[l][:, :40] for l in keys}, {l: values[l][:, :40] for l in values}, chunks[:40], positions[:40])
     mem.add({l: keys[l][:, 40:] for l in keys}, {l: values[l][:, 40:] for l in values}, chunks[40:], positions[40:])
     mem.delete([2])
-    config = KNNConfig.from_name("fixed", layers=(1, 2), min_memory_position=5)
+    config = ReadConfig.from_name("fixed", layers=(1, 2), min_memory_position=5)
     mems = prepare_layer_memories(_cpu_model(3), mem, config, chunks=[3, 2, 1, 99])  # 2: deleted, 99: unknown
     want = np.flatnonzero(np.isin(chunks, [1, 3]) & (positions >= 5))
     assert sorted(mems) == [1, 2] and mems.row_chunks.tolist() == chunks[want].tolist()
@@ -349,15 +352,16 @@ def test_ranked_positions_lay_the_chunks_out_before_the_prompt_best_last(lm, tmp
     """positions="ranked": the candidate chunks' rows are placed in rank order, worst first, so the
     best-ranked chunk ends right before the prompt (at window - 1); keys are rotated there."""
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, local_offset, prepare_layer_memories, rotate_keys
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, local_offset, prepare_layer_memories, rotate_keys
 
     model, _ = lm
     hkv, d = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
-    mem = KVMemory.for_model(tmp_path / "kv", model, layers=[3], window=64, overlap=16)
+    mem = kv_memory_for_model(tmp_path / "kv", model, layers=[3], window=64, overlap=16)
     g = torch.Generator().manual_seed(14)
     keys, values = torch.randn(hkv, 30, d, generator=g).half(), torch.randn(hkv, 30, d, generator=g).half()
     mem.add({3: keys}, {3: values}, np.repeat([5, 6, 7], 10), np.tile(np.arange(10), 3))
-    config = KNNConfig(layers=(3,), candidate_chunks=2, positions="ranked", min_memory_position=0)
+    config = ReadConfig(layers=(3,), candidate_chunks=2, positions="ranked", min_memory_position=0)
     mems = prepare_layer_memories(model, mem, config, chunks=[7, 5])  # 7 ranked best
     assert mems.row_chunks.tolist() == [5] * 10 + [7] * 10  # memory order
     want_pos = torch.cat([torch.arange(44, 54), torch.arange(54, 64)])  # chunk 5 then chunk 7, ending at 63
@@ -372,13 +376,13 @@ def test_ranked_positions_lay_the_chunks_out_before_the_prompt_best_last(lm, tmp
     run = prepare_layer_memories(model, mem, config, chunks=[6, 5])
     assert torch.allclose(run[3].store.keys, rotate_keys(model, keys[:, :20], torch.arange(44, 64)), atol=1e-6)
     with pytest.raises(ValueError, match="ranked.*candidate_chunks"):
-        KNNConfig(positions="ranked")
+        ReadConfig(positions="ranked")
     with pytest.raises(ValueError, match="needs `chunks`"):
         prepare_layer_memories(model, mem, config)
 
 
 def test_with_following_adds_each_chunks_successors_after_it_once():
-    from memlm.knn_memory import KNNConfig, with_following
+    from memlm.modes.knn.reading import ReadConfig, with_following
 
     doc = {1: [1, 2, 3], 2: [1, 2, 3], 3: [1, 2, 3], 7: [7, 8]}  # chunk -> its document's chunks
 
@@ -391,18 +395,18 @@ def test_with_following_adds_each_chunks_successors_after_it_once():
     assert with_following([3, 7], following, 0) == [3, 7]
     assert with_following([], following, 1) == []
     with pytest.raises(ValueError, match="follow_chunks extends"):
-        KNNConfig(follow_chunks=1)
+        ReadConfig(follow_chunks=1)
     with pytest.raises(ValueError, match="follow_chunks=-1"):
-        KNNConfig(candidate_chunks=4, follow_chunks=-1)
+        ReadConfig(candidate_chunks=4, follow_chunks=-1)
 
 
 def test_knn_config_rejects_bad_codec_settings():
-    from memlm.knn_memory import KNNConfig
+    from memlm.modes.knn.reading import ReadConfig
 
     with pytest.raises(ValueError, match="codec='int4'"):
-        KNNConfig(codec="int4")
+        ReadConfig(codec="int4")
     with pytest.raises(ValueError, match="pq_train_rows=100"):
-        KNNConfig(codec="pq", pq_train_rows=100)
+        ReadConfig(codec="pq", pq_train_rows=100)
 
 
 # --- end to end on the real model ---------------------------------------------------------------
@@ -419,14 +423,15 @@ def lm():
 @pytest.mark.model
 def test_knn_mode_restores_the_model_and_empty_memory_is_a_no_op(lm, tmp_path):
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, knn_mode
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, knn_mode
 
     model, tok = lm
     ids = tok("The sky is blue and the grass is", return_tensors="pt").input_ids
-    mem = KVMemory.for_model(tmp_path / "kv", model)
+    mem = kv_memory_for_model(tmp_path / "kv", model)
     with torch.inference_mode():
         before = model(ids).logits
-        with knn_mode(model, mem, KNNConfig(layers="all", positions="original")) as mems:
+        with knn_mode(model, mem, ReadConfig(layers="all", positions="original")) as mems:
             inside = model(ids).logits
         after = model(ids).logits
     assert len(mems) == model.config.num_hidden_layers and all(m.calls == 1 for m in mems.values())
@@ -443,7 +448,8 @@ def test_pass_key_in_kv_memory_is_found_with_a_short_local_prompt(lm, tmp_path):
     the question. The default knn config must generate the key greedily."""
     from memlm.generation import decode_one_token, new_cache, prefill
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, knn_mode
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, knn_mode
 
     model, tok = lm
     key = "48213"
@@ -452,10 +458,10 @@ def test_pass_key_in_kv_memory_is_found_with_a_short_local_prompt(lm, tmp_path):
     hay = tok(text).input_ids
     assert 900 <= len(hay) <= 1300
     chunks = [hay[i : i + 64] for i in range(0, len(hay), 64)]
-    mem = KVMemory.for_model(tmp_path / "kv", model)
-    mem.build(model, chunks, list(range(len(chunks))))
+    mem = kv_memory_for_model(tmp_path / "kv", model)
+    build_kv_memory(mem, model, chunks, list(range(len(chunks))))
     q = tok("What is the pass key? The pass key is", return_tensors="pt").input_ids
-    with torch.inference_mode(), knn_mode(model, mem, KNNConfig.from_name("ungated")):
+    with torch.inference_mode(), knn_mode(model, mem, ReadConfig.from_name("ungated")):
         cache = new_cache(model)
         logits = prefill(model, q, cache)
         out = []
@@ -470,7 +476,7 @@ def test_learned_gate_mixes_local_and_memory_attention_per_head():
     """combine="gate" (Memorizing Transformer): g * attention over the retrieved rows alone +
     (1 - g) * causal local attention, g = sigmoid(gate) per query head."""
     from memlm.kernels import knn_attention
-    from memlm.memory_attention import TensorKV
+    from memlm.modes.knn.attention import TensorKV
 
     q, k, v, mk, mv = _inputs(1, 6, 3, 4, 9, 16, 50, seed=5)
     store = TensorKV(mk, mv)
@@ -491,12 +497,13 @@ def test_learned_gate_mixes_local_and_memory_attention_per_head():
 @pytest.mark.model
 def test_gate_combine_needs_a_model_trained_with_gates(lm, tmp_path):
     from memlm.index.kv_memory import KVMemory
-    from memlm.knn_memory import KNNConfig, knn_mode
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import ReadConfig, knn_mode
 
     model, _ = lm
-    mem = KVMemory.for_model(tmp_path / "kv", model)
+    mem = kv_memory_for_model(tmp_path / "kv", model)
     with pytest.raises(ValueError, match="memory_gate"):
-        with knn_mode(model, mem, KNNConfig(combine="gate")):
+        with knn_mode(model, mem, ReadConfig(combine="gate")):
             pass
     with pytest.raises(ValueError, match="combine"):
-        KNNConfig(combine="average")
+        ReadConfig(combine="average")

@@ -1,0 +1,89 @@
+"""`knn`: the model attends to its own keys and values of the collection's text.
+
+The read plan (chunk-gated presets, the default): the collection's `candidate_chunks` best chunks
+for the prompt by the store's search (the request's filter applies), each bringing the
+`follow_chunks` chunks after it; the citations are the chunks found. The generation context syncs
+the collection's KV memory with the store, loads those chunks' rows (or, ungated, the whole memory)
+and runs the token loop inside `reading.knn_mode`. The derived memory is kept in step by
+`memories.KVMemoryManager` on the model worker: after every acknowledged write (so Ingest returns
+with the memory built) and once per knn collection at start-up (crash repair).
+
+Limits: the KV memory lives beside the store's files, so knn needs the store in this process
+(`unavailable()` says so otherwise).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from memlm.errors import InvalidArgument
+from memlm.modes.base import GenerationHooks, MemoryModeBase, ModeRuntime, ReadPlan, search_for_prompt
+from memlm.modes.knn.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Mode(MemoryModeBase):
+    name = "knn"
+    summary = "attention over the model's own keys and values of the collection's text (Memorizing Transformers)"
+    derives = "KV memory: the model's keys and values of every stored token at the memory layers"
+    k_means = "memory rows each query head retrieves per layer"
+
+    def __init__(self, runtime: ModeRuntime, settings: Optional[Settings]):
+        super().__init__(runtime, settings or Settings())
+        self.memories = None
+        if runtime.store is not None and runtime.in_process_store:
+            from memlm.modes.knn.memories import KVMemoryManager
+
+            self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name)
+
+    def unavailable(self) -> Optional[str]:
+        if self.memories is None:
+            return super().unavailable() or (
+                "memory mode 'knn' needs the in-process memory store (its KV memory lives beside the "
+                "store's files), and this model host reads another")
+        return None
+
+    def validate(self, request, collection) -> None:
+        if request.filter is not None and not self.memories.candidate_chunks:
+            raise InvalidArgument("this server's knn reads the whole collection's KV memory (knn preset "
+                                  f"{self.settings.preset!r}, candidate_chunks=0); `filter` needs "
+                                  "chunk-gated knn (knn.candidate_chunks > 0, preset 'default') or rag")
+        self.memories.check_collection(request.collection)  # FailedPrecondition: another tokenizer
+
+    async def plan(self, request) -> ReadPlan:
+        n = self.memories.candidate_chunks
+        if not n:  # ungated: every row of the memory; nothing to cite
+            return ReadPlan()
+        hits, ms = await search_for_prompt(self.runtime.store, request, n)
+        return ReadPlan(citations=hits, retrieval_ms=ms, data=[h.chunk_id for h in hits])
+
+    @contextmanager
+    def generation(self, request, plan: ReadPlan) -> Iterator[GenerationHooks]:
+        t0 = time.perf_counter()
+        context = self.memories.knn_context(request.collection, request.k, chunks=plan.data)
+        hooks = GenerationHooks()
+        hooks.memory_s = time.perf_counter() - t0  # syncing and loading the KV memory
+        with context:
+            yield hooks
+
+    # --- derived memory --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.memories is None:
+            return
+        for config in self.runtime.store.list_collections():  # repair what a crash left behind, in the background
+            if self.name in config.memory:
+                self.runtime.run_on_model(lambda name=config.name: self._sync_quietly(name))
+
+    def _sync_quietly(self, name: str) -> None:
+        try:
+            self.memories.sync(name)
+        except Exception:  # noqa: BLE001 - logged; the next write or knn request retries
+            log.exception("collection %r: building its KV memory failed", name)
+
+    def after_write(self, collection: str) -> None:
+        if self.memories is not None:
+            self.runtime.run_on_model(lambda: self.memories.sync(collection)).result()

@@ -1,0 +1,1 @@
+"""The `none` memory mode: plain generation, no memory read."""

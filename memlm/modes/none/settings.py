@@ -1,0 +1,1 @@
+"""`none` has no settings and keeps nothing per collection."""
