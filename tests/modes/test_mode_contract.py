@@ -28,7 +28,7 @@ def door(name: str, key: str) -> str:
 
 def ask(client, mode: str, collection: str):
     reads = registry.mode_class(mode).reads_collection
-    stream = client.generate(QUESTION, collection=collection if reads else "", memory=mode, max_new_tokens=8)
+    stream = client.generate(QUESTION, collection=collection if reads else "", memory=mode, max_new_tokens=16)
     text = "".join(stream)
     result = stream.result
     assert result.completion_tokens >= 1 and result.text == text
@@ -73,7 +73,8 @@ def test_mode_contract(mode, tmp_path, bundled_model_dir):
             check(client, mode, "c", live, "70561", gone=("48213",))
 
             # kill -9 while an ingest is under way: after its second batch was acknowledged.
-            extra = [{"id": f"gate-{i}", "text": door(f"gate {i}", f"{30000 + i}")} for i in range(24)]
+            extra = [{"id": f"gate-{i}", "text": FILLER * 4 + f"Gate {i} was painted green in spring. " + FILLER * 2}
+                     for i in range(24)]
             acknowledged = threading.Event()
 
             def before_batch(first: int, size: int) -> None:
