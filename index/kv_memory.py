@@ -74,6 +74,9 @@ class KVMemoryManifest:
     deleted_chunks: list[int] = field(default_factory=list)
     next_segment: int = 1
     version: int = 1
+    # The store's oplog seq up to which this memory holds every acknowledged write (its durable
+    # watermark); -1: unknown (a memory written before watermarks, or one a build left behind).
+    applied_seq: int = -1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,6 +113,7 @@ class KVMemory:
         self.path = Path(path)
         self.manifest = manifest
         self._deleted = set(manifest.deleted_chunks)
+        self._known: Optional[set[int]] = None  # every chunk id ever added (live or tombstoned), read once
 
     # --- opening --------------------------------------------------------------------------
 
@@ -286,7 +290,24 @@ class KVMemory:
         m.segments.append(name)
         m.next_segment += 1
         self._write_manifest()  # the commit point
+        if self._known is not None:
+            self._known.update(chunk_ids.tolist())
         return n
+
+    def known_chunks(self) -> set[int]:
+        """Every chunk id this memory has rows for or has tombstoned: read from the segments once per
+        open, then kept up to date (chunk ids are never reused, so an id in here is never built again)."""
+        if self._known is None:
+            self._known = set(self._deleted)
+            for seg in self.manifest.segments:
+                self._known.update(np.unique(np.asarray(self._segment_meta(seg)[0])).tolist())
+        return self._known
+
+    def set_applied_seq(self, seq: int) -> None:
+        """Record the watermark (durable when this returns)."""
+        if self.manifest.applied_seq != seq:
+            self.manifest.applied_seq = int(seq)
+            self._write_manifest()
 
     def delete(self, chunk_ids: Iterable[int]) -> int:
         """Tombstone the rows of these chunks (durable when this returns). Returns rows removed."""

@@ -1,7 +1,7 @@
 """The durable half of the memory store: one LMDB environment holding every collection.
 
 Layout of `data_dir/store.lmdb` (named databases):
-  `_collections`         name -> JSON {config, next_chunk_id, next_op_seq}
+  `_collections`         name -> JSON {config, next_chunk_id, next_op_seq, oplog_floor, watermarks}
   `<name>/docs`          doc id (UTF-8) -> doc record: b"D1", u32 header length, JSON header
                          {metadata, chunk_ids, updated_at}, then the text as UTF-8. The header comes
                          first so metadata reads (search hits, the filter index at open) skip the text.
@@ -61,16 +61,29 @@ class CollectionRecord:
     config: CollectionConfig
     next_chunk_id: int = 0
     next_op_seq: int = 1  # seq 0 means "nothing logged yet"
+    # Entries with seq <= oplog_floor have been truncated: a reader that has applied less than the
+    # floor cannot replay, it must rebuild from the stored chunks.
+    oplog_floor: int = 0
+    # Durable applied-seq watermarks of the derived structures kept outside the store (a memory
+    # mode's, e.g. "knn"), as they report them; the oplog is kept back to the lowest.
+    watermarks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_op_seq - 1
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {"config": asdict(self.config), "next_chunk_id": self.next_chunk_id, "next_op_seq": self.next_op_seq}
-        ).encode()
+        return json.dumps({
+            "config": asdict(self.config), "next_chunk_id": self.next_chunk_id, "next_op_seq": self.next_op_seq,
+            "oplog_floor": self.oplog_floor, "watermarks": self.watermarks,
+        }).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> "CollectionRecord":
         obj = json.loads(raw)
-        return cls(CollectionConfig.from_dict(obj["config"]), obj["next_chunk_id"], obj["next_op_seq"])
+        # Records written before the floor was kept: assume everything below the first entry is gone.
+        return cls(CollectionConfig.from_dict(obj["config"]), obj["next_chunk_id"], obj["next_op_seq"],
+                   obj.get("oplog_floor", -1), obj.get("watermarks", {}))
 
 
 @dataclass(frozen=True)
@@ -347,19 +360,45 @@ class LmdbStore:
             txn.delete(u64(cid), db=dbs.vectors)
 
     def truncate_oplog(self, name: str, upto_seq: int) -> int:  # WRITE
-        """Delete oplog entries with seq <= upto_seq (they are in an index file on disk now).
-        Durable on return; losing it to a crash only means replaying entries already applied,
-        which replay tolerates."""
+        """Delete oplog entries with seq <= upto_seq (every derived structure that replays has them
+        on disk now) and raise the record's floor to upto_seq, in one transaction. Durable on
+        return; losing it to a crash only means replaying entries already applied, which replay
+        tolerates."""
         dbs = self.dbs(name)
         n = 0
         with self.env.begin(write=True) as txn:
+            rec = self.record(name, txn)
+            if upto_seq <= rec.oplog_floor:
+                return 0
             cur = txn.cursor(db=dbs.oplog)
             key = cur.key() if cur.first() else b""
             while key and from_u64(key) <= upto_seq:
                 cur.delete()  # moves the cursor to the next record (or unpositions it at the end)
                 n += 1
                 key = cur.key()
+            rec.oplog_floor = upto_seq
+            txn.put(name.encode(), rec.encode(), db=self._collections)
         return n
+
+    def set_watermark(self, name: str, consumer: str, seq: int) -> None:  # WRITE
+        """Record that `consumer`'s derived structure of the collection durably holds every entry
+        up to `seq` (None of it is lost by a crash: it is one small transaction)."""
+        with self.env.begin(write=True) as txn:
+            rec = self.record(name, txn)
+            if rec.watermarks.get(consumer) == seq:
+                return
+            rec.watermarks[consumer] = int(seq)
+            txn.put(name.encode(), rec.encode(), db=self._collections)
+
+    def oplog_floor(self, name: str) -> int:
+        """Entries with seq <= this are gone. Records from before the floor was kept answer the
+        seq before their first entry (or their last seq, when the oplog is empty)."""
+        with self.env.begin() as txn:
+            rec = self.record(name, txn)
+            if rec.oplog_floor >= 0:
+                return rec.oplog_floor
+            cur = txn.cursor(db=self.dbs(name).oplog)
+            return from_u64(cur.key()) - 1 if cur.first() else rec.last_seq
 
     # ---------------------------------------------------------------- reads
 
@@ -407,6 +446,17 @@ class LmdbStore:
         with self.env.begin() as txn:
             keys = [from_u64(k) for k in txn.cursor(db=self.dbs(name).chunks).iternext(keys=True, values=False)]
         return np.array(keys, dtype=np.int64)
+
+    def chunk_ids_page(self, name: str, after: Optional[int], limit: int) -> np.ndarray:
+        """Up to `limit` chunk ids greater than `after` (None: from the first), ascending."""
+        out: list[int] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs(name).chunks)
+            positioned = cur.first() if after is None else cur.set_range(u64(after + 1))
+            while positioned and len(out) < limit:
+                out.append(from_u64(cur.key()))
+                positioned = cur.next()
+        return np.array(out, dtype=np.int64)
 
     def oplog(self, name: str, after_seq: int) -> Iterator[tuple[int, list[int], list[int]]]:
         """(seq, added chunk ids, removed chunk ids) for entries with seq > after_seq, in order."""

@@ -118,6 +118,14 @@ def _memory_differences(existing: CollectionConfig, asked: Mapping[str, Any], fi
     return out
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a dropped collection's folder once nothing (no mode's derived memory) is left in it."""
+    try:
+        folder.rmdir()
+    except OSError:  # missing, or a mode's folder is still in it (the mode removes it, then this)
+        pass
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidArgument(
@@ -269,6 +277,11 @@ class MemoryStore:
 
     def _dir(self, name: str) -> Path:
         return self.data_dir / "collections" / name
+
+    def memory_folder(self, name: str) -> Path:
+        """Where memory modes keep a collection's derived memory in process (beside its index
+        files); a mode's folder there is the mode's to drop."""
+        return self._dir(name)
 
     def collection_dir(self, name: str) -> Path:
         """The folder of a collection's derived files (index snapshots, KV memory); dropped with it."""
@@ -582,20 +595,21 @@ class MemoryStore:
             return Path(str(self._tokenizer.name_or_path)).name
         return DEFAULT_TOKENIZER_NAME
 
-    def add_write_listener(self, listener: Callable[[str, Mapping[str, Any]], None]) -> None:
-        """Call `listener(collection, memory)` (memory: the collection's `CollectionConfig.memory`)
-        after every durable ingest or delete into a collection with derived memory on, on the
+    def add_write_listener(self, listener: Callable[[str, Mapping[str, Any], bool], None]) -> None:
+        """Call `listener(collection, memory, dropped)` (memory: the collection's
+        `CollectionConfig.memory`) after every durable ingest, delete or drop of a collection with
+        derived memory on, on the
         writing thread, outside every store lock (the write is already acknowledged to LMDB). The
         model host uses it to have the memory modes keep their derived memory in step; the store
         never runs the model. An exception from it is logged, never raised to the writer."""
         self._write_listeners.append(listener)
 
-    def _notify_write(self, col: _Collection) -> None:
+    def _notify_write(self, col: _Collection, dropped: bool = False) -> None:
         if not col.config.memory or self.stopping:  # stopping: the next start brings derived memory in step
             return
         for listener in self._write_listeners:
             try:
-                listener(col.config.name, col.config.memory)
+                listener(col.config.name, col.config.memory, dropped)
             except Exception:  # noqa: BLE001 - derived data; the next sync repairs it
                 log.exception("collection %r: a write listener failed after a committed write", col.config.name)
 
@@ -613,20 +627,56 @@ class MemoryStore:
                 pending_ops=col.applied_seq - max(col.snapshot_seq, 0),
                 disk_bytes=lmdb_bytes + files,
                 problem=col.problem,
+                memory_lag=self._memory_lag(col),
             )
+
+    def _memory_lag(self, col: _Collection) -> dict[str, int]:
+        """{mode: oplog entries its derived memory has not applied yet} for the collection's modes."""
+        rec = self._lmdb.record(col.config.name)
+        return {mode: max(0, rec.last_seq - rec.watermarks.get(mode, 0)) for mode in col.config.memory}
 
     stats = describe
 
     def drop(self, name: str) -> None:
-        """Delete a collection: its LMDB databases (one durable transaction), then its index files."""
+        """Delete a collection: its LMDB databases (one durable transaction), then its index files;
+        then the write listeners hear of it (`dropped=True`), so that each memory mode drops its own
+        derived memory (a crash before that leaves files the next create of the name clears)."""
         with self._global:
             col = self._collection(name, usable=False)
             with col.lock:
                 self._lmdb.drop_collection(name)
                 col.dropped = True
                 del self._collections[name]
-                shutil.rmtree(self._dir(name), ignore_errors=True)
+                folder = self._dir(name)
+                for p in folder.iterdir() if folder.is_dir() else ():
+                    if p.is_file():  # the store's own files; a mode's folders are the mode's to drop
+                        p.unlink(missing_ok=True)
+                _remove_if_empty(folder)
         log.info("dropped collection %r", name)
+        self._notify_write(col, dropped=True)
+
+    # ---------------------------------------------------------------- the change log, for derived memory
+
+    def last_seq(self, name: str) -> int:
+        """The seq of the collection's newest oplog entry (0: nothing written yet): a derived
+        structure that has applied up to this holds every acknowledged write."""
+        self._collection(name, usable=False)
+        return self._lmdb.record(name).last_seq
+
+    def changes(self, name: str, after_seq: int, upto_seq: int) -> Optional[list[tuple[int, list[int], list[int]]]]:
+        """The oplog entries after_seq < seq <= upto_seq as (seq, added chunk ids, removed chunk
+        ids), or None when some are gone (truncated: the caller rebuilds from the stored chunks)."""
+        self._collection(name, usable=False)
+        if after_seq < self._lmdb.oplog_floor(name):
+            return None
+        return [entry for entry in self._lmdb.oplog(name, after_seq) if entry[0] <= upto_seq]
+
+    def set_watermark(self, name: str, mode: str, seq: int) -> None:
+        """A memory mode's derived memory of the collection durably holds every entry up to `seq`;
+        the oplog is kept back to the lowest watermark of the collection's modes (at most
+        `store.oplog_retention_ops` entries behind the newest)."""
+        self._collection(name, usable=False)
+        self._lmdb.set_watermark(name, mode, seq)
 
     # ---------------------------------------------------------------- ingest
 
@@ -1014,15 +1064,16 @@ class MemoryStore:
         """LM token ids of chunks (int32 arrays), for the memory modes that read tokens."""
         return [rec.token_ids for rec in self.read_chunks(name, chunk_ids)]
 
-    def read_chunks(self, name: str, chunk_ids: Sequence[int]) -> list[ChunkRecord]:
+    def read_chunks(self, name: str, chunk_ids: Sequence[int], missing_ok: bool = False) -> list[Optional[ChunkRecord]]:
         """Stored chunks (document id, index in the document, text, token ids), in the order asked,
-        read in one LMDB snapshot. Raises NotFound naming the first missing chunk."""
+        read in one LMDB snapshot. A missing chunk raises NotFound naming it, or with `missing_ok`
+        comes back as None (deleted since its id was read)."""
         self._collection(name, usable=False)
         out = []
         with self._lmdb.begin() as txn:
             for cid in chunk_ids:
                 rec = self._lmdb.read_chunk(name, int(cid), txn)
-                if rec is None:
+                if rec is None and not missing_ok:
                     raise NotFound(f"collection {name!r} has no chunk {cid}")
                 out.append(rec)
         return out
@@ -1042,6 +1093,11 @@ class MemoryStore:
         """Every stored chunk id of a collection, ascending (int64): what derived data must hold."""
         self._collection(name, usable=False)
         return self._lmdb.chunk_ids(name)
+
+    def chunk_ids_page(self, name: str, after: Optional[int] = None, limit: int = 100_000) -> np.ndarray:
+        """`chunk_ids` a page at a time: up to `limit` ids greater than `after` (None: the first)."""
+        self._collection(name, usable=False)
+        return self._lmdb.chunk_ids_page(name, after, limit)
 
     # ---------------------------------------------------------------- delete
 
@@ -1097,11 +1153,19 @@ class MemoryStore:
         if col.snapshot_seq == col.applied_seq and path.exists():
             return
         col.index.save(path)
-        self._lmdb.truncate_oplog(name, col.applied_seq)
+        self._lmdb.truncate_oplog(name, self._oplog_keep_after(col))
         for p in folder.iterdir():
             if p != path and (_INDEX_FILE_RE.fullmatch(p.name) or p.name.endswith(".faiss.tmp")):
                 p.unlink(missing_ok=True)
         col.snapshot_seq = col.applied_seq
+
+    def _oplog_keep_after(self, col: _Collection) -> int:
+        """The seq up to which the oplog may go: what the index file holds, and what every memory
+        mode of the collection has applied durably, but never more than `store.oplog_retention_ops`
+        entries behind the index (a mode further behind rebuilds from the stored chunks)."""
+        rec = self._lmdb.record(col.config.name)
+        lowest = min([col.applied_seq] + [rec.watermarks.get(mode, 0) for mode in col.config.memory])
+        return max(lowest, col.applied_seq - self.settings.oplog_retention_ops)
 
     def snapshot(self, name: Optional[str] = None) -> None:
         """Write index files for one collection (or all) and truncate their oplogs."""

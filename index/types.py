@@ -63,6 +63,7 @@ class CollectionStats:
     pending_ops: int  # index operations logged in LMDB but not yet in the index snapshot on disk
     disk_bytes: int  # LMDB share is approximate: LMDB is one file for all collections
     problem: Optional[str] = None  # why the collection cannot serve searches and writes; None: it can
+    memory_lag: dict[str, int] = field(default_factory=dict)  # mode -> oplog entries its derived memory has yet to apply
 
 
 @dataclass(frozen=True)

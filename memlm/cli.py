@@ -352,9 +352,9 @@ def ingest(
     with _connected(address, api_key, timeout, tls_ca) as client:
         config = _open_collection(client, collection, index_factory, chunk_tokens,
                                   _memory_arg(memory, memory_option, kv_memory))
-        # The server embeds and stores each batch, and, for a collection with derived memory (knn's
-        # KV memory), builds it before answering: that last stage is the slow one, so it is named.
-        stage = f"embedding, storing, building {'+'.join(config.memory)} memory" if config.memory else "embedding and storing"
+        # The server embeds and stores each batch; a collection's derived memory (knn's KV memory)
+        # is built after (or, with knn.ingest_waits_for_memory, before) it answers.
+        stage = "embedding and storing"
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
@@ -372,6 +372,12 @@ def ingest(
                 before_batch=sending,
             )
             bar.update(task, completed=total, description="done")
+        lag = client.describe_collection(collection).memory_lag if config.memory else {}
+    behind = {m: n for m, n in lag.items() if n}
+    if behind and not as_json:
+        err.print("derived memory still building: " + ", ".join(f"{m} ({n} writes behind)" for m, n in behind.items())
+                  + f"; `memlm stats -c {collection}` shows it, and a generation in that mode waits for it",
+                  highlight=False, markup=False)
     for r in report.rejected:
         err.print(f"rejected {r.id}: {r.error_code}: {r.message}", highlight=False, markup=False)
     unchanged = getattr(report, "unchanged", None)  # counted by servers that skip unchanged re-ingests
@@ -502,11 +508,12 @@ def stats(
     if as_json:
         _print_json(reply)
         return
-    table = Table("collection", "documents", "chunks", "index vectors", "index", "pending ops", "disk MB")
+    table = Table("collection", "documents", "chunks", "index vectors", "index", "pending ops", "memory lag", "disk MB")
     for c in reply.collections:
+        lag = ", ".join(f"{m} {n}" for m, n in sorted(c.memory_lag.items())) or "-"
         table.add_row(
             c.config.name, str(c.documents), str(c.chunks), str(c.index_vectors), c.config.index_factory,
-            str(c.pending_ops), f"{c.disk_bytes / 1e6:.1f}",
+            str(c.pending_ops), lag, f"{c.disk_bytes / 1e6:.1f}",
         )
     out.print(table)
     for c in reply.collections:

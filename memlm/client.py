@@ -394,6 +394,31 @@ class Client:
         reply = self._call(self._memory.Delete, pb.DeleteRequest(collection=collection, ids=ids), timeout)
         return list(reply.deleted)
 
+    # --- what a model host in another process reads (memlm.remote_store.RemoteStore) ---
+
+    def read_chunks(self, chunk_ids: Sequence[int], *, collection: str, missing_ok: bool = False,
+                    timeout: Optional[float] = None) -> list[pb.StoredChunk]:
+        request = pb.ReadChunksRequest(collection=collection, chunk_ids=list(chunk_ids), missing_ok=missing_ok)
+        return list(self._call(self._memory.ReadChunks, request, timeout).chunks)
+
+    def following_chunks(self, chunk_id: int, n: int, *, collection: str, timeout: Optional[float] = None) -> list[int]:
+        request = pb.FollowingChunksRequest(collection=collection, chunk_id=chunk_id, n=n)
+        return list(self._call(self._memory.FollowingChunks, request, timeout).chunk_ids)
+
+    def chunk_ids_page(self, *, collection: str, after: Optional[int] = None, limit: int = 0,
+                       timeout: Optional[float] = None) -> np.ndarray:
+        request = pb.ListChunkIdsRequest(collection=collection, after_chunk_id=after or 0, after_set=after is not None,
+                                         limit=limit)
+        return np.array(self._call(self._memory.ListChunkIds, request, timeout).chunk_ids, dtype=np.int64)
+
+    def read_changes(self, *, collection: str, after_seq: int, upto_seq: int = 0, limit: int = 0,
+                     timeout: Optional[float] = None) -> pb.ReadChangesResponse:
+        request = pb.ReadChangesRequest(collection=collection, after_seq=after_seq, upto_seq=upto_seq, limit=limit)
+        return self._call(self._memory.ReadChanges, request, timeout)
+
+    def set_watermark(self, collection: str, mode: str, seq: int, *, timeout: Optional[float] = None) -> None:
+        self._call(self._memory.SetWatermark, pb.SetWatermarkRequest(collection=collection, mode=mode, seq=seq), timeout)
+
     # --- generation ---
 
     def generate(

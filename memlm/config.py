@@ -36,6 +36,10 @@ class StoreSettings(BaseModel):
     snapshot_every_ops: int = Field(
         1000, gt=0, description="write the FAISS index to disk after this many logged index operations"
     )
+    oplog_retention_ops: int = Field(
+        100_000, gt=0, description="oplog entries kept for a memory mode's derived memory that has not applied them "
+        "yet (its watermark; e.g. a knn collection served by no model for a while); one further behind rebuilds",
+    )
     faiss_threads: int = Field(
         1, gt=0, description="FAISS OpenMP threads per search. 1: concurrent searches run on separate "
         "threads instead, and FAISS's pool does not fight torch's (100k-chunk search 38.9 -> 20.5 ms)",

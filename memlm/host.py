@@ -216,14 +216,15 @@ class ModelHost(EngineClient):
             if mode.unavailable() is None:
                 mode.start()
 
-    def _after_write(self, collection: str, memory: Mapping[str, Any]) -> None:
-        """The store's write listener: each mode whose memory `collection` has brings it in step."""
+    def _after_write(self, collection: str, memory: Mapping[str, Any], dropped: bool = False) -> None:
+        """The store's write listener: each mode whose memory `collection` has brings it in step
+        (or, after a drop, drops it)."""
         if self._closed:
             return
         for mode_name in memory:
             mode = self.modes.get(mode_name)
             if mode is not None and mode.unavailable() is None:
-                mode.after_write(collection)
+                mode.after_drop(collection) if dropped else mode.after_write(collection)
 
     @classmethod
     def load(

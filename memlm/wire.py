@@ -198,6 +198,7 @@ def stats_to_pb(s: CollectionStats) -> pb.CollectionInfo:
     return pb.CollectionInfo(
         config=config_to_pb(s.config), documents=s.documents, chunks=s.chunks, index_vectors=s.index_vectors,
         index_trained=s.index_trained, pending_ops=s.pending_ops, disk_bytes=s.disk_bytes, problem=s.problem or "",
+        memory_lag=dict(s.memory_lag),
     )
 
 
@@ -205,7 +206,16 @@ def stats_from_pb(m: pb.CollectionInfo) -> CollectionStats:
     return CollectionStats(
         config=config_from_pb(m.config), documents=m.documents, chunks=m.chunks, index_vectors=m.index_vectors,
         index_trained=m.index_trained, pending_ops=m.pending_ops, disk_bytes=m.disk_bytes, problem=m.problem or None,
+        memory_lag=dict(m.memory_lag),
     )
+
+
+def stored_chunk_to_pb(chunk_id: int, rec: Any) -> pb.StoredChunk:
+    """A ChunkRecord (or None: not stored) -> StoredChunk."""
+    if rec is None:
+        return pb.StoredChunk(chunk_id=chunk_id, found=False)
+    return pb.StoredChunk(chunk_id=chunk_id, found=True, doc_id=rec.doc_id, chunk_index=rec.chunk_index, text=rec.text,
+                          token_ids=rec.token_ids.tolist())
 
 
 def hit_to_pb(h: SearchHit) -> pb.ScoredChunk:

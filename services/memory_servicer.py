@@ -138,8 +138,56 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         return pb.StatsResponse(collections=[wire.stats_to_pb(s) for s in infos], **self._stats_extra())
 
 
+    # --- derived memory kept by a model host in another process --------------------------------
+
+    @unary
+    async def ReadChunks(self, request: pb.ReadChunksRequest, context) -> pb.ReadChunksResponse:
+        ids = list(request.chunk_ids)
+        if len(ids) > MAX_CHUNKS_PER_CALL:
+            raise InvalidArgument(f"ReadChunks asked for {len(ids)} chunks; at most {MAX_CHUNKS_PER_CALL} per call")
+        records = await self._run(self._store.read_chunks, request.collection, ids, missing_ok=request.missing_ok)
+        return pb.ReadChunksResponse(chunks=[wire.stored_chunk_to_pb(cid, rec) for cid, rec in zip(ids, records)])
+
+    @unary
+    async def FollowingChunks(self, request: pb.FollowingChunksRequest, context) -> pb.FollowingChunksResponse:
+        ids = await self._run(self._store.following_chunks, request.collection, request.chunk_id, request.n)
+        return pb.FollowingChunksResponse(chunk_ids=ids)
+
+    @unary
+    async def ListChunkIds(self, request: pb.ListChunkIdsRequest, context) -> pb.ListChunkIdsResponse:
+        limit = min(request.limit or MAX_CHUNK_IDS_PER_PAGE, MAX_CHUNK_IDS_PER_PAGE)
+        after = request.after_chunk_id if request.after_set else None
+        ids = await self._run(self._store.chunk_ids_page, request.collection, after, limit)
+        return pb.ListChunkIdsResponse(chunk_ids=ids.tolist())
+
+    @unary
+    async def ReadChanges(self, request: pb.ReadChangesRequest, context) -> pb.ReadChangesResponse:
+        last = await self._run(self._store.last_seq, request.collection)
+        upto = min(request.upto_seq or last, last)
+        reply = pb.ReadChangesResponse(last_seq=last)
+        if request.limit == 0 or request.after_seq >= upto:
+            return reply
+        changes = await self._run(self._store.changes, request.collection, request.after_seq, upto)
+        if changes is None:
+            reply.truncated = True
+            return reply
+        reply.changes.extend(pb.Change(seq=seq, added=add, removed=rem) for seq, add, rem in changes[: request.limit])
+        return reply
+
+    @unary
+    async def SetWatermark(self, request: pb.SetWatermarkRequest, context) -> pb.SetWatermarkResponse:
+        if not request.mode:
+            raise InvalidArgument("SetWatermark needs the memory mode whose watermark it is")
+        await self._run(self._store.set_watermark, request.collection, request.mode, request.seq)
+        return pb.SetWatermarkResponse()
+
+
 async def _enumerate(iterator):
     i = 0
     async for item in iterator:
         yield i, item
         i += 1
+
+
+MAX_CHUNKS_PER_CALL = 10_000  # ~64 tokens each: a few MB per reply
+MAX_CHUNK_IDS_PER_PAGE = 100_000  # 8 bytes each

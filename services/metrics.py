@@ -76,6 +76,8 @@ class StoreCollector(Collector):
                 "memlm_collection_available", "1 when the collection serves, 0 when it is unavailable (see Describe)",
                 labels=labels),
         }
+        lag = GaugeMetricFamily("memlm_collection_memory_lag", "Acknowledged writes a memory mode's derived memory "
+                                "of the collection has not applied yet", labels=["collection", "mode"])
         for config in self._store.list_collections():
             try:
                 st = self._store.describe(config.name)
@@ -84,7 +86,10 @@ class StoreCollector(Collector):
             for key, fam in fams.items():
                 value = float(st.problem is None) if key == "available" else float(getattr(st, key))
                 fam.add_metric([config.name], value)
+            for mode, n in st.memory_lag.items():
+                lag.add_metric([config.name, mode], float(n))
         yield from fams.values()
+        yield lag
         if self._guard is not None:
             yield GaugeMetricFamily("memlm_calls_in_flight", "RPCs being served (health checks aside)",
                                     value=self._guard.in_flight)

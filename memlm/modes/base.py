@@ -7,8 +7,13 @@ loop inside the mode's `generation` context, which yields the `GenerationHooks` 
 The host never names a mode; the token loop never knows which one runs.
 
 Derived memory (knn's KV memory; later landmark blocks, RETRO neighbours, product keys): a mode
-with `CollectionOptions` keeps something per collection that has it on. The host forwards every
-acknowledged write into such a collection to `after_write` and calls `start` once (crash repair).
+with `CollectionOptions` keeps something per collection that has it on, with one rule for every
+such structure (as the store's own FAISS index): a durable applied-seq watermark; it applies the
+store's change log (`StoreView.changes`) past it, or rebuilds from the stored chunks when the log no
+longer reaches back; it reports the watermark (`set_watermark`), and the store keeps the log back
+to the lowest. The host forwards every acknowledged write into such a collection to `after_write`
+(and a drop to `after_drop`) and calls `start` once (crash repair). A read in the mode catches up
+first, so a generation sees every write acknowledged before it.
 
 `StoreView` is everything a mode may read from the store. `MemoryStore` implements it in process;
 a remote store must implement it too (today a host with a remote store offers the modes whose
@@ -50,6 +55,14 @@ class StoreView(Protocol):
     def read_chunks(self, collection: str, chunk_ids: Sequence[int]) -> list[Any]: ...  # ChunkRecords, in order
 
     def following_chunks(self, collection: str, chunk_id: int, n: int) -> list[int]: ...
+
+    # The change log, for derived memory kept in step by watermark (Chroma's max_seqid rule):
+    def last_seq(self, collection: str) -> int: ...  # the newest acknowledged write's seq
+
+    def changes(self, collection: str, after_seq: int, upto_seq: int) -> Optional[list[tuple[int, list[int], list[int]]]]:
+        ...  # (seq, added chunk ids, removed chunk ids) after after_seq; None: truncated, rebuild
+
+    def set_watermark(self, collection: str, mode: str, seq: int) -> None: ...  # durably applied up to seq
 
 
 @dataclass(frozen=True)
@@ -161,6 +174,9 @@ class MemoryModeBase(abc.ABC):
     def after_write(self, collection: str) -> None:
         """A write into a collection with this mode's memory on was acknowledged by the store;
         bring the derived memory in step (called on the writing thread)."""
+
+    def after_drop(self, collection: str) -> None:
+        """The collection was dropped: delete this mode's derived memory of it."""
 
     def close(self) -> None:
         """The host is closing."""

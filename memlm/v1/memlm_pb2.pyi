@@ -38,6 +38,118 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
+class ReadChunksRequest(_message.Message):
+    __slots__ = ("collection", "chunk_ids", "missing_ok")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_OK_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    chunk_ids: _containers.RepeatedScalarFieldContainer[int]
+    missing_ok: bool
+    def __init__(self, collection: _Optional[str] = ..., chunk_ids: _Optional[_Iterable[int]] = ..., missing_ok: _Optional[bool] = ...) -> None: ...
+
+class StoredChunk(_message.Message):
+    __slots__ = ("chunk_id", "found", "doc_id", "chunk_index", "text", "token_ids")
+    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    chunk_id: int
+    found: bool
+    doc_id: str
+    chunk_index: int
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, chunk_id: _Optional[int] = ..., found: _Optional[bool] = ..., doc_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReadChunksResponse(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[StoredChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[StoredChunk, _Mapping]]] = ...) -> None: ...
+
+class FollowingChunksRequest(_message.Message):
+    __slots__ = ("collection", "chunk_id", "n")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    chunk_id: int
+    n: int
+    def __init__(self, collection: _Optional[str] = ..., chunk_id: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
+
+class FollowingChunksResponse(_message.Message):
+    __slots__ = ("chunk_ids",)
+    CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    chunk_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, chunk_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListChunkIdsRequest(_message.Message):
+    __slots__ = ("collection", "after_chunk_id", "limit", "after_set")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    AFTER_CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SET_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    after_chunk_id: int
+    limit: int
+    after_set: bool
+    def __init__(self, collection: _Optional[str] = ..., after_chunk_id: _Optional[int] = ..., limit: _Optional[int] = ..., after_set: _Optional[bool] = ...) -> None: ...
+
+class ListChunkIdsResponse(_message.Message):
+    __slots__ = ("chunk_ids",)
+    CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    chunk_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, chunk_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReadChangesRequest(_message.Message):
+    __slots__ = ("collection", "after_seq", "upto_seq", "limit")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    UPTO_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    after_seq: int
+    upto_seq: int
+    limit: int
+    def __init__(self, collection: _Optional[str] = ..., after_seq: _Optional[int] = ..., upto_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Change(_message.Message):
+    __slots__ = ("seq", "added", "removed")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    added: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., added: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReadChangesResponse(_message.Message):
+    __slots__ = ("last_seq", "truncated", "changes")
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    last_seq: int
+    truncated: bool
+    changes: _containers.RepeatedCompositeFieldContainer[Change]
+    def __init__(self, last_seq: _Optional[int] = ..., truncated: _Optional[bool] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ...) -> None: ...
+
+class SetWatermarkRequest(_message.Message):
+    __slots__ = ("collection", "mode", "seq")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    mode: str
+    seq: int
+    def __init__(self, collection: _Optional[str] = ..., mode: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class SetWatermarkResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "embedding_model", "index_factory", "chunk_tokens", "chunk_overlap", "kv_memory", "if_not_exists", "memory")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -99,7 +211,14 @@ class CollectionConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., dimension: _Optional[int] = ..., index_factory: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., tokenizer: _Optional[str] = ..., kv_memory: _Optional[bool] = ..., created_at: _Optional[float] = ..., memory: _Optional[_Iterable[_Union[MemoryOptions, _Mapping]]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("config", "documents", "chunks", "index_vectors", "index_trained", "pending_ops", "disk_bytes", "problem")
+    __slots__ = ("config", "documents", "chunks", "index_vectors", "index_trained", "pending_ops", "disk_bytes", "problem", "memory_lag")
+    class MemoryLagEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +227,7 @@ class CollectionInfo(_message.Message):
     PENDING_OPS_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LAG_FIELD_NUMBER: _ClassVar[int]
     config: CollectionConfig
     documents: int
     chunks: int
@@ -116,7 +236,8 @@ class CollectionInfo(_message.Message):
     pending_ops: int
     disk_bytes: int
     problem: str
-    def __init__(self, config: _Optional[_Union[CollectionConfig, _Mapping]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., index_vectors: _Optional[int] = ..., index_trained: _Optional[bool] = ..., pending_ops: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+    memory_lag: _containers.ScalarMap[str, int]
+    def __init__(self, config: _Optional[_Union[CollectionConfig, _Mapping]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., index_vectors: _Optional[int] = ..., index_trained: _Optional[bool] = ..., pending_ops: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., problem: _Optional[str] = ..., memory_lag: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()

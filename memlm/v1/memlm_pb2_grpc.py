@@ -88,6 +88,31 @@ class MemoryStub:
                 request_serializer=memlm_dot_v1_dot_memlm__pb2.StatsRequest.SerializeToString,
                 response_deserializer=memlm_dot_v1_dot_memlm__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ReadChunks = channel.unary_unary(
+                '/memlm.v1.Memory/ReadChunks',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.ReadChunksRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.ReadChunksResponse.FromString,
+                _registered_method=True)
+        self.FollowingChunks = channel.unary_unary(
+                '/memlm.v1.Memory/FollowingChunks',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.FollowingChunksRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.FollowingChunksResponse.FromString,
+                _registered_method=True)
+        self.ListChunkIds = channel.unary_unary(
+                '/memlm.v1.Memory/ListChunkIds',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.ListChunkIdsRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.ListChunkIdsResponse.FromString,
+                _registered_method=True)
+        self.ReadChanges = channel.unary_unary(
+                '/memlm.v1.Memory/ReadChanges',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.ReadChangesRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.ReadChangesResponse.FromString,
+                _registered_method=True)
+        self.SetWatermark = channel.unary_unary(
+                '/memlm.v1.Memory/SetWatermark',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.SetWatermarkRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.SetWatermarkResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -170,6 +195,40 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadChunks(self, request, context):
+        """What a model host in another process reads to keep a memory mode's derived memory (knn's KV
+        memory) in step with this store: stored chunks with their token ids, the chunks that follow
+        one in its document, the chunk ids (for a rebuild), the change log past a watermark, and the
+        watermark it has applied (the store keeps its change log back to the lowest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowingChunks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChunkIds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadChanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWatermark(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +281,31 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=memlm_dot_v1_dot_memlm__pb2.StatsRequest.FromString,
                     response_serializer=memlm_dot_v1_dot_memlm__pb2.StatsResponse.SerializeToString,
+            ),
+            'ReadChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadChunks,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.ReadChunksRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.ReadChunksResponse.SerializeToString,
+            ),
+            'FollowingChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.FollowingChunks,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.FollowingChunksRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.FollowingChunksResponse.SerializeToString,
+            ),
+            'ListChunkIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChunkIds,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.ListChunkIdsRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.ListChunkIdsResponse.SerializeToString,
+            ),
+            'ReadChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadChanges,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.ReadChangesRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.ReadChangesResponse.SerializeToString,
+            ),
+            'SetWatermark': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWatermark,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.SetWatermarkRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.SetWatermarkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -498,6 +582,141 @@ class Memory:
             '/memlm.v1.Memory/Stats',
             memlm_dot_v1_dot_memlm__pb2.StatsRequest.SerializeToString,
             memlm_dot_v1_dot_memlm__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/ReadChunks',
+            memlm_dot_v1_dot_memlm__pb2.ReadChunksRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.ReadChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowingChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/FollowingChunks',
+            memlm_dot_v1_dot_memlm__pb2.FollowingChunksRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.FollowingChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChunkIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/ListChunkIds',
+            memlm_dot_v1_dot_memlm__pb2.ListChunkIdsRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.ListChunkIdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/ReadChanges',
+            memlm_dot_v1_dot_memlm__pb2.ReadChangesRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.ReadChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWatermark(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/SetWatermark',
+            memlm_dot_v1_dot_memlm__pb2.SetWatermarkRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.SetWatermarkResponse.FromString,
             options,
             channel_credentials,
             insecure,

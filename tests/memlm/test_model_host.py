@@ -202,7 +202,7 @@ def _request(**kw) -> GenerationRequest:
         (_request(prompt="  "), InvalidArgument, "prompt"),
         (_request(prompt=None, messages=()), InvalidArgument, "messages"),
         (_request(prompt=None, messages=(ChatMessage("robot", "hi"),)), InvalidArgument, "robot"),
-        (_request(memory="knn", collection="notes"), FailedPrecondition, "knn.*in-process memory store"),
+        (_request(memory="knn", collection="notes"), FailedPrecondition, "knn.*place for its KV memory"),
         (_request(memory="retro", collection="notes"), Unimplemented, "not implemented yet"),
         (_request(memory="rag"), InvalidArgument, "collection"),
         (_request(memory="rag", collection="notes", k=0), InvalidArgument, "k=0"),

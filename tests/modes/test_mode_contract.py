@@ -54,7 +54,8 @@ def check(client, mode: str, collection: str, live: dict[str, str], key: str, go
 def test_mode_contract(mode, tmp_path, bundled_model_dir):
     data = tmp_path / "data"
     memory = [mode] if registry.collection_options_class(mode) is not None else None
-    live = {"north": door("north", "48213"), "south": door("south", "11593")}
+    # One document holds the pass key; the other is text around it that the delete removes.
+    live = {"north": door("north", "48213"), "garden": FILLER * 3 + "The garden has twelve apple trees. " + FILLER * 3}
 
     server = ServerProcess(data)
     try:
@@ -68,8 +69,8 @@ def test_mode_contract(mode, tmp_path, bundled_model_dir):
             assert client.ingest([{"id": "north", "text": live["north"]}], collection="c").results[0].status == "replaced"
             check(client, mode, "c", live, "70561", gone=("48213",))
 
-            assert client.delete(["south"], collection="c") == ["south"]
-            del live["south"]
+            assert client.delete(["garden"], collection="c") == ["garden"]
+            del live["garden"]
             check(client, mode, "c", live, "70561", gone=("48213",))
 
             # kill -9 while an ingest is under way: after its second batch was acknowledged.

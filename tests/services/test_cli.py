@@ -111,14 +111,14 @@ def test_ingest_says_which_suffixes_it_reads_and_takes_glob(server, tmp_path):
     assert {json.loads(line)["id"] for line in got} == {"README", "day.log"}
 
 
-def test_ingest_progress_has_a_total_and_names_the_kv_memory_stage(server, tmp_path):
+def test_ingest_progress_into_a_knn_collection_has_a_total(server, tmp_path):
     docs = tmp_path / "kv"
     docs.mkdir()
     for i in range(3):
         (docs / f"d{i}.txt").write_text(f"Fact {i}: the locker code number {i} is {1000 + i}.\n")
     proc = memlm("ingest", str(docs), "-c", "kv-progress", "--kv-memory", "--batch-size", "2",
                  "--address", server.address)
-    assert "building knn memory: docs 1-2 of 3" in proc.stderr and "docs 3-3 of 3" in proc.stderr
+    assert "embedding and storing: docs 1-2 of 3" in proc.stderr and "docs 3-3 of 3" in proc.stderr
     assert "3/3" in proc.stderr and "ETA" in proc.stderr
     assert "/?" not in proc.stderr
 

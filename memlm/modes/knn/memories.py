@@ -2,19 +2,20 @@
 with LMDB, and the loaded copies the `knn` mode reads.
 
 One `KVMemory` per collection, in `collections/<name>/kv/`. Like the FAISS index it is derived
-data: LMDB's chunks (with their language-model token ids) are the truth, and `sync(name)` brings
-the memory to exactly LMDB's set of chunks:
-- rows of chunks LMDB no longer holds (deleted or replaced documents) are tombstoned;
-- chunks the memory lacks (new or replaced documents, or a build a crash cut short) are run
-  through the model, document by document in chunk order, and appended as segments of at most
-  `knn.build_batch_tokens` tokens;
+data: LMDB's chunks (with their language-model token ids) are the truth. It follows the one rule
+of derived memory (memlm.modes.base): a durable watermark (`manifest.applied_seq`, also reported
+to the store, which keeps its oplog back to it), and `catch_up(name)`:
+- in step (watermark == the store's last seq): one LMDB record read, whatever the collection's size;
+- behind: the oplog entries past the watermark are applied: rows of removed chunks (deleted or
+  replaced documents) tombstoned, added chunks run through the model, document by document in
+  chunk order, appended as segments of about `knn.build_batch_tokens` tokens (a chunk the memory
+  already knows is never built twice);
+- when the oplog no longer reaches back (truncated, a memory written before watermarks, a lost
+  folder rebuilt empty): every chunk id is compared with LMDB's (`_sync`), once;
 - a memory with more than `knn.max_segments` segments is compacted.
-`sync` is idempotent and is the one mechanism for every path: the knn mode runs it on the model
-worker after each acknowledged ingest or delete into a knn collection (so Ingest returns once the
-memory is built), once per knn collection at start-up (repairing a crash between the LMDB commit
-and the memory write), and before each knn generation (so a generation sees every acknowledged
-write). A memory folder that is missing or unreadable is rebuilt from LMDB. The store never runs
-the model: it only reports writes (`MemoryStore.add_write_listener`).
+The knn mode runs it on the model worker after each acknowledged write (waited for or queued one
+segment per turn, `knn.ingest_waits_for_memory`), at start-up for every knn collection, and at the
+start of every knn generation. The store never runs the model: it only reports writes.
 
 Threading: everything here runs on the model host's one worker thread; the model is never shared.
 Chunk-gated knn (preset "default": 8 candidate chunks, 2 following chunks each): a generation
@@ -36,7 +37,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from memlm.errors import FailedPrecondition
+from memlm.errors import FailedPrecondition, NotFound
 from memlm.index.kv_memory import MANIFEST, KVMemory
 from memlm.modes.knn.settings import CollectionOptions, Settings
 from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
@@ -56,6 +57,7 @@ class SyncReport:
     removed_chunks: int = 0  # chunks whose rows were tombstoned
     compacted: bool = False
     seconds: float = 0.0
+    done: bool = True  # False: a bounded catch-up left work for the next call
 
 
 class KVMemoryManager:
@@ -99,7 +101,7 @@ class KVMemoryManager:
         mem = self._open.get(key)
         if mem is not None and (mem.path / MANIFEST).exists():
             return mem
-        path = self.store.collection_dir(name) / KV_FOLDER
+        path = self.store.memory_folder(name) / KV_FOLDER
         try:
             mem = KVMemory.open(path)
         except FileNotFoundError:
@@ -113,45 +115,100 @@ class KVMemoryManager:
         return mem
 
     def _create(self, path: Path, config) -> KVMemory:
-        """An empty memory shaped by the collection's knn options (fixed when it was created)."""
+        """An empty memory shaped by the collection's knn options (fixed when it was created). Empty,
+        it holds every write up to seq 0: catching up replays the whole oplog if the store still
+        has it, else compares chunk ids."""
         o = CollectionOptions(**config.memory["knn"])
         layers = resolve_layers(_layer_spec(o.layers), self.model.config.num_hidden_layers)
-        return kv_memory_for_model(path, self.model, layers=layers, window=o.window, overlap=o.overlap, dtype=o.dtype)
+        mem = kv_memory_for_model(path, self.model, layers=layers, window=o.window, overlap=o.overlap, dtype=o.dtype)
+        mem.set_applied_seq(0)
+        return mem
+
+    def drop(self, name: str) -> None:
+        """The collection was dropped: forget its memory and delete the folder."""
+        self._open = {k: v for k, v in self._open.items() if k[0] != name}
+        for key in [k for k in self._loaded if k[0] == name]:
+            del self._loaded[key]
+        try:
+            self.store.collection_config(name)
+            return  # re-created since: its creation cleared the folder, and it is the new one's now
+        except NotFound:
+            folder = self.store.memory_folder(name)
+            shutil.rmtree(folder / KV_FOLDER, ignore_errors=True)
+            try:
+                folder.rmdir()  # the store left it for this mode's folder
+            except OSError:
+                pass
 
     # --- keeping in step with LMDB ----------------------------------------------------------
 
-    def sync(self, name: str, config=None) -> SyncReport:
-        """Make the memory hold exactly the collection's stored chunks (see the module docstring)."""
+    def catch_up(self, name: str, config=None, max_segments: Optional[int] = None) -> SyncReport:
+        """Bring the memory to the collection's newest acknowledged write. In step (watermark ==
+        the store's last seq) it costs one LMDB read, whatever the collection's size. Otherwise
+        it applies the oplog entries past its watermark (rows of removed chunks tombstoned, added
+        chunks built), or, when the oplog no longer reaches back (or the watermark is unknown),
+        re-syncs by comparing every chunk id (`sync`). max_segments: build at most this many
+        segments now (the caller re-queues the rest, so generations are not kept waiting behind
+        a long build); `SyncReport.done` says whether the memory is in step."""
         t0 = time.perf_counter()
         config = config or self.check_collection(name)
         mem = self.memory(name, config)
+        target = self.store.last_seq(name)
+        seq = mem.manifest.applied_seq
+        if seq == target:
+            return SyncReport()
+        changes = self.store.changes(name, seq, target) if 0 <= seq < target else None
+        if changes is None:
+            report = self._sync(name, config, mem, max_segments)
+        else:
+            removed = {c for _seq, _add, rem in changes for c in rem}
+            known = mem.known_chunks()
+            gone = sorted(removed & known)
+            if gone:
+                mem.delete(gone)
+            new = [c for _seq, add, _rem in changes for c in add if c not in removed and c not in known]
+            added, built, done = self._build(name, mem, new, config.chunk_overlap, max_segments) if new else (0, 0, True)
+            report = SyncReport(added, built, len(gone), False, 0.0, done)
+        if report.done:
+            if len(mem.manifest.segments) > self.settings.max_segments and not getattr(self.store, "stopping", False):
+                mem.compact()
+                report = replace(report, compacted=True)
+            mem.set_applied_seq(target)
+            self.store.set_watermark(name, "knn", target)
+        report = replace(report, seconds=time.perf_counter() - t0)
+        if report.added_rows or report.removed_chunks or report.compacted:
+            log.info("collection %r: KV memory caught up to seq %d%s: +%d tokens (%d documents), -%d chunks%s in %.1f s",
+                     name, target, "" if report.done else " (in part)", report.added_rows, report.built_documents,
+                     report.removed_chunks, ", compacted" if report.compacted else "", report.seconds)
+        return report
+
+    def _sync(self, name: str, config, mem: KVMemory, max_segments: Optional[int]) -> SyncReport:
+        """The rebuild path: make the memory hold exactly the collection's stored chunks by
+        comparing every chunk id (O(collection); only when the oplog cannot say what changed)."""
         stored = self.store.chunk_ids(name)  # ascending
         have = np.unique(mem.chunk_ids())
         extra = np.setdiff1d(have, stored, assume_unique=True)
         missing = np.setdiff1d(stored, have, assume_unique=True)
         if len(extra):
             mem.delete(extra.tolist())
-        added = built = 0
-        if len(missing):
-            added, built = self._build(name, mem, missing, config.chunk_overlap)
-        compacted = False
-        if len(mem.manifest.segments) > self.settings.max_segments and not getattr(self.store, "stopping", False):
-            mem.compact()
-            compacted = True
-        report = SyncReport(added, built, len(extra), compacted, time.perf_counter() - t0)
-        if added or len(extra) or compacted:
-            log.info("collection %r: KV memory synced: +%d tokens (%d documents), -%d chunks%s in %.1f s",
-                     name, added, built, len(extra), ", compacted" if compacted else "", report.seconds)
-        return report
+        added, built, done = self._build(name, mem, missing.tolist(), config.chunk_overlap, max_segments)
+        return SyncReport(added, built, len(extra), False, 0.0, done)
 
-    def _build(self, name: str, mem: KVMemory, chunk_ids: np.ndarray, chunk_overlap: int) -> tuple[int, int]:
-        """Run the model over the missing chunks, whole documents in chunk order; (tokens, documents)."""
-        records = self.store.read_chunks(name, chunk_ids.tolist())
+    def sync(self, name: str, config=None) -> SyncReport:
+        """Catch up completely (see `catch_up`)."""
+        return self.catch_up(name, config)
+
+    def _build(self, name: str, mem: KVMemory, chunk_ids: Sequence[int], chunk_overlap: int,
+               max_segments: Optional[int] = None) -> tuple[int, int, bool]:
+        """Run the model over these chunks, whole documents in chunk order, in segments of about
+        `knn.build_batch_tokens` tokens: (tokens added, documents, whether all were built). Chunks
+        deleted since their ids were read are skipped (their removal is a later oplog entry)."""
         docs: dict[str, list[tuple[int, int, np.ndarray]]] = {}
-        for cid, rec in zip(chunk_ids.tolist(), records):
-            docs.setdefault(rec.doc_id, []).append((rec.chunk_index, cid, rec.token_ids))
+        for cid, rec in zip(chunk_ids, self.store.read_chunks(name, list(chunk_ids), missing_ok=True)):
+            if rec is not None:
+                docs.setdefault(rec.doc_id, []).append((rec.chunk_index, int(cid), rec.token_ids))
         batch: list[tuple[np.ndarray, int, int]] = []  # (token ids, chunk id, document number)
-        size = added = 0
+        size = added = segments = 0
         for d, (_doc_id, chunks) in enumerate(sorted(docs.items())):
             chunks.sort()
             for j, (_index, cid, toks) in enumerate(chunks):
@@ -162,11 +219,14 @@ class KVMemoryManager:
             if size >= self.settings.build_batch_tokens or d == len(docs) - 1:  # whole documents per segment
                 if getattr(self.store, "stopping", False):  # shutting down: the next start builds the rest
                     log.info("collection %r: KV memory build stopped for shutdown; it resumes at the next start", name)
-                    break
+                    return added, len(docs), False
+                if max_segments is not None and segments >= max_segments:
+                    return added, len(docs), False
                 toks, cids, doc_numbers = zip(*batch)
                 added += build_kv_memory(mem, self.model, list(toks), list(cids), documents=list(doc_numbers))
+                segments += 1
                 batch, size = [], 0
-        return added, len(docs)
+        return added, len(docs), True
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -174,14 +234,15 @@ class KVMemoryManager:
     def candidate_chunks(self) -> int:
         """Chunks whose rows a knn generation reads (0: all; see ReadConfig.candidate_chunks), at most
         the store's largest search (`store.max_k`)."""
-        return min(self.config.candidate_chunks, self.store.settings.max_k)
+        settings = getattr(self.store, "settings", None)  # an in-process store: its largest search
+        return min(self.config.candidate_chunks, settings.max_k) if settings is not None else self.config.candidate_chunks
 
     def knn_context(self, name: str, top_k: Optional[int] = None,
                     chunks: Optional[Sequence[int]] = None) -> AbstractContextManager:
         """Sync the memory, load it (cached), and return the `knn_mode` context for one generation.
         chunks: read only these chunks' rows (chunk-gated knn; the caller ranked them for the prompt)."""
         collection = self.check_collection(name)
-        self.sync(name, collection)
+        self.catch_up(name, collection)  # every write acknowledged before this request (one LMDB read when in step)
         mem = self.memory(name, collection)
         # Read the preset's layers that this memory stores (built with its collection's `layers` option).
         wanted = resolve_layers(self.config.layers, self.model.config.num_hidden_layers)

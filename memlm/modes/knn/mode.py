@@ -5,11 +5,14 @@ for the prompt by the store's search (the request's filter applies), each bringi
 `follow_chunks` chunks after it; the citations are the chunks found. The generation context syncs
 the collection's KV memory with the store, loads those chunks' rows (or, ungated, the whole memory)
 and runs the token loop inside `reading.knn_mode`. The derived memory is kept in step by
-`memories.KVMemoryManager` on the model worker: after every acknowledged write (so Ingest returns
-with the memory built) and once per knn collection at start-up (crash repair).
+`memories.KVMemoryManager` on the model worker, by watermark (`catch_up`): after every
+acknowledged write (`knn.ingest_waits_for_memory`: Ingest answers after the memory is built, or
+right after LMDB with the build queued), once per knn collection at start-up (crash repair), and
+at the start of every knn generation (so it reads every write acknowledged before it).
 
-Limits: the KV memory lives beside the store's files, so knn needs the store in this process
-(`unavailable()` says so otherwise).
+The KV memory lives in the store view's `memory_folder(collection)`: beside the store's files
+for a MemoryStore in this process, in the host's own folder for a RemoteStore (then writes are
+not pushed: the catch-up at the start of each knn generation finds them).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class Mode(MemoryModeBase):
     def __init__(self, runtime: ModeRuntime, settings: Optional[Settings]):
         super().__init__(runtime, settings or Settings())
         self.memories = None
-        if runtime.store is not None and runtime.in_process_store:
+        if runtime.store is not None and hasattr(runtime.store, "memory_folder"):
             from memlm.modes.knn.memories import KVMemoryManager
 
             self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name)
@@ -42,8 +45,8 @@ class Mode(MemoryModeBase):
     def unavailable(self) -> Optional[str]:
         if self.memories is None:
             return super().unavailable() or (
-                "memory mode 'knn' needs the in-process memory store (its KV memory lives beside the "
-                "store's files), and this model host reads another")
+                "memory mode 'knn' needs a store view with a place for its KV memory (a MemoryStore in this "
+                "process, or memlm.remote_store.RemoteStore), and this model host has another")
         return None
 
     def validate(self, request, collection) -> None:
@@ -76,14 +79,30 @@ class Mode(MemoryModeBase):
             return
         for config in self.runtime.store.list_collections():  # repair what a crash left behind, in the background
             if self.name in config.memory:
-                self.runtime.run_on_model(lambda name=config.name: self._sync_quietly(name))
+                self._schedule(config.name)
 
-    def _sync_quietly(self, name: str) -> None:
-        try:
-            self.memories.sync(name)
-        except Exception:  # noqa: BLE001 - logged; the next write or knn request retries
-            log.exception("collection %r: building its KV memory failed", name)
+    def _schedule(self, name: str) -> None:
+        """Catch the collection's memory up on the model worker, one segment per turn: a long
+        build goes to the back of the queue after each segment, so generations interleave."""
+        def step() -> None:
+            try:
+                report = self.memories.catch_up(name, max_segments=1)
+            except Exception:  # noqa: BLE001 - logged; the next write or knn request retries
+                log.exception("collection %r: building its KV memory failed", name)
+                return
+            if not report.done and not getattr(self.runtime.store, "stopping", False):
+                self.runtime.run_on_model(step)
+
+        self.runtime.run_on_model(step)
 
     def after_write(self, collection: str) -> None:
+        if self.memories is None:
+            return
+        if self.settings.ingest_waits_for_memory:  # Ingest answers once the memory holds the write
+            self.runtime.run_on_model(lambda: self.memories.catch_up(collection)).result()
+        else:  # Ingest answers after LMDB; the next knn read of the collection waits for the memory
+            self._schedule(collection)
+
+    def after_drop(self, collection: str) -> None:
         if self.memories is not None:
-            self.runtime.run_on_model(lambda: self.memories.sync(collection)).result()
+            self.runtime.run_on_model(lambda: self.memories.drop(collection))

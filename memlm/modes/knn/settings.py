@@ -44,7 +44,13 @@ class Settings(BaseModel):
         None, ge=0, le=16, description="chunk-gated knn: each candidate chunk also brings the next N chunks "
         "of its document; None = the preset's (2 for 'default')",
     )
-    # --- per process: resources -------------------------------------------------------------
+    # --- per process: when derived memory is built, and what it may cost ----------------------
+    ingest_waits_for_memory: bool = Field(
+        False, description="True: an Ingest into a knn collection answers once its KV memory is built; False: "
+        "right after LMDB commits, with the build queued on the model worker one segment at a time (a knn "
+        "generation of the collection waits for it; Describe's memory_lag shows what is left). See README, "
+        "knn memory mode, for the measurement",
+    )
     build_batch_tokens: int = Field(16384, gt=0, description="tokens built into one memory segment at a time")
     max_segments: int = Field(32, gt=0, description="compact a memory once it has more segments than this")
     resident_collections: int = Field(2, gt=0, description="collections whose memory stays loaded between requests "
