@@ -298,3 +298,33 @@ def test_unchanged_documents_are_not_rewritten(limited, memory, docs):
         # a boolean is not the number 1: a metadata type change is a change
         client.ingest([{"id": "t", "text": "typed", "metadata": {"flag": 1}}], collection=docs)
         assert client.ingest([{"id": "t", "text": "typed", "metadata": {"flag": True}}], collection=docs).replaced == 1
+
+
+# --- the store read by a model host in another process ---------------------------------------
+
+def test_derived_memory_rpcs_read_chunks_changes_and_watermarks(memory, docs):
+    ids = sorted(memory.ListChunkIds(pb.ListChunkIdsRequest(collection=docs), timeout=30).chunk_ids)
+    assert len(ids) >= len(DOCS)
+    chunks = memory.ReadChunks(pb.ReadChunksRequest(collection=docs, chunk_ids=ids), timeout=30).chunks
+    assert [c.chunk_id for c in chunks] == ids and all(c.found and c.token_ids and c.text for c in chunks)
+    assert {c.doc_id for c in chunks} == {d.id for d in DOCS}
+    page = memory.ListChunkIds(pb.ListChunkIdsRequest(collection=docs, after_chunk_id=ids[0], after_set=True, limit=1), timeout=30)
+    assert list(page.chunk_ids) == ids[1:2]
+
+    missing = max(ids) + 1000
+    assert_status(rpc_error(memory.ReadChunks, pb.ReadChunksRequest(collection=docs, chunk_ids=[missing])),
+                  grpc.StatusCode.NOT_FOUND, str(missing))
+    soft = memory.ReadChunks(pb.ReadChunksRequest(collection=docs, chunk_ids=[missing], missing_ok=True), timeout=30)
+    assert [c.found for c in soft.chunks] == [False]
+    assert_status(rpc_error(memory.ReadChunks, pb.ReadChunksRequest(collection=docs, chunk_ids=list(range(10_001)))),
+                  grpc.StatusCode.INVALID_ARGUMENT, "10001", "10000")
+    assert_status(rpc_error(memory.ReadChanges, pb.ReadChangesRequest(collection="no-such", limit=1)),
+                  grpc.StatusCode.NOT_FOUND, "no-such")
+
+    head = memory.ReadChanges(pb.ReadChangesRequest(collection=docs), timeout=30)
+    assert head.last_seq == 1 and not head.changes  # limit 0: the head only
+    log = memory.ReadChanges(pb.ReadChangesRequest(collection=docs, after_seq=0, limit=10), timeout=30)
+    assert [c.seq for c in log.changes] == [1] and sorted(log.changes[0].added) == ids and not log.truncated
+    assert_status(rpc_error(memory.SetWatermark, pb.SetWatermarkRequest(collection=docs, seq=1)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "memory mode")
+    memory.SetWatermark(pb.SetWatermarkRequest(collection=docs, mode="knn", seq=1), timeout=30)
