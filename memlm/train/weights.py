@@ -97,7 +97,7 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, base_name: str, base_fin
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in adapter.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": MANIFEST_FORMAT, "mode": adapter.mode})
+    save_file(tensors, str(tmp))  # no metadata: safetensors writes it in hash order, the same run would differ
     os.replace(tmp, out / WEIGHTS_FILE)
     manifest = {
         "format": MANIFEST_FORMAT,
