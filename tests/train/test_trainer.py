@@ -38,6 +38,16 @@ def tiny_split(n_tokens: int, seed: int) -> TokenSplit:
 TRAIN, HELDOUT = tiny_split(6000, 0), tiny_split(800, 1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Ops this small gain nothing from a second thread, and on a loaded 2-core machine each
+    parallel region waits for a descheduled thread (a tiny step took 6 s with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_trainer(tmp_path, model=None, **kw) -> Trainer:
     model = model if model is not None else tiny_model()
     adapter = BottleneckAdapter(TINY, BottleneckConfig(layers=(1,), bottleneck=8), seed=0)
