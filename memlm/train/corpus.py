@@ -111,7 +111,8 @@ class _Packages:
     """Which Debian package owns a path (from /var/lib/dpkg/info/*.list) and the licences its
     copyright file names (DEP-5 `License:` fields; "unstructured" for free-form files)."""
 
-    def __init__(self, info_dir: str = "/var/lib/dpkg/info"):
+    def __init__(self, info_dir: str = "/var/lib/dpkg/info", doc_root: str = "/usr/share/doc"):
+        self.doc_root = doc_root
         self.owner: dict[str, str] = {}
         for lst in sorted(Path(info_dir).glob("*.list")) if Path(info_dir).is_dir() else []:
             pkg = lst.stem.split(":")[0]
@@ -124,7 +125,7 @@ class _Packages:
 
     def licence_of(self, pkg: str) -> str:
         if pkg not in self._licences:
-            self._licences[pkg] = _copyright_licences(Path("/usr/share/doc") / pkg / "copyright")
+            self._licences[pkg] = _copyright_licences(Path(self.doc_root) / pkg / "copyright")
         return self._licences[pkg]
 
 
@@ -356,7 +357,7 @@ def corpus_documents(sources: Sequence[str] = SOURCES, max_docs: Optional[int] =
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ValueError(f"unknown corpus source(s) {', '.join(bad)}: expected some of {', '.join(SOURCES)}")
-    packages = _Packages() if {"man", "doc"} & set(sources) else None
+    packages = _Packages(doc_root=doc_root) if {"man", "doc"} & set(sources) else None
     for source in sources:
         stream = (_stdlib_documents() if source == "stdlib" else _man_documents(man_root, packages)
                   if source == "man" else _doc_documents(doc_root, packages))

@@ -52,9 +52,13 @@ def test_doc_filter_takes_prose_and_skips_changelogs_code_and_copyright(tmp_path
     (pkg / "copyright").write_text(prose)
     (pkg / "example.c").write_text(prose)
     (pkg / "config.txt").write_text("int main(void) { return 0; }\n" * 20)
-    docs = list(C._doc_documents(str(tmp_path), C._Packages(str(tmp_path / "no-dpkg"))))
+    docs = list(C._doc_documents(str(tmp_path), C._Packages(str(tmp_path / "no-dpkg"), str(tmp_path))))
     assert [d.doc_id for d in docs] == ["doc:demo/README"]
-    assert docs[0].package == "demo" and docs[0].licence == "unknown (no copyright file)" or docs[0].licence
+    assert docs[0].package == "demo" and docs[0].licence == "unstructured (see copyright file)"
+    (pkg / "copyright").write_text("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+                                   "Files: *\nLicense: GPL-2+\n\nFiles: doc/*\nLicense: MIT\n")
+    docs = list(C._doc_documents(str(tmp_path), C._Packages(str(tmp_path / "no-dpkg"), str(tmp_path))))
+    assert docs[0].licence == "GPL-2+; MIT"
 
 
 def test_ngram_hashes_stay_inside_documents():
