@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import ast
 import functools
 import os
 import random
@@ -68,11 +67,6 @@ _P_WHY = ["because the roads were flooded", "so that the children could see it",
           "since the market was closed", "and then went home", "and everyone laughed", "which surprised the mayor",
           "as the letter had instructed", "to settle an old argument", "and the dogs barked"]
 
-# Packages whose docstrings are mostly test scaffolding, generated tables or vendored code.
-_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
-                "turtledemo", "idlelib", "ensurepip", "pydoc_data"}
-
-
 def prose_sentence(rng: random.Random) -> str:
     return f"{rng.choice(_P_SUBJ)} {rng.choice(_P_VERB)} {rng.choice(_P_OBJ)} {rng.choice(_P_WHEN)} {rng.choice(_P_WHY)}."
 
@@ -82,31 +76,20 @@ def stdlib_paragraphs(min_chars: int = 40) -> tuple[str, ...]:
     """Docstring paragraphs of the standard library's .py files, whitespace collapsed, in a fixed
     order (files sorted by path, nodes in `ast.walk` order); ~10k paragraphs, ~330k tokens on
     CPython 3.11. Paragraphs with doctest prompts, shorter than `min_chars`, or seen before are
-    dropped. Takes ~5 s (parsing ~600 files)."""
-    root = sysconfig.get_paths()["stdlib"]
-    files: list[str] = []
-    for folder, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_SKIP)
-        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
+    dropped. Takes ~5 s (parsing ~600 files). The extraction is memlm.train.corpus's (the training
+    corpus uses it too)."""
+    from memlm.train.corpus import docstring_paragraphs, stdlib_source_files
+
     out: list[str] = []
     seen: set[str] = set()
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few files are deliberately broken or not UTF-8
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            for para in (doc or "").split("\n\n"):
-                para = " ".join(para.split())
-                if len(para) >= min_chars and ">>>" not in para and para not in seen:
-                    seen.add(para)
-                    out.append(para)
+    for path in stdlib_source_files():
+        for para in docstring_paragraphs(path):
+            if len(para) >= min_chars and ">>>" not in para and para not in seen:
+                seen.add(para)
+                out.append(para)
     if not out:
-        raise RuntimeError(f"no docstrings found under {root}: is the standard library source installed?")
+        raise RuntimeError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}: "
+                           "is the standard library source installed?")
     return tuple(out)
 
 

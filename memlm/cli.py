@@ -652,5 +652,9 @@ def delete(
     out.print(f"deleted {len(deleted)}" + (f"; not found: {', '.join(missing)}" if missing else ""), highlight=False)
 
 
+from memlm.train.cli import app as train_app  # noqa: E402  (typer only: torch loads inside the commands)
+app.add_typer(train_app, name="train")
+
+
 if __name__ == "__main__":
     app()

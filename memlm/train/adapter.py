@@ -1,0 +1,198 @@
+"""What a trained memory mode implements to be trained by `memlm.train.Trainer`, and the proof one.
+
+An `Adapter` is an `nn.Module` holding only trainable parameters. It attaches itself to a frozen
+owned `Llama` through the model's extension points (`layers[i].after_attention`,
+`layers[i].feed_forward`, `layers[i].attention.backend`, `prefix_embeds`), says which parameters
+go in which learning-rate group, turns a `TrainBatch` into a loss, and declares `first_layer`: the
+lowest layer whose input it changes. The hidden states entering that layer are a function of the
+tokens alone, which is what lets the trainer cache them (`memlm.train.hidden_cache`).
+
+`BottleneckAdapter` ("proof") is the mode that proves the trainer: a residual bottleneck
+x + up(silu(down(norm(x)))) after the attention of a few upper layers, `up` zero-initialised so
+that before training the model is exactly the base model. RETRO cross-attention, landmark
+attention, RMT and product-key memory register here the same way (`ADAPTERS`).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memlm.model.llama import Llama, LlamaConfig
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch. tokens (B, T + 1): inputs are tokens[:, :-1], targets tokens[:, 1:].
+    hidden (B, T, D), when given, are the frozen model's states entering `first_layer` for those
+    inputs (from the hidden-state cache); a mode may add its own fields (retrieved neighbours...)."""
+
+    tokens: Tensor
+    hidden: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0  # this group's learning rate is the schedule's times lr_scale
+    weight_decay: float = 0.0
+
+
+def run_layers(model: Llama, x: Tensor, start_layer: int) -> Tensor:
+    """Layers [start_layer, n_layers) and the final norm on x (B, T, D), the states entering
+    start_layer at positions 0..T-1, no KV cache. -> (B, T, D). The same arithmetic as
+    `Llama.forward_embeds` (which is this with start_layer 0), so the two agree bit for bit."""
+    T = x.shape[1]
+    input_pos = torch.arange(T, device=x.device)
+    rope = (model.rope_cos[input_pos, None].to(x.dtype), model.rope_sin[input_pos, None].to(x.dtype))  # (T, 1, hd)
+    for layer in model.layers[start_layer:]:
+        x = layer(x, rope, input_pos, None, None, T)
+    return model.norm(x)
+
+
+def lower_hidden(model: Llama, tokens: Tensor, end_layer: int) -> Tensor:
+    """The states entering layer end_layer for tokens (B, T): embeddings through layers
+    [0, end_layer). -> (B, T, D). Run under no_grad by callers (the base is frozen)."""
+    x = model.embed(tokens)
+    T = x.shape[1]
+    input_pos = torch.arange(T, device=x.device)
+    rope = (model.rope_cos[input_pos, None].to(x.dtype), model.rope_sin[input_pos, None].to(x.dtype))
+    for layer in model.layers[:end_layer]:
+        x = layer(x, rope, input_pos, None, None, T)
+    return x
+
+
+def next_token_loss(model: Llama, batch: TrainBatch, first_layer: int) -> Tensor:
+    """Mean next-token cross-entropy over the batch's B * T targets, starting from batch.hidden
+    at first_layer when it is there, else from the tokens."""
+    inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]  # each (B, T)
+    if batch.hidden is not None:
+        x = batch.hidden
+    else:
+        with torch.no_grad():  # the frozen lower layers: nothing to differentiate
+            x = lower_hidden(model, inputs, first_layer)
+    logits = model.output(run_layers(model, x, first_layer))  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
+
+
+class Adapter(nn.Module, abc.ABC):
+    """A trainable memory mode's parameters and how they plug into a frozen `Llama`."""
+
+    mode: ClassVar[str]  # the name `memlm train MODE` and the manifest use
+
+    @property
+    @abc.abstractmethod
+    def first_layer(self) -> int:
+        """Lowest layer whose input this adapter changes (0 if it changes the embeddings or adds
+        prefix_embeds): the states entering it depend on the tokens alone."""
+
+    @abc.abstractmethod
+    def attach(self, model: Llama) -> None:
+        """Insert this adapter's modules into the model's extension points."""
+
+    @abc.abstractmethod
+    def detach(self, model: Llama) -> None:
+        """Undo `attach`: the model is the base model again."""
+
+    @abc.abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able settings `from_config` rebuilds the adapter from (saved in the manifest)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, model_config: LlamaConfig, config: dict[str, Any], seed: int = 0) -> "Adapter": ...
+
+    def param_groups(self) -> list[ParamGroup]:
+        """The learning-rate groups; by default every parameter in one group."""
+        return [ParamGroup("all", list(self.parameters()))]
+
+    def loss(self, model: Llama, batch: TrainBatch) -> Tensor:
+        """A scalar to minimise for one micro-batch (mean over its target tokens)."""
+        return next_token_loss(model, batch, self.first_layer)
+
+
+@dataclass
+class BottleneckConfig:
+    layers: tuple[int, ...] = (20, 23, 26, 29)  # where the adapters sit (negative: from the top)
+    bottleneck: int = 64  # width of the down-projection
+
+
+class ResidualBottleneck(nn.Module):
+    """x + up(silu(down(rmsnorm(x)))), up zero-initialised: the identity until trained.
+    Sits in `Block.after_attention`, so it has the (x, input_pos) -> x signature."""
+
+    def __init__(self, dim: int, bottleneck: int, eps: float, generator: torch.Generator):
+        super().__init__()
+        self.eps = eps
+        self.norm_weight = nn.Parameter(torch.ones(dim))
+        self.down = nn.Parameter(torch.randn(bottleneck, dim, generator=generator) / dim ** 0.5)  # (r, D)
+        self.up = nn.Parameter(torch.zeros(dim, bottleneck))  # (D, r): zero, so x + 0 == x exactly
+
+    def forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
+        h = F.rms_norm(x, (x.shape[-1],), self.norm_weight.to(x.dtype), self.eps)  # (B, T, D)
+        return x + F.linear(F.silu(F.linear(h, self.down.to(x.dtype))), self.up.to(x.dtype))  # (B, T, D)
+
+
+class BottleneckAdapter(Adapter):
+    """The proof adapter: a `ResidualBottleneck` after the attention of each of `config.layers`."""
+
+    mode = "proof"
+
+    def __init__(self, model_config: LlamaConfig, config: BottleneckConfig = BottleneckConfig(), seed: int = 0):
+        super().__init__()
+        n = model_config.n_layers
+        layers = sorted({i % n for i in config.layers})
+        if any(not -n <= i < n for i in config.layers) or not layers:
+            raise ValueError(f"adapter layers {config.layers} do not fit a model of {n} layers")
+        self.config = BottleneckConfig(tuple(layers), config.bottleneck)
+        generator = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleDict({str(i): ResidualBottleneck(model_config.dim, config.bottleneck,
+                                                                model_config.rms_norm_eps, generator)
+                                     for i in layers})
+
+    @property
+    def first_layer(self) -> int:
+        return self.config.layers[0]
+
+    def attach(self, model: Llama) -> None:
+        for i, block in self.blocks.items():
+            if any(m is block for m in model.layers[int(i)].after_attention):
+                continue
+            model.layers[int(i)].after_attention.append(block)
+
+    def detach(self, model: Llama) -> None:
+        for i, block in self.blocks.items():
+            hooks = model.layers[int(i)].after_attention
+            for k in reversed([k for k, m in enumerate(hooks) if m is block]):
+                del hooks[k]
+
+    def config_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
+
+    @classmethod
+    def from_config(cls, model_config: LlamaConfig, config: dict[str, Any], seed: int = 0) -> "BottleneckAdapter":
+        cfg = dict(config)
+        if "layers" in cfg:
+            cfg["layers"] = tuple(cfg["layers"])
+        return cls(model_config, BottleneckConfig(**cfg), seed)
+
+    def param_groups(self) -> list[ParamGroup]:
+        # Projections decay towards zero (towards the base model); norm gains do not decay.
+        mats = [p for b in self.blocks.values() for p in (b.down, b.up)]
+        norms = [b.norm_weight for b in self.blocks.values()]
+        return [ParamGroup("projections", mats, 1.0, 0.01), ParamGroup("norms", norms, 1.0, 0.0)]
+
+
+ADAPTERS: dict[str, type[Adapter]] = {BottleneckAdapter.mode: BottleneckAdapter}
+
+
+def adapter_class(mode: str) -> type[Adapter]:
+    if mode not in ADAPTERS:
+        raise ValueError(f"unknown training mode {mode!r}: expected one of {', '.join(ADAPTERS)}")
+    return ADAPTERS[mode]

@@ -1,0 +1,111 @@
+"""`memlm train ...`: train a memory mode on the frozen base model, and build the corpus.
+
+    memlm train proof [--steps --batch --micro-batch --seq --lr --device cpu|cuda --out DIR --resume ...]
+    memlm train corpus [--out DIR] [--sources stdlib,man,doc] [--max-docs N]
+
+Mounted in memlm/cli.py with `app.add_typer`. Imports only typer at import time: torch, the
+model and the corpus load inside the commands, so the main CLI stays fast.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Train memory modes (adapters) on the frozen base model.")
+
+
+def _sources(value: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+@app.command("proof")
+def proof(
+    steps: int = typer.Option(200, help="optimizer steps"),
+    batch: int = typer.Option(4, help="sequences per optimizer step"),
+    micro_batch: int = typer.Option(0, help="sequences per forward/backward (0: the whole batch); accumulates"),
+    seq: int = typer.Option(512, help="tokens per sequence"),
+    lr: float = typer.Option(1e-3, help="peak learning rate"),
+    warmup: int = typer.Option(20, help="warmup steps"),
+    layers: str = typer.Option("20,23,26,29", help="layers that get an adapter (comma-separated; negative from the top)"),
+    bottleneck: int = typer.Option(64, help="adapter bottleneck width"),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)"),
+    out: Path = typer.Option(Path("runs/proof"), help="run folder: checkpoint/, adapter.safetensors, adapter.json, history.jsonl"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint (same settings)"),
+    model: str = typer.Option("bundled", help="base model: 'bundled' or a local Hugging Face Llama folder"),
+    sources: str = typer.Option("stdlib,man,doc", help="corpus sources"),
+    max_docs: Optional[int] = typer.Option(None, help="at most this many documents per source"),
+    train_windows: int = typer.Option(0, help="train on a fixed subset of this many windows (0: all)"),
+    cache_hidden: bool = typer.Option(False, "--cache-hidden", help="cache the frozen layers' states below the adapter"),
+    eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
+    eval_windows: int = typer.Option(16, help="held-out windows per evaluation"),
+    checkpoint_every: int = typer.Option(50, help="steps between checkpoints"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train the proof adapter: zero-initialised residual bottlenecks after the attention of a few
+    upper layers, next-token loss on the corpus."""
+    from memlm.train.adapter import BottleneckConfig
+
+    config = BottleneckConfig(layers=tuple(int(x) for x in layers.split(",")), bottleneck=bottleneck)
+    _train("proof", dict(layers=list(config.layers), bottleneck=config.bottleneck), locals())
+
+
+def _train(mode: str, adapter_config: dict, opts: dict) -> None:
+    import torch
+
+    from memlm.model.llama import load_llama
+    from memlm.models.loading import resolve_model_dir
+    from memlm.train.adapter import adapter_class
+    from memlm.train.corpus import build_corpus
+    from memlm.train.trainer import TrainConfig, Trainer
+    from memlm.train.weights import folder_fingerprint
+
+    out: Path = opts["out"]
+    if (out / "checkpoint").exists() and not opts["resume"]:
+        raise typer.BadParameter(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    folder = resolve_model_dir(opts["model"])
+    corpus = build_corpus(folder, _sources(opts["sources"]), opts["max_docs"], log=lambda m: typer.echo(m, err=True))
+    config = TrainConfig(steps=opts["steps"], batch=opts["batch"], micro_batch=opts["micro_batch"], seq=opts["seq"],
+                         lr=opts["lr"], warmup_steps=opts["warmup"], seed=opts["seed"],
+                         train_windows=opts["train_windows"], eval_every=opts["eval_every"],
+                         eval_windows=opts["eval_windows"], checkpoint_every=opts["checkpoint_every"],
+                         cache_hidden=opts["cache_hidden"], device=opts["device"])
+    model = load_llama(folder, device=opts["device"])
+    adapter = adapter_class(mode).from_config(model.config, adapter_config, seed=opts["seed"])
+    from memlm.train.data import default_hidden_cache_dir
+
+    trainer = Trainer(model, adapter, corpus.train, corpus.heldout, config, out, folder.name,
+                      folder_fingerprint(folder), hidden_cache_dir=default_hidden_cache_dir(),
+                      progress=opts["progress"], log=lambda m: typer.echo(m, err=True))
+    if opts["resume"] and trainer.resume():
+        typer.echo(f"resumed {out} at step {trainer.step} ({trainer.tokens_seen} tokens seen)", err=True)
+    n_params = sum(p.numel() for p in adapter.parameters())
+    typer.echo(f"{mode}: {n_params} trainable parameters on {folder.name}, {len(trainer.windows)} train windows of "
+               f"{config.seq} tokens, {config.steps} steps of {config.batch} on {config.device}", err=True)
+    stats = trainer.fit()
+    typer.echo(json.dumps({k: v for k, v in stats.items() if k != "config"}))
+
+
+@app.command("corpus")
+def corpus(
+    out: Optional[Path] = typer.Option(None, help="also write every document as OUT/<source>/<name>.txt + documents.jsonl"),
+    sources: str = typer.Option("stdlib,man,doc", help="corpus sources (stdlib, man, doc)"),
+    max_docs: Optional[int] = typer.Option(None, help="at most this many documents per source"),
+    model: str = typer.Option("bundled", help="whose tokenizer counts the tokens"),
+) -> None:
+    """Build (once) and describe the tokenised training corpus; with --out, export its documents
+    as text files to ingest into a collection."""
+    from memlm.models.loading import resolve_model_dir
+    from memlm.train.corpus import build_corpus, export_documents
+
+    c = build_corpus(resolve_model_dir(model), _sources(sources), max_docs, log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps({"cache": str(c.folder), **c.stats}, indent=1))
+    if out is not None:
+        n = export_documents(out, _sources(sources), max_docs)
+        typer.echo(f"wrote {n} documents under {out} (index: {out / 'documents.jsonl'})", err=True)
