@@ -74,6 +74,9 @@ def main() -> None:
 
     runs: dict[str, Callable[[int], torch.Tensor]] = {}
     for fmt in args.formats:
+        if fmt != "dense" and dtype != torch.float32:
+            print(f"owned {fmt}: skipped (quantizes fp32 weights; --dtype is {args.dtype})")
+            continue
         runs[f"owned {fmt}"] = owned_run(load_llama(folder, dtype=dtype, weights=fmt))
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
