@@ -103,7 +103,8 @@ class ModelSettings(BaseModel):
         "int4", description="weight format of the owned model's linear layers (memlm.model.load_llama(weights=), "
         "memlm.model.quantize): 'dense' = as loaded in dtype; 'int8' = per-row int8, head too; 'int4' = the "
         "decoder layers 4-bit in groups of 32 (the bundled GGUF's own Q4_1 codes), the head per-row int8. "
-        "MEASURED_PLACEHOLDER",
+        "Measured on the bundled SmolLM2 (README 'The owned model'): int4 decodes 1.6x fp32 (20.2 vs 12.3 "
+        "tokens/s, 1 thread, loaded machine; 0.31x llama.cpp), int8 1.5x; both +0.26% perplexity on held-out text",
     )
 
 
