@@ -353,9 +353,13 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def load_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
+def load_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               weights: str = "dense") -> Llama:
     """A `Llama` with the weights of a local Hugging Face Llama folder (model.safetensors, or
-    shards listed in model.safetensors.index.json), in `dtype`, in eval mode."""
+    shards listed in model.safetensors.index.json), in `dtype`, in eval mode.
+
+    weights: "dense" keeps the linear layers as loaded (in dtype); "int8" / "int4" quantizes them
+    (`memlm.model.quantize.quantize_model`; needs dtype float32)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -382,6 +386,12 @@ def load_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         model.output.weight = model.tok_embeddings.weight
     cos, sin = rope_tables(config)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if weights != "dense":
+        from memlm.model.quantize import quantize_model
+
+        if dtype != torch.float32:
+            raise ValueError(f"weights={weights!r} quantizes fp32 weights; got dtype={dtype} (expected torch.float32)")
+        quantize_model(model, weights)
     return model.eval()
 
 

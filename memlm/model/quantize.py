@@ -1,0 +1,155 @@
+"""Weight formats for the owned `Llama`'s linear layers: fewer bytes read per decoded token.
+
+Decoding one token reads every weight once, so on a CPU its speed is set by weight bytes and per-op
+overhead, not FLOPs. Two weight-only formats, each an `nn.Module` with the `nn.Linear` call shape
+and a `forward_native` (dequantize, then `F.linear`) that the tests hold the kernel to:
+
+- `Int4Linear`: asymmetric 4-bit, one scale and zero per group of 32 input columns, run by
+  PyTorch's CPU kernel `_weight_int4pack_mm_for_cpu`. The bundled SmolLM2's layers ship as GGUF
+  Q4_1 (4-bit, group 32, scale and min), and min/max quantization of the dequantized weights
+  finds those same codes again (tests check it), so on the bundled model int4 costs only the
+  rounding of scales, zeros, activations and outputs to bf16.
+- `Int8Linear`: symmetric 8-bit, one scale per output row, run by `_weight_int8pack_mm`.
+
+Both kernels take bf16 activations and return bf16: their fp32 paths are 10-20x slower on this
+AVX2 CPU (measured at decode shapes), so each layer rounds its input to bf16 and widens its output
+back to the model's fp32.
+
+`quantize_model(model, weights)` swaps the decoder layers' projections (fused QKV, output, fused
+gate/up, down) and the output head. The bundled model's head is tied to the token embeddings and
+ships as GGUF Q8_0 (8-bit, group 32): 4-bit would lose real precision there, so `int4` puts the
+head in per-row `Int8Linear` (its own copy; the embedding table stays fp32 for lookups). What each
+format costs in speed and perplexity is in README "The owned model".
+
+Limits: CPU kernels (on another device `forward_native` runs, correct but slow); inference only;
+in_features must be a multiple of 32 (int4) and the model fp32 when quantized.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WeightFormat = Literal["dense", "int8", "int4"]
+WEIGHT_FORMATS: tuple[str, ...] = ("dense", "int8", "int4")
+INT4_GROUP_SIZE = 32  # GGUF Q4_1's block: the bundled weights round-trip exactly at this size
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias with q int8 (N, K) and one scale per output row (N,), kept in
+    bf16 for the kernel.
+
+    Symmetric: scale = max |w| over the row / 127, so the row's largest weight is exact (up to
+    the bf16 scale)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        w = weight.detach().float()  # (N, K)
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)  # (N,)
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None].float()).clamp(-127, 127).to(torch.int8))  # (N, K)
+        self.register_buffer("scale", scale)  # (N,) bf16
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def dequantize(self) -> Tensor:
+        """The fp32 weight (N, K) this layer computes with."""
+        return self.weight_int8.float() * self.scale[:, None].float()
+
+    def forward_native(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.forward_native(x)
+        shape = x.shape  # (..., K)
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w.T + bias with w = (q - 8) * scale + zero, q in [0, 15], scale and zero (bf16, for
+    the kernel) per output row and group of `group_size` input columns.
+
+    Asymmetric min/max per group: scale = (max - min) / 15, zero = min + 8 * scale (the kernel's
+    convention: codes centred on 8), so each group's smallest and largest weights are exact."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        w = weight.detach().float()  # (N, K)
+        N, K = w.shape
+        if K % group_size:
+            raise ValueError(f"in_features={K} is not a multiple of the int4 group size {group_size}")
+        self.out_features, self.in_features, self.group_size = N, K, group_size
+        groups = w.view(N, K // group_size, group_size)  # (N, G, gs)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # each (N, G, 1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).view(N, K)  # (N, K) codes
+        zero = lo + 8 * scale
+        self.register_buffer("codes", q.to(torch.uint8))  # (N, K), for forward_native and tests
+        # (G, N, 2): [scale, zero] per group and row, the layout the kernel reads.
+        self.register_buffer("scales_and_zeros", torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        # The kernel tiles rows by 16: pad with zero rows (code 8 with zero 0 is weight 0), slice after.
+        pad = -N % 16
+        sz = F.pad(self.scales_and_zeros, (0, 0, 0, pad)) if pad else self.scales_and_zeros  # (G, N + pad, 2)
+        self.register_buffer("kernel_scales_and_zeros", sz)
+        # Two codes a byte in the kernel's own tile order, (N + pad, K / 2) uint8.
+        self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(F.pad(q, (0, 0, 0, pad), value=8), 1))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def dequantize(self) -> Tensor:
+        """The fp32 weight (N, K) this layer computes with."""
+        N, K, gs = self.out_features, self.in_features, self.group_size
+        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # each (N, G)
+        codes = self.codes.float().view(N, K // gs, gs)
+        return ((codes - 8) * scale[..., None] + zero[..., None]).view(N, K)
+
+    def forward_native(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.forward_native(x)
+        shape = x.shape  # (..., K)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int4,
+                                              self.group_size, self.kernel_scales_and_zeros)  # (M, N + pad)
+        y = y[:, : self.out_features].to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+def _quantized(linear: nn.Linear, fmt: str) -> nn.Module:
+    cls = {"int8": Int8Linear, "int4": Int4Linear}[fmt]
+    return cls(linear.weight, linear.bias)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, weights: WeightFormat = "int4", head: WeightFormat | None = None) -> nn.Module:
+    """Replace the linear layers of a `Llama` (in place) with the `weights` format; returns it.
+
+    weights: the decoder projections (fused QKV, attention output, fused gate/up, down): "dense"
+    (unchanged), "int8" (per row) or "int4" (group 32). head: the output projection; None = "int8"
+    when weights is quantized (see the module docstring), else "dense". Only layers that are still
+    `nn.Linear` are replaced, so modules a memory mode added are left alone, and quantizing twice
+    is a no-op."""
+    head_format = head or ("dense" if weights == "dense" else "int8")
+    for fmt in (weights, head_format):
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    for block in model.layers:
+        for parent, name in ((block.attention, "wqkv"), (block.attention, "wo"),
+                             (block.feed_forward, "w13"), (block.feed_forward, "w2")):
+            layer = getattr(parent, name, None)
+            if type(layer) is nn.Linear and weights != "dense":
+                setattr(parent, name, _quantized(layer, weights))
+    if type(model.output) is nn.Linear and head_format != "dense":
+        model.output = _quantized(model.output, head_format)
+    return model
