@@ -51,7 +51,9 @@ class Settings(BaseModel):
         "generation of the collection waits for it; Describe's memory_lag shows what is left). See README, "
         "knn memory mode, for the measurement",
     )
-    build_batch_tokens: int = Field(16384, gt=0, description="tokens built into one memory segment at a time")
-    max_segments: int = Field(32, gt=0, description="compact a memory once it has more segments than this")
+    build_batch_tokens: int = Field(4096, gt=0, description="tokens built into one memory segment at a time; also "
+                                    "one turn of a queued build on the model worker (a generation waits at most one "
+                                    "segment behind a build; see README, Measured: derived memory)")
+    max_segments: int = Field(64, gt=0, description="compact a memory once it has more segments than this")
     resident_collections: int = Field(2, gt=0, description="collections whose memory stays loaded between requests "
                                       "(ungated reads; gated reads load per generation)")
