@@ -9,7 +9,8 @@ and runs the token loop inside `reading.knn_mode`. The derived memory is kept in
 with the memory built) and once per knn collection at start-up (crash repair).
 
 Limits: the KV memory lives beside the store's files, so knn needs the store in this process
-(`unavailable()` says so otherwise).
+(`unavailable()` says so otherwise); and a Llama model: memlm's own `Llama` (the default for a
+Llama folder) or, with `model.model_impl = "transformers"`, transformers' LlamaForCausalLM.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ class Mode(MemoryModeBase):
             self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name)
 
     def unavailable(self) -> Optional[str]:
+        from memlm.models.loading import model_facts
+
+        architecture = model_facts(self.runtime.model).architecture
+        if architecture != "LlamaForCausalLM":
+            return f"memory mode 'knn' runs on Llama models (LlamaForCausalLM); the served model is {architecture}"
         if self.memories is None:
             return super().unavailable() or (
                 "memory mode 'knn' needs the in-process memory store (its KV memory lives beside the "
