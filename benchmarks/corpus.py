@@ -239,7 +239,9 @@ class CorpusMemory:
 
         self.kind, self.model, self.tokenizer = kind, model, tokenizer
         self.window, self.overlap, self.doc_tokens = window, overlap, doc_tokens
-        self.layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
+        from memlm.models.loading import model_facts
+
+        self.layers = list(range(model_facts(model).layers)) if layers is None else sorted(set(layers))
         self.chunker = Chunker(tokenizer, CHUNK_TOKENS)
         key = json.dumps([CACHE_VERSION, Path(model_dir).name, kind, window, overlap, doc_tokens, self.layers,
                           CHUNK_TOKENS, hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (kv_module, capture_module))).hexdigest()])

@@ -1,11 +1,15 @@
 """Tokens/s of `ModelHost.generate` against Hugging Face `model.generate`, same model, same process.
 
+The host serves what `ModelHost.load` loads (memlm's own Llama for the bundled model;
+`--model-impl transformers` for the transformers path); `model.generate` runs transformers'
+LlamaForCausalLM of the same folder.
+
 Mode none, greedy, 128 new tokens after a ~200-token prompt; one warm-up run each, then 3 runs
 each, interleaved; the median is reported. tokens/s = new tokens / wall time of the whole call
 (prefill included, as a user sees it). The prompt is a counting sequence so neither side stops
 early at EOS (the script checks both made the same tokens).
 
-    .venv/bin/python benchmarks/generation_direct.py [--runs 3] [--new-tokens 128]
+    .venv/bin/python benchmarks/generation_direct.py [--runs 3] [--new-tokens 128] [--model-impl transformers]
 """
 from __future__ import annotations
 
@@ -31,11 +35,11 @@ async def host_run(host: ModelHost, new_tokens: int) -> tuple[float, GenerationR
     return time.perf_counter() - t0, result
 
 
-def hf_run(host: ModelHost, new_tokens: int) -> tuple[float, list[int]]:
+def hf_run(host: ModelHost, hf_model, new_tokens: int) -> tuple[float, list[int]]:
     inputs = host.tokenizer(PROMPT, return_tensors="pt")
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = host.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens)
+        out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens)
     return time.perf_counter() - t0, out[0, inputs.input_ids.shape[1] :].tolist()
 
 
@@ -43,17 +47,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--model-impl", default="auto", choices=["auto", "memlm", "transformers"])
     args = parser.parse_args()
 
-    host = ModelHost.load(ModelSettings())
+    from memlm.models.loading import load_causal_lm, model_facts, resolve_model_dir
+
+    host = ModelHost.load(ModelSettings(model_impl=args.model_impl))
+    hf_model = load_causal_lm(resolve_model_dir(None))
     prompt_tokens = len(host.tokenizer(PROMPT).input_ids)
-    print(f"{host.info().name}, prompt {prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
-          f"torch threads={torch.get_num_threads()}")
-    asyncio.run(host_run(host, 8)), hf_run(host, 8)  # warm-up
+    served = "memlm.model" if model_facts(host.model).owned else "transformers"
+    print(f"{host.info().name} served on {served}, prompt {prompt_tokens} tokens, {args.new_tokens} new tokens, "
+          f"greedy, torch threads={torch.get_num_threads()}")
+    asyncio.run(host_run(host, 8)), hf_run(host, hf_model, 8)  # warm-up
     ours, theirs, decode_rates = [], [], []
     for _ in range(args.runs):
         seconds, result = asyncio.run(host_run(host, args.new_tokens))
-        hf_seconds, hf_ids = hf_run(host, args.new_tokens)
+        hf_seconds, hf_ids = hf_run(host, hf_model, args.new_tokens)
         assert result.text == host.tokenizer.decode(hf_ids, skip_special_tokens=True), "greedy outputs differ"
         ours.append(result.completion_tokens / seconds)
         theirs.append(len(hf_ids) / hf_seconds)

@@ -94,15 +94,15 @@ NEEDLE_CHUNK_BASE = 1 << 40  # chunk ids of a trial's needled document: never a 
 
 @torch.inference_mode()  # without it autograd keeps every activation: an 8k prompt took > 24 GB
 def greedy(model, ids: list[int], new_tokens: int = 10) -> list[int]:
-    from memlm.generation import decode_one_token, new_cache, prefill
+    from memlm.generation import PREFILL_CHUNK_TOKENS, open_sequence
 
-    cache = new_cache(model)
-    logits = prefill(model, torch.tensor([ids]), cache)
+    seq = open_sequence(model, len(ids) + new_tokens)  # the host's token loop, either model class
+    logits = seq.prefill(torch.tensor([ids]), PREFILL_CHUNK_TOKENS)
     out = []
     for _ in range(new_tokens):
         tok = logits.argmax(-1, keepdim=True)  # (1, 1)
         out.append(int(tok))
-        logits = decode_one_token(model, tok, cache)
+        logits = seq.decode(tok)
     return out
 
 
@@ -208,12 +208,13 @@ def run(args) -> None:
     def label(retrieval) -> str:  # methods on the service's retrieval keep their plain names
         return "" if retrieval in (None, DEFAULT_RETRIEVAL) else f"@{retrieval}"
 
-    from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    from memlm.models.loading import load_model, load_tokenizer, model_facts, resolve_model_dir
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
-    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    window = min(int(model.config.max_position_embeddings), args.context)
+    model, tok = load_model(model_dir, model_impl=args.model_impl), load_tokenizer(model_dir)  # as the host loads it
+    print(f"model: {'memlm.model' if model_facts(model).owned else 'transformers'}")
+    window = min(int(model_facts(model).context_length), args.context)
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
     sep_ids = tok(DOC_SEPARATOR, add_special_tokens=False).input_ids
     embedder = None
@@ -411,6 +412,8 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=8192, help="context window for the none method")
     p.add_argument("--cache-dir", default=str(default_cache_root()), help="where the ingested corpora are kept")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model-impl", default="auto", choices=["auto", "memlm", "transformers"],
+                   help="ModelSettings.model_impl: the owned Llama (auto, for the bundled model) or transformers")
     p.add_argument("--time-retrieval", action="store_true")
     args = p.parse_args(argv)
     if args.time_retrieval:

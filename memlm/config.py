@@ -100,6 +100,10 @@ class ModelSettings(BaseModel):
 
     path: Optional[str] = Field(None, description='a local Hugging Face causal-LM folder; None = the bundled SmolLM2')
     dtype: Optional[str] = Field(None, description="torch dtype name; None = float32 (fastest on CPU)")
+    model_impl: Literal["auto", "memlm", "transformers"] = Field(
+        "auto", description="'auto': memlm's own Llama (memlm.model) for a Llama-architecture folder, else "
+        "transformers; 'memlm': the own model or an error; 'transformers': always transformers (knn then needs "
+        "LlamaForCausalLM)")
     max_context_tokens: Optional[int] = Field(None, gt=0, description="cap on prompt + new tokens; None = the model's own")
     max_new_tokens_limit: int = Field(2048, gt=0, description="largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = Field(128, gt=0)

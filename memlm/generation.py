@@ -1,10 +1,13 @@
 """The token loop: prefill, decode one token at a time, sample, detokenize as a stream.
 
 Split gpt-fast style into tiny functions (`prefill`, `decode_one_token`, `sample`) so each can be
-swapped (a static KV cache, a compiled decode step, a batched scheduler) without touching the
-rest. Runs any Hugging Face causal LM through its own forward with a `DynamicCache`; batch size
-is 1 here: the host serialises requests, and batching would replace `generate_tokens`, not its
-callers.
+swapped (a compiled decode step, a batched scheduler) without touching the rest. One loop,
+`generate_tokens`, over a `Sequence` (one sequence's KV cache and position, the only layer that
+knows the model's class): `OwnedSequence` runs memlm's own `Llama` with its fixed-shape KVCache,
+sized to prompt + max_new_tokens (memlm.model.generate's `prefill` / `decode_one_token`);
+`HFSequence` runs any Hugging Face causal LM through its own forward with a `DynamicCache`. Batch
+size is 1 here: the host serialises requests, and batching would replace `generate_tokens`, not
+its callers.
 
 Limits: the caller keeps prompt + new tokens inside the model's context (see
 `memlm.prompts.prompt_budget`); nothing here truncates. Detokenization re-decodes all generated ids
@@ -22,6 +25,9 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from memlm.engine import SamplingParams, TextDelta
+from memlm.model import Llama
+from memlm.model.generate import decode_one_token as owned_decode_one_token, prefill as owned_prefill
+from memlm.models.loading import model_facts
 from memlm.modes.base import NO_HOOKS, GenerationHooks
 
 # Prompts longer than this are prefilled in pieces, so attention scores for an 8k-token prompt
@@ -47,14 +53,14 @@ class GenerationOutcome:
 
 
 def new_cache(model):
-    """An empty KV cache for `model` (grows as tokens are added)."""
+    """An empty KV cache for a Hugging Face `model` (grows as tokens are added)."""
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
 
 
 def prefill(model, input_ids: torch.Tensor, cache, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> torch.Tensor:
-    """Run the prompt `input_ids` (1, T) through the model, filling `cache`.
+    """Run the prompt `input_ids` (1, T) through a Hugging Face model, filling `cache`.
 
     Returns the logits of the last position, (1, vocab).
     """
@@ -70,9 +76,63 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_tokens: int = PREFILL_C
 
 
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
-    """Feed one token (1, 1) after what `cache` holds; return the next-token logits, (1, vocab)."""
+    """Feed one token (1, 1) to a Hugging Face model after what `cache` holds; return the
+    next-token logits, (1, vocab)."""
     out = model(input_ids=token, past_key_values=cache, use_cache=True)
     return out.logits[:, -1, :]
+
+
+class OwnedSequence:
+    """One sequence on memlm's own `Llama`: a fixed-shape KVCache of `max_seq` positions and the
+    next position to write."""
+
+    def __init__(self, model: Llama, max_seq: int):
+        self.model, self.cache, self.pos = model, model.new_cache(1, max_seq), 0
+
+    def feed_embeds(self, embeds: torch.Tensor) -> None:
+        """Input embeddings (1, P, dim) at the next P positions (a mode's prefix); no logits."""
+        n = embeds.shape[1]
+        x = embeds.to(self.model.tok_embeddings.weight.dtype)
+        self.model.forward_embeds(x, torch.arange(self.pos, self.pos + n), self.cache)
+        self.pos += n
+
+    def prefill(self, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        """The prompt (1, T) in pieces of `chunk_tokens`; the last position's logits (1, vocab)."""
+        logits = None
+        for start in range(0, input_ids.shape[1], chunk_tokens):
+            piece = input_ids[:, start : start + chunk_tokens]  # (1, <=chunk)
+            logits = owned_prefill(self.model, piece, self.cache, self.pos)  # only the last position's logits
+            self.pos += piece.shape[1]
+        assert logits is not None, "prefill needs at least one prompt token"
+        return logits
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """One token (1, 1) at the next position -> next-token logits (1, vocab)."""
+        logits = owned_decode_one_token(self.model, token, torch.tensor([self.pos]), self.cache)
+        self.pos += 1
+        return logits
+
+
+class HFSequence:
+    """One sequence on a Hugging Face causal LM: a DynamicCache (grows as tokens are added)."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, new_cache(model)
+
+    def feed_embeds(self, embeds: torch.Tensor) -> None:
+        self.model(inputs_embeds=embeds.to(self.model.dtype), past_key_values=self.cache, use_cache=True,
+                   logits_to_keep=1)
+
+    def prefill(self, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        return prefill(self.model, input_ids, self.cache, chunk_tokens)
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        return decode_one_token(self.model, token, self.cache)
+
+
+def open_sequence(model, max_seq: int) -> "OwnedSequence | HFSequence":
+    """A sequence of up to `max_seq` positions (prefix + prompt + new tokens) on `model`."""
+    return OwnedSequence(model, max_seq) if isinstance(model, Llama) else HFSequence(model)
 
 
 def sample(
@@ -103,16 +163,11 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
 
 
 def eos_token_ids(model, tokenizer) -> frozenset[int]:
-    """The tokenizer's EOS and every EOS id in the model's generation config (for SmolLM2-Instruct
-    both name <|im_end|>)."""
-    ids: set[int] = set()
+    """The tokenizer's EOS and every EOS id in the model's config and generation config (for
+    SmolLM2-Instruct both name <|im_end|>)."""
+    ids = set(model_facts(model).eos_ids)
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen_config = getattr(model, "generation_config", None)
-    for source in (getattr(gen_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
-        if source is None:
-            continue
-        ids.update(int(i) for i in (source if isinstance(source, (list, tuple)) else [source]))
     return frozenset(ids)
 
 
@@ -209,13 +264,14 @@ def generate_tokens(
     if cancel.is_set():
         yield outcome("cancelled")
         return
-    cache = new_cache(model)
     t0 = time.perf_counter()
     prompt_ids = ids[0].tolist()
     prefix = hooks.prefix_embeds(prompt_ids)  # (1, P, dim) or None
+    # Every position this generation may write: the last sampled token is never fed back.
+    seq = open_sequence(model, (0 if prefix is None else prefix.shape[1]) + len(prompt_ids) + sampling.max_new_tokens)
     if prefix is not None:
-        model(inputs_embeds=prefix.to(model.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    logits = prefill(model, ids, cache)
+        seq.feed_embeds(prefix)
+    logits = seq.prefill(ids, PREFILL_CHUNK_TOKENS)
     every = hooks.chunk_tokens
     if every and len(prompt_ids) >= every:  # the prompt's own completed chunks, before the first new token
         hooks.on_chunk(prompt_ids, len(prompt_ids) - len(prompt_ids) % every)
@@ -245,7 +301,7 @@ def generate_tokens(
         if cancel.is_set():
             reason = "cancelled"
             break
-        logits = decode_one_token(model, token, cache)
+        logits = seq.decode(token)
         token = sample(logits, sampling.temperature, sampling.top_p, generator)
     tail = stream.flush()
     if tail:

@@ -1,6 +1,9 @@
 """`ModelHost`: the in-process `EngineClient` that owns the language model.
 
-One model, one worker thread. `generate()` does the work every request shares (validation of
+One model, one worker thread. The model is memlm's own `memlm.model.Llama` for a Llama folder (the
+bundled SmolLM2 included), else a transformers causal LM (`memlm.models.loading.load_model`); the
+host reads only its `ModelFacts` (vocab size, layers, context length, EOS ids), and the token loop
+and the modes deal with the class. `generate()` does the work every request shares (validation of
 the prompt and sampling, the collection check), then hands the request to its memory mode
 (memlm.modes, looked up in the registry by name: the host names no mode): the mode validates it
 and plans its reads off the event loop; the plan carries the citations. A `_Job` then goes to the
@@ -50,7 +53,7 @@ from memlm.engine import (
 )
 from memlm.errors import FailedPrecondition, InvalidArgument
 from memlm.generation import GenerationOutcome, eos_token_ids, generate_tokens
-from memlm.models.loading import BUNDLED_MODEL_NAME, load_causal_lm, load_tokenizer, resolve_model_dir
+from memlm.models.loading import BUNDLED_MODEL_NAME, load_model, load_tokenizer, model_facts, resolve_model_dir
 from memlm.modes.base import MemoryModeBase, ModeRuntime, ReadPlan
 from memlm.prompts import BuiltPrompt, build_prompt, prompt_budget, query_text
 
@@ -167,7 +170,8 @@ class _ModelWorker:
 
 
 class ModelHost(EngineClient):
-    """Serves one causal LM in every registered memory mode, streamed."""
+    """Serves one causal LM (memlm.model.Llama or a transformers model) in every registered memory
+    mode, streamed."""
 
     def __init__(
         self,
@@ -200,14 +204,14 @@ class ModelHost(EngineClient):
             if section is None and (cls := registry.settings_class(mode_name)) is not None:
                 section = cls()
             self.modes[mode_name] = registry.mode_class(mode_name)(runtime, section)
-        config = model.config
-        limits = [n for n in (getattr(config, "max_position_embeddings", None), self.settings.max_context_tokens) if n]
+        facts = model_facts(model)
+        limits = [n for n in (facts.context_length, self.settings.max_context_tokens) if n]
         self.context_length = int(min(limits)) if limits else 2048  # 2048: a model that states no limit
         self._info = ModelInfo(
             name=name,
             context_length=self.context_length,
-            vocab_size=int(config.vocab_size),
-            layers=int(config.num_hidden_layers),
+            vocab_size=facts.vocab_size,
+            layers=facts.layers,
             supported_memory_modes=tuple(n for n, m in self.modes.items() if m.unavailable() is None),
         )
         if in_process:
@@ -242,10 +246,11 @@ class ModelHost(EngineClient):
             torch.set_num_threads(settings.torch_threads)
         model_dir = resolve_model_dir(settings.path, cache_dir)
         t0 = time.perf_counter()
-        model = load_causal_lm(model_dir, settings.dtype)
+        model = load_model(model_dir, settings.dtype, settings.model_impl)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         name = BUNDLED_MODEL_NAME if settings.path in (None, "", "bundled") else Path(model_dir).name
-        log.info("loaded %s from %s in %.1f s", name, model_dir, time.perf_counter() - t0)
+        log.info("loaded %s from %s in %.1f s (%s)", name, model_dir, time.perf_counter() - t0,
+                 "memlm.model" if model_facts(model).owned else "transformers")
         return cls(model, tokenizer, settings, memory, name, mode_settings)
 
     def info(self) -> ModelInfo:

@@ -15,6 +15,9 @@ Extension points, each a plain attribute of a layer (`model.layers[i]`) a memory
   product-key memory replaces it or wraps it to run beside it.
 - `Llama.forward(..., prefix_embeds=)` puts extra input embeddings (memory tokens, RMT) before the
   tokens; `Llama.forward_embeds` takes a whole embedded sequence for other arrangements.
+- `Llama.rope_offset`: added to `input_pos` for the RoPE lookup only, not for the KV cache slot
+  (knn places the local context after its memory this way); the tables must cover the shifted
+  positions (`rope_tables(config, length)`).
 
 Limits: Llama only (no sliding window, no partial rotary, RoPE "default" or "llama3"); the queries
 of one forward must be consecutive positions; one KV cache per sequence batch, sized up front.
@@ -261,6 +264,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)  # each (max_position_embeddings, hd), fp32
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_offset = 0  # RoPE position = input_pos + rope_offset; cache slots stay input_pos
 
     def new_cache(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for `batch` sequences of up to `max_seq` positions (in the model's dtype)."""
@@ -293,7 +297,8 @@ class Llama(nn.Module):
         if input_pos.shape != (T,):
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},)")
         kv_len, mask = _attention_span(input_pos, cache)
-        rope = (self.rope_cos[input_pos, None].to(x.dtype), self.rope_sin[input_pos, None].to(x.dtype))  # (T, 1, hd)
+        rope_pos = input_pos + self.rope_offset if self.rope_offset else input_pos
+        rope = (self.rope_cos[rope_pos, None].to(x.dtype), self.rope_sin[rope_pos, None].to(x.dtype))  # (T, 1, hd)
         for layer in self.layers:
             x = layer(x, rope, input_pos, mask, cache, kv_len)
         return self.norm(x)
@@ -319,15 +324,15 @@ def _attention_span(input_pos: Tensor, cache: Optional[KVCache]) -> tuple[int, O
     return start + T, torch.arange(start + T, device=input_pos.device) <= input_pos[:, None]  # (T, start + T)
 
 
-def rope_tables(config: LlamaConfig) -> tuple[Tensor, Tensor]:
-    """cos and sin (max_position_embeddings, head_dim) in fp32, in transformers' half-split layout
-    (dimension i is paired with i + head_dim/2); sin's first half is negated, as `apply_rope`
-    wants it."""
+def rope_tables(config: LlamaConfig, length: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """cos and sin (length, head_dim) in fp32 (length: max_position_embeddings by default), in
+    transformers' half-split layout (dimension i is paired with i + head_dim/2); sin's first half
+    is negated, as `apply_rope` wants it. Rows do not depend on `length`."""
     hd = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))  # (hd/2,)
     if config.rope_scaling is not None:
         inv_freq = _llama3_inv_freq(inv_freq, **config.rope_scaling)
-    pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    pos = torch.arange(config.max_position_embeddings if length is None else length, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)  # (S, hd/2)
     return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs, freqs], dim=-1).sin()  # each (S, hd)
 

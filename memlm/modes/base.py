@@ -108,7 +108,7 @@ NO_HOOKS = GenerationHooks()
 class ModeRuntime:
     """What the host gives every mode it starts."""
 
-    model: Any  # the served causal LM (memlm.models.loading.load_causal_lm)
+    model: Any  # the served model: memlm.model.Llama or a transformers causal LM (memlm.models.loading.load_model)
     tokenizer: Any
     model_name: str  # what collections record as their tokenizer (the model folder's name)
     store: Optional[StoreView]  # None: the host serves without memory

@@ -201,10 +201,10 @@ def test_pq_retrains_once_the_memory_outgrows_its_sample(tmp_path):
 @pytest.mark.model
 def test_build_packs_short_documents_without_changing_their_keys(tmp_path):
     """Short documents share forward passes (positions restart per document); the stored rows are
-    those of building each document alone."""
-    from memlm.models.loading import bundled_model_dir, load_causal_lm
+    those of building each document alone (memlm's own Llama, as served: a block-diagonal mask)."""
+    from memlm.models.loading import bundled_model_dir, load_model
 
-    model = load_causal_lm(bundled_model_dir())
+    model = load_model(bundled_model_dir())
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (50, 70, 30, 300)]
     chunk_ids = list(range(len(docs)))

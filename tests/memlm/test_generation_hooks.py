@@ -1,6 +1,7 @@
 """The token loop's mode hooks (memlm.modes.base.GenerationHooks): per-token calls, a call at
 every completed chunk (RETRO's neighbour fetch), and extra embeddings before the prompt (RMT's
-memory tokens). A tiny random Llama with the bundled tokenizer: the loop, not the model, is tested."""
+memory tokens). A tiny random Llama with the bundled tokenizer, as memlm's own model and as
+transformers': the loop, not the model, is tested."""
 from __future__ import annotations
 
 import threading
@@ -13,17 +14,29 @@ from memlm.generation import GenerationOutcome, generate_tokens
 from memlm.modes.base import GenerationHooks
 
 
-@pytest.fixture(scope="module")
-def tiny(bundled_model_dir):
+@pytest.fixture(scope="module", params=["memlm", "transformers"])
+def tiny(bundled_model_dir, request, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from memlm.model import load_llama
     from memlm.models.loading import load_tokenizer, resolve_model_dir
 
     tokenizer = load_tokenizer(resolve_model_dir(None))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    hf = LlamaForCausalLM(config).eval()
+    if request.param == "transformers":
+        return hf, tokenizer
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    hf.save_pretrained(folder)
+    return load_llama(folder), tokenizer
+
+
+def embed(model, ids):
+    """Input embeddings (1, T, dim) of either model."""
+    table = model.tok_embeddings if hasattr(model, "tok_embeddings") else model.get_input_embeddings()
+    return table(torch.tensor([ids]))
 
 
 class Recorder(GenerationHooks):
@@ -65,7 +78,7 @@ def test_prefix_embeddings_go_before_the_prompt(tiny):
     model, tokenizer = tiny
     prefix_ids, ids = list(range(300, 305)), list(range(100, 110))
     with torch.inference_mode():
-        prefix = model.get_input_embeddings()(torch.tensor([prefix_ids]))  # (1, 5, dim)
+        prefix = embed(model, prefix_ids)  # (1, 5, dim)
     with_prefix = run(model, tokenizer, ids, Recorder(prefix=prefix))
     assert with_prefix.token_ids == run(model, tokenizer, prefix_ids + ids).token_ids
     assert with_prefix.token_ids != run(model, tokenizer, ids).token_ids

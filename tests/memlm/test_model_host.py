@@ -30,10 +30,24 @@ def test_info(host):
     assert set(info.supported_memory_modes) == {"none", "rag"}
 
 
-def test_greedy_equals_hf_generate_token_for_token(host, collect):
+@pytest.fixture(scope="module")
+def hf_model(bundled_model_dir):
+    """transformers' LlamaForCausalLM of the bundled model: the reference the served owned model must equal."""
+    from memlm.models.loading import load_causal_lm
+
+    return load_causal_lm(bundled_model_dir)
+
+
+def test_the_bundled_model_is_served_on_memlm_model(host):
+    from memlm.model import Llama
+
+    assert isinstance(host.model, Llama)
+
+
+def test_greedy_equals_hf_generate_token_for_token(host, hf_model, collect):
     ids = host.tokenizer(PROMPT, return_tensors="pt")
     with torch.inference_mode():
-        hf = host.model.generate(**ids, do_sample=False, max_new_tokens=16)[0, ids.input_ids.shape[1] :].tolist()
+        hf = hf_model.generate(**ids, do_sample=False, max_new_tokens=16)[0, ids.input_ids.shape[1] :].tolist()
     *_, outcome = generate_tokens(
         host.model, host.tokenizer, ids.input_ids[0].tolist(), SamplingParams(max_new_tokens=16), threading.Event()
     )

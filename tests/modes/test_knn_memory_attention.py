@@ -1,6 +1,7 @@
 """Memory attention (knn mode): exactness of the one-softmax combination against plain attention,
 the FAISS stores (fp16: exact; PQ: recall on clustered data), loading a KV memory into them
-(sizes, incremental refresh), and one end-to-end pass-key check on the real bundled model."""
+(sizes, incremental refresh), and one end-to-end pass-key check on the real bundled model, served
+as memlm's own Llama (tests/memlm/test_owned_knn.py holds it to the transformers path)."""
 from __future__ import annotations
 
 import logging
@@ -355,8 +356,10 @@ def test_ranked_positions_lay_the_chunks_out_before_the_prompt_best_last(lm, tmp
     from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
     from memlm.modes.knn.reading import ReadConfig, local_offset, prepare_layer_memories, rotate_keys
 
+    from memlm.models.loading import model_facts
+
     model, _ = lm
-    hkv, d = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    hkv, d = model_facts(model).kv_heads, model_facts(model).head_dim
     mem = kv_memory_for_model(tmp_path / "kv", model, layers=[3], window=64, overlap=16)
     g = torch.Generator().manual_seed(14)
     keys, values = torch.randn(hkv, 30, d, generator=g).half(), torch.randn(hkv, 30, d, generator=g).half()
@@ -414,10 +417,10 @@ def test_knn_config_rejects_bad_codec_settings():
 
 @pytest.fixture(scope="module")
 def lm():
-    from memlm.models.loading import bundled_model_dir, load_causal_lm, load_tokenizer
+    from memlm.models.loading import bundled_model_dir, load_model, load_tokenizer
 
     d = bundled_model_dir()
-    return load_causal_lm(d), load_tokenizer(d)
+    return load_model(d), load_tokenizer(d)  # memlm.model.Llama, as the host serves it
 
 
 @pytest.mark.model
@@ -426,17 +429,19 @@ def test_knn_mode_restores_the_model_and_empty_memory_is_a_no_op(lm, tmp_path):
     from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
     from memlm.modes.knn.reading import ReadConfig, knn_mode
 
+    from memlm.model import SDPABackend
+
     model, tok = lm
     ids = tok("The sky is blue and the grass is", return_tensors="pt").input_ids
+    pos = torch.arange(ids.shape[1])
     mem = kv_memory_for_model(tmp_path / "kv", model)
     with torch.inference_mode():
-        before = model(ids).logits
+        before = model(ids, pos)
         with knn_mode(model, mem, ReadConfig(layers="all", positions="original")) as mems:
-            inside = model(ids).logits
-        after = model(ids).logits
-    assert len(mems) == model.config.num_hidden_layers and all(m.calls == 1 for m in mems.values())
-    assert model.config._attn_implementation == "sdpa"
-    assert not any(hasattr(l.self_attn, "_memlm_knn") for l in model.model.layers)
+            inside = model(ids, pos)
+        after = model(ids, pos)
+    assert len(mems) == model.config.n_layers and all(m.calls == 1 for m in mems.values())
+    assert all(type(l.attention.backend) is SDPABackend for l in model.layers) and model.rope_offset == 0
     assert torch.equal(before, after)
     # "original" moves the local context to position `window`; RoPE is relative, so logits barely move.
     assert (inside - before).abs().max() < 1e-3
@@ -446,7 +451,10 @@ def test_knn_mode_restores_the_model_and_empty_memory_is_a_no_op(lm, tmp_path):
 def test_pass_key_in_kv_memory_is_found_with_a_short_local_prompt(lm, tmp_path):
     """~1k tokens of filler with a key in the middle go into KV memory; the local prompt is only
     the question. The default knn config must generate the key greedily."""
-    from memlm.generation import decode_one_token, new_cache, prefill
+    import threading
+
+    from memlm.engine import SamplingParams
+    from memlm.generation import generate_tokens
     from memlm.index.kv_memory import KVMemory
     from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
     from memlm.modes.knn.reading import ReadConfig, knn_mode
@@ -461,14 +469,9 @@ def test_pass_key_in_kv_memory_is_found_with_a_short_local_prompt(lm, tmp_path):
     mem = kv_memory_for_model(tmp_path / "kv", model)
     build_kv_memory(mem, model, chunks, list(range(len(chunks))))
     q = tok("What is the pass key? The pass key is", return_tensors="pt").input_ids
-    with torch.inference_mode(), knn_mode(model, mem, ReadConfig.from_name("ungated")):
-        cache = new_cache(model)
-        logits = prefill(model, q, cache)
-        out = []
-        for _ in range(6):
-            t = logits.argmax(-1, keepdim=True)
-            out.append(int(t))
-            logits = decode_one_token(model, t, cache)
+    with knn_mode(model, mem, ReadConfig.from_name("ungated")):
+        *_, outcome = generate_tokens(model, tok, q, SamplingParams(max_new_tokens=6), threading.Event(), eos_ids=())
+    out = list(outcome.token_ids)
     assert key in tok.decode(out).replace(" ", ""), tok.decode(out)
 
 

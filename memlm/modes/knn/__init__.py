@@ -5,7 +5,9 @@
                collection's KV memory stores: layers, window, overlap, dtype; fixed at creation)
 - mode.py      the mode: validation, the chunk-gated read plan, the generation context
 - memories.py  `KVMemoryManager`: each collection's KV memory kept in step with the store
-- capture.py   running the model over text into a `KVMemory` (memlm.index.kv_memory: the files)
-- reading.py   `ReadConfig` + `PRESETS` (how one generation reads), `knn_mode` (the model in knn mode)
+- capture.py   running the model (owned Llama or transformers') over text into a `KVMemory`
+               (memlm.index.kv_memory: the files)
+- reading.py   `ReadConfig` + `PRESETS` (how one generation reads), `knn_mode` (the model in knn
+               mode: `KnnBackend` on the owned Llama, an attention function on transformers')
 - attention.py memory attention over FAISS / tensor stores (memlm.kernels underneath)
 """

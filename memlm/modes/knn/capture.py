@@ -6,7 +6,11 @@ on the model worker (memlm.modes.knn.memories).
 shared), packs short windows into one forward pass without padding, and stops the forward after
 the last stored layer. `kv_memory_for_model` creates an empty memory with the model's shape.
 
-Limits: Llama-family Hugging Face layout (`model.model.layers[i].self_attn.{k,v}_proj`); batch 1.
+Two captures with one interface, `run(input_ids, position_ids) -> {layer: (K, V)}`: `_OwnedKVCapture`
+for memlm's own `Llama` (what the service runs: it runs the layers itself, with a block-diagonal
+causal mask for packed windows) and `_KVCapture` for transformers' Llama layout
+(`model.model.layers[i].self_attn.{k,v}_proj`), the reference. Both store the same keys and
+values (tests/memlm/test_owned_knn.py). Limits: Llama models; batch 1.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import numpy as np
 import torch
 
 from memlm.index.kv_memory import KVMemory
+from memlm.model import Llama
+from memlm.models.loading import model_facts
 
 # Windows shorter than this are packed into one forward pass (block-diagonal mask from position
 # ids): on 2 CPU cores 16 documents of 64 tokens took 7.2-7.5 s one by one, 6.2-6.5 s in packs of
@@ -25,11 +31,10 @@ PACK_TOKENS = 512
 
 
 def kv_memory_for_model(path: "str | os.PathLike", model, layers: Optional[Sequence[int]] = None, **kw) -> KVMemory:
-    """`KVMemory.create` with the shape facts read from a Hugging Face causal LM's config (all layers by default)."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    layers = range(c.num_hidden_layers) if layers is None else layers
-    return KVMemory.create(path, layers, c.num_key_value_heads, head_dim, **kw)
+    """`KVMemory.create` with the shape facts of the model (owned or transformers; all layers by default)."""
+    f = model_facts(model)
+    layers = range(f.layers) if layers is None else layers
+    return KVMemory.create(path, layers, f.kv_heads, f.head_dim, **kw)
 
 
 @torch.inference_mode()
@@ -78,16 +83,17 @@ def build_kv_memory(
                 break
             start += stride
 
-    captured = _KVCapture(model, m.layers)
+    captured = _OwnedKVCapture(model, m.layers) if isinstance(model, Llama) else _KVCapture(model, m.layers)
     keys: dict[int, list[torch.Tensor]] = {l: [] for l in m.layers}
     values: dict[int, list[torch.Tensor]] = {l: [] for l in m.layers}
     row_chunks: list[np.ndarray] = []
     row_pos: list[np.ndarray] = []
     try:
         for pack in _packs(pieces, pack_tokens):
-            # One forward pass over several short windows, positions restarting at 0 in each:
-            # transformers builds a block-diagonal causal mask from the position ids, so every
-            # window sees only itself, exactly as when run alone (no padding anywhere).
+            # One forward pass over several short windows, positions restarting at 0 in each, under
+            # a block-diagonal causal mask (transformers builds it from the position ids; the owned
+            # capture from where they restart): every window sees only itself, exactly as when run
+            # alone (no padding anywhere).
             ids = [t for piece, _, _ in pack for t in piece]
             positions = None
             if len(pack) > 1:
@@ -172,6 +178,51 @@ class _KVCapture:
         except _StopForward:
             pass
         return {l: (kv[0], kv[1]) for l, kv in self.out.items()}
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class _OwnedKVCapture:
+    """`_KVCapture` for memlm's own `Llama`: runs its blocks up to the last chosen layer (no later
+    layers, no output projection), taking each chosen layer's keys BEFORE RoPE and values from its
+    fused QKV projection (a forward hook on `attention.wqkv`)."""
+
+    def __init__(self, model: Llama, layers: Sequence[int]):
+        self.model, self.last = model, max(layers)
+        c = model.config
+        self.split = (c.n_heads, c.n_kv_heads, c.head_dim)
+        self.out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hooks = [model.layers[l].attention.wqkv.register_forward_hook(self._save(l)) for l in layers]
+
+    def _save(self, layer: int):
+        H, KV, hd = self.split
+
+        def hook(_module, _inputs, output):  # output (1, T, (H + 2KV) * hd): [q; k; v]
+            t = output[0].view(output.shape[1], H + 2 * KV, hd)  # (T, H + 2KV, hd)
+            self.out[layer] = (t[:, H : H + KV].transpose(0, 1), t[:, H + KV :].transpose(0, 1))  # (KV, T, hd) each
+        return hook
+
+    def run(
+        self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """input_ids (1, T) -> {layer: (keys (Hkv, T, D), values (Hkv, T, D))}; positions 0..T-1
+        unless position_ids (1, T) says otherwise (packed windows, each restarting at 0)."""
+        model, T = self.model, input_ids.shape[1]
+        mask = None  # plain causal
+        pos = torch.arange(T, device=input_ids.device)
+        if position_ids is not None:
+            pos = position_ids.view(-1).to(input_ids.device)
+            window = torch.cumsum(pos == 0, 0)  # (T,) which packed window each token is in
+            # (T, T): True where query i may read key j: same window, j <= i
+            mask = (window[:, None] == window[None, :]) & (pos[None, :] <= pos[:, None])
+        x = model.embed(input_ids)  # (1, T, D)
+        rope = (model.rope_cos[pos, None].to(x.dtype), model.rope_sin[pos, None].to(x.dtype))  # (T, 1, hd)
+        slots = torch.arange(T, device=input_ids.device)  # no cache: slots unused but by after_attention modules
+        for block in model.layers[: self.last + 1]:
+            x = block(x, rope, slots, mask, None, T)
+        return dict(self.out)
 
     def remove(self) -> None:
         for h in self.hooks:

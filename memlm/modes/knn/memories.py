@@ -42,7 +42,7 @@ from memlm.index.kv_memory import MANIFEST, KVMemory
 from memlm.modes.knn.settings import CollectionOptions, Settings
 from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
 from memlm.modes.knn.reading import (
-    PRESETS, ReadConfig, LayerMemory, gated_rows, knn_mode, prepare_layer_memories, resolve_layers,
+    PRESETS, ReadConfig, LayerMemory, gated_rows, knn_mode, num_layers, prepare_layer_memories, resolve_layers,
 )
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class KVMemoryManager:
         it holds every write up to seq 0: catching up replays the whole oplog if the store still
         has it, else compares chunk ids."""
         o = CollectionOptions(**config.memory["knn"])
-        layers = resolve_layers(_layer_spec(o.layers), self.model.config.num_hidden_layers)
+        layers = resolve_layers(_layer_spec(o.layers), num_layers(self.model))
         mem = kv_memory_for_model(path, self.model, layers=layers, window=o.window, overlap=o.overlap, dtype=o.dtype)
         mem.set_applied_seq(0)
         return mem
@@ -245,7 +245,7 @@ class KVMemoryManager:
         self.catch_up(name, collection)  # every write acknowledged before this request (one LMDB read when in step)
         mem = self.memory(name, collection)
         # Read the preset's layers that this memory stores (built with its collection's `layers` option).
-        wanted = resolve_layers(self.config.layers, self.model.config.num_hidden_layers)
+        wanted = resolve_layers(self.config.layers, num_layers(self.model))
         layers = tuple(l for l in wanted if l in mem.layers) or tuple(mem.layers)
         config = replace(self.config, layers=layers, top_k=top_k or self.settings.top_k or self.config.top_k)
         if bool(config.candidate_chunks) != (chunks is not None):

@@ -13,6 +13,8 @@ at the start of every knn generation (so it reads every write acknowledged befor
 The KV memory lives in the store view's `memory_folder(collection)`: beside the store's files
 for a MemoryStore in this process, in the host's own folder for a RemoteStore (then writes are
 not pushed: the catch-up at the start of each knn generation finds them).
+It runs on Llama models: memlm's own `Llama` (the default for a Llama folder) or, with
+`model.model_impl = "transformers"`, transformers' LlamaForCausalLM.
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ class Mode(MemoryModeBase):
             self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name)
 
     def unavailable(self) -> Optional[str]:
+        from memlm.models.loading import model_facts
+
+        architecture = model_facts(self.runtime.model).architecture
+        if architecture != "LlamaForCausalLM":
+            return f"memory mode 'knn' runs on Llama models (LlamaForCausalLM); the served model is {architecture}"
         if self.memories is None:
             return super().unavailable() or (
                 "memory mode 'knn' needs a store view with a place for its KV memory (a MemoryStore in this "

@@ -1,4 +1,5 @@
-"""Putting a Hugging Face Llama-family model into `knn` memory mode for one generation.
+"""Putting a Llama model into `knn` memory mode for one generation: memlm's own `memlm.model.Llama`
+(what the service runs) or transformers' `LlamaForCausalLM` (the reference it was built on).
 
     with knn_mode(model, kv_memory, ReadConfig.from_name("ungated")):
         ...  # memlm.generation.generate_tokens(model, ...) as usual
@@ -13,10 +14,13 @@ memory and attends to them and to its local context in one softmax (`memlm.modes
 the other layers run SDPA exactly as before. On exit the model is as it was (attention
 implementation, hooks, per-layer state), also after an exception.
 
-How it plugs in: transformers 5.x looks the attention function up by `config._attn_implementation`
-in `AttentionInterface`; we register "memlm_knn" once (it falls back to SDPA for layers without
-memory) and give the same name SDPA's mask builder. The memory of a layer is attached to its
-attention module as `_memlm_knn`, so two models never share state.
+How it plugs in. The owned model: each memory layer's `attention.backend` (memlm.model's
+per-layer extension point) is replaced by a `KnnBackend` holding that layer's memory, and the
+original backend is put back on exit. transformers: 5.x looks the attention function up by
+`config._attn_implementation` in `AttentionInterface`; we register "memlm_knn" once (it falls
+back to SDPA for layers without memory) and give the same name SDPA's mask builder; the memory of
+a layer is attached to its attention module as `_memlm_knn`, so two models never share state. Both
+call the same `KVStore.attention`.
 
 Positions (RoPE). The memory holds keys before RoPE with the position each had in its build
 window; on entry they are rotated once, by `ReadConfig.positions`:
@@ -28,8 +32,9 @@ window; on entry they are rotated once, by `ReadConfig.positions`:
 - "ranked" (chunk-gated reads only, the default preset): the candidate chunks' rows laid out one
   after another, runs of adjacent chunks in text order, runs by rank with the best last, ending
   right before the local context (which starts at max(window, rows)).
-The local context is moved by a forward pre-hook on the model's rotary embedding (position ids
-+ offset), so the KV cache and masks are untouched.
+The local context is moved by `Llama.rope_offset` on the owned model (its RoPE tables extended
+to cover the shifted positions), by a forward pre-hook on the rotary embedding (position ids +
+offset) on transformers', so the KV cache slots and masks are untouched.
 
 Where the memory lives while the block runs (`prepare_layer_memories`). Chunk-gated (`chunks`
 given): the candidate chunks' rows, memory-mapped from the segment files, as exact tensors
@@ -65,8 +70,11 @@ from typing import Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from memlm.index.kv_memory import KVMemory
+from memlm.model import Llama
+from memlm.model.llama import rope_tables
 from memlm.modes.knn.attention import CODECS, PQ_MIN_TRAIN_ROWS, FaissKV, KVStore, TensorKV
 
 log = logging.getLogger(__name__)
@@ -247,10 +255,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def num_layers(model) -> int:
+    """Decoder layers of an owned `Llama` or a transformers model."""
+    return model.config.n_layers if isinstance(model, Llama) else model.config.num_hidden_layers
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def rotate_keys(model, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Apply the model's own RoPE to keys (Hkv, N, D) at positions (N,): (Hkv, N, D) fp32."""
-    rotary = model.model.rotary_emb
+    """Apply the model's own RoPE to keys (Hkv, N, D) at positions (N,): (Hkv, N, D) fp32.
+
+    The owned model: its precomputed fp32 tables (rows past them computed the same way); transformers':
+    its rotary embedding module. Both give the same numbers (the tables are transformers' formula)."""
     k = keys.float()
+    if isinstance(model, Llama):
+        positions = positions.long()
+        n = int(positions.max()) + 1 if positions.numel() else 0
+        cos, sin = model.rope_cos, model.rope_sin  # (S, D) each; sin's first half negated
+        if n > cos.shape[0]:
+            cos, sin = (t.to(cos.device) for t in rope_tables(model.config, n))
+        cos, sin = cos[positions.to(cos.device)].to(k.device), sin[positions.to(cos.device)].to(k.device)  # (N, D)
+        return k * cos + k.roll(k.shape[-1] // 2, dims=-1) * sin  # memlm.model.llama.apply_rope's form
+    rotary = model.model.rotary_emb
     cos, sin = rotary(k, positions.view(1, -1).long())  # (1, N, D) each
     return k * cos + _rotate_half(k) * sin
 
@@ -285,6 +313,31 @@ def _knn_attention_forward(module, query, key, value, attention_mask, scaling=No
         query, key, value, mem.top_k, shared_per_kv_head=mem.shared_per_kv_head, scale=scaling, gate=mem.gate
     )  # (B, Hq, Tq, D); causal on the local part, the same mask SDPA would apply for batch 1
     return out.transpose(1, 2).contiguous(), None
+
+
+class KnnBackend(nn.Module):
+    """The owned model's attention backend at a memory layer (memlm.model.llama.AttentionBackend):
+    what `_knn_attention_forward` does for transformers, on the same `LayerMemory`.
+
+    q (1, Hq, T, hd), k, v (1, Hkv, S, hd) after RoPE and the cache update, the queries at the
+    last T positions; the mask (None, or causal for a prefill piece after cached positions) is the
+    causal one `KVStore.attention` applies itself. Returns (1, Hq, T, hd).
+    """
+
+    def __init__(self, memory: "LayerMemory", head_dim: int):
+        super().__init__()
+        self.memory, self.scale = memory, head_dim ** -0.5  # transformers' `scaling`
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if q.shape[0] != 1:
+            raise NotImplementedError(f"knn memory attention runs batch size 1, got {q.shape[0]}")
+        if mask is not None and mask.shape != (q.shape[2], k.shape[2]):
+            raise NotImplementedError(f"knn memory attention reads the filled cache only (eager); got a mask "
+                                      f"{tuple(mask.shape)} for {q.shape[2]} queries over {k.shape[2]} keys")
+        m = self.memory
+        m.calls += 1
+        return m.store.attention(q, k, v, m.top_k, shared_per_kv_head=m.shared_per_kv_head, scale=self.scale,
+                                 gate=m.gate)  # (1, Hq, T, hd)
 
 
 _registered = False
@@ -324,7 +377,7 @@ def prepare_layer_memories(
     from the segment files (memory-mapped: a few hundred rows are read, whatever the memory's
     size) into exact `TensorKV` stores; `codec` and `previous` do not apply.
     """
-    layers = resolve_layers(config.layers, model.config.num_hidden_layers)
+    layers = resolve_layers(config.layers, num_layers(model))
     missing = [l for l in layers if l not in memory.layers]
     if missing:
         raise ValueError(f"layers {missing} are not in the KV memory (it holds {memory.layers})")
@@ -368,7 +421,7 @@ def prepare_layer_memories(
         else:
             k, v = _read_layer(memory, picks, l)
             if device.type == "cuda":
-                dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else k.dtype
+                dtype = _model_dtype(model) if _model_dtype(model) in (torch.float16, torch.bfloat16) else k.dtype
                 if config.positions == "original":
                     k = _rotated(model, k.to(device), pos.to(device), dtype)
                 store = TensorKV(k.to(device, dtype), v.to(device, dtype))
@@ -400,7 +453,7 @@ def prepare_layer_memories(
 def _load_rows(model, memory: KVMemory, config: ReadConfig, layers: tuple[int, ...], chunks: np.ndarray) -> LayerMemories:
     """prepare_layer_memories(chunks=...): the live rows of `chunks` at or after min_memory_position."""
     device = next(model.parameters()).device
-    dtype = model.dtype if device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    dtype = _model_dtype(model) if device.type == "cuda" and _model_dtype(model) in (torch.float16, torch.bfloat16) else torch.float32
     picks, row_chunks, pos, row_ids = _pick_rows(memory, memory.manifest.segments, config.min_memory_position, chunks)
     out = LayerMemories(config, device, memory.manifest.segments, row_chunks)
     if config.positions == "ranked":
@@ -510,16 +563,53 @@ def _trained_gate(attn, layer: int, num_heads: int) -> torch.Tensor:
 def knn_mode(
     model, memory: KVMemory, config: ReadConfig = ReadConfig(), layer_memories: Optional[dict[int, LayerMemory]] = None
 ) -> Iterator[dict[int, LayerMemory]]:
-    """Put `model` into knn mode for the block; yields the per-layer memories (for inspection).
+    """Put `model` (an owned `Llama` or a transformers Llama) into knn mode for the block; yields
+    the per-layer memories (for inspection). On exit the model is as it was, also after an exception.
 
     layer_memories: pass what `prepare_layer_memories` returned to reuse it across generations.
     """
-    register_attention()
     mems = layer_memories if layer_memories is not None else prepare_layer_memories(model, memory, config)
     offset = local_offset(memory, config, mems.num_rows if isinstance(mems, LayerMemories) else 0)
-    decoder = model.model.layers
+    owned = isinstance(model, Llama)
+    heads = model.config.n_heads if owned else model.config.num_attention_heads
     for l, m in mems.items():
-        m.gate = _trained_gate(decoder[l].self_attn, l, model.config.num_attention_heads) if config.combine == "gate" else None
+        m.gate = _trained_gate(_attention_module(model, l), l, heads) if config.combine == "gate" else None
+    with (_owned_knn if owned else _hf_knn)(model, mems, offset):
+        yield mems
+
+
+def _attention_module(model, layer: int) -> nn.Module:
+    """Layer `layer`'s attention module (where a trained model keeps its `memory_gate`)."""
+    return model.layers[layer].attention if isinstance(model, Llama) else model.model.layers[layer].self_attn
+
+
+@contextmanager
+def _owned_knn(model: Llama, mems: dict[int, LayerMemory], offset: int) -> Iterator[None]:
+    """knn on memlm's Llama: `KnnBackend`s at the memory layers, the local context at `offset`."""
+    old_backends = {l: model.layers[l].attention.backend for l in mems}
+    old_offset, old_rope = model.rope_offset, (model.rope_cos, model.rope_sin)
+    try:
+        for l, m in mems.items():
+            model.layers[l].attention.backend = KnnBackend(m, model.config.head_dim)
+        if offset:
+            need = offset + model.config.max_position_embeddings  # every cache slot, shifted
+            if need > model.rope_cos.shape[0]:
+                cos, sin = rope_tables(model.config, need)
+                model.rope_cos, model.rope_sin = cos.to(old_rope[0].device), sin.to(old_rope[0].device)
+            model.rope_offset = old_offset + offset
+        yield
+    finally:
+        model.rope_offset = old_offset
+        model.rope_cos, model.rope_sin = old_rope
+        for l, backend in old_backends.items():
+            model.layers[l].attention.backend = backend
+
+
+@contextmanager
+def _hf_knn(model, mems: dict[int, LayerMemory], offset: int) -> Iterator[None]:
+    """knn on transformers' Llama: the "memlm_knn" attention function, position ids + `offset`."""
+    register_attention()
+    decoder = model.model.layers
     old_impl = model.config._attn_implementation
     hook = None
     try:
@@ -535,7 +625,7 @@ def knn_mode(
                 return args, kwargs
 
             hook = model.model.rotary_emb.register_forward_pre_hook(shift_positions, with_kwargs=True)
-        yield mems
+        yield
     finally:
         if hook is not None:
             hook.remove()
