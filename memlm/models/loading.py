@@ -115,12 +115,13 @@ def load_causal_lm(model_dir: Path, dtype: "str | None" = None):
 
 
 def load_model(model_dir: Path, dtype: "str | None" = None,
-               model_impl: Literal["auto", "memlm", "transformers"] = "auto"):
+               model_impl: Literal["auto", "memlm", "transformers"] = "auto", weights: str = "dense"):
     """The model to serve from `model_dir`, in `dtype` (None: float32), for inference on CPU.
 
     model_impl "auto": memlm's own `Llama` when memlm.model supports the folder (a Llama
     architecture in safetensors), else transformers; "memlm": the own model or an error naming
     why not; "transformers": always transformers' AutoModelForCausalLM.
+    weights: the own model's linear layers, "dense" or quantized ("int8", "int4": memlm.model.quantize).
     """
     import torch
 
@@ -131,7 +132,7 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
     from memlm.model import load_llama
 
     try:
-        model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else torch.float32)
+        model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else torch.float32, weights=weights)
     except (ValueError, KeyError, FileNotFoundError) as e:  # not a Llama memlm.model can read
         if model_impl == "memlm":
             raise ValueError(f"model folder {model_dir} cannot run on memlm.model: {e}") from e
