@@ -37,7 +37,27 @@ WEIGHT_FORMATS: tuple[str, ...] = ("dense", "int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF Q4_1's block: the bundled weights round-trip exactly at this size
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """What both formats share: the `nn.Linear` call shape, the kernel on CPU, the dequantized
+    reference (`forward_native`) elsewhere and in tests. Subclasses give `dequantize()` and
+    `_kernel(x)`: (M, K) bf16 -> (M, >= N), the kernel's output (extra padded columns dropped)."""
+
+    out_features: int
+    in_features: int
+
+    def forward_native(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.forward_native(x)
+        shape = x.shape  # (..., K)
+        y = self._kernel(x.reshape(-1, shape[-1]).to(torch.bfloat16))  # (M, >= N)
+        y = y[:, : self.out_features].to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int8Linear(_WeightOnlyLinear):
     """y = x @ (q * scale).T + bias with q int8 (N, K) and one scale per output row (N,), kept in
     bf16 for the kernel.
 
@@ -57,22 +77,14 @@ class Int8Linear(nn.Module):
         """The fp32 weight (N, K) this layer computes with."""
         return self.weight_int8.float() * self.scale[:, None].float()
 
-    def forward_native(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return self.forward_native(x)
-        shape = x.shape  # (..., K)
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+    def _kernel(self, x: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(x, self.weight_int8, self.scale)  # (M, N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """y = x @ w.T + bias with w = (q - 8) * scale + zero, q in [0, 15], scale and zero (bf16, for
     the kernel) per output row and group of `group_size` input columns.
 
@@ -109,17 +121,8 @@ class Int4Linear(nn.Module):
         codes = self.codes.float().view(N, K // gs, gs)
         return ((codes - 8) * scale[..., None] + zero[..., None]).view(N, K)
 
-    def forward_native(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return self.forward_native(x)
-        shape = x.shape  # (..., K)
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int4,
-                                              self.group_size, self.kernel_scales_and_zeros)  # (M, N + pad)
-        y = y[:, : self.out_features].to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+    def _kernel(self, x: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.weight_int4, self.group_size, self.kernel_scales_and_zeros)  # (M, N + pad)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
