@@ -191,11 +191,11 @@ class ModelHost(EngineClient):
         self._closed = False
         self._active: set[threading.Event] = set()
         self._worker = _ModelWorker(model, tokenizer, eos_token_ids(model, tokenizer), self.settings.torch_threads)
-        in_process = memory is not None and hasattr(memory, "add_write_listener")  # a MemoryStore: its files are here
+        in_process = memory is not None and hasattr(memory, "add_write_listener")  # a MemoryStore: it reports writes
         runtime = ModeRuntime(
             model=model, tokenizer=tokenizer,
             model_name=Path(str(getattr(tokenizer, "name_or_path", "") or name)).name,
-            store=memory, in_process_store=in_process, run_on_model=self._worker.call,
+            store=memory, run_on_model=self._worker.call,
         )
         mode_settings = dict(mode_settings or {})
         self.modes: dict[str, MemoryModeBase] = {}

@@ -112,7 +112,6 @@ class ModeRuntime:
     tokenizer: Any
     model_name: str  # what collections record as their tokenizer (the model folder's name)
     store: Optional[StoreView]  # None: the host serves without memory
-    in_process_store: bool  # the store runs in this process (its files are this host's to read)
     run_on_model: Callable[[Callable[[], Any]], Future]  # run work on the model worker, after queued jobs
 
 

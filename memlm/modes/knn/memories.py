@@ -147,7 +147,7 @@ class KVMemoryManager:
         the store's last seq) it costs one LMDB read, whatever the collection's size. Otherwise
         it applies the oplog entries past its watermark (rows of removed chunks tombstoned, added
         chunks built), or, when the oplog no longer reaches back (or the watermark is unknown),
-        re-syncs by comparing every chunk id (`sync`). max_segments: build at most this many
+        re-syncs by comparing every chunk id (`_sync`). max_segments: build at most this many
         segments now (the caller re-queues the rest, so generations are not kept waiting behind
         a long build); `SyncReport.done` says whether the memory is in step."""
         t0 = time.perf_counter()
@@ -193,10 +193,6 @@ class KVMemoryManager:
             mem.delete(extra.tolist())
         added, built, done = self._build(name, mem, missing.tolist(), config.chunk_overlap, max_segments)
         return SyncReport(added, built, len(extra), False, 0.0, done)
-
-    def sync(self, name: str, config=None) -> SyncReport:
-        """Catch up completely (see `catch_up`)."""
-        return self.catch_up(name, config)
 
     def _build(self, name: str, mem: KVMemory, chunk_ids: Sequence[int], chunk_overlap: int,
                max_segments: Optional[int] = None) -> tuple[int, int, bool]:
