@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from memlm.model import Llama, decode_one_token, greedy_generate, load_llama
+from memlm.model import WEIGHT_FORMATS, Llama, decode_one_token, greedy_generate, load_llama
 from memlm.models import bundled_model_dir, load_tokenizer
 from memlm.models.loading import _bundled_gguf
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--formats", nargs="+", default=["dense", "int8", "int4"], choices=["dense", "int8", "int4"])
+    parser.add_argument("--formats", nargs="+", default=["dense", "int4", "q4_1"], choices=WEIGHT_FORMATS)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp column out")
     parser.add_argument("--no-transformers", action="store_true", help="leave the transformers column out")

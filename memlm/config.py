@@ -108,7 +108,7 @@ class ModelSettings(BaseModel):
     max_new_tokens_limit: int = Field(2048, gt=0, description="largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = Field(128, gt=0)
     torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch's default")
-    weights: Literal["dense", "int8", "int4"] = Field(
+    weights: Literal["dense", "q4_1", "q8_0", "int8", "int4"] = Field(
         "dense", description="weight format of the owned model's linear layers (memlm.model.load_llama(weights=), "
         "memlm.model.quantize): 'dense' = as loaded in dtype; 'int8' = per-row int8, head too; 'int4' = the "
         "decoder layers 4-bit in groups of 32 (the bundled GGUF's own Q4_1 codes), the head per-row int8. "

@@ -1,28 +1,30 @@
 """Weight formats for the owned `Llama`'s linear layers: fewer bytes read per decoded token.
 
-Decoding one token reads every weight once, so on a CPU its speed is set by weight bytes and per-op
-overhead, not FLOPs. Two weight-only formats, each an `nn.Module` with the `nn.Linear` call shape
-and a `forward_native` (dequantize, then `F.linear`) that the tests hold the kernel to:
+Decoding one token reads every weight once, so on a CPU its speed is set by weight bytes and how
+fast the kernel turns them into products, not by FLOPs. Each format is an `nn.Module` with the
+`nn.Linear` call shape and a `forward_native` (dequantize, then `F.linear`) that the tests hold
+the kernel to. Two families:
 
-- `Int4Linear`: asymmetric 4-bit, one scale and zero per group of 32 input columns, run by
-  PyTorch's CPU kernel `_weight_int4pack_mm_for_cpu`. The bundled SmolLM2's layers ship as GGUF
-  Q4_1 (4-bit, group 32, scale and min), and min/max quantization of the dequantized weights
-  finds those same codes again (tests check it), so on the bundled model int4 costs only the
-  rounding of scales, zeros, activations and outputs to bf16.
-- `Int8Linear`: symmetric 8-bit, one scale per output row, run by `_weight_int8pack_mm`.
-
-Both kernels take bf16 activations and return bf16: their fp32 paths are 10-20x slower on this
-AVX2 CPU (measured at decode shapes), so each layer rounds its input to bf16 and widens its output
-back to the model's fp32.
+- llama.cpp's block formats, run by memlm's own AVX2 kernel (`memlm.kernels.qmatmul_cpu`, which
+  also quantizes the activations to int8 per block of 32, as llama.cpp does):
+  `Q4_1Linear` (4-bit codes, fp16 scale and min per block of 32) and `Q8_0Linear` (int8 codes,
+  fp16 scale per block of 32). The bundled SmolLM2 ships as GGUF Q4_1 layers and a Q8_0 head,
+  and min/max quantization of the dequantized weights finds those same codes and scales again
+  (tests check it), so `q4_1` runs the bundled model's own weights.
+- PyTorch's weight-only CPU kernels, bf16 activations: `Int4Linear` (asymmetric 4-bit, bf16
+  scale and zero per group of 32, `_weight_int4pack_mm_for_cpu`) and `Int8Linear` (per output
+  row, `_weight_int8pack_mm`). Their fp32 paths are 10-20x slower on this AVX2 CPU, so each layer
+  rounds its input to bf16 and widens its output back to fp32.
 
 `quantize_model(model, weights)` swaps the decoder layers' projections (fused QKV, output, fused
 gate/up, down) and the output head. The bundled model's head is tied to the token embeddings and
-ships as GGUF Q8_0 (8-bit, group 32): 4-bit would lose real precision there, so `int4` puts the
-head in per-row `Int8Linear` (its own copy; the embedding table stays fp32 for lookups). What each
-format costs in speed and perplexity is in README "The owned model".
+ships as Q8_0: 4-bit would lose real precision there, so `q4_1` puts the head in `Q8_0Linear`
+and `int4` in per-row `Int8Linear` (its own copy; the embedding table stays fp32 for lookups).
+What each format costs in speed and perplexity is in README "The owned model".
 
-Limits: CPU kernels (on another device `forward_native` runs, correct but slow); inference only;
-in_features must be a multiple of 32 (int4) and the model fp32 when quantized.
+Limits: CPU kernels (on another device, or where `qmatmul_cpu.available()` gives a reason, the
+block formats run `forward_native`: correct, slow); inference only; in_features a multiple of 32;
+the model fp32 when quantized.
 """
 from __future__ import annotations
 
@@ -32,27 +34,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WeightFormat = Literal["dense", "int8", "int4"]
-WEIGHT_FORMATS: tuple[str, ...] = ("dense", "int8", "int4")
+from memlm.kernels import qmatmul_cpu
+
+WeightFormat = Literal["dense", "q4_1", "q8_0", "int8", "int4"]
+WEIGHT_FORMATS: tuple[str, ...] = ("dense", "q4_1", "q8_0", "int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF Q4_1's block: the bundled weights round-trip exactly at this size
 
 
 class _WeightOnlyLinear(nn.Module):
-    """What both formats share: the `nn.Linear` call shape, the kernel on CPU, the dequantized
+    """What every format shares: the `nn.Linear` call shape, the kernel on CPU, the dequantized
     reference (`forward_native`) elsewhere and in tests. Subclasses give `dequantize()` and
-    `_kernel(x)`: (M, K) bf16 -> (M, >= N), the kernel's output (extra padded columns dropped)."""
+    `_kernel(x)`: (M, K) in `kernel_dtype` -> (M, >= N), the kernel's output (extra padded columns
+    dropped), and may set `kernel_ready` False (the kernel cannot run on this machine)."""
 
     out_features: int
     in_features: int
+    kernel_dtype = torch.bfloat16
+    kernel_ready = True
 
     def forward_native(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or not self.kernel_ready:
             return self.forward_native(x)
         shape = x.shape  # (..., K)
-        y = self._kernel(x.reshape(-1, shape[-1]).to(torch.bfloat16))  # (M, >= N)
+        y = self._kernel(x.reshape(-1, shape[-1]).to(self.kernel_dtype))  # (M, >= N)
         y = y[:, : self.out_features].to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -129,8 +136,63 @@ class Int4Linear(_WeightOnlyLinear):
                 f"bias={self.bias is not None}")
 
 
+class _BlockLinear(_WeightOnlyLinear):
+    """llama.cpp block formats on `qmatmul_cpu`: fp32 in, fp32 out."""
+
+    kernel_dtype = torch.float32
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.kernel_ready = qmatmul_cpu.available() is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or not self.kernel_ready:
+            return self.forward_native(x)
+        y = self._kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)  # (..., N) fp32
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Q4_1Linear(_BlockLinear):
+    """GGUF Q4_1: per block of 32 input columns, w = q * d + m with q in [0, 15], d and m fp16
+    (m = the block's min, d = (max - min) / 15, so its smallest weight is exact)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__(weight, bias)
+        qs, dm = qmatmul_cpu.pack_q4_1(weight)
+        self.register_buffer("qs", qs)  # (N, K/2) uint8, two codes a byte
+        self.register_buffer("dm", dm)  # (N, K/32, 2) fp16 [d, m]
+
+    def dequantize(self) -> Tensor:
+        return qmatmul_cpu.dequantize_q4_1(self.qs, self.dm)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        return qmatmul_cpu.q4_1_matmul(x, self.qs, self.dm)
+
+
+class Q8_0Linear(_BlockLinear):
+    """GGUF Q8_0: per block of 32 input columns, w = q * d with q in [-127, 127], d = max |w| / 127
+    in fp16."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__(weight, bias)
+        qs, d = qmatmul_cpu.pack_q8_0(weight)
+        self.register_buffer("qs", qs)  # (N, K) int8
+        self.register_buffer("d", d)  # (N, K/32) fp16
+
+    def dequantize(self) -> Tensor:
+        return qmatmul_cpu.dequantize_q8_0(self.qs, self.d)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        return qmatmul_cpu.q8_0_matmul(x, self.qs, self.d)
+
+
 def _quantized(linear: nn.Linear, fmt: str) -> nn.Module:
-    cls = {"int8": Int8Linear, "int4": Int4Linear}[fmt]
+    cls = {"q4_1": Q4_1Linear, "q8_0": Q8_0Linear, "int8": Int8Linear, "int4": Int4Linear}[fmt]
     return cls(linear.weight, linear.bias)
 
 
@@ -139,11 +201,12 @@ def quantize_model(model: nn.Module, weights: WeightFormat = "int4", head: Weigh
     """Replace the linear layers of a `Llama` (in place) with the `weights` format; returns it.
 
     weights: the decoder projections (fused QKV, attention output, fused gate/up, down): "dense"
-    (unchanged), "int8" (per row) or "int4" (group 32). head: the output projection; None = "int8"
-    when weights is quantized (see the module docstring), else "dense". Only layers that are still
+    (unchanged), "q4_1", "q8_0", "int8" (per row) or "int4" (group 32). head: the output
+    projection; None = the 8-bit format of the same family ("q8_0" for q4_1/q8_0, "int8" for
+    int4/int8; see the module docstring), "dense" for dense. Only layers that are still
     `nn.Linear` are replaced, so modules a memory mode added are left alone, and quantizing twice
     is a no-op."""
-    head_format = head or ("dense" if weights == "dense" else "int8")
+    head_format = head or {"dense": "dense", "q4_1": "q8_0", "q8_0": "q8_0"}.get(weights, "int8")
     for fmt in (weights, head_format):
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")

@@ -1,5 +1,6 @@
 """memlm.model.quantize: each quantized linear against its own `forward_native` and the fp32
-layer it replaces, over awkward shapes; the quantized bundled model against the fp32 one."""
+layer it replaces, over awkward shapes; the quantized bundled model against the fp32 one. The
+block formats' kernel itself is tested in tests/kernels/test_qmatmul_cpu.py."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.model import load_llama
-from memlm.model.quantize import INT4_GROUP_SIZE, Int4Linear, Int8Linear, quantize_model
+from memlm.kernels import qmatmul_cpu
+from memlm.model.quantize import INT4_GROUP_SIZE, Int4Linear, Int8Linear, Q4_1Linear, Q8_0Linear, quantize_model
 
 PROMPT = ("Memory lets a language model read more than its context window holds: documents are "
           "turned into keys and values, and each query attends to the nearest ones.")  # test_owned_model's
@@ -42,6 +44,27 @@ def test_kernel_matches_its_reference(cls, M, K, N):
     # 2x torch's own bf16 error, plus one bf16 ulp of the largest output for the bias add.
     assert (out - ref).abs().max().item() <= 2 * bf16_err + ref.abs().max().item() * 2**-8
     torch.testing.assert_close(layer.forward_native(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(qmatmul_cpu.available() is not None, reason=f"qmatmul_cpu: {qmatmul_cpu.available()}")
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("cls", [Q4_1Linear, Q8_0Linear])
+@torch.inference_mode()
+def test_block_format_layer_runs_its_kernel_on_the_dequantized_weights(cls, M, K, N):
+    """The layer is the kernel on (M, K) rows of any leading shape, plus the bias; its only error
+    against forward_native is the activations' int8 rounding, which the kernel reference states."""
+    torch.manual_seed(M * 1000 + N)
+    linear = nn.Linear(K, N, bias=True)
+    layer = cls(linear.weight, linear.bias)
+    assert layer.kernel_ready
+    x = torch.randn(2, M, K)
+    out = layer(x)
+    assert out.shape == (2, M, N) and out.dtype == torch.float32
+    w = layer.dequantize().double()
+    expected = qmatmul_cpu.quantize_activations_ref(x.view(-1, K)).double() @ w.T + linear.bias.double()
+    assert (out.view(-1, N).double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    native = layer.forward_native(x)  # fp32 activations: the int8 rounding is what separates them
+    assert (out - native).abs().max().item() <= 0.02 * native.abs().max().item()
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
@@ -95,6 +118,11 @@ def test_quantize_model_replaces_every_projection_and_the_head_once(tmp_path):
     assert model.tok_embeddings.weight.dtype == torch.float32  # lookups stay exact
     head = model.output
     assert quantize_model(model, "int4").output is head  # a second call changes nothing
+    quantize_model(model := load_llama(tmp_path / "fp32"), "q4_1")
+    for block in model.layers:
+        assert all(isinstance(m, Q4_1Linear) for m in (block.attention.wqkv, block.attention.wo,
+                                                       block.feed_forward.w13, block.feed_forward.w2))
+    assert isinstance(model.output, Q8_0Linear)  # the GGUF's own head format
     with pytest.raises(ValueError, match="'int3'"):
         quantize_model(model, "int3")
     with pytest.raises(ValueError, match="dtype"):
@@ -104,18 +132,20 @@ def test_quantize_model_replaces_every_projection_and_the_head_once(tmp_path):
 # Measured on SmolLM2-135M for PROMPT (30 tokens), against fp32: top-1 agreement over the 30
 # positions int8 0.933 (28/30), int4 1.0; max |logit diff| relative to the largest fp32 logit
 # int8 0.042, int4 0.021 (int4 is the GGUF's own codes; its error is bf16 rounding and the int8
-# head). The bounds leave ~2x room on the error, and one or two positions on agreement.
-BOUNDS = {"int8": (0.85, 0.10), "int4": (0.93, 0.05)}
+# head); q4_1 0.933 / 0.033 and q8_0 0.967 / 0.041 (the GGUF's codes too; their error is the
+# activations' int8 rounding, as in llama.cpp). The bounds leave ~2x room on the error, and one
+# or two positions on agreement.
+BOUNDS = {"int8": (0.85, 0.10), "int4": (0.93, 0.05), "q4_1": (0.85, 0.07), "q8_0": (0.85, 0.08)}
 
 
 @pytest.fixture(scope="module")
 def bundled_formats(bundled_model_dir):
     dense = load_llama(bundled_model_dir)
-    return {"dense": dense, **{w: quantize_model(copy.deepcopy(dense), w) for w in ("int8", "int4")}}
+    return {"dense": dense, **{w: quantize_model(copy.deepcopy(dense), w) for w in BOUNDS}}
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", list(BOUNDS))
 @torch.inference_mode()
 def test_quantized_bundled_logits_stay_close_to_fp32(bundled_formats, weights):
     from memlm.models import load_tokenizer

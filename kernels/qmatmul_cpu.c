@@ -1,0 +1,159 @@
+/* Weight-only quantized matmuls for CPU decoding, in llama.cpp's block formats (AVX2 + FMA + F16C).
+
+   y (M, N) fp32 = x (M, K) fp32 @ W.T, W (N, K) stored in blocks of 32 input columns:
+   - Q4_1: 16 bytes of 4-bit codes q in [0, 15] and fp16 (d, m) per block: w = q * d + m.
+     Byte j of a block holds code j in its low nibble and code j + 16 in its high nibble.
+   - Q8_0: 32 int8 codes q and an fp16 d per block: w = q * d.
+   x is first quantized per block of 32 to int8 (Q8_1: xq = round(x / dx), dx = max |x| / 127,
+   and sx = dx * sum(xq)), as llama.cpp does, so one block's dot product is integer work:
+     Q4_1:  sum_i w_i x_i ~= d * dx * sum(q_i xq_i) + m * sx
+     Q8_0:  sum_i w_i x_i ~= d * dx * sum(q_i xq_i)
+   Rows of W are split across OpenMP threads (the process's OpenMP runtime: linked against the
+   libgomp torch loaded, so torch.set_num_threads sets ours too). For each row, all M inputs are
+   read while the row's blocks are in L1, so W is streamed from memory once per call whatever M.
+   The Python side (qmatmul_cpu.py) builds this file, checks the CPU, and holds the reference. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define QK 32
+
+/* x (M, K) -> xq (M, K) int8, dx (M, K/32), sx (M, K/32). */
+static void quantize_x(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx) {
+    const int64_t G = K / QK;
+    for (int64_t r = 0; r < M * G; r++) {
+        const float *v = x + r * QK;
+        __m256 amax = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int j = 0; j < QK; j += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)nearbyintf(v[j] * id);
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            xq[r * QK + j] = (int8_t)q;
+            sum += q;
+        }
+        dx[r] = d;
+        sx[r] = d * (float)sum;
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+/* The integer dot product of one block as eight fp32 lanes of partial sums. maddubs adds pairs of
+   u8 * s8 products into int16 with saturation; u <= 15 (Q4_1) or |w| <= 127 (Q8_0, codes clamped
+   to +-127) and |s| <= 127 keep every pair within 2 * 127 * 127 = 32258 < 32767. */
+static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+    const __m256i p16 = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+/* Scratch for x quantized: xq (M, K) int8, then dx and sx (M, K/32) fp32 each. NULL: no memory. */
+static int8_t *alloc_xq(int64_t M, int64_t K, float **dx, float **sx) {
+    const int64_t G = K / QK;
+    char *buf = malloc((size_t)(M * K + 2 * M * G * (int64_t)sizeof(float)));
+    if (buf == NULL) return NULL;
+    *dx = (float *)(buf + M * K);  /* K is a multiple of 32, so this stays 4-byte aligned */
+    *sx = *dx + M * G;
+    return (int8_t *)buf;
+}
+
+/* One Q4_1 block's 32 codes as bytes in column order (low nibbles: codes 0..15, high: 16..31). */
+static inline __m256i q4_codes(const uint8_t *block, __m256i low4) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)block);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low4);
+}
+
+static inline __m256i load_x(const int8_t *a) { return _mm256_loadu_si256((const __m256i *)a); }
+
+/* s8 * s8: maddubs needs an unsigned side, so |w| times x with w's sign (ggml's trick). */
+static inline __m256 dot_s8s8(__m256i w, __m256i x) { return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
+
+/* qs (N, K/2) uint8, dm (N, K/32, 2) fp16 [d, m]. Returns 0, or -1 when out of memory. */
+int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *dm, int64_t N, float *y) {
+    const int64_t G = K / QK;
+    float *dx, *sx;
+    int8_t *xq = alloc_xq(M, K, &dx, &sx);
+    if (xq == NULL) return -1;
+    quantize_x(x, M, K, xq, dx, sx);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wq = qs + n * (K / 2);
+        const uint16_t *wdm = dm + n * G * 2;
+        for (int64_t i = 0; i < M; i++) {
+            const int8_t *a = xq + i * K;
+            const float *adx = dx + i * G, *asx = sx + i * G;
+            /* Two blocks per step into two accumulators: consecutive FMAs do not wait on each other. */
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            float acc_m = 0.0f;
+            int64_t g = 0;
+            for (; g + 1 < G; g += 2) {
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(wdm[2 * g]) * adx[g]),
+                                       dot_u8s8(q4_codes(wq + g * 16, low4), load_x(a + g * QK)), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(wdm[2 * g + 2]) * adx[g + 1]),
+                                       dot_u8s8(q4_codes(wq + g * 16 + 16, low4), load_x(a + g * QK + QK)), acc1);
+                acc_m += half_to_float(wdm[2 * g + 1]) * asx[g] + half_to_float(wdm[2 * g + 3]) * asx[g + 1];
+            }
+            if (g < G) {  /* odd block count */
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(wdm[2 * g]) * adx[g]),
+                                       dot_u8s8(q4_codes(wq + g * 16, low4), load_x(a + g * QK)), acc0);
+                acc_m += half_to_float(wdm[2 * g + 1]) * asx[g];
+            }
+            y[i * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + acc_m;
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* qs (N, K) int8, d (N, K/32) fp16. Returns 0, or -1 when out of memory. */
+int q8_0_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *y) {
+    const int64_t G = K / QK;
+    float *dx, *sx;
+    int8_t *xq = alloc_xq(M, K, &dx, &sx);
+    if (xq == NULL) return -1;
+    quantize_x(x, M, K, xq, dx, sx);
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wq = qs + n * K;
+        const uint16_t *wd = d + n * G;
+        for (int64_t i = 0; i < M; i++) {
+            const int8_t *a = xq + i * K;
+            const float *adx = dx + i * G;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  /* as in q4_1_matmul */
+            int64_t g = 0;
+            for (; g + 1 < G; g += 2) {
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(wd[g]) * adx[g]),
+                                       dot_s8s8(load_x(wq + g * QK), load_x(a + g * QK)), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(wd[g + 1]) * adx[g + 1]),
+                                       dot_s8s8(load_x(wq + g * QK + QK), load_x(a + g * QK + QK)), acc1);
+            }
+            if (g < G)
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(wd[g]) * adx[g]),
+                                       dot_s8s8(load_x(wq + g * QK), load_x(a + g * QK)), acc0);
+            y[i * N + n] = hsum(_mm256_add_ps(acc0, acc1));
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* 1 when this CPU runs the instructions above. */
+int qmatmul_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}

@@ -1,0 +1,189 @@
+"""llama.cpp's Q4_1 and Q8_0 weight formats with memlm's own AVX2 matmul (`qmatmul_cpu.c`), beside
+their PyTorch references.
+
+Why a C kernel: decoding one token on CPU is a chain of (1, K) x (K, N) products, set by how fast
+weights stream in. PyTorch's weight-only kernels (`_weight_int4pack_mm_for_cpu`,
+`_weight_int8pack_mm`) take bf16 activations and, on AVX2 without bf16 units, run at a few GB/s;
+llama.cpp's trick is to quantize the activations to int8 per block of 32 as well, so a block's
+dot product is one `maddubs` of packed integers. `qmatmul_cpu.c` does the same (see its header),
+and `benchmarks/owned_model.py` puts it beside PyTorch's kernels and llama.cpp itself.
+
+- `pack_q4_1(w)` / `pack_q8_0(w)`: fp32 weight (N, K) -> the packed tensors the kernel reads.
+- `q4_1_matmul(x, qs, dm)` / `q8_0_matmul(x, qs, d)`: x (M, K) fp32 -> (M, N) fp32.
+- `dequantize_q4_1` / `dequantize_q8_0`, `quantize_activations_ref` and `*_matmul_ref`: the
+  references the tests hold the kernel to (the reference quantizes x exactly as the kernel does,
+  so the two agree to fp32 rounding).
+- `available()`: None when the kernel runs here, else why not (no C compiler, no AVX2/FMA/F16C);
+  callers then keep another format.
+
+The library is compiled on first use with the system C compiler (`cc -O3 -mavx2 -mfma -mf16c
+-fopenmp`, about a second) into `$MEMLM_CACHE_DIR/kernels/` (default `~/.cache/memlm/kernels/`),
+named by a hash of the source and flags, written atomically so concurrent processes agree. It
+needs the OpenMP runtime torch already loaded (same soname), so torch.set_num_threads applies.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+QK = 32  # block size of both formats (input columns per scale)
+_SOURCE = Path(__file__).with_name("qmatmul_cpu.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MEMLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memlm")
+    return Path(base) / "kernels"
+
+
+@functools.cache
+def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """(the loaded library, None) or (None, why it cannot run here)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc or gcc) on PATH to build kernels/qmatmul_cpu.c"
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"qmatmul_cpu-{digest}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+            if run.returncode != 0:
+                return None, f"building kernels/qmatmul_cpu.c failed: {run.stderr.strip()[-500:]}"
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    if not lib.qmatmul_cpu_supported():
+        return None, "this CPU lacks AVX2, FMA or F16C"
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.q4_1_matmul, lib.q8_0_matmul):
+        fn.argtypes = [p, i64, i64, p, p, i64, p]
+        fn.restype = ctypes.c_int
+    return lib, None
+
+
+def available() -> Optional[str]:
+    """None when the kernel runs on this machine, else the reason it does not."""
+    return _library()[1]
+
+
+def _lib() -> ctypes.CDLL:
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"the Q4_1/Q8_0 CPU kernel is unavailable: {why}")
+    return lib
+
+
+def _check(x: Tensor, K: int) -> Tensor:
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"expected a CPU tensor (M, {K}), got {tuple(x.shape)} on {x.device}")
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+
+
+def _run(fn, x: Tensor, qs: Tensor, scales: Tensor, N: int) -> Tensor:
+    M, K = x.shape
+    y = torch.empty(M, N, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return y
+    if fn(x.data_ptr(), M, K, qs.data_ptr(), scales.data_ptr(), N, y.data_ptr()) != 0:
+        raise MemoryError(f"qmatmul_cpu: no memory for the quantized activations ({M} x {K})")
+    return y
+
+
+# --- Q4_1 ------------------------------------------------------------------------------------
+
+def pack_q4_1(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) -> qs (N, K/2) uint8, dm (N, K/32, 2) fp16 [d, m]: per block of 32, m = min,
+    d = (max - min) / 15, codes round((w - m) / d) in [0, 15] (computed with the fp16 d and m the
+    kernel reads). Byte j of a block: code j (low nibble), code j + 16 (high nibble)."""
+    N, K = w.shape
+    if K % QK:
+        raise ValueError(f"in_features={K} is not a multiple of {QK}")
+    blocks = w.detach().float().view(N, K // QK, QK)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)  # each (N, G)
+    d = ((hi - lo) / 15).to(torch.float16)
+    m = lo.to(torch.float16)
+    inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(lo))
+    codes = torch.round((blocks - m.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)  # (N, G, 32)
+    qs = (codes[..., :16] | (codes[..., 16:] << 4)).view(N, K // 2)
+    return qs.contiguous(), torch.stack([d, m], -1).contiguous()
+
+
+def q4_1_codes(qs: Tensor) -> Tensor:
+    """qs (N, K/2) -> codes (N, K) uint8 in [0, 15], in column order."""
+    N = qs.shape[0]
+    b = qs.view(N, -1, 16)
+    return torch.cat([b & 0x0F, b >> 4], -1).view(N, -1)
+
+
+def dequantize_q4_1(qs: Tensor, dm: Tensor) -> Tensor:
+    """The fp32 weight (N, K) that (qs, dm) stand for."""
+    N = qs.shape[0]
+    codes = q4_1_codes(qs).float().view(N, -1, QK)
+    d, m = dm.float().unbind(-1)  # each (N, G)
+    return (codes * d[..., None] + m[..., None]).view(N, -1)
+
+
+def q4_1_matmul(x: Tensor, qs: Tensor, dm: Tensor) -> Tensor:
+    """x (M, K) -> x @ dequantize_q4_1(qs, dm).T (M, N), with x quantized per block (see module)."""
+    return _run(_lib().q4_1_matmul, _check(x, qs.shape[1] * 2), qs, dm, qs.shape[0])
+
+
+# --- Q8_0 ------------------------------------------------------------------------------------
+
+def pack_q8_0(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) -> qs (N, K) int8 in [-127, 127], d (N, K/32) fp16 = max |w| / 127 per block."""
+    N, K = w.shape
+    if K % QK:
+        raise ValueError(f"in_features={K} is not a multiple of {QK}")
+    blocks = w.detach().float().view(N, K // QK, QK)
+    d = (blocks.abs().amax(-1) / 127).to(torch.float16)  # (N, G)
+    inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float32))
+    qs = torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8).view(N, K)
+    return qs.contiguous(), d.contiguous()
+
+
+def dequantize_q8_0(qs: Tensor, d: Tensor) -> Tensor:
+    N, K = qs.shape
+    return (qs.float().view(N, K // QK, QK) * d.float()[..., None]).view(N, K)
+
+
+def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+    """x (M, K) -> x @ dequantize_q8_0(qs, d).T (M, N), with x quantized per block (see module)."""
+    return _run(_lib().q8_0_matmul, _check(x, qs.shape[1]), qs, d, qs.shape[0])
+
+
+# --- references ------------------------------------------------------------------------------
+
+def quantize_activations_ref(x: Tensor) -> Tensor:
+    """x (M, K) -> what the kernel computes with: per block of 32, round(x / dx) * dx with
+    dx = max |x| / 127 (fp32)."""
+    M, K = x.shape
+    b = x.float().view(M, K // QK, QK)
+    dx = b.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(b * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))).clamp(-127, 127)
+    return (q * dx).view(M, K)
+
+
+def q4_1_matmul_ref(x: Tensor, qs: Tensor, dm: Tensor) -> Tensor:
+    return quantize_activations_ref(x).double() @ dequantize_q4_1(qs, dm).double().T
+
+
+def q8_0_matmul_ref(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+    return quantize_activations_ref(x).double() @ dequantize_q8_0(qs, d).double().T
+
