@@ -9,7 +9,7 @@ Three measures per format (memlm.model.quantize; "int4+head4" is int4 with the h
   to ~--passkey-tokens tokens, all in the prompt, with the needle at a seeded random depth (as benchmarks/passkey.py builds them), the question after them, 10 greedy
   tokens; a trial counts when the key is in them. The same seeded trials for every format.
 
-    .venv/bin/python benchmarks/owned_quality.py [--formats dense int8 int4 int4+head4] [--windows 4]
+    .venv/bin/python benchmarks/owned_quality.py [--formats dense q4_1 int4 int8 int4+head4] [--windows 4]
         [--window 1024] [--passkey-trials 5] [--passkey-tokens 2048] [--threads 2]
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def perplexity(model: Llama, windows: list[torch.Tensor]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--formats", nargs="+", default=["dense", "int8", "int4", "int4+head4"])
+    p.add_argument("--formats", nargs="+", default=["dense", "q4_1", "int4", "int8", "int4+head4"])
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--text-offset", type=int, default=20000, help="first stdlib paragraph used (held out from "

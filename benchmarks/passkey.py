@@ -70,7 +70,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memlm.config import StoreSettings
+from memlm.config import ModelSettings, StoreSettings
+from memlm.model.quantize import WEIGHT_FORMATS
 from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -212,8 +213,8 @@ def run(args) -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
-    model, tok = load_model(model_dir, model_impl=args.model_impl), load_tokenizer(model_dir)  # as the host loads it
-    print(f"model: {'memlm.model' if model_facts(model).owned else 'transformers'}")
+    model, tok = load_model(model_dir, model_impl=args.model_impl, weights=args.weights), load_tokenizer(model_dir)  # as the host loads it
+    print(f"model: {'memlm.model' if model_facts(model).owned else 'transformers'}, weights {args.weights}")
     window = min(int(model_facts(model).context_length), args.context)
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
     sep_ids = tok(DOC_SEPARATOR, add_special_tokens=False).input_ids
@@ -414,6 +415,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-impl", default="auto", choices=["auto", "memlm", "transformers"],
                    help="ModelSettings.model_impl: the owned Llama (auto, for the bundled model) or transformers")
+    p.add_argument("--weights", default=ModelSettings().weights, choices=WEIGHT_FORMATS,
+                   help="the owned model's weight format (memlm.model.quantize); default: the served default")
     p.add_argument("--time-retrieval", action="store_true")
     args = p.parse_args(argv)
     if args.time_retrieval:

@@ -363,8 +363,8 @@ def load_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     """A `Llama` with the weights of a local Hugging Face Llama folder (model.safetensors, or
     shards listed in model.safetensors.index.json), in `dtype`, in eval mode.
 
-    weights: "dense" keeps the linear layers as loaded (in dtype); "int8" / "int4" quantizes them
-    (`memlm.model.quantize.quantize_model`; needs dtype float32)."""
+    weights: "dense" keeps the linear layers as loaded (in dtype); "q4_1", "q8_0", "int8" or "int4"
+    quantizes them (`memlm.model.quantize.quantize_model`; needs dtype float32)."""
     from safetensors import safe_open
 
     folder = Path(folder)

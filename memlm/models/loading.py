@@ -121,7 +121,9 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
     model_impl "auto": memlm's own `Llama` when memlm.model supports the folder (a Llama
     architecture in safetensors), else transformers; "memlm": the own model or an error naming
     why not; "transformers": always transformers' AutoModelForCausalLM.
-    weights: the own model's linear layers, "dense" or quantized ("int8", "int4": memlm.model.quantize).
+    weights: the own model's linear layers, "dense" or quantized (memlm.model.quantize). A block
+    format ("q4_1", "q8_0") whose CPU kernel cannot run here (no C compiler, no AVX2) falls back to
+    "dense" with a warning: without its kernel it would run slower than dense.
     """
     import torch
 
@@ -129,8 +131,12 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
         raise ValueError(f"model_impl={model_impl!r} is not one of {MODEL_IMPLS}")
     if model_impl == "transformers":
         return load_causal_lm(model_dir, dtype)
+    from memlm.kernels import qmatmul_cpu
     from memlm.model import load_llama
 
+    if weights in ("q4_1", "q8_0") and (why := qmatmul_cpu.available()) is not None:
+        log.warning("weights %r: its CPU kernel cannot run here (%s); serving dense weights", weights, why)
+        weights = "dense"
     try:
         model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else torch.float32, weights=weights)
     except (ValueError, KeyError, FileNotFoundError) as e:  # not a Llama memlm.model can read
