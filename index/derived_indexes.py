@@ -26,7 +26,7 @@ from memlm.index.vector_index import IndexFileError, VectorIndex
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE_RE = re.compile(r"index-(\d{16})\.faiss")
+_INDEX_FILE_RE = re.compile(r"index-(\d{16})\.faiss")
 _READ_BATCH = 4096  # chunks read from LMDB per step of a rebuild
 
 
@@ -42,15 +42,6 @@ def commit_change(commit: Commit, prepared: Sequence[PreparedDocument] = ()) -> 
         removed_documents=[(old.chunk_ids, old.metadata) for _doc_id, old in commit.removed],
     )
     return Change(commit.seq, added, removed, payload)
-
-
-def _payload(change: Change, structure: DerivedStructure) -> ChangePayload:
-    if change.payload is None:
-        raise ValueError(
-            f"the {structure.name} lives in memory only and cannot replay oplog entries (they record chunk ids, "
-            f"not {structure.built_from}); rebuild it"
-        )
-    return change.payload
 
 
 class DerivedVectorIndex(DerivedStructure):
@@ -82,7 +73,7 @@ class DerivedVectorIndex(DerivedStructure):
         """(seq, path) of the snapshot files, newest first."""
         if not self._folder.is_dir():
             return []
-        found = ((int(m.group(1)), p) for p in self._folder.iterdir() if (m := INDEX_FILE_RE.fullmatch(p.name)))
+        found = ((int(m.group(1)), p) for p in self._folder.iterdir() if (m := _INDEX_FILE_RE.fullmatch(p.name)))
         return sorted(found, reverse=True)
 
     def load(self, last_seq: int) -> None:
@@ -145,7 +136,7 @@ class DerivedVectorIndex(DerivedStructure):
 
     def _delete_files(self, keep: Optional[Path] = None) -> None:
         for p in self._folder.iterdir() if self._folder.is_dir() else ():
-            if p != keep and (INDEX_FILE_RE.fullmatch(p.name) or p.name.endswith(".faiss.tmp")):
+            if p != keep and (_INDEX_FILE_RE.fullmatch(p.name) or p.name.endswith(".faiss.tmp")):
                 p.unlink(missing_ok=True)
 
     def ids(self) -> np.ndarray:
@@ -164,6 +155,15 @@ class _InMemoryIndex(DerivedStructure):
         self._lmdb, self._collection = lmdb, collection
         self.index = self.wrapped()
 
+    def _payload(self, change: Change) -> ChangePayload:
+        """What it applies; a replay (ids only) cannot be applied: with no watermark, it is never replayed into."""
+        if change.payload is None:
+            raise ValueError(
+                f"the {self.name} lives in memory only and cannot replay oplog entries (they record chunk ids, "
+                f"not {self.built_from}); rebuild it"
+            )
+        return change.payload
+
     def drop(self) -> None:
         self.index = self.wrapped()
 
@@ -179,7 +179,7 @@ class DerivedMetadataIndex(_InMemoryIndex):
     wrapped = MetadataIndex
 
     def apply(self, change: Change) -> None:
-        payload = _payload(change, self)
+        payload = self._payload(change)
         for chunk_ids, metadata in payload.removed_documents:
             self.index.remove(chunk_ids, metadata)
         for chunk_ids, metadata in payload.documents:
@@ -203,7 +203,7 @@ class DerivedLexicalIndex(_InMemoryIndex):
     wrapped = LexicalIndex
 
     def apply(self, change: Change) -> None:
-        self.index.apply(change.added.tolist(), _payload(change, self).texts, change.removed.tolist())
+        self.index.apply(change.added.tolist(), self._payload(change).texts, change.removed.tolist())
 
     def rebuild(self) -> None:
         index = LexicalIndex()
