@@ -243,7 +243,7 @@ def main() -> None:
                 store.search("fusion", q, k=k, mode=mode)
             ms[method] = (time.perf_counter() - t0) / len(texts) * 1e3
         store.settings = settings
-        lexical_index = store._collections["fusion"].lexical  # noqa: SLF001 - the benchmark's own store
+        lexical_index = store._collections["fusion"].derived.lexical.index  # noqa: SLF001 - the benchmark's own store
         reference = [lexical_index.reference_score(q) for q in texts]
         store.close()
 

@@ -5,10 +5,16 @@ LMDB (`lmdb_store`) is the source of truth; per collection the store keeps in me
 `VectorIndex`, a `MetadataIndex` and a BM25 `LexicalIndex`, all derived from LMDB. A search is
 dense (embedding), lexical (BM25) or hybrid (both, fused by `store.fusion`). A write is: validate,
 chunk and embed (outside any lock), ONE durable LMDB transaction (the acknowledgement), then the
-same change applied to the derived indexes. Index files are snapshots:
-`collections/<name>/index-<seq>.faiss` holds every oplog entry up to `seq`; entries after it are
-replayed at open, and if no file loads the index is rebuilt from the stored vectors. Either way, after open the index holds exactly LMDB's chunks.
-The metadata and lexical indexes are filled from LMDB at open.
+same change applied to the derived indexes.
+Derived data has one lifecycle (`index.derived`): each index is a `DerivedStructure`
+(`index.derived_indexes`) with a durable watermark, `apply(change)`, `rebuild()` and `drop()`, and
+the store loops over them to mirror a commit, recover, snapshot or drop. At open each is brought to
+LMDB's newest seq by `bring_up_to_date`: the vector index loads its newest file,
+`collections/<name>/index-<seq>.faiss` (watermark `seq`), and replays the oplog past it, or is
+rebuilt from the stored vectors; the metadata and lexical indexes live in memory only (no
+watermark) and are rebuilt from LMDB. Either way, after open every index holds exactly LMDB's
+chunks. The oplog is kept back to the lowest durable watermark: the index file's and each memory
+mode's (`set_watermark`, at most `store.oplog_retention_ops` behind).
 
 Concurrency: every method may be called from many threads. LMDB readers run concurrently. Each
 collection has a readers-writer lock (`index.locks`): searches share it and run side by side
@@ -40,13 +46,15 @@ from memlm.errors import (
     bounded, quoted, quoted_items,
 )
 from memlm.index.chunking import Chunker
+from memlm.index.derived import DerivedStructure, bring_up_to_date
+from memlm.index.derived_indexes import StoreIndexes, commit_change
 from memlm.index.factory_check import check_factory, factory_problem
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
-from memlm.index.filters import MetadataIndex, parse_filter
+from memlm.index.filters import parse_filter
 from memlm.index.fusion import fuse, fusion_depth
-from memlm.index.lexical_index import LexicalIndex, query_terms
+from memlm.index.lexical_index import query_terms
 from memlm.index.locks import ReadWriteLock
-from memlm.index.lmdb_store import STOPPED, ChunkRecord, Commit, DocHeader, LmdbStore, PreparedDocument
+from memlm.index.lmdb_store import STOPPED, ChunkRecord, CollectionRecord, Commit, DocHeader, LmdbStore, PreparedDocument
 from memlm.index.types import (
     CollectionConfig,
     CollectionStats,
@@ -56,7 +64,6 @@ from memlm.index.types import (
     SearchHit,
     StoredDocument,
 )
-from memlm.index.vector_index import IndexFileError, VectorIndex
 from memlm.modes import collection_memory
 
 log = logging.getLogger(__name__)
@@ -70,7 +77,6 @@ INGEST_STAGE_SECONDS = Histogram(
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_DOC_ID_BYTES = 256  # LMDB keys stop at 511 bytes; leave room
-_INDEX_FILE_RE = re.compile(r"index-(\d{16})\.faiss")
 DEFAULT_TOKENIZER_NAME = "SmolLM2-135M-Instruct"
 SEARCH_MODES = ("dense", "lexical", "hybrid")
 
@@ -78,16 +84,18 @@ SEARCH_MODES = ("dense", "lexical", "hybrid")
 @dataclass
 class _Collection:
     config: CollectionConfig
-    index: Optional[VectorIndex]  # None while `problem` is set
-    metadata: MetadataIndex
-    lexical: LexicalIndex
+    derived: StoreIndexes  # empty while `problem` is set
     lock: ReadWriteLock  # exclusive: writers, describe, drop; shared: searches
-    applied_seq: int  # last oplog seq reflected in `index`
-    snapshot_seq: int  # last oplog seq in the newest index file on disk (0: none)
+    applied_seq: int  # last oplog seq reflected in every structure of `derived` (in memory)
     dropped: bool = False
     # Why the derived indexes cannot serve (None: they can). Searches and writes then answer
     # FAILED_PRECONDITION with it; Get, Describe, Drop and Reindex still work (LMDB holds the data).
     problem: Optional[str] = None
+
+    @property
+    def durable_seq(self) -> int:
+        """The lowest watermark of the durable structures: a restart replays the oplog past it."""
+        return min((s.applied_seq for s in self.derived if s.durable), default=self.applied_seq)
 
 
 def _memory_arg(memory: Optional[Mapping[str, Any]], kv_memory: Optional[bool]) -> Optional[Mapping[str, Any]]:
@@ -288,149 +296,80 @@ class MemoryStore:
         self._collection(name, usable=False)
         return self._dir(name)
 
-    def _fetch(self, name: str, dim: int):
-        def fetch(ids: np.ndarray) -> np.ndarray:
-            found, vecs = self._lmdb.read_vectors(name, ids, dim)
-            if len(found) != len(ids):
-                missing = sorted(set(np.asarray(ids).tolist()) - set(found.tolist()))
-                raise RuntimeError(f"collection {name!r}: no stored vector for chunk ids {missing[:10]}")
-            return vecs
+    def _new_derived(self, config: CollectionConfig) -> StoreIndexes:
+        return StoreIndexes.empty(self._lmdb, config, self._dir(config.name), self.settings.exact_filter_below)
 
-        return fetch
-
-    def _new_index(self, config: CollectionConfig) -> VectorIndex:
-        return VectorIndex(
-            config.dim,
-            config.index_factory,
-            self._fetch(config.name, config.dim),
-            exact_filter_below=self.settings.exact_filter_below,
-        )
-
-    def _rebuild(self, config: CollectionConfig) -> VectorIndex:
-        index = self._new_index(config)
-        ids = self._lmdb.chunk_ids(config.name)
-        for lo in range(0, len(ids), 4096):
-            found, vecs = self._lmdb.read_vectors(config.name, ids[lo : lo + 4096], config.dim)
-            index.add(found, vecs)
-        return index
+    def _oplog_changes(self, name: str, after_seq: int, upto_seq: int) -> Optional[list[tuple[int, list[int], list[int]]]]:
+        """The oplog entries after_seq < seq <= upto_seq, or None when some are truncated."""
+        if after_seq < self._lmdb.oplog_floor(name):
+            return None
+        return [entry for entry in self._lmdb.oplog(name, after_seq) if entry[0] <= upto_seq]
 
     def _open_collection(self, config: CollectionConfig, last_seq: int) -> _Collection:
         """Recover one collection at open. Whatever its derived data does, the store opens: a
         factory the store cannot serve (checked in a child process before FAISS touches it here,
         for data dirs written before that check existed) or a recovery that fails leaves this
         collection unavailable, with the reason, and the others serving."""
+        col = _Collection(config, self._new_derived(config), ReadWriteLock(), applied_seq=last_seq)
         problem = factory_problem(config.dim, config.index_factory)
         if problem is not None:
             problem = f"its index factory {config.index_factory!r} cannot be served: {problem}"
         else:
             try:
-                return self._recover(config, last_seq)
+                self._recover(col)
+                return col
             except Exception as e:  # noqa: BLE001 - one collection's derived data must not stop the store
                 log.exception("collection %r: recovering its indexes failed", config.name)
                 problem = f"recovering its indexes failed: {_why(e)}"
-        col = _Collection(
-            config, None, MetadataIndex(), LexicalIndex(), ReadWriteLock(), applied_seq=last_seq, snapshot_seq=0
-        )
         self._mark_unavailable(col, problem)
         return col
 
-    @staticmethod
-    def _mark_unavailable(col: _Collection, problem: str) -> None:
-        """Drop the collection's derived indexes and record why it cannot serve (see `problem`)."""
-        col.index, col.metadata, col.lexical, col.problem = None, MetadataIndex(), LexicalIndex(), problem
+    def _mark_unavailable(self, col: _Collection, problem: str) -> None:
+        """Drop the collection's derived indexes from memory (their files stay) and record why it
+        cannot serve (see `problem`)."""
+        col.derived, col.problem = self._new_derived(col.config), problem
         log.error("collection %r is unavailable: %s (%s)", col.config.name, problem, _REMEDY)
 
-    def _recover(self, config: CollectionConfig, last_seq: int) -> _Collection:
-        """Load the newest loadable index file, replay the oplog after it, check against LMDB, and
-        rebuild from the stored vectors whenever that does not give exactly LMDB's chunks."""
-        name = config.name
-        folder = self._dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        files = sorted(
-            ((int(m.group(1)), p) for p in folder.iterdir() if (m := _INDEX_FILE_RE.fullmatch(p.name))),
-            reverse=True,
-        )
-        index: Optional[VectorIndex] = None
-        snapshot_seq = 0
-        how = "rebuilt from stored vectors"
-        for seq, path in files:
-            if seq > last_seq:  # cannot belong to this collection's history (a dropped namesake's)
-                log.warning("collection %r: ignoring index file %s from the future (last seq %d)", name, path, last_seq)
-                continue
-            try:
-                index = VectorIndex.load(path, self._fetch(name, config.dim))
-                if index.factory != config.index_factory:  # left by a reindex cut short
-                    raise IndexFileError(f"it holds a {index.factory!r} index, the collection uses {config.index_factory!r}")
-                snapshot_seq = seq
-                break
-            except (IndexFileError, RuntimeError) as e:
-                index = None
-                log.warning("collection %r: cannot load %s (%s); trying an older one", name, path, e)
-        if index is not None:
-            index.exact_filter_below = self.settings.exact_filter_below
-            try:
-                # Replay the net effect of the entries after the file: chunk ids are never reused,
-                # so "remove everything removed, then add what was added and is still stored" is
-                # the same as applying entries one by one, and it never asks LMDB for a vector
-                # that a later entry deleted (an HNSW rebuild mid-replay would).
-                added: list[int] = []
-                removed: list[int] = []
-                replayed = 0
-                for _seq, add, remove in self._lmdb.oplog(name, snapshot_seq):
-                    added.extend(add)
-                    removed.extend(remove)
-                    replayed += 1
-                gone = set(removed)
-                index.remove(np.asarray(sorted(gone), dtype=np.int64))
-                new = np.array([i for i in added if i not in gone and i not in index], dtype=np.int64)
-                found, vecs = self._lmdb.read_vectors(name, new, config.dim)  # missing: deleted since
-                index.add(found, vecs)
-                how = f"loaded index-{snapshot_seq:016d}.faiss and replayed {replayed} oplog entries"
-            except Exception as e:  # derived data: any trouble here is repaired by a rebuild
-                log.warning("collection %r: replaying the oplog failed (%s); rebuilding", name, e)
-                index = None
-
-        stored = self._lmdb.chunk_ids(name)
-        if index is None or not np.array_equal(index.ids(), stored):
-            if index is not None:
-                log.warning(
-                    "collection %r: index holds %d vectors but LMDB %d chunks (or other ids); rebuilding",
-                    name, index.ntotal, len(stored),
-                )
-            index = self._rebuild(config)
-            how = "rebuilt from stored vectors"
-            snapshot_seq = -1  # force a snapshot below
-        metadata = self._load_metadata(name)
-        lexical = self._load_lexical(name)
-        assert index.ntotal == len(stored) == len(metadata) == len(lexical), "indexes and LMDB disagree after recovery"
-        log.info("collection %r: %s; %d chunks, %d vectors", name, how, len(stored), index.ntotal)
-        col = _Collection(
-            config, index, metadata, lexical, ReadWriteLock(), applied_seq=last_seq, snapshot_seq=snapshot_seq
-        )
-        if snapshot_seq < 0:
+    def _recover(self, col: _Collection) -> None:
+        """Give the collection fresh derived structures brought to `col.applied_seq` (LMDB's newest
+        seq) by the one rule (`bring_up_to_date`): each loads its files, if it has any, and replays
+        the oplog past their seq, else is rebuilt from LMDB; then each must hold exactly LMDB's
+        chunks, or is rebuilt. A structure rebuilt with files to keep writes them now. The caller
+        holds col.lock (or no other thread has the collection yet)."""
+        name = col.config.name
+        self._dir(name).mkdir(parents=True, exist_ok=True)
+        col.derived = self._new_derived(col.config)
+        stored = self._lmdb.chunk_ids(name)  # (n,) ascending
+        how = [f"{s.name} {self._bring_up(name, s, col.applied_seq, stored)}" for s in col.derived]
+        assert all(len(s) == len(stored) for s in col.derived), "derived structures and LMDB disagree after recovery"
+        log.info("collection %r: %s; %d chunks", name, ", ".join(how), len(stored))
+        if any(s.durable and s.applied_seq < 0 for s in col.derived):
             self._snapshot_locked(col)
-        return col
 
-    def _load_metadata(self, name: str) -> MetadataIndex:
-        """The collection's metadata index, filled from its stored document headers."""
-        metadata = MetadataIndex()
-        for _doc_id, header in self._lmdb.iter_doc_headers(name):
-            metadata.add(header.chunk_ids, header.metadata)
-        return metadata
+    def _bring_up(self, name: str, s: DerivedStructure, last_seq: int, stored: np.ndarray) -> str:
+        """Load, replay or rebuild one structure (see `_recover`); says which for the log."""
+        s.load(last_seq)
+        loaded = s.applied_seq
 
-    def _load_lexical(self, name: str) -> LexicalIndex:
-        """The collection's BM25 index, filled from its stored chunk texts."""
-        lexical = LexicalIndex()
-        ids: list[int] = []
-        texts: list[str] = []
-        for cid, text in self._lmdb.iter_chunk_texts(name):
-            ids.append(cid)
-            texts.append(text)
-            if len(ids) == 4096:
-                lexical.add(ids, texts)
-                ids, texts = [], []
-        lexical.add(ids, texts)
-        return lexical
+        def rebuild() -> str:
+            s.rebuild()
+            return f"rebuilt from {s.built_from}"
+
+        def replay(change) -> str:
+            try:
+                s.apply(change)
+            except Exception as e:  # derived data: any trouble here is repaired by a rebuild
+                log.warning("collection %r: replaying the oplog into its %s failed (%s); rebuilding", name, s.name, e)
+                return rebuild()
+            return f"loaded at seq {loaded} and replayed the oplog to {last_seq}"
+
+        changes = lambda after, upto: self._oplog_changes(name, after, upto)  # noqa: E731
+        how = bring_up_to_date(loaded, last_seq, changes, replay, rebuild) or f"loaded at seq {loaded}"
+        if not np.array_equal(s.ids(), stored):
+            log.warning("collection %r: its %s holds %d chunks but LMDB %d (or other ids); rebuilding",
+                        name, s.name, len(s), len(stored))
+            how = rebuild()
+        return how
 
     # ---------------------------------------------------------------- collections
 
@@ -552,10 +491,10 @@ class MemoryStore:
             shutil.rmtree(self._dir(name), ignore_errors=True)  # leftovers of a drop cut short by a crash
             self._lmdb.create_collection(config)
             self._dir(name).mkdir(parents=True, exist_ok=True)
-            self._collections[name] = _Collection(
-                config, self._new_index(config), MetadataIndex(), LexicalIndex(),
-                ReadWriteLock(), applied_seq=0, snapshot_seq=0,
-            )
+            derived = self._new_derived(config)
+            for s in derived:
+                s.rebuild()  # of an empty collection: nothing to read
+            self._collections[name] = _Collection(config, derived, ReadWriteLock(), applied_seq=0)
         log.info("created collection %r (%s, %d-token chunks)", name, factory, chunk_tokens)
         return config, True
 
@@ -572,13 +511,14 @@ class MemoryStore:
                 raise NotFound(f"collection {name!r} does not exist")
             self._check_writes_allowed()
             config = replace(col.config, index_factory=factory)
-            index = self._rebuild(config)  # first: a failure here leaves the collection as it was
-            metadata, lexical = self._load_metadata(name), self._load_lexical(name)
+            derived = self._new_derived(config)
+            for s in derived:
+                s.rebuild()  # first: a failure here leaves the collection as it was
             self._lmdb.set_index_factory(name, factory)  # recovery ignores files of another factory
-            col.config, col.index, col.metadata, col.lexical, col.problem = config, index, metadata, lexical, None
-            col.applied_seq, col.snapshot_seq = self._lmdb.record(name).next_op_seq - 1, -1
+            col.config, col.derived, col.problem = config, derived, None
+            col.applied_seq = self._lmdb.record(name).last_seq
             self._snapshot_locked(col)  # also removes the old factory's files
-        log.info("collection %r: reindexed as %s (%d vectors)", name, factory, index.ntotal)
+        log.info("collection %r: reindexed as %s (%d vectors)", name, factory, len(derived.vectors))
         return config
 
     def list_collections(self) -> list[CollectionConfig]:
@@ -618,13 +558,14 @@ class MemoryStore:
         with col.lock:
             docs, chunks, lmdb_bytes = self._lmdb.counts(name)
             files = sum(p.stat().st_size for p in self._dir(name).glob("*") if p.is_file())
+            vectors = col.derived.vectors.index  # None while `problem` is set
             return CollectionStats(
                 config=col.config,
                 documents=docs,
                 chunks=chunks,
-                index_vectors=col.index.ntotal if col.index is not None else 0,
-                index_trained=col.index.is_trained if col.index is not None else False,
-                pending_ops=col.applied_seq - max(col.snapshot_seq, 0),
+                index_vectors=len(col.derived.vectors),
+                index_trained=vectors is not None and vectors.is_trained,
+                pending_ops=col.applied_seq - max(col.durable_seq, 0),
                 disk_bytes=lmdb_bytes + files,
                 problem=col.problem,
                 memory_lag=self._memory_lag(col),
@@ -638,20 +579,19 @@ class MemoryStore:
     stats = describe
 
     def drop(self, name: str) -> None:
-        """Delete a collection: its LMDB databases (one durable transaction), then its index files;
-        then the write listeners hear of it (`dropped=True`), so that each memory mode drops its own
-        derived memory (a crash before that leaves files the next create of the name clears)."""
+        """Delete a collection: its LMDB databases (one durable transaction), then each derived
+        structure's memory and files; then the write listeners hear of it (`dropped=True`), so that
+        each memory mode drops its own derived memory (a crash before that leaves files the next
+        create of the name clears)."""
         with self._global:
             col = self._collection(name, usable=False)
             with col.lock:
                 self._lmdb.drop_collection(name)
                 col.dropped = True
                 del self._collections[name]
-                folder = self._dir(name)
-                for p in folder.iterdir() if folder.is_dir() else ():
-                    if p.is_file():  # the store's own files; a mode's folders are the mode's to drop
-                        p.unlink(missing_ok=True)
-                _remove_if_empty(folder)
+                for s in col.derived:
+                    s.drop()  # the store's own files; a mode's folders are the mode's to drop
+                _remove_if_empty(self._dir(name))
         log.info("dropped collection %r", name)
         self._notify_write(col, dropped=True)
 
@@ -667,9 +607,7 @@ class MemoryStore:
         """The oplog entries after_seq < seq <= upto_seq as (seq, added chunk ids, removed chunk
         ids), or None when some are gone (truncated: the caller rebuilds from the stored chunks)."""
         self._collection(name, usable=False)
-        if after_seq < self._lmdb.oplog_floor(name):
-            return None
-        return [entry for entry in self._lmdb.oplog(name, after_seq) if entry[0] <= upto_seq]
+        return self._oplog_changes(name, after_seq, upto_seq)
 
     def set_watermark(self, name: str, mode: str, seq: int) -> None:
         """A memory mode's derived memory of the collection durably holds every entry up to `seq`;
@@ -817,30 +755,21 @@ class MemoryStore:
     def _rederive(self, col: _Collection) -> None:
         """Replace a collection's derived indexes by ones recovered from LMDB (caller holds col.lock)."""
         name = col.config.name
+        col.applied_seq = self._lmdb.record(name).last_seq
         try:
-            fresh = self._recover(col.config, last_seq=self._lmdb.record(name).next_op_seq - 1)
+            self._recover(col)
         except Exception as e:  # noqa: BLE001 - LMDB keeps the data; a restart or Reindex retries
             log.exception("collection %r: recovering its indexes failed", name)
             self._mark_unavailable(col, f"recovering its indexes after a failed update failed: {_why(e)}")
             return
-        col.index, col.metadata, col.lexical = fresh.index, fresh.metadata, fresh.lexical
-        col.applied_seq, col.snapshot_seq, col.problem = fresh.applied_seq, fresh.snapshot_seq, None
+        col.problem = None
 
     def _apply(self, col: _Collection, commit: Commit, prepared: Sequence[PreparedDocument] = ()) -> None:
-        """Mirror a committed LMDB transaction in the in-memory indexes (caller holds col.lock).
-        `prepared` is what was written, in the order of `commit.written`."""
-        for _doc_id, old in commit.removed:
-            col.metadata.remove(old.chunk_ids, old.metadata)
-        removed = [cid for _, old in commit.removed for cid in old.chunk_ids]
-        if removed:
-            col.index.remove(np.asarray(removed, dtype=np.int64))
-        ids = np.asarray([cid for w in commit.written for cid in w.chunk_ids], dtype=np.int64)
-        if commit.written:
-            vectors = np.concatenate([p.vectors for p in prepared])  # (len(ids), dim)
-            col.index.add(ids, vectors)
-            for w, p in zip(commit.written, prepared):
-                col.metadata.add(w.chunk_ids, p.doc.metadata)
-        col.lexical.apply(ids.tolist(), [c.text for p in prepared for c in p.chunks], removed)
+        """Mirror a committed LMDB transaction in every derived structure, from what the write had
+        in hand (caller holds col.lock). `prepared` is what was written, in the order of `commit.written`."""
+        change = commit_change(commit, prepared)
+        for s in col.derived:
+            s.apply(change)
         col.applied_seq = max(col.applied_seq, commit.seq)
 
     # ---------------------------------------------------------------- reads
@@ -926,20 +855,21 @@ class MemoryStore:
             if col.dropped:
                 raise NotFound(f"collection {collection!r} does not exist")
             self._check_usable(col)
-            allowed = col.metadata.select(f) if f is not None else None
+            vectors, metadata, bm25 = (s.index for s in col.derived)
+            allowed = metadata.select(f) if f is not None else None
             if allowed is not None and len(allowed) == 0:
                 return [[] for _ in range(nq)]
             if q_vecs is not None:
-                scores, ids = col.index.search(q_vecs, depth, allowed)  # (nq, depth) each
+                scores, ids = vectors.search(q_vecs, depth, allowed)  # (nq, depth) each
             if mode != "dense":
-                lexical = [col.lexical.search(t, depth, allowed) for t in q_terms]
+                lexical = [bm25.search(t, depth, allowed) for t in q_terms]
             if mode == "hybrid":  # under the lock: "absolute" fusion scores candidates by both rankers
                 fused = [
                     fuse(
                         self.settings.fusion, (scores[q], ids[q]), lexical[q], k,
-                        cosine_of=lambda c, v=q_vecs[q]: col.index.fetch(c) @ v,  # (n, dim) @ (dim,)
-                        bm25_of=lambda c, t=q_terms[q]: col.lexical.score(t, c),
-                        bm25_reference=col.lexical.reference_score(q_terms[q]),
+                        cosine_of=lambda c, v=q_vecs[q]: vectors.fetch(c) @ v,  # (n, dim) @ (dim,)
+                        bm25_of=lambda c, t=q_terms[q]: bm25.score(t, c),
+                        bm25_reference=bm25.reference_score(q_terms[q]),
                     )
                     for q in range(nq)
                 ]
@@ -1060,10 +990,6 @@ class MemoryStore:
             )
         return [_check_doc_id(doc_id, call) for doc_id in ids]
 
-    def chunk_tokens(self, name: str, chunk_ids: Sequence[int]) -> list[np.ndarray]:
-        """LM token ids of chunks (int32 arrays), for the memory modes that read tokens."""
-        return [rec.token_ids for rec in self.read_chunks(name, chunk_ids)]
-
     def read_chunks(self, name: str, chunk_ids: Sequence[int], missing_ok: bool = False) -> list[Optional[ChunkRecord]]:
         """Stored chunks (document id, index in the document, text, token ids), in the order asked,
         read in one LMDB snapshot. A missing chunk raises NotFound naming it, or with `missing_ok`
@@ -1139,33 +1065,30 @@ class MemoryStore:
     # ---------------------------------------------------------------- snapshots
 
     def _maybe_snapshot(self, col: _Collection) -> None:
-        if col.applied_seq - max(col.snapshot_seq, 0) >= self.settings.snapshot_every_ops:
+        if col.applied_seq - max(col.durable_seq, 0) >= self.settings.snapshot_every_ops:
             self._snapshot_locked(col)
 
     def _snapshot_locked(self, col: _Collection) -> None:
-        """Write the index as `index-<applied_seq>.faiss` (atomic, fsynced), then drop the oplog
-        entries it holds, then older files. A crash between steps leaves a state recovery handles:
-        an older file plus the oplog, or the new file plus entries it already holds."""
-        name = col.config.name
-        folder = self._dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"index-{col.applied_seq:016d}.faiss"
-        if col.snapshot_seq == col.applied_seq and path.exists():
-            return
-        col.index.save(path)
-        self._lmdb.truncate_oplog(name, self._oplog_keep_after(col))
-        for p in folder.iterdir():
-            if p != path and (_INDEX_FILE_RE.fullmatch(p.name) or p.name.endswith(".faiss.tmp")):
-                p.unlink(missing_ok=True)
-        col.snapshot_seq = col.applied_seq
-
-    def _oplog_keep_after(self, col: _Collection) -> int:
-        """The seq up to which the oplog may go: what the index file holds, and what every memory
-        mode of the collection has applied durably, but never more than `store.oplog_retention_ops`
-        entries behind the index (a mode further behind rebuilds from the stored chunks)."""
+        """Have every durable derived structure write its files as of `col.applied_seq` (the
+        vector index: `index-<seq>.faiss`, atomic and fsynced, then its older files go), then drop
+        the oplog entries that every reader holds. A crash between steps leaves a state recovery
+        handles: older files plus the oplog, or the new files plus entries they already hold."""
+        for s in col.derived:
+            s.save(col.applied_seq)  # nothing for one in memory only, or one already saved at this seq
         rec = self._lmdb.record(col.config.name)
-        lowest = min([col.applied_seq] + [rec.watermarks.get(mode, 0) for mode in col.config.memory])
-        return max(lowest, col.applied_seq - self.settings.oplog_retention_ops)
+        keep_after = self._oplog_keep_after(col, rec)
+        if keep_after > rec.oplog_floor:
+            self._lmdb.truncate_oplog(col.config.name, keep_after)
+
+    def _oplog_keep_after(self, col: _Collection, rec: CollectionRecord) -> int:
+        """The seq up to which the oplog may go: the lowest durable watermark of the collection's
+        derived structures (the store's with files, and every memory mode's as it reported it),
+        except that a mode never keeps more than `store.oplog_retention_ops` entries (one further
+        behind rebuilds from the stored chunks). Structures in memory only rebuild at open: they
+        hold nothing back."""
+        floor_of_modes = col.applied_seq - self.settings.oplog_retention_ops
+        modes = [max(rec.watermarks.get(mode, 0), floor_of_modes) for mode in col.config.memory]
+        return min([col.applied_seq, col.durable_seq] + modes)
 
     def snapshot(self, name: Optional[str] = None) -> None:
         """Write index files for one collection (or all) and truncate their oplogs."""

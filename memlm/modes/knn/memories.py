@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from memlm.errors import FailedPrecondition, NotFound
+from memlm.index.derived import Change, bring_up_to_date
 from memlm.index.kv_memory import MANIFEST, KVMemory
 from memlm.modes.knn.settings import CollectionOptions, Settings
 from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
@@ -143,32 +144,25 @@ class KVMemoryManager:
     # --- keeping in step with LMDB ----------------------------------------------------------
 
     def catch_up(self, name: str, config=None, max_segments: Optional[int] = None) -> SyncReport:
-        """Bring the memory to the collection's newest acknowledged write. In step (watermark ==
-        the store's last seq) it costs one LMDB read, whatever the collection's size. Otherwise
-        it applies the oplog entries past its watermark (rows of removed chunks tombstoned, added
-        chunks built), or, when the oplog no longer reaches back (or the watermark is unknown),
-        re-syncs by comparing every chunk id (`_sync`). max_segments: build at most this many
-        segments now (the caller re-queues the rest, so generations are not kept waiting behind
-        a long build); `SyncReport.done` says whether the memory is in step."""
+        """Bring the memory to the collection's newest acknowledged write by the store's one rule
+        for derived data (`memlm.index.derived.bring_up_to_date`; the watermark is the manifest's
+        `applied_seq`). In step it costs one LMDB read, whatever the collection's size. Otherwise
+        it applies the net change of the oplog entries past its watermark (`_apply`), or, when the
+        oplog no longer reaches back (or the watermark is unknown), re-syncs by comparing every
+        chunk id (`_sync`). max_segments: build at most this many segments now (the caller
+        re-queues the rest, so generations are not kept waiting behind a long build);
+        `SyncReport.done` says whether the memory is in step."""
         t0 = time.perf_counter()
         config = config or self.check_collection(name)
         mem = self.memory(name, config)
         target = self.store.last_seq(name)
-        seq = mem.manifest.applied_seq
-        if seq == target:
+        report = bring_up_to_date(
+            mem.manifest.applied_seq, target, lambda after, upto: self.store.changes(name, after, upto),
+            apply=lambda change: self._apply(name, config, mem, change, max_segments),
+            rebuild=lambda: self._sync(name, config, mem, max_segments),
+        )
+        if report is None:  # in step
             return SyncReport()
-        changes = self.store.changes(name, seq, target) if 0 <= seq < target else None
-        if changes is None:
-            report = self._sync(name, config, mem, max_segments)
-        else:
-            removed = {c for _seq, _add, rem in changes for c in rem}
-            known = mem.known_chunks()
-            gone = sorted(removed & known)
-            if gone:
-                mem.delete(gone)
-            new = [c for _seq, add, _rem in changes for c in add if c not in removed and c not in known]
-            added, built, done = self._build(name, mem, new, config.chunk_overlap, max_segments) if new else (0, 0, True)
-            report = SyncReport(added, built, len(gone), False, 0.0, done)
         if report.done:
             if len(mem.manifest.segments) > self.settings.max_segments and not getattr(self.store, "stopping", False):
                 mem.compact()
@@ -181,6 +175,17 @@ class KVMemoryManager:
                      name, target, "" if report.done else " (in part)", report.added_rows, report.built_documents,
                      report.removed_chunks, ", compacted" if report.compacted else "", report.seconds)
         return report
+
+    def _apply(self, name: str, config, mem: KVMemory, change: Change, max_segments: Optional[int]) -> SyncReport:
+        """The replay path: tombstone the rows of the chunks the change removed and build the chunks
+        it added, never one the memory already holds."""
+        known = mem.known_chunks()
+        gone = sorted(set(change.removed.tolist()) & known)
+        if gone:
+            mem.delete(gone)
+        new = [c for c in change.added.tolist() if c not in known]
+        added, built, done = self._build(name, mem, new, config.chunk_overlap, max_segments) if new else (0, 0, True)
+        return SyncReport(added, built, len(gone), False, 0.0, done)
 
     def _sync(self, name: str, config, mem: KVMemory, max_segments: Optional[int]) -> SyncReport:
         """The rebuild path: make the memory hold exactly the collection's stored chunks by
