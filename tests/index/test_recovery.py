@@ -116,17 +116,16 @@ def test_kill_9_mid_ingest_loses_nothing_acknowledged(tmp_path, tokenizer, embed
     acked: set[str] = set()
     deleting: set[str] = set()
     deleted: set[str] = set()
+
+    def read(line: str) -> None:
+        word, *ids = line.split() or [""]
+        {"ACK": acked, "DELETING": deleting, "DEL": deleted}.get(word, set()).update(ids)
+
     try:
         deadline = time.monotonic() + 240
         assert proc.stdout is not None
         for line in proc.stdout:
-            word, *ids = line.split()
-            if word == "ACK":
-                acked.update(ids)
-            elif word == "DELETING":
-                deleting.update(ids)
-            elif word == "DEL":
-                deleted.update(ids)
+            read(line)
             if len(acked) >= 24 or time.monotonic() > deadline:
                 break
         os.kill(proc.pid, signal.SIGKILL)  # mid-way: the child is ingesting or deleting right now
@@ -134,6 +133,10 @@ def test_kill_9_mid_ingest_loses_nothing_acknowledged(tmp_path, tokenizer, embed
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+    # What the child printed between the last line read and the kill is still in the pipe: read it,
+    # so that every acknowledgement and delete it made is known.
+    for line in proc.stdout.read().splitlines():
+        read(line)
     assert proc.returncode == -signal.SIGKILL
     assert len(acked) >= 24 and deleted
 
