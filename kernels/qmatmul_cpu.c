@@ -152,6 +152,93 @@ int q8_0_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const ui
     return 0;
 }
 
+/* ---- One decoder layer of a Llama at one new position, on Q4_1 projections -----------------
+
+   The eager PyTorch decode step spends as long in its ~25 small ops per layer (norms, RoPE, cache
+   writes, single-query attention, SiLU, residuals: a few microseconds of dispatch each) as in the
+   matmuls; this does the whole layer in one call, in the same order and fp32 arithmetic as
+   memlm.model.llama.Block (the tests hold it to that module path):
+     h = rms_norm(x) * attn_norm;  [q; k; v] = wqkv h;  q, k rotated (half-split RoPE, sin's first
+     half negated: out = v * cos + roll(v, hd/2) * sin);  k, v written at `pos` in the layer's
+     cache (KV, S_max, hd);  per query head, softmax(q . k_l / sqrt(hd)) over l in [0, pos] times
+     v_l (GQA: head h reads KV head h / (H / KV));  x += wo o;
+     h = rms_norm(x) * ffn_norm;  [g; u] = w13 h;  x += w2 (silu(g) * u).
+   x (D,) is updated in place. Returns 0, or -1 when out of memory. */
+static void rms_norm(const float *x, const float *w, int64_t D, float eps, float *out) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < D; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / D) + eps);
+    for (int64_t i = 0; i < D; i++) out[i] = x[i] * r * w[i];
+}
+
+/* hd is a multiple of 8 (checked by the caller). */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum(acc);
+}
+
+static inline void axpy_f32(float a, const float *x, float *y, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
+    float tmp[hd];
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < hd; i++) tmp[i] = v[i] * cos[i] + v[(i + half) % hd] * sin[i];
+    for (int64_t i = 0; i < hd; i++) v[i] = tmp[i];
+}
+
+int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
+                      const float *attn_norm, const float *ffn_norm,
+                      const uint8_t *wqkv_qs, const uint16_t *wqkv_dm, const uint8_t *wo_qs, const uint16_t *wo_dm,
+                      const uint8_t *w13_qs, const uint16_t *w13_dm, const uint8_t *w2_qs, const uint16_t *w2_dm,
+                      const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_seq, int64_t pos) {
+    const int64_t Q = H * hd, KVD = KV * hd, L = pos + 1;
+    float *buf = malloc(sizeof(float) * (size_t)(D + Q + 2 * KVD + Q + D + 2 * I + I + H * L));
+    if (buf == NULL) return -1;
+    float *h = buf, *qkv = h + D, *attn = qkv + Q + 2 * KVD, *y = attn + Q, *gu = y + D, *act = gu + 2 * I;
+    float *scores = act + I;  /* (H, L) */
+    int rc = 0;
+
+    rms_norm(x, attn_norm, D, eps, h);
+    rc |= q4_1_matmul(h, 1, D, wqkv_qs, wqkv_dm, Q + 2 * KVD, qkv);
+    for (int64_t j = 0; j < H + KV; j++) rope(qkv + j * hd, cos, sin, hd);  /* queries and keys */
+    for (int64_t g = 0; g < KV; g++) {
+        for (int64_t i = 0; i < hd; i++) {
+            k_cache[(g * max_seq + pos) * hd + i] = qkv[Q + g * hd + i];
+            v_cache[(g * max_seq + pos) * hd + i] = qkv[Q + KVD + g * hd + i];
+        }
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t group = H / KV;
+#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
+    for (int64_t hh = 0; hh < H; hh++) {
+        const float *q = qkv + hh * hd, *kc = k_cache + (hh / group) * max_seq * hd, *vc = v_cache + (hh / group) * max_seq * hd;
+        float *s = scores + hh * L, *o = attn + hh * hd;
+        float m = -INFINITY;
+        for (int64_t l = 0; l < L; l++) {
+            s[l] = dot_f32(q, kc + l * hd, hd) * scale;
+            m = s[l] > m ? s[l] : m;
+        }
+        float sum = 0.0f;
+        for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - m); sum += s[l]; }
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t l = 0; l < L; l++) axpy_f32(s[l] / sum, vc + l * hd, o, hd);
+    }
+    rc |= q4_1_matmul(attn, 1, Q, wo_qs, wo_dm, D, y);
+    for (int64_t i = 0; i < D; i++) x[i] += y[i];
+
+    rms_norm(x, ffn_norm, D, eps, h);
+    rc |= q4_1_matmul(h, 1, D, w13_qs, w13_dm, 2 * I, gu);
+    for (int64_t i = 0; i < I; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[I + i];
+    rc |= q4_1_matmul(act, 1, I, w2_qs, w2_dm, D, y);
+    for (int64_t i = 0; i < D; i++) x[i] += y[i];
+    free(buf);
+    return rc ? -1 : 0;
+}
+
 /* 1 when this CPU runs the instructions above. */
 int qmatmul_cpu_supported(void) {
     __builtin_cpu_init();

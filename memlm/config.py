@@ -109,12 +109,12 @@ class ModelSettings(BaseModel):
     default_max_new_tokens: int = Field(128, gt=0)
     torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch's default")
     weights: Literal["dense", "q4_1", "q8_0", "int8", "int4"] = Field(
-        "dense", description="weight format of the owned model's linear layers (memlm.model.load_llama(weights=), "
-        "memlm.model.quantize): 'dense' = as loaded in dtype; 'int8' = per-row int8, head too; 'int4' = the "
-        "decoder layers 4-bit in groups of 32 (the bundled GGUF's own Q4_1 codes), the head per-row int8. "
-        "Measured on the bundled SmolLM2 (README 'The owned model'): int4 decodes 1.6x fp32 (20.2 vs 12.3 "
-        "tokens/s, 1 thread, loaded machine; 0.31x llama.cpp), int8 1.5x; both +0.26% perplexity on held-out text. "
-        "Opt-in, not the default, until the knn pass key is measured with it",
+        "q4_1", description="weight format of the owned model's linear layers (memlm.model.load_llama(weights=), "
+        "memlm.model.quantize): 'dense' = as loaded in dtype; 'q4_1' = llama.cpp's Q4_1 layers and Q8_0 head on "
+        "memlm's AVX2 kernel (the bundled GGUF's own codes; activations int8 per block of 32, as llama.cpp); "
+        "'q8_0' = Q8_0 everywhere; 'int4'/'int8' = PyTorch's weight-only kernels (bf16 activations). Measured "
+        "on the bundled SmolLM2 (README 'The owned model'): q4_1 decodes 0.61x llama.cpp (int4 0.38x, dense "
+        "0.19x) at +0.48% perplexity. Without a C compiler or AVX2 the block formats serve dense",
     )
 
 

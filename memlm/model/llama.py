@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -239,9 +239,16 @@ class Block(nn.Module):
         self.after_attention = nn.ModuleList()
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.feed_forward: nn.Module = FeedForward(config)
+        # (block, x, rope, cache, kv_len) -> x, or None: a fused one-token step for this layer's
+        # weight format (memlm.model.quantize sets it for q4_1), tried for single-token decoding.
+        self.decode_fast: Optional[Callable[..., Optional[Tensor]]] = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, mask: Optional[Tensor],
                 cache: Optional[KVCache], kv_len: int) -> Tensor:
+        if self.decode_fast is not None and cache is not None and mask is None and x.shape[1] == 1:
+            out = self.decode_fast(self, x, rope, cache, kv_len)
+            if out is not None:
+                return out
         x = x + self.attention(self.attention_norm(x), rope, input_pos, mask, cache, kv_len)
         for module in self.after_attention:
             x = module(x, input_pos)

@@ -123,7 +123,8 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
     why not; "transformers": always transformers' AutoModelForCausalLM.
     weights: the own model's linear layers, "dense" or quantized (memlm.model.quantize). A block
     format ("q4_1", "q8_0") whose CPU kernel cannot run here (no C compiler, no AVX2) falls back to
-    "dense" with a warning: without its kernel it would run slower than dense.
+    "dense" with a warning: without its kernel it would run slower than dense; so does any
+    quantized format with a dtype other than float32.
     """
     import torch
 
@@ -136,6 +137,9 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
 
     if weights in ("q4_1", "q8_0") and (why := qmatmul_cpu.available()) is not None:
         log.warning("weights %r: its CPU kernel cannot run here (%s); serving dense weights", weights, why)
+        weights = "dense"
+    if weights != "dense" and dtype not in (None, "float32"):
+        log.warning("weights %r quantizes fp32 weights; dtype %s asked: serving dense %s weights", weights, dtype, dtype)
         weights = "dense"
     try:
         model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else torch.float32, weights=weights)

@@ -48,7 +48,9 @@ def memory() -> ListMemory:
 def host(memory):
     from memlm.host import ModelHost
 
-    h = ModelHost.load(ModelSettings(), memory=memory)
+    # dense weights: tests here hold the served owned model to transformers token for token; the
+    # served default (q4_1) runs in every test that starts a server (tests/services, tests/modes).
+    h = ModelHost.load(ModelSettings(weights="dense"), memory=memory)
     yield h
     asyncio.run(h.close())
 

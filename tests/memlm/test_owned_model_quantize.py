@@ -171,3 +171,46 @@ def test_the_bundled_head_is_per_row_int8_of_the_fp32_embeddings(bundled_formats
     assert emb.dtype == torch.float32
     err = (model.output.dequantize() - emb).abs().amax(1)  # (V,)
     assert (err <= model.output.scale.float() / 2 * 1.01).all()  # each row within half its step
+
+
+@pytest.mark.skipif(qmatmul_cpu.available() is not None, reason=f"qmatmul_cpu: {qmatmul_cpu.available()}")
+@torch.inference_mode()
+def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
+    """q4_1's one-call decode layer (Block.decode_fast) against the module path of the same
+    quantized layer: output, and the keys and values written to the cache. The two round the
+    activations to int8 from norms computed in a different order, so an int8 code may differ by
+    one here and there: the bound is a small relative error, far below what a wrong RoPE or cache
+    slot gives (checked by breaking each)."""
+    from memlm.model.quantize import q4_1_decode_step
+
+    model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    assert all(b.decode_fast is q4_1_decode_step for b in model.layers)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 101, (1, 20))
+    for layer in range(2):
+        block = model.layers[layer]
+        caches = []
+        for fast in (None, q4_1_decode_step):
+            cache = model.new_cache(1, 32)
+            for b in model.layers:
+                b.decode_fast = None
+            model(prompt, torch.arange(20), cache)  # the same prefill into both caches
+            block.decode_fast = fast
+            torch.manual_seed(2)
+            x = torch.randn(1, 1, 64)
+            pos = torch.tensor([20])
+            rope = (model.rope_cos[pos, None], model.rope_sin[pos, None])
+            out = block(x, rope, pos, None, cache, 21)
+            caches.append((out, cache.k[layer, 0, :, 20].clone(), cache.v[layer, 0, :, 20].clone()))
+        (ref, k_ref, v_ref), (got, k_got, v_got) = caches
+        for a, b in ((got, ref), (k_got, k_ref), (v_got, v_ref)):
+            assert a.shape == b.shape
+            assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
+
+    # Cases it leaves to the module path: a prefill (T > 1) and a swapped attention backend.
+    block = model.layers[0]
+    cache = model.new_cache(1, 32)
+    rope = (model.rope_cos[:2, None], model.rope_sin[:2, None])
+    assert q4_1_decode_step(block, torch.randn(1, 2, 64), rope, cache, 2) is None
+    block.attention.backend = type("Other", (torch.nn.Module,), {"forward": lambda self, q, k, v, m: q})()
+    assert q4_1_decode_step(block, torch.randn(1, 1, 64), rope, cache, 1) is None
