@@ -1,0 +1,89 @@
+"""The CPU weight-only matmul kernels at SmolLM2-135M's decode shapes, side by side in one run:
+memlm's Q4_1 / Q8_0 kernel (memlm.kernels.qmatmul_cpu) against PyTorch's `_weight_int4pack_mm_for_cpu`
+(Int4Linear), `_weight_int8pack_mm` (Int8Linear) and fp32 `F.linear` (MKL).
+
+"layers": one input row through 30 layers' distinct projections (fused QKV 576 -> 960, output
+576 -> 576, gate/up 576 -> 3072, down 1536 -> 576), so the weights stream from memory as in a
+decode step rather than sitting in cache; "head": the 576 -> 49152 output projection; "prefill":
+128 rows through one gate/up projection. Random weights (speed does not depend on their values).
+Rounds interleave the kernels; medians of --rounds.
+
+    .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from memlm.kernels import qmatmul_cpu
+from memlm.model.quantize import Int4Linear, Int8Linear, Q4_1Linear, Q8_0Linear
+
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) per decoder layer
+N_LAYERS, VOCAB, DIM = 30, 49152, 576
+
+
+def timed_ms(fn: Callable[[], object], reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if (why := qmatmul_cpu.available()) is not None:
+        raise SystemExit(f"the Q4_1/Q8_0 kernel cannot run here: {why}")
+    torch.manual_seed(0)
+    weights = [torch.randn(N, K) * 0.05 for _ in range(N_LAYERS) for N, K in LAYER_SHAPES]
+    head = torch.randn(VOCAB, DIM) * 0.05
+    x = {K: torch.randn(1, K) for K in (576, 1536)}
+    x128 = torch.randn(128, 576)
+
+    def dense(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda inp: F.linear(inp, w)
+
+    formats = {  # name: (layer class for the projections, class for the head)
+        "q4_1 / q8_0 head (memlm kernel)": (Q4_1Linear, Q8_0Linear),
+        "int4 / int8 head (PyTorch kernels)": (Int4Linear, Int8Linear),
+        "fp32 (MKL)": (dense, dense),
+    }
+    built = {}
+    for name, (layer_cls, head_cls) in formats.items():
+        layers = [layer_cls(w) for w in weights]
+        built[name] = {
+            "layers": lambda layers=layers: [m(x[m_k]) for m, m_k in zip(layers, [K for _, K in LAYER_SHAPES] * N_LAYERS)],
+            "head": (lambda h=head_cls(head): h(x[576])),
+            "prefill": (lambda m=layers[2]: m(x128)),
+        }
+    times = {name: {part: [] for part in ("layers", "head", "prefill")} for name in built}
+    with torch.inference_mode():
+        for parts in built.values():  # warm-up
+            for fn in parts.values():
+                fn()
+        for _ in range(args.rounds):
+            for name, parts in built.items():
+                for part, fn in parts.items():
+                    times[name][part].append(timed_ms(fn, 3 if part != "layers" else 2))
+    print(f"threads={torch.get_num_threads()}, medians of {args.rounds} rounds (ms)")
+    print("| kernel | 30 layers, 1 row | head, 1 row | gate/up, 128 rows |")
+    print("| --- | --- | --- | --- |")
+    base = next(iter(built))
+    med = {n: {p: statistics.median(v) for p, v in t.items()} for n, t in times.items()}
+    for name in built:
+        cells = [f"{med[name][p]:.2f}" + ("" if name == base else f" ({med[name][p] / med[base][p]:.2f}x)")
+                 for p in ("layers", "head", "prefill")]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"(x: time relative to {base})")
+
+
+if __name__ == "__main__":
+    main()
