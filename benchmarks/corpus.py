@@ -243,7 +243,9 @@ class CorpusMemory:
 
         self.layers = list(range(model_facts(model).layers)) if layers is None else sorted(set(layers))
         self.chunker = Chunker(tokenizer, CHUNK_TOKENS)
-        key = json.dumps([CACHE_VERSION, Path(model_dir).name, kind, window, overlap, doc_tokens, self.layers,
+        # The KV rows depend on the weight format (q4_1's keys are not fp32's): name its layer class.
+        weights = type(model.layers[0].attention.wqkv).__name__ if hasattr(model, "layers") else type(model).__name__
+        key = json.dumps([CACHE_VERSION, Path(model_dir).name, weights, kind, window, overlap, doc_tokens, self.layers,
                           CHUNK_TOKENS, hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (kv_module, capture_module))).hexdigest()])
         self.folder = Path(cache_root) / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         self._docs: list[PackedDocument] = []
