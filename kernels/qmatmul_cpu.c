@@ -94,7 +94,24 @@ int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const u
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wq = qs + n * (K / 2);
         const uint16_t *wdm = dm + n * G * 2;
-        for (int64_t i = 0; i < M; i++) {
+        int64_t i = 0;
+        /* Four input rows at a time (prefill): each block's codes and scales are unpacked once. */
+        for (; i + 4 <= M; i += 4) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            float acc_m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t g = 0; g < G; g++) {
+                const __m256i codes = q4_codes(wq + g * 16, low4);
+                const float d = half_to_float(wdm[2 * g]), m = half_to_float(wdm[2 * g + 1]);
+                for (int r = 0; r < 4; r++) {  /* unrolled by the compiler: acc stays in registers */
+                    const int64_t row = i + r;
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[row * G + g]),
+                                             dot_u8s8(codes, load_x(xq + row * K + g * QK)), acc[r]);
+                    acc_m[r] += m * sx[row * G + g];
+                }
+            }
+            for (int r = 0; r < 4; r++) y[(i + r) * N + n] = hsum(acc[r]) + acc_m[r];
+        }
+        for (; i < M; i++) {
             const int8_t *a = xq + i * K;
             const float *adx = dx + i * G, *asx = sx + i * G;
             /* Two blocks per step into two accumulators: consecutive FMAs do not wait on each other. */
