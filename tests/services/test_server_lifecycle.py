@@ -201,7 +201,9 @@ def test_sigterm_during_a_kv_memory_build_stops_it_and_the_next_start_finishes_i
     from test_knn_service import FILLER, QUESTION, haystack  # tests/services is on sys.path
 
     grace = 6.0
-    env = {"MEMLM_SERVER__GRACE_SECONDS": str(grace), "MEMLM_KNN__BUILD_BATCH_TOKENS": "1024"}
+    # Segments of ~512 tokens: the build stops at the end of the one running at SIGTERM (a few
+    # seconds of the served q4_1 model's prefill on a loaded 2-core machine).
+    env = {"MEMLM_SERVER__GRACE_SECONDS": str(grace), "MEMLM_KNN__BUILD_BATCH_TOKENS": "512"}
     docs = [{"id": "vault", "text": haystack("48213")}] + [
         {"id": f"filler{i}", "text": f"Part {i}. " + FILLER * 24} for i in range(11)
     ]  # ~12k tokens: a KV build of 15 s or more on 2 cores
