@@ -17,7 +17,8 @@ and `benchmarks/owned_model.py` puts it beside PyTorch's kernels and llama.cpp i
   callers then keep another format.
 
 The library is compiled on first use with the system C compiler (`cc -O3 -mavx2 -mfma -mf16c
--fopenmp`, about a second) into `$MEMLM_CACHE_DIR/kernels/` (default `~/.cache/memlm/kernels/`),
+-fopenmp`, about a second) into `kernels/` of memlm's cache (`memlm.models.loading.default_cache_dir`:
+`$MEMLM_CACHE_DIR`, else `$XDG_CACHE_HOME/memlm`, else `~/.cache/memlm`),
 named by a hash of the source and flags, written atomically so concurrent processes agree. It
 needs the OpenMP runtime torch already loaded (same soname), so torch.set_num_threads applies.
 """
@@ -36,14 +37,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from memlm.models.loading import default_cache_dir
+
 QK = 32  # block size of both formats (input columns per scale)
 _SOURCE = Path(__file__).with_name("qmatmul_cpu.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("MEMLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memlm")
-    return Path(base) / "kernels"
 
 
 @functools.cache
@@ -54,7 +52,7 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         return None, "no C compiler (cc or gcc) on PATH to build kernels/qmatmul_cpu.c"
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"qmatmul_cpu-{digest}.so"
+    path = default_cache_dir() / "kernels" / f"qmatmul_cpu-{digest}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
