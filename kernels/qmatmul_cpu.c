@@ -61,13 +61,15 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-/* Scratch for x quantized: xq (M, K) int8, then dx and sx (M, K/32) fp32 each. NULL: no memory. */
-static int8_t *alloc_xq(int64_t M, int64_t K, float **dx, float **sx) {
+/* x (M, K) quantized into fresh scratch: xq (M, K) int8, then dx and sx (M, K/32) fp32 each, in
+   one allocation the caller frees (through xq). NULL: no memory. */
+static int8_t *quantized_x(const float *x, int64_t M, int64_t K, float **dx, float **sx) {
     const int64_t G = K / QK;
     char *buf = malloc((size_t)(M * K + 2 * M * G * (int64_t)sizeof(float)));
     if (buf == NULL) return NULL;
     *dx = (float *)(buf + M * K);  /* K is a multiple of 32, so this stays 4-byte aligned */
     *sx = *dx + M * G;
+    quantize_x(x, M, K, (int8_t *)buf, *dx, *sx);
     return (int8_t *)buf;
 }
 
@@ -86,9 +88,8 @@ static inline __m256 dot_s8s8(__m256i w, __m256i x) { return dot_u8s8(_mm256_sig
 int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *dm, int64_t N, float *y) {
     const int64_t G = K / QK;
     float *dx, *sx;
-    int8_t *xq = alloc_xq(M, K, &dx, &sx);
+    int8_t *xq = quantized_x(x, M, K, &dx, &sx);
     if (xq == NULL) return -1;
-    quantize_x(x, M, K, xq, dx, sx);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
     for (int64_t n = 0; n < N; n++) {
@@ -141,9 +142,8 @@ int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const u
 int q8_0_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *y) {
     const int64_t G = K / QK;
     float *dx, *sx;
-    int8_t *xq = alloc_xq(M, K, &dx, &sx);
+    int8_t *xq = quantized_x(x, M, K, &dx, &sx);
     if (xq == NULL) return -1;
-    quantize_x(x, M, K, xq, dx, sx);
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wq = qs + n * K;
