@@ -119,10 +119,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from memlm.index.embedding import load_embedder
-    from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(None)
-    model, tokenizer, embedder = load_causal_lm(model_dir), load_tokenizer(model_dir), load_embedder("all-MiniLM-L6-v2")
+    model, tokenizer, embedder = load_model(model_dir), load_tokenizer(model_dir), load_embedder("all-MiniLM-L6-v2")  # as the host loads them
     all_docs = texts(11, 1000, tokenizer)
     docs = {"alone": all_docs[:1], "under": all_docs[1:2], "big": all_docs[2:10], "last": all_docs[10:]}
     results: dict[bool, list[dict[str, float]]] = {True: [], False: []}

@@ -3,7 +3,7 @@
 (a) Ingest. `KVMemory.build` over a corpus of ~1,000-token "stdlib" documents (benchmarks/corpus.py,
     each its own token stream, window 1,024, overlap 128), once per `--layers` set, into a fresh
     folder: tokens/s, against the baseline of the same forward passes with nothing captured or
-    written (the decoder stack over the same documents, no LM head; `model.model(...)`), in the
+    written (the decoder stack over the same documents, no LM head; `model.forward_embeds`), in the
     same process. Also bytes per token: `KVMemory.bytes_per_token` (2 x layers x Hkv x D x 2 bytes
     + 12 of row metadata) and the bytes the folder really holds (du) over its tokens.
 (b) Generation. The same short prompt, greedy, `--new-tokens` (32) tokens, with no memory (none)
@@ -64,7 +64,8 @@ def baseline_forward(model, doc_ids: list[list[int]], window: int, overlap: int)
     for toks in doc_ids:
         start = 0
         while True:
-            model.model(input_ids=torch.tensor([toks[start : start + window]]), use_cache=False)
+            piece = torch.tensor([toks[start : start + window]])  # (1, <=window)
+            model.forward_embeds(model.embed(piece), torch.arange(piece.shape[1]))
             if start + window >= len(toks):
                 break
             start += window - overlap
@@ -74,15 +75,14 @@ def baseline_forward(model, doc_ids: list[list[int]], window: int, overlap: int)
 @torch.inference_mode()
 def timed_greedy(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of a greedy generation of new_tokens (EOS ignored)."""
-    from memlm.generation import decode_one_token, new_cache, prefill
+    from memlm.generation import PREFILL_CHUNK_TOKENS, open_sequence
 
-    cache = new_cache(model)
+    seq = open_sequence(model, len(ids) + new_tokens)  # the host's token loop
     t0 = time.perf_counter()
-    logits = prefill(model, torch.tensor([ids]), cache)
-    tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+    tok = seq.prefill(torch.tensor([ids]), PREFILL_CHUNK_TOKENS).argmax(-1, keepdim=True)  # (1, 1)
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        tok = decode_one_token(model, tok, cache).argmax(-1, keepdim=True)
+        tok = seq.decode(tok).argmax(-1, keepdim=True)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -108,12 +108,12 @@ def main(argv=None) -> None:
     from memlm.index.kv_memory import KVMemory
     from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
     from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories, resolve_layers
-    from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
-    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    n_layers = model.config.num_hidden_layers
+    model, tok = load_model(model_dir, model_impl="memlm"), load_tokenizer(model_dir)  # the owned Llama, as the host serves it
+    n_layers = model.config.n_layers
     corpus = CorpusMemory(args.cache_dir, "stdlib", model, tok, model_dir, window=args.knn_window,
                           overlap=args.knn_overlap)
     print(f"threads {args.threads}, model {model_dir.name} ({n_layers} layers)", flush=True)

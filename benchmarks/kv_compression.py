@@ -156,24 +156,25 @@ class _Recording:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    def attention(self, q, k_cache, v_cache, top_k, *, shared_per_kv_head=False, scale=None):
+    def attention(self, q, k_cache, v_cache, top_k, *, shared_per_kv_head=False, scale=None, gate=None):
         self.calls.append((q.clone(), k_cache.clone(), v_cache.clone(), scale))
-        return self.inner.attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale)
+        return self.inner.attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale,
+                                    gate=gate)
 
 
 def accuracy(args) -> None:
     from passkey import QUESTION, found, greedy
     from memlm.modes.knn.reading import ReadConfig, LayerMemories, LayerMemory, knn_mode, prepare_layer_memories, resolve_layers
     from memlm.modes.knn.attention import TensorKV
-    from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(None)
-    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    model, tok = load_model(model_dir, model_impl="memlm"), load_tokenizer(model_dir)  # the owned Llama, as the host serves it
     base = ReadConfig.from_name("ungated")
     codecs = [("fp16", base)] + [(f"pq M={m}", ReadConfig.from_name("ungated", codec="pq", pq_m=m)) for m in args.pq_m]
     rows = {name: dict(recall=[], err=[], passkey=[], load=[], reload=[]) for name, _ in codecs}
     sizes = {}
-    error_layers = resolve_layers(args.error_layers, model.config.num_hidden_layers)
+    error_layers = resolve_layers(args.error_layers, model.config.n_layers)
 
     with tempfile.TemporaryDirectory() as td, torch.inference_mode():
         # 1. Recall and attention error on prose.
@@ -187,7 +188,8 @@ def accuracy(args) -> None:
             k, v = mem.layer(l)  # (Hkv, N, D) fp16, "fixed" positions: no rotation
             exact[l] = LayerMemory(_Recording(TensorKV(k.float(), v.float())), base.top_k, base.shared_per_kv_head)
         with knn_mode(model, mem, exact_cfg, layer_memories=exact):
-            model(torch.tensor([tok(QUERY_TEXT).input_ids]))
+            query = tok(QUERY_TEXT).input_ids
+            model(torch.tensor([query]), torch.arange(len(query)))
         for name, cfg in codecs:
             cfg = ReadConfig.from_name("ungated", layers=error_layers, codec=cfg.codec, pq_m=cfg.pq_m)
             t0 = time.perf_counter()
@@ -223,7 +225,7 @@ def accuracy(args) -> None:
                 print(f"trial {trial} depth {depth:.2f} tokens {len(mem)} {name}: {int(ok)} {tok.decode(out)!r}", flush=True)
                 del mems
 
-    n_all = model.config.num_hidden_layers
+    n_all = model.config.n_layers
     print(f"\nrecall / error: {args.tokens} prose tokens, layers {args.error_layers} ({len(error_layers)}), per query head, "
           f"k={base.top_k}; pass key: {args.haystack}-token filler haystack, all {n_all} layers")
     print(f"| codec | B/token RAM, {n_all} layers | B/token/layer | incl. codebooks | recall@k | rel err mean | rel err max "

@@ -60,8 +60,9 @@ METHODS = ("none", "knn", "knn-gated", "rag", "full")
 def span_nll(model, context: list[int], span: list[int]) -> float:
     """Summed negative log-likelihood of `span` after `context`, one forward pass (teacher forcing)."""
     ids = torch.tensor([context + span])  # (1, C + S)
-    # The logits at positions C-1 .. C+S-2 predict the span: keep the last S+1 and drop the final one.
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(span) + 1).logits[0, :-1]  # (S, vocab)
+    hidden = model.forward_embeds(model.embed(ids), torch.arange(ids.shape[1]))  # (1, C + S, D), no KV cache
+    # The states at positions C-1 .. C+S-2 predict the span: only they go through the LM head.
+    logits = model.output(hidden[0, len(context) - 1 : -1])  # (S, vocab)
     return float(F.cross_entropy(logits.float(), torch.tensor(span), reduction="sum"))
 
 
@@ -91,11 +92,11 @@ def main(argv=None) -> None:
     from memlm.index.kv_memory import KVMemory
     from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
     from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories
-    from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
-    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    model, tok = load_model(model_dir, model_impl="memlm"), load_tokenizer(model_dir)  # the owned Llama, as the host serves it
     chunker = Chunker(tok, CHUNK_TOKENS)
     need = args.span_start + args.span
 

@@ -19,7 +19,7 @@ import torch
 
 from memlm.engine import SamplingParams
 from memlm.generation import GenerationOutcome, generate_tokens
-from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 from memlm.prompts import RAG_FORMATS, build_prompt
 
 SYLLABLES = ["zor", "bi", "quil", "lon", "ten", "zel", "mar", "vo", "kesh", "dra", "lun", "pek", "ori", "sta", "vel", "nix"]
@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(None)
-    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)  # as the host loads it
     items = make_items(args.items, args.seed)
     sampling = SamplingParams(max_new_tokens=12, temperature=0.0)
     print(f"{len(items)} items, 3 distractors each, greedy, 12 new tokens, torch threads={torch.get_num_threads()}")

@@ -314,10 +314,10 @@ class KVMemory:
         new = {int(c) for c in chunk_ids} - self._deleted
         if not new:
             return 0
-        before = len(self)
+        removed = int(np.isin(self.chunk_ids(), np.fromiter(new, dtype=np.int64)).sum())
         self._deleted |= new
         self._write_manifest()
-        return before - len(self)
+        return removed
 
     def compact(self) -> None:
         """Rewrite all live rows as one segment and forget the tombstones."""

@@ -1,4 +1,15 @@
+import socket
+
 import pytest
+
+# The session server's small limits make the limit paths cheap to reach; a short context keeps
+# the over-long-prompt case fast on 2 cores.
+SERVER_ENV = {
+    "MEMLM_STORE__MAX_DOCUMENT_BYTES": "20000",
+    "MEMLM_STORE__MAX_K": "50",
+    "MEMLM_MODEL__MAX_CONTEXT_TOKENS": "1024",
+    "MEMLM_MODEL__DEFAULT_MAX_NEW_TOKENS": "16",
+}
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +30,23 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundled_model_dir):
+    """One real `memlm serve` for the whole session (tests/services, tests/test_slim_client.py):
+    a server start is ~10 s on 2 cores. Tests that need a server of their own start one."""
+    from memlm.services.process import ServerProcess
+
+    env = {**SERVER_ENV, "MEMLM_SERVER__METRICS_PORT": str(free_port())}
+    proc = ServerProcess(tmp_path_factory.mktemp("server-data"), env=env)
+    proc.metrics_port = int(env["MEMLM_SERVER__METRICS_PORT"])
+    yield proc
+    code = proc.terminate()
+    assert code == 0, f"server did not shut down cleanly (exit {code}):\n{proc.output}"

@@ -40,15 +40,6 @@ def cli_blocked(*args: str) -> subprocess.CompletedProcess:
     return run_blocked(f"import runpy; sys.argv = ['memlm', *{list(args)!r}]; runpy.run_module('memlm.cli', run_name='__main__')")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, bundled_model_dir):
-    from memlm.services.process import ServerProcess
-
-    proc = ServerProcess(tmp_path_factory.mktemp("slim-server"))
-    yield proc
-    assert proc.terminate() == 0
-
-
 def test_declared_dependencies_split_client_and_server(tmp_path):
     """The wheel's metadata, as pip reads it: the core is the client; the server extra holds the
     model and index stack; the test extra pulls the server extra (scripts/setup.sh installs it)."""

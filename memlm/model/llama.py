@@ -297,18 +297,23 @@ class Llama(nn.Module):
             x = torch.cat([prefix_embeds.to(x.dtype), x], dim=1)  # (B, P + T, D)
         return self.output(self.forward_embeds(x, input_pos, cache))
 
-    def forward_embeds(self, x: Tensor, input_pos: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+    def forward_embeds(self, x: Tensor, input_pos: Tensor, cache: Optional[KVCache] = None,
+                       layers: slice = slice(None), norm: bool = True) -> Tensor:
         """Input embeddings x (B, T, D) at positions input_pos (T,) -> final hidden states (B, T, D),
-        after the last norm. input_pos must be consecutive (start, ..., start + T - 1)."""
+        after the last norm. input_pos must be consecutive (start, ..., start + T - 1).
+
+        `layers` runs only those of `self.layers` (x is then the states entering the first of them)
+        and `norm=False` leaves out the final norm: the trainer runs a frozen model's lower layers
+        once, caches their output and runs the upper ones per step (memlm.train.adapter)."""
         T = x.shape[1]
         if input_pos.shape != (T,):
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},)")
         kv_len, mask = _attention_span(input_pos, cache)
         rope_pos = input_pos + self.rope_offset if self.rope_offset else input_pos
         rope = (self.rope_cos[rope_pos, None].to(x.dtype), self.rope_sin[rope_pos, None].to(x.dtype))  # (T, 1, hd)
-        for layer in self.layers:
+        for layer in self.layers[layers]:
             x = layer(x, rope, input_pos, mask, cache, kv_len)
-        return self.norm(x)
+        return self.norm(x) if norm else x
 
 
 def _attention_span(input_pos: Tensor, cache: Optional[KVCache]) -> tuple[int, Optional[Tensor]]:

@@ -44,28 +44,11 @@ class ParamGroup:
     weight_decay: float = 0.0
 
 
-def run_layers(model: Llama, x: Tensor, start_layer: int) -> Tensor:
-    """Layers [start_layer, n_layers) and the final norm on x (B, T, D), the states entering
-    start_layer at positions 0..T-1, no KV cache. -> (B, T, D). The same arithmetic as
-    `Llama.forward_embeds` (which is this with start_layer 0), so the two agree bit for bit."""
-    T = x.shape[1]
-    input_pos = torch.arange(T, device=x.device)
-    rope = (model.rope_cos[input_pos, None].to(x.dtype), model.rope_sin[input_pos, None].to(x.dtype))  # (T, 1, hd)
-    for layer in model.layers[start_layer:]:
-        x = layer(x, rope, input_pos, None, None, T)
-    return model.norm(x)
-
-
 def lower_hidden(model: Llama, tokens: Tensor, end_layer: int) -> Tensor:
     """The states entering layer end_layer for tokens (B, T): embeddings through layers
     [0, end_layer). -> (B, T, D). Run under no_grad by callers (the base is frozen)."""
-    x = model.embed(tokens)
-    T = x.shape[1]
-    input_pos = torch.arange(T, device=x.device)
-    rope = (model.rope_cos[input_pos, None].to(x.dtype), model.rope_sin[input_pos, None].to(x.dtype))
-    for layer in model.layers[:end_layer]:
-        x = layer(x, rope, input_pos, None, None, T)
-    return x
+    input_pos = torch.arange(tokens.shape[1], device=tokens.device)
+    return model.forward_embeds(model.embed(tokens), input_pos, layers=slice(end_layer), norm=False)
 
 
 def next_token_loss(model: Llama, batch: TrainBatch, first_layer: int) -> Tensor:
@@ -77,7 +60,8 @@ def next_token_loss(model: Llama, batch: TrainBatch, first_layer: int) -> Tensor
     else:
         with torch.no_grad():  # the frozen lower layers: nothing to differentiate
             x = lower_hidden(model, inputs, first_layer)
-    logits = model.output(run_layers(model, x, first_layer))  # (B, T, V)
+    input_pos = torch.arange(x.shape[1], device=x.device)
+    logits = model.output(model.forward_embeds(x, input_pos, layers=slice(first_layer, None)))  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
 
 

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.model
 @pytest.fixture(scope="module")
 def parts(bundled_model_dir):
     from memlm.index.embedding import load_embedder
-    from memlm.models.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(None)
-    return load_causal_lm(model_dir), load_tokenizer(model_dir), load_embedder("all-MiniLM-L6-v2")
+    return load_model(model_dir), load_tokenizer(model_dir), load_embedder("all-MiniLM-L6-v2")  # as the host loads them
 
 
 @pytest.fixture

@@ -50,76 +50,92 @@ def check(client, mode: str, collection: str, live: dict[str, str], key: str, go
     return result
 
 
-@pytest.mark.parametrize("mode", registry.MODES)
-def test_mode_contract(mode, tmp_path, bundled_model_dir):
+def memory_of(mode: str):
+    return [mode] if registry.collection_options_class(mode) is not None else None
+
+
+def test_mode_contract(tmp_path, bundled_model_dir):
+    """Every mode at once, one collection each (named after the mode) in one data folder: each
+    server start (the first, the restart after the kill, the one after the derived folders are
+    lost) serves every mode's steps, so a new mode costs generations, not server starts."""
     data = tmp_path / "data"
-    memory = [mode] if registry.collection_options_class(mode) is not None else None
     # One document holds the pass key; the other is text around it that the delete removes.
-    live = {"north": door("north", "48213"), "garden": FILLER * 3 + "The garden has twelve apple trees. " + FILLER * 3}
+    live = {mode: {"north": door("north", "48213"),
+                   "garden": FILLER * 3 + "The garden has twelve apple trees. " + FILLER * 3}
+            for mode in registry.MODES}
+    extra = [{"id": f"gate-{i}", "text": FILLER * 4 + f"Gate {i} was painted green in spring. " + FILLER * 2}
+             for i in range(24)]
 
     server = ServerProcess(data)
     try:
         with memlm.Client(server.address, timeout=300) as client:
-            config = client.create_collection("c", memory=memory)
-            assert (mode in config.memory) == (memory is not None)
-            client.ingest([{"id": i, "text": t} for i, t in live.items()], collection="c")
-            check(client, mode, "c", live, "48213")
+            for mode in registry.MODES:
+                config = client.create_collection(mode, memory=memory_of(mode))
+                assert (mode in config.memory) == (memory_of(mode) is not None)
+                client.ingest([{"id": i, "text": t} for i, t in live[mode].items()], collection=mode)
+                check(client, mode, mode, live[mode], "48213")
 
-            live["north"] = door("north", "70561")  # re-ingest of an id replaces it
-            assert client.ingest([{"id": "north", "text": live["north"]}], collection="c").results[0].status == "replaced"
-            check(client, mode, "c", live, "70561", gone=("48213",))
+                live[mode]["north"] = door("north", "70561")  # re-ingest of an id replaces it
+                report = client.ingest([{"id": "north", "text": live[mode]["north"]}], collection=mode)
+                assert report.results[0].status == "replaced", mode
+                check(client, mode, mode, live[mode], "70561", gone=("48213",))
 
-            assert client.delete(["garden"], collection="c") == ["garden"]
-            del live["garden"]
-            check(client, mode, "c", live, "70561", gone=("48213",))
+                assert client.delete(["garden"], collection=mode) == ["garden"]
+                del live[mode]["garden"]
+                check(client, mode, mode, live[mode], "70561", gone=("48213",))
 
-            # kill -9 while an ingest is under way: after its second batch was acknowledged.
-            extra = [{"id": f"gate-{i}", "text": FILLER * 4 + f"Gate {i} was painted green in spring. " + FILLER * 2}
-                     for i in range(24)]
-            acknowledged = threading.Event()
+            # kill -9 while an ingest into every mode's collection is under way: each writer waits,
+            # after its second batch was acknowledged, until all have got that far; then the kill.
+            acknowledged = threading.Barrier(len(registry.MODES) + 1)
 
             def before_batch(first: int, size: int) -> None:
-                if first >= 4:
-                    acknowledged.set()
+                if first == 4:
+                    acknowledged.wait(240)
 
-            def ingest() -> None:
+            def ingest(mode: str) -> None:
                 try:
-                    client.ingest(extra, collection="c", batch_size=2, before_batch=before_batch)
+                    client.ingest(extra, collection=mode, batch_size=2, before_batch=before_batch)
                 except MemlmError:
                     pass  # the server died under it
 
-            writer = threading.Thread(target=ingest, daemon=True)
-            writer.start()
-            assert acknowledged.wait(240), "the ingest never reached its third batch"
+            writers = [threading.Thread(target=ingest, args=(mode,), daemon=True) for mode in registry.MODES]
+            for writer in writers:
+                writer.start()
+            acknowledged.wait(240)  # BrokenBarrierError: some ingest never reached its third batch
+            server.kill()
+            for writer in writers:  # each sees the server die under it (the client still open)
+                writer.join(60)
     finally:
         server.kill()
-    writer.join(60)
 
     server = ServerProcess(data)
     try:
         with memlm.Client(server.address, timeout=300) as client:
-            stored = {d.id: d.text for d in _existing(client, "c", ["north", *(e["id"] for e in extra)])}
-            assert {"gate-0", "gate-1", "gate-2", "gate-3"} <= set(stored)  # acknowledged before the kill
-            assert all(stored[e["id"]] == e["text"] for e in extra if e["id"] in stored)  # whole documents
-            live = stored
-            check(client, mode, "c", live, "70561", gone=("48213",))
+            for mode in registry.MODES:
+                stored = {d.id: d.text for d in _existing(client, mode, ["north", *(e["id"] for e in extra)])}
+                assert {"gate-0", "gate-1", "gate-2", "gate-3"} <= set(stored), mode  # acknowledged before the kill
+                assert all(stored[e["id"]] == e["text"] for e in extra if e["id"] in stored), mode  # whole documents
+                live[mode] = stored
+                check(client, mode, mode, live[mode], "70561", gone=("48213",))
     finally:
         assert server.terminate() == 0
 
-    # Derived data is derived: with the collection's folder gone, the server rebuilds it from LMDB.
-    shutil.rmtree(data / "collections" / "c")
+    # Derived data is derived: with the collections' folders gone, the server rebuilds them from LMDB.
+    for mode in registry.MODES:
+        shutil.rmtree(data / "collections" / mode)
     server = ServerProcess(data)
     try:
         with memlm.Client(server.address, timeout=300) as client:
-            check(client, mode, "c", live, "70561", gone=("48213",))
+            for mode in registry.MODES:
+                check(client, mode, mode, live[mode], "70561", gone=("48213",))
 
-            client.drop_collection("c")
-            if registry.mode_class(mode).reads_collection:
-                with pytest.raises(NotFound, match="'c'"):
-                    ask(client, mode, "c")
-            client.create_collection("c", memory=memory)  # the same name again starts empty
-            client.ingest([{"id": "north", "text": door("north", "52740")}], collection="c")
-            check(client, mode, "c", {"north": door("north", "52740")}, "52740", gone=("70561", "48213"))
+                client.drop_collection(mode)
+                if registry.mode_class(mode).reads_collection:
+                    with pytest.raises(NotFound, match=f"'{mode}'"):
+                        ask(client, mode, mode)
+                client.create_collection(mode, memory=memory_of(mode))  # the same name again starts empty
+                client.ingest([{"id": "north", "text": door("north", "52740")}], collection=mode)
+                check(client, mode, mode, {"north": door("north", "52740")}, "52740", gone=("70561", "48213"))
     finally:
         assert server.terminate() == 0
 

@@ -1,34 +1,8 @@
-import socket
+"""The session `server` (one real server for every test that needs no server of its own) is in
+tests/conftest.py; tests/test_slim_client.py uses it too."""
 import subprocess
 
 import pytest
-
-from memlm.services.process import ServerProcess
-
-# Small limits so the limit paths are cheap to reach; a short context keeps the over-long-prompt
-# case fast on 2 cores.
-SERVER_ENV = {
-    "MEMLM_STORE__MAX_DOCUMENT_BYTES": "20000",
-    "MEMLM_STORE__MAX_K": "50",
-    "MEMLM_MODEL__MAX_CONTEXT_TOKENS": "1024",
-    "MEMLM_MODEL__DEFAULT_MAX_NEW_TOKENS": "16",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, bundled_model_dir):
-    env = {**SERVER_ENV, "MEMLM_SERVER__METRICS_PORT": str(free_port())}
-    proc = ServerProcess(tmp_path_factory.mktemp("server-data"), env=env)
-    proc.metrics_port = int(env["MEMLM_SERVER__METRICS_PORT"])
-    yield proc
-    code = proc.terminate()
-    assert code == 0, f"server did not shut down cleanly (exit {code}):\n{proc.output}"
 
 
 @pytest.fixture()
@@ -48,17 +22,30 @@ def collection(client, request):
     client.drop_collection(name)
 
 
+def make_self_signed(folder, name: str = "server"):
+    """(key, cert): a fresh self-signed localhost certificate (openssl) in folder."""
+    key, cert = folder / f"{name}-key.pem", folder / f"{name}-cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    return key, cert
+
+
 @pytest.fixture()
 def self_signed(tmp_path):
-    """make(name) -> (key, cert): a fresh self-signed localhost certificate (openssl) in tmp_path."""
+    """make(name) -> (key, cert): a fresh self-signed localhost certificate in tmp_path."""
+    return lambda name="server": make_self_signed(tmp_path, name)
 
-    def make(name: str = "server"):
-        key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-             "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-            check=True, capture_output=True,
-        )
-        return key, cert
 
-    return make
+@pytest.fixture(scope="session")
+def tls_server(tmp_path_factory, bundled_model_dir):
+    """(server, cert): one server serving TLS on a self-signed certificate, for the session."""
+    from memlm.services.process import ServerProcess
+
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = make_self_signed(folder)
+    proc = ServerProcess(folder / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
+    yield proc, cert
+    assert proc.terminate() == 0, proc.output

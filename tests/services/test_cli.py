@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from memlm.services.process import ServerProcess
 
 pytestmark = pytest.mark.server
 
@@ -162,12 +161,11 @@ def test_every_json_output_is_snake_case_with_numbers(server, tmp_path):
     assert json.loads(memlm("drop", "js", "--json", *addr).stdout) == {"dropped": "js"}
 
 
-def test_cli_talks_to_a_tls_server(tmp_path, bundled_model_dir, self_signed):
-    key, cert = self_signed()
-    server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
+def test_cli_talks_to_a_tls_server(tmp_path, tls_server):
+    server, cert = tls_server
+    addr = ("--address", server.address)
+    assert "created 'secure'" in memlm("create-collection", "secure", "--tls-ca", str(cert), *addr).stdout
     try:
-        addr = ("--address", server.address)
-        assert "created 'secure'" in memlm("create-collection", "secure", "--tls-ca", str(cert), *addr).stdout
         listed = memlm("collections", "--json", *addr, env={"MEMLM_TLS_CA": str(cert)})
         assert [c["name"] for c in json.loads(listed.stdout)] == ["secure"]
         plain = memlm("collections", *addr, "--timeout", "5", check=False)
@@ -175,4 +173,4 @@ def test_cli_talks_to_a_tls_server(tmp_path, bundled_model_dir, self_signed):
         missing = memlm("collections", *addr, "--tls-ca", str(tmp_path / "nope.pem"), check=False)
         assert missing.returncode == 2 and "nope.pem" in missing.stderr and "PEM" in missing.stderr
     finally:
-        assert server.terminate() == 0
+        memlm("drop", "secure", "--tls-ca", str(cert), *addr)  # the session's TLS server stays empty

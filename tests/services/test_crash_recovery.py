@@ -23,7 +23,7 @@ def make_docs(n, seed=0):
 
 def test_kill_9_mid_ingest_then_restart(tmp_path, bundled_model_dir):
     data = tmp_path / "data"
-    docs = make_docs(1200)
+    docs = make_docs(600)
     server = ServerProcess(data, env={"MEMLM_STORE__SNAPSHOT_EVERY_OPS": "7"})
     acknowledged: list[str] = []
     failure: list[BaseException] = []
@@ -35,7 +35,7 @@ def test_kill_9_mid_ingest_then_restart(tmp_path, bundled_model_dir):
                 for start in range(0, len(docs), 20):
                     report = client.ingest(docs[start:start + 20], collection="crash")
                     acknowledged.extend(r.id for r in report.results if r.status == "created")
-                    if start == 200:  # a delete in the log too: it must stay deleted after recovery
+                    if start == 100:  # a delete in the log too: it must stay deleted after recovery
                         assert client.delete(["doc-00003"], collection="crash") == ["doc-00003"]
                         acknowledged.remove("doc-00003")
         except BaseException as exc:  # the kill ends the ingest with UNAVAILABLE
@@ -44,12 +44,12 @@ def test_kill_9_mid_ingest_then_restart(tmp_path, bundled_model_dir):
     worker = threading.Thread(target=ingest)
     worker.start()
     deadline = time.monotonic() + 300
-    while len(acknowledged) < 400 and worker.is_alive() and time.monotonic() < deadline:
+    while len(acknowledged) < 200 and worker.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     server.kill()
     worker.join(60)
     assert failure, "the ingest should have been cut off by the kill"
-    assert 380 <= len(acknowledged) < len(docs)
+    assert 180 <= len(acknowledged) < len(docs)  # 10+ batches and a delete: snapshots (every 7 ops) and a log tail
 
     server = ServerProcess(data)
     try:

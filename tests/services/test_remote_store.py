@@ -7,10 +7,8 @@ import asyncio
 
 import pytest
 
-import memlm
 from memlm.engine import GenerationRequest, SamplingParams
 from memlm.remote_store import RemoteStore
-from memlm.services.process import ServerProcess
 
 pytestmark = pytest.mark.server
 
@@ -33,30 +31,29 @@ def ask(host, collection: str) -> str:
     return asyncio.run(run())
 
 
-def test_knn_generation_with_the_store_in_another_process(tmp_path, bundled_model_dir):
+def test_knn_generation_with_the_store_in_another_process(tmp_path, client):
+    """The store is the session server's; the model host is this process's."""
     from memlm.host import ModelHost
 
-    server = ServerProcess(tmp_path / "store-data")
+    client.create_collection("remote-mem", memory=["knn"])
     try:
-        with memlm.Client(server.address, timeout=300) as client:
-            client.create_collection("mem", memory=["knn"])
-            client.ingest([{"id": "vault", "text": haystack("48213")}, {"id": "other", "text": FILLER * 6}],
-                          collection="mem")
-            store = RemoteStore(client, memory_dir=tmp_path / "engine")
-            host = ModelHost.load(memory=store)
-            try:
-                assert "knn" in host.info().supported_memory_modes
-                first = ask(host, "mem")
-                assert "48213" in first.text, first.text
-                assert {c.doc_id for c in first.citations} <= {"vault", "other"}
-                assert (tmp_path / "engine" / "collections" / "mem" / "kv" / "manifest.json").exists()
+        client.ingest([{"id": "vault", "text": haystack("48213")}, {"id": "other", "text": FILLER * 6}],
+                      collection="remote-mem")
+        store = RemoteStore(client, memory_dir=tmp_path / "engine")
+        host = ModelHost.load(memory=store)
+        try:
+            assert "knn" in host.info().supported_memory_modes
+            first = ask(host, "remote-mem")
+            assert "48213" in first.text, first.text
+            assert {c.doc_id for c in first.citations} <= {"vault", "other"}
+            assert (tmp_path / "engine" / "collections" / "remote-mem" / "kv" / "manifest.json").exists()
 
-                client.ingest([{"id": "vault", "text": haystack("70561")}], collection="mem")  # replaced
-                client.delete(["other"], collection="mem")
-                second = ask(host, "mem")  # catches up through ReadChanges before it reads
-                assert "70561" in second.text and "48213" not in second.text, second.text
-                assert {c.doc_id for c in second.citations} == {"vault"}
-            finally:
-                asyncio.run(host.close())
+            client.ingest([{"id": "vault", "text": haystack("70561")}], collection="remote-mem")  # replaced
+            client.delete(["other"], collection="remote-mem")
+            second = ask(host, "remote-mem")  # catches up through ReadChanges before it reads
+            assert "70561" in second.text and "48213" not in second.text, second.text
+            assert {c.doc_id for c in second.citations} == {"vault"}
+        finally:
+            asyncio.run(host.close())
     finally:
-        assert server.terminate() == 0
+        client.drop_collection("remote-mem")

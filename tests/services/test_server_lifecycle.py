@@ -1,4 +1,5 @@
-"""Auth, TLS and graceful shutdown, each on a server of its own."""
+"""Auth and graceful shutdown, each on a server of its own; TLS on the session's TLS server; a
+second server on the session server's port is refused."""
 import os
 import subprocess
 import sys
@@ -39,18 +40,14 @@ def test_api_key_auth(tmp_path, bundled_model_dir):
         assert server.terminate() == 0
 
 
-def test_tls(tmp_path, bundled_model_dir, self_signed):
-    key, cert = self_signed()
-    server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key)})
-    try:
-        assert "grpcs://" in server.output
-        with memlm.Client(server.address, root_certificates=cert.read_bytes(), timeout=30) as client:
-            assert client.list_collections() == []
-        with memlm.Client(server.address, timeout=5) as plain:
-            with pytest.raises(memlm.errors.MemlmError):
-                plain.list_collections()
-    finally:
-        assert server.terminate() == 0
+def test_tls(tls_server):
+    server, cert = tls_server
+    assert "grpcs://" in server.output
+    with memlm.Client(server.address, root_certificates=cert.read_bytes(), timeout=30) as client:
+        assert client.list_collections() == []
+    with memlm.Client(server.address, timeout=5) as plain:
+        with pytest.raises(memlm.errors.MemlmError):
+            plain.list_collections()
 
 
 def test_sigterm_drains_in_flight_generation(tmp_path, bundled_model_dir):
@@ -245,25 +242,22 @@ def test_sigterm_during_a_kv_memory_build_stops_it_and_the_next_start_finishes_i
         assert server.terminate() == 0
 
 
-def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, bundled_model_dir):
-    first = ServerProcess(tmp_path / "a")
-    try:
-        port = first.address.rsplit(":", 1)[1]
-        started = time.monotonic()
-        second = subprocess.run(
-            [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(tmp_path / "b"), "--port", port],
-            capture_output=True, text=True, timeout=120,
-        )
-        took = time.monotonic() - started
-        assert second.returncode != 0
-        lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
-        assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines
-        assert not (tmp_path / "b" / "store.lmdb").exists()  # refused before opening the store
-        assert took < 8, f"took {took:.1f} s: the model was loaded before binding"
-        with memlm.Client(first.address, timeout=30) as client:
-            assert client.list_collections() == []
-    finally:
-        assert first.terminate() == 0
+def test_second_server_on_a_port_in_use_is_refused_before_loading_the_model(tmp_path, server):
+    """The session server holds the port."""
+    port = server.address.rsplit(":", 1)[1]
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(tmp_path / "b"), "--port", port],
+        capture_output=True, text=True, timeout=120,
+    )
+    took = time.monotonic() - started
+    assert second.returncode != 0
+    lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines
+    assert not (tmp_path / "b" / "store.lmdb").exists()  # refused before opening the store
+    assert took < 8, f"took {took:.1f} s: the model was loaded before binding"
+    with memlm.Client(server.address, timeout=30) as client:
+        assert client.model_info().name  # the first server still serves
 
 
 @pytest.mark.parametrize("case", ["mismatched", "unreadable"])
