@@ -28,7 +28,7 @@ def door(name: str, key: str) -> str:
 
 def ask(client, mode: str, collection: str):
     reads = registry.mode_class(mode).reads_collection
-    stream = client.generate(QUESTION, collection=collection if reads else "", memory=mode, max_new_tokens=16)
+    stream = client.generate(QUESTION, collection=collection if reads else "", memory=mode, max_new_tokens=24)
     text = "".join(stream)
     result = stream.result
     assert result.completion_tokens >= 1 and result.text == text
