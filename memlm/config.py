@@ -113,8 +113,8 @@ class ModelSettings(BaseModel):
         "memlm.model.quantize): 'dense' = as loaded in dtype; 'q4_1' = llama.cpp's Q4_1 layers and Q8_0 head on "
         "memlm's AVX2 kernel (the bundled GGUF's own codes; activations int8 per block of 32, as llama.cpp); "
         "'q8_0' = Q8_0 everywhere; 'int4'/'int8' = PyTorch's weight-only kernels (bf16 activations). Measured "
-        "on the bundled SmolLM2 (README 'The owned model'): q4_1 decodes 0.61x llama.cpp (int4 0.38x, dense "
-        "0.19x) at +0.48% perplexity. Without a C compiler or AVX2 the block formats serve dense",
+        "on the bundled SmolLM2 (README 'The owned model'): q4_1 decodes at 0.71x llama.cpp's tokens/s on 2 "
+        "threads, 0.86x on 1 (int4 0.29x/0.38x, dense 0.11x/0.17x), at +0.48% perplexity. Without a C compiler or AVX2 the block formats serve dense",
     )
 
 
