@@ -38,6 +38,7 @@ from memlm.kernels import qmatmul_cpu
 
 WeightFormat = Literal["dense", "q4_1", "q8_0", "int8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = ("dense", "q4_1", "q8_0", "int8", "int4")
+BLOCK_FORMATS: tuple[str, ...] = ("q4_1", "q8_0")  # run by qmatmul_cpu (dense without it: memlm.models.loading)
 INT4_GROUP_SIZE = 32  # GGUF Q4_1's block: the bundled weights round-trip exactly at this size
 
 
@@ -63,6 +64,9 @@ class _WeightOnlyLinear(nn.Module):
         y = y[:, : self.out_features].to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
 
 class Int8Linear(_WeightOnlyLinear):
     """y = x @ (q * scale).T + bias with q int8 (N, K) and one scale per output row (N,), kept in
@@ -86,9 +90,6 @@ class Int8Linear(_WeightOnlyLinear):
 
     def _kernel(self, x: Tensor) -> Tensor:
         return torch._weight_int8pack_mm(x, self.weight_int8, self.scale)  # (M, N)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Int4Linear(_WeightOnlyLinear):
@@ -146,15 +147,6 @@ class _BlockLinear(_WeightOnlyLinear):
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.kernel_ready = qmatmul_cpu.available() is None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or not self.kernel_ready:
-            return self.forward_native(x)
-        y = self._kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)  # (..., N) fp32
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Q4_1Linear(_BlockLinear):

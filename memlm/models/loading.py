@@ -134,8 +134,9 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
         return load_causal_lm(model_dir, dtype)
     from memlm.kernels import qmatmul_cpu
     from memlm.model import load_llama
+    from memlm.model.quantize import BLOCK_FORMATS
 
-    if weights in ("q4_1", "q8_0") and (why := qmatmul_cpu.available()) is not None:
+    if weights in BLOCK_FORMATS and (why := qmatmul_cpu.available()) is not None:
         log.warning("weights %r: its CPU kernel cannot run here (%s); serving dense weights", weights, why)
         weights = "dense"
     if weights != "dense" and dtype not in (None, "float32"):
