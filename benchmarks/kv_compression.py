@@ -170,8 +170,12 @@ def accuracy(args) -> None:
 
     model_dir = resolve_model_dir(None)
     model, tok = load_model(model_dir, model_impl="memlm"), load_tokenizer(model_dir)  # the owned Llama, as the host serves it
-    base = ReadConfig.from_name("ungated")
-    codecs = [("fp16", base)] + [(f"pq M={m}", ReadConfig.from_name("ungated", codec="pq", pq_m=m)) for m in args.pq_m]
+    # "fixed" positions (no rotation at load) throughout: the exact reference below holds the keys
+    # as stored, and stored PQ codes are of un-rotated keys. ("ungated" itself rotates to the rows'
+    # original positions: against un-rotated references its recall read 0.009.)
+    base = ReadConfig.from_name("ungated", positions="fixed")
+    codecs = [("fp16", base)] + [(f"pq M={m}", ReadConfig.from_name("ungated", positions="fixed", codec="pq", pq_m=m))
+                                 for m in args.pq_m]
     rows = {name: dict(recall=[], err=[], passkey=[], load=[], reload=[]) for name, _ in codecs}
     sizes = {}
     error_layers = resolve_layers(args.error_layers, model.config.n_layers)
@@ -182,7 +186,7 @@ def accuracy(args) -> None:
         t0 = time.perf_counter()
         mem = build_memory(model, Path(td) / "prose", docs, layers=error_layers)
         print(f"prose memory: {len(mem)} tokens, {len(error_layers)} layers, built in {time.perf_counter() - t0:.0f} s", flush=True)
-        exact_cfg = ReadConfig.from_name("ungated", layers=error_layers)
+        exact_cfg = ReadConfig.from_name("ungated", layers=error_layers, positions="fixed")
         exact = LayerMemories(exact_cfg, torch.device("cpu"))
         for l in mem.layers:
             k, v = mem.layer(l)  # (Hkv, N, D) fp16, "fixed" positions: no rotation
@@ -191,7 +195,7 @@ def accuracy(args) -> None:
             query = tok(QUERY_TEXT).input_ids
             model(torch.tensor([query]), torch.arange(len(query)))
         for name, cfg in codecs:
-            cfg = ReadConfig.from_name("ungated", layers=error_layers, codec=cfg.codec, pq_m=cfg.pq_m)
+            cfg = ReadConfig.from_name("ungated", layers=error_layers, positions="fixed", codec=cfg.codec, pq_m=cfg.pq_m)
             t0 = time.perf_counter()
             mems = prepare_layer_memories(model, mem, cfg)
             rows[name]["load"].append((time.perf_counter() - t0) / len(mems))

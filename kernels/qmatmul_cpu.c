@@ -255,9 +255,3 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
     free(buf);
     return rc ? -1 : 0;
 }
-
-/* 1 when this CPU runs the instructions above. */
-int qmatmul_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}

@@ -28,6 +28,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -44,9 +45,31 @@ _SOURCE = Path(__file__).with_name("qmatmul_cpu.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
+_NEEDED_FLAGS = ("avx2", "fma", "f16c")
+
+
+def _cpu_lacks(cpuinfo: Path = Path("/proc/cpuinfo"), machine: Optional[str] = None) -> Optional[str]:
+    """Why this CPU cannot run the library, asked before it is loaded: the library is compiled with
+    -mavx2, so even a check inside it could use an instruction the CPU lacks."""
+    machine = platform.machine() if machine is None else machine
+    if machine.lower() not in ("x86_64", "amd64"):
+        return f"the kernel is for x86-64 CPUs with AVX2, this is {machine or 'an unknown machine'}"
+    try:
+        text = cpuinfo.read_text()
+    except OSError as e:
+        return f"cannot read the CPU's flags from /proc/cpuinfo ({e.strerror})"
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    missing = [f for f in _NEEDED_FLAGS if f not in flags]
+    return f"this CPU lacks {', '.join(missing).upper()}" if missing else None
+
+
 @functools.cache
 def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     """(the loaded library, None) or (None, why it cannot run here)."""
+    lacks = _cpu_lacks()
+    if lacks is not None:
+        return None, lacks
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH to build kernels/qmatmul_cpu.c"
@@ -66,8 +89,6 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
-    if not lib.qmatmul_cpu_supported():
-        return None, "this CPU lacks AVX2, FMA or F16C"
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.q4_1_matmul, lib.q8_0_matmul):
         fn.argtypes = [p, i64, i64, p, p, i64, p]

@@ -271,10 +271,10 @@ def generate_tokens(
     seq = open_sequence(model, (0 if prefix is None else prefix.shape[1]) + len(prompt_ids) + sampling.max_new_tokens)
     if prefix is not None:
         seq.feed_embeds(prefix)
-    logits = seq.prefill(ids, PREFILL_CHUNK_TOKENS)
     every = hooks.chunk_tokens
-    if every and len(prompt_ids) >= every:  # the prompt's own completed chunks, before the first new token
+    if every and len(prompt_ids) >= every:  # the prompt's completed chunks: before the prefill reads them
         hooks.on_chunk(prompt_ids, len(prompt_ids) - len(prompt_ids) % every)
+    logits = seq.prefill(ids, PREFILL_CHUNK_TOKENS)
     token = sample(logits, sampling.temperature, sampling.top_p, generator)  # (1, 1)
     first_token_at = time.perf_counter()
     prefill_s = first_token_at - t0
@@ -284,8 +284,6 @@ def generate_tokens(
         token_ids.append(token_id)
         position = len(prompt_ids) + len(token_ids) - 1
         hooks.on_token(token_id, position)
-        if every and (position + 1) % every == 0:  # a chunk completed: before the forward pass that follows it
-            hooks.on_chunk(prompt_ids + token_ids, position + 1)
         if token_id in eos:
             reason = "eos"
             break
@@ -301,6 +299,8 @@ def generate_tokens(
         if cancel.is_set():
             reason = "cancelled"
             break
+        if every and (position + 1) % every == 0:  # the token completes a chunk: before the pass that feeds it
+            hooks.on_chunk(prompt_ids + token_ids, position + 1)
         logits = seq.decode(token)
         token = sample(logits, sampling.temperature, sampling.top_p, generator)
     tail = stream.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 _READY = re.compile(r"serving on grpcs?://([\d.]+):(\d+)")
+
+
+def free_port() -> int:
+    """A loopback port free right now (for the metrics endpoint, which has no port 0 report)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -1,5 +1,3 @@
-import socket
-
 import pytest
 
 # The session server's small limits make the limit paths cheap to reach; a short context keeps
@@ -32,17 +30,11 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(before)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, bundled_model_dir):
     """One real `memlm serve` for the whole session (tests/services, tests/test_slim_client.py):
     a server start is ~10 s on 2 cores. Tests that need a server of their own start one."""
-    from memlm.services.process import ServerProcess
+    from memlm.services.process import ServerProcess, free_port
 
     env = {**SERVER_ENV, "MEMLM_SERVER__METRICS_PORT": str(free_port())}
     proc = ServerProcess(tmp_path_factory.mktemp("server-data"), env=env)

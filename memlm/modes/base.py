@@ -81,9 +81,11 @@ class GenerationHooks:
 
     - `prefix_embeds(input_ids)`: extra input embeddings placed before the prompt (RMT's memory
       tokens), (1, P, dim), or None.
-    - `chunk_tokens` / `on_chunk(token_ids, end)`: every time the sequence (prompt + generated)
-      reaches a multiple of `chunk_tokens` tokens, `on_chunk` gets all ids so far, before the next
-      forward pass (RETRO fetches the neighbours of the completed chunk here). 0: never.
+    - `chunk_tokens` / `on_chunk(token_ids, end)`: `on_chunk` gets all ids so far whenever the
+      sequence (prompt + generated) completes chunks of `chunk_tokens`, before the forward pass
+      that feeds the chunk's last token: once before the prefill (end: the prompt's completed
+      chunks), then each time a sampled token completes one (not for a token that ends the
+      generation: it is never fed). RETRO fetches the completed chunk's neighbours here. 0: never.
     - `on_token(token_id, position)`: after each sampled token.
     - `memory_s`: seconds the mode spent getting its memory ready (reported as retrieval time).
     """

@@ -81,3 +81,15 @@ def test_weights_on_the_gguf_grids_come_back_exactly():
     w8 = (codes8 * d.float()[..., None]).view(N, K)
     qs8, d8 = q.pack_q8_0(w8)
     assert torch.equal(qs8.view(N, K // 32, 32).long(), codes8) and torch.equal(d8, d)
+
+
+def test_the_cpu_is_asked_before_the_library_loads(tmp_path):
+    # The library is built with -mavx2: a CPU without it must get a reason, never an illegal
+    # instruction from code inside the library.
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma f16c\n")
+    assert q._cpu_lacks(info, "x86_64") == "this CPU lacks AVX2"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n")
+    assert q._cpu_lacks(info, "x86_64") is None
+    assert "x86-64" in q._cpu_lacks(info, "aarch64")
+    assert "cannot read" in q._cpu_lacks(tmp_path / "absent", "x86_64")

@@ -13,20 +13,13 @@ import pytest
 
 import memlm
 from memlm.errors import Unauthenticated
-from memlm.services.process import ServerProcess
+from memlm.services.process import ServerProcess, free_port
 
 
 pytestmark = pytest.mark.server
 KEY = "k3y-from-a-file"
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

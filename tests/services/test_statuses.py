@@ -17,13 +17,6 @@ from memlm.v1 import memlm_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.server
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 LIMITS_ENV = {
     "MEMLM_STORE__MAX_COLLECTIONS": "4",
     "MEMLM_STORE__MAX_QUERY_BYTES": "2000",
@@ -43,7 +36,7 @@ MESSAGE_CAP = 2000  # what the server quotes stays well under gRPC's 8 KiB metad
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, bundled_model_dir):
-    from memlm.services.process import ServerProcess
+    from memlm.services.process import ServerProcess, free_port
 
     proc = ServerProcess(tmp_path_factory.mktemp("limits-data"), env={**LIMITS_ENV, "MEMLM_SERVER__METRICS_PORT": str(free_port())})
     yield proc

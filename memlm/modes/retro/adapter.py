@@ -1,0 +1,98 @@
+"""RETRO as a trainable adapter of a frozen owned `Llama` (`memlm train retro`, and what the mode
+loads at start): the neighbour encoder and one `ChunkedCrossAttention` per CCA layer, attached to
+`layers[i].after_attention`.
+
+`RetroAdapter.reading(model, state)` is the context a forward pass reads neighbours in (training
+and generation alike); outside it the CCA layers pass x through untouched.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from memlm.model.llama import Llama, LlamaConfig
+from memlm.modes.retro.model import ChunkedCrossAttention, NeighbourEncoder, RetroConfig, RetroState, StateSlot
+from memlm.train.adapter import Adapter, ParamGroup, TrainBatch, next_token_loss
+
+
+@dataclass
+class RetroBatch(TrainBatch):
+    """A micro-batch with each chunk's neighbours: ids (B, n, k, r) (n = T // m chunks of the
+    inputs), valid (B, n, k, r) bool."""
+
+    neighbours: Optional[Tensor] = None
+    neighbour_valid: Optional[Tensor] = None
+
+
+class RetroAdapter(Adapter):
+    mode = "retro"
+
+    def __init__(self, model_config: LlamaConfig, config: RetroConfig = RetroConfig(), seed: int = 0):
+        super().__init__()
+        self.config = config.resolved(model_config.n_layers)
+        self.slot = StateSlot()
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global RNG alone
+            torch.manual_seed(seed)
+            encoder = NeighbourEncoder(model_config, self.config)
+            first, *rest = self.config.layers
+            self.cca = nn.ModuleDict({str(first): ChunkedCrossAttention(model_config, self.config, first, self.slot, encoder)})
+            for i in rest:
+                self.cca[str(i)] = ChunkedCrossAttention(model_config, self.config, i, self.slot)
+
+    @property
+    def encoder(self) -> NeighbourEncoder:
+        return self.cca[str(self.config.layers[0])].encoder
+
+    @property
+    def first_layer(self) -> int:
+        return self.config.layers[0]
+
+    def attach(self, model: Llama) -> None:
+        for i, module in self.cca.items():
+            hooks = model.layers[int(i)].after_attention
+            if not any(m is module for m in hooks):
+                hooks.append(module)
+
+    def detach(self, model: Llama) -> None:
+        for i, module in self.cca.items():
+            hooks = model.layers[int(i)].after_attention
+            for j in reversed([j for j, m in enumerate(hooks) if m is module]):
+                del hooks[j]
+
+    def new_state(self, model: Llama) -> RetroState:
+        return RetroState(self.config, model.embed)
+
+    @contextmanager
+    def reading(self, state: RetroState) -> Iterator[RetroState]:
+        """Forward passes inside read `state`'s neighbours (the adapter must be attached)."""
+        previous, self.slot.state = self.slot.state, state
+        try:
+            yield state
+        finally:
+            self.slot.state = previous
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @classmethod
+    def from_config(cls, model_config: LlamaConfig, config: dict[str, Any], seed: int = 0) -> "RetroAdapter":
+        return cls(model_config, RetroConfig.from_dict(config), seed)
+
+    def param_groups(self) -> list[ParamGroup]:
+        # Matrices decay; norm gains and the CCA gates do not (a gate decaying pulls towards the base).
+        mats = [p for p in self.parameters() if p.dim() >= 2]
+        other = [p for p in self.parameters() if p.dim() < 2]
+        return [ParamGroup("matrices", mats, 1.0, 0.01), ParamGroup("gates_norms", other, 1.0, 0.0)]
+
+    def loss(self, model: Llama, batch: TrainBatch) -> Tensor:
+        if not isinstance(batch, RetroBatch) or batch.neighbours is None:
+            raise ValueError("retro trains on RetroBatch micro-batches with neighbours")
+        state = self.new_state(model)
+        for u in range(batch.neighbours.shape[1]):
+            state.set_neighbours(u, batch.neighbours[:, u], batch.neighbour_valid[:, u])
+        with self.reading(state):
+            return next_token_loss(model, batch, self.first_layer)

@@ -1,0 +1,155 @@
+"""RETRO's modules on a tiny random owned Llama: chunked cross-attention against its definition,
+the zero-gate identity (bit-identical logits), RETRO's causal alignment (no position sees a
+neighbour before the last token of the chunk it was retrieved for), and KV-cached generation one
+token at a time equal to one forward pass over the whole sequence."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memlm.kernels.chunked_attention import chunk_read_by, chunked_cross_attention, chunked_cross_attention_loop
+from memlm.model.llama import Llama, LlamaConfig
+from memlm.modes.retro.adapter import RetroAdapter, RetroBatch
+from memlm.modes.retro.model import RetroConfig
+
+TINY = LlamaConfig(vocab_size=96, dim=64, intermediate_size=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
+                   max_position_embeddings=128)
+M = 8  # chunk tokens
+RETRO = RetroConfig(chunk_tokens=M, neighbours=2, neighbour_tokens=M, continuation_tokens=M, layers=(1, 3),
+                    encoder_layers=2, encoder_dim=32, heads=2, encoder_ffn=64)
+
+
+def tiny_model() -> Llama:
+    torch.manual_seed(0)
+    return Llama(TINY).eval()
+
+
+def trained_like(adapter: RetroAdapter) -> RetroAdapter:
+    """Gates away from zero, as after training, so the CCA changes the logits."""
+    with torch.no_grad():
+        for m in adapter.cca.values():
+            m.gate.fill_(0.7)
+    return adapter
+
+
+def random_neighbours(n_chunks: int, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, n, k, r) and valid masks with awkward shapes: short neighbours, a missing one."""
+    g = torch.Generator().manual_seed(seed)
+    r = RETRO.neighbour_length
+    ids = torch.randint(0, TINY.vocab_size, (batch, n_chunks, RETRO.neighbours, r), generator=g)
+    lengths = torch.randint(1, r + 1, (batch, n_chunks, RETRO.neighbours), generator=g)
+    lengths[0, 0, 1] = 0  # chunk 0's second neighbour is missing
+    valid = torch.arange(r) < lengths[..., None]
+    return ids, valid
+
+
+def full_logits(model, adapter, tokens, ids, valid):
+    state = adapter.new_state(model)
+    for u in range(ids.shape[1]):
+        state.set_neighbours(u, ids[:, u], valid[:, u])
+    with adapter.reading(state), torch.no_grad():
+        return model(tokens, torch.arange(tokens.shape[1]))
+
+
+# --- chunked cross-attention ------------------------------------------------------------------
+
+@pytest.mark.parametrize("start,T,first_chunk,G", [(0, 40, 0, 5), (13, 1, 0, 2), (7, 1, 0, 1), (6, 1, 0, 1),
+                                                   (20, 17, 1, 3), (0, 5, 0, 1), (30, 9, 3, 0), (3, 50, 2, 2)])
+def test_chunked_cross_attention_follows_its_definition(start, T, first_chunk, G):
+    g = torch.Generator().manual_seed(start * 100 + T)
+    B, H, dh, L = 2, 3, 8, 11
+    q = torch.randn(B, H, T, dh, generator=g)
+    k, v = torch.randn(B, G, H, L, dh, generator=g), torch.randn(B, G, H, L, dh, generator=g)
+    valid = torch.rand(B, G, L, generator=g) > 0.3
+    if G:
+        valid[0, 0] = False  # a chunk without rows reads nothing
+    got = chunked_cross_attention(q, k, v, valid, start, M, first_chunk)
+    want = chunked_cross_attention_loop(q, k, v, valid, start, M, first_chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for t in range(T):  # queries before the first chunk's last token read nothing
+        if chunk_read_by(start + t, M) < first_chunk:
+            assert not got[:, :, t].any()
+
+
+def test_chunk_alignment_is_retros():
+    # chunk u = positions [8u, 8u + 8): its neighbours are read from position 8u + 7 to 8u + 14
+    assert [chunk_read_by(p, M) for p in (0, 6, 7, 14, 15, 22, 23)] == [-1, -1, 0, 0, 1, 1, 2]
+
+
+# --- the model --------------------------------------------------------------------------------
+
+def test_zero_gates_leave_the_base_model_bit_identical():
+    model = tiny_model()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 5 * M + 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(tokens, torch.arange(tokens.shape[1]))
+    adapter = RetroAdapter(TINY, RETRO, seed=3)
+    adapter.attach(model)
+    ids, valid = random_neighbours(5, seed=2, batch=2)
+    assert torch.equal(full_logits(model, adapter, tokens, ids, valid), base)  # untrained: gates are 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens, torch.arange(tokens.shape[1])), base)  # attached, no state: untouched
+    trained_like(adapter)
+    assert not torch.allclose(full_logits(model, adapter, tokens, ids, valid), base)  # the check can fail
+    adapter.detach(model)
+    assert all(len(b.after_attention) == 0 for b in model.layers)
+
+
+def test_no_position_reads_a_neighbour_before_its_chunk_is_complete():
+    model = tiny_model()
+    adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
+    adapter.attach(model)
+    n = 5
+    tokens = torch.randint(0, TINY.vocab_size, (1, n * M), generator=torch.Generator().manual_seed(4))
+    ids, valid = random_neighbours(n, seed=5)
+    base = full_logits(model, adapter, tokens, ids, valid)
+    for u in range(n):
+        other = ids.clone()
+        other[:, u] = (other[:, u] + 1) % TINY.vocab_size  # other neighbours for chunk u only
+        got = full_logits(model, adapter, tokens, other, valid)
+        first_reader = u * M + M - 1
+        assert torch.equal(got[:, :first_reader], base[:, :first_reader]), f"a position before {first_reader} saw chunk {u}'s neighbours"
+        if first_reader < tokens.shape[1]:
+            assert not torch.allclose(got[:, first_reader], base[:, first_reader]), f"chunk {u}'s neighbours are not read"
+
+
+def test_cached_generation_equals_one_forward_pass():
+    model = tiny_model()
+    adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
+    adapter.attach(model)
+    n, prompt = 6, 2 * M + 3  # a prompt of two chunks and a bit, then token by token
+    tokens = torch.randint(0, TINY.vocab_size, (1, n * M), generator=torch.Generator().manual_seed(6))
+    ids, valid = random_neighbours(n, seed=7)
+    want = full_logits(model, adapter, tokens, ids, valid)
+    state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
+    got = []
+    with adapter.reading(state), torch.no_grad():
+        for u in range(prompt // M):  # the prompt's completed chunks: before the prefill
+            state.set_neighbours(u, ids[:, u], valid[:, u])
+        got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
+        for p in range(prompt, tokens.shape[1]):
+            if (p + 1) % M == 0:  # p completes chunk u: its neighbours before the pass that feeds p
+                u = p // M
+                state.set_neighbours(u, ids[:, u], valid[:, u])
+            got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-4, atol=1e-5)
+    assert len(state.encoded) == n and state._context.shape[1] < M  # each chunk encoded once, no old states kept
+
+
+def test_training_loss_has_gradients_only_for_the_adapter():
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = RetroAdapter(TINY, RETRO, seed=3)
+    adapter.attach(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 4 * M + 1), generator=torch.Generator().manual_seed(8))
+    ids, valid = random_neighbours(4, seed=9, batch=2)
+    loss = adapter.loss(model, RetroBatch(tokens, neighbours=ids, neighbour_valid=valid))
+    loss.backward()
+    gates = [m.gate.grad for m in adapter.cca.values()]
+    assert all(g is not None and g.abs() > 0 for g in gates)  # zero gates still learn
+    named = {n for n, _ in adapter.named_parameters()}
+    grouped = {id(p) for g in adapter.param_groups() for p in g.params}
+    assert grouped == {id(p) for p in adapter.parameters()} and named
+    again = RetroAdapter.from_config(TINY, adapter.config_dict(), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), adapter.state_dict().values()))
