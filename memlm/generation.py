@@ -272,8 +272,11 @@ def generate_tokens(
     if prefix is not None:
         seq.feed_embeds(prefix)
     every = hooks.chunk_tokens
-    if every and len(prompt_ids) >= every:  # the prompt's completed chunks: before the prefill reads them
-        hooks.on_chunk(prompt_ids, len(prompt_ids) - len(prompt_ids) % every)
+    # Chunks end where (position + phase) % every == 0: phase 0 starts them at position 0.
+    phase = hooks.chunk_phase(prompt_ids) if every else 0
+    done = (len(prompt_ids) + phase) // every * every - phase if every else 0
+    if done > 0:  # the prompt's completed chunks: before the prefill reads them
+        hooks.on_chunk(prompt_ids, done)
     logits = seq.prefill(ids, PREFILL_CHUNK_TOKENS)
     token = sample(logits, sampling.temperature, sampling.top_p, generator)  # (1, 1)
     first_token_at = time.perf_counter()
@@ -299,7 +302,7 @@ def generate_tokens(
         if cancel.is_set():
             reason = "cancelled"
             break
-        if every and (position + 1) % every == 0:  # the token completes a chunk: before the pass that feeds it
+        if every and (position + 1 + phase) % every == 0:  # the token completes a chunk: before the pass that feeds it
             hooks.on_chunk(prompt_ids + token_ids, position + 1)
         logits = seq.decode(token)
         token = sample(logits, sampling.temperature, sampling.top_p, generator)

@@ -87,6 +87,7 @@ class _Done:
     prompt: Optional[BuiltPrompt]  # None when the job was cancelled before it started
     outcome: GenerationOutcome
     memory_s: float = 0.0  # the mode getting its memory ready (knn: syncing and loading the KV memory)
+    citations: tuple = ()  # chunks the mode read during the generation (retro's neighbours)
 
 
 @dataclass
@@ -172,7 +173,13 @@ class _ModelWorker:
                 if isinstance(event, TextDelta):
                     job.post(event)
                 else:
-                    job.post(_Done(built, event, hooks.memory_s))
+                    job.post(_Done(built, event, hooks.memory_s, tuple(hooks.citations)))
+
+
+def _model_dir(tokenizer) -> Optional[Path]:
+    """The folder the tokenizer (and so the model) was loaded from, when it is one."""
+    path = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    return path if str(path) and path.is_dir() else None
 
 
 class ModelHost(EngineClient):
@@ -201,7 +208,7 @@ class ModelHost(EngineClient):
         runtime = ModeRuntime(
             model=model, tokenizer=tokenizer,
             model_name=Path(str(getattr(tokenizer, "name_or_path", "") or name)).name,
-            store=memory, run_on_model=self._worker.call,
+            store=memory, run_on_model=self._worker.call, model_dir=_model_dir(tokenizer),
         )
         mode_settings = dict(mode_settings or {})
         self.modes: dict[str, MemoryModeBase] = {}
@@ -343,6 +350,8 @@ class ModelHost(EngineClient):
         first = outcome.first_token_at
         # Chunks put into the prompt: those that fitted (prompt building drops the rest).
         citations = (built.citations if built else ()) if plan.prompt_chunks is not None else plan.citations
+        seen = {h.chunk_id for h in citations}
+        citations = tuple(citations) + tuple(h for h in done.citations if h.chunk_id not in seen)
         return GenerationResult(
             text=outcome.text,
             finish_reason=outcome.finish_reason,

@@ -27,6 +27,7 @@ import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
@@ -86,12 +87,20 @@ class GenerationHooks:
       that feeds the chunk's last token: once before the prefill (end: the prompt's completed
       chunks), then each time a sampled token completes one (not for a token that ends the
       generation: it is never fed). RETRO fetches the completed chunk's neighbours here. 0: never.
+    - `chunk_phase(prompt_ids)`: where the chunk grid starts: chunks end at positions e with
+      (e + phase) % chunk_tokens == 0 (0: the first chunk starts at position 0). Called once,
+      before anything else runs, when chunk_tokens is set.
     - `on_token(token_id, position)`: after each sampled token.
     - `memory_s`: seconds the mode spent getting its memory ready (reported as retrieval time).
+    - `citations`: chunks read during the generation (RETRO's neighbours), after the plan's.
     """
 
     chunk_tokens: int = 0
     memory_s: float = 0.0
+    citations: tuple[SearchHit, ...] = ()
+
+    def chunk_phase(self, prompt_ids: Sequence[int]) -> int:
+        return 0
 
     def prefix_embeds(self, input_ids: Sequence[int]) -> "Optional[torch.Tensor]":
         return None
@@ -115,6 +124,7 @@ class ModeRuntime:
     model_name: str  # what collections record as their tokenizer (the model folder's name)
     store: Optional[StoreView]  # None: the host serves without memory
     run_on_model: Callable[[Callable[[], Any]], Future]  # run work on the model worker, after queued jobs
+    model_dir: Optional[Path] = None  # the served model's folder (trained modes check their weights against it)
 
 
 async def search_for_prompt(store: StoreView, request: "GenerationRequest", k: int) -> tuple[tuple[SearchHit, ...], float]:

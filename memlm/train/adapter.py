@@ -96,6 +96,13 @@ class Adapter(nn.Module, abc.ABC):
         """The learning-rate groups; by default every parameter in one group."""
         return [ParamGroup("all", list(self.parameters()))]
 
+    def make_batch(self, tokens: Tensor, hidden: Optional[Tensor], extra: dict[str, Any]) -> TrainBatch:
+        """The micro-batch `loss` takes; `extra` is the trainer's `batch_data` for it (a mode's own
+        fields: RETRO's neighbours)."""
+        if extra:
+            raise ValueError(f"{type(self).__name__} takes no extra batch data, got {sorted(extra)}")
+        return TrainBatch(tokens, hidden)
+
     def loss(self, model: Llama, batch: TrainBatch) -> Tensor:
         """A scalar to minimise for one micro-batch (mean over its target tokens)."""
         return next_token_loss(model, batch, self.first_layer)
@@ -174,9 +181,15 @@ class BottleneckAdapter(Adapter):
 
 
 ADAPTERS: dict[str, type[Adapter]] = {BottleneckAdapter.mode: BottleneckAdapter}
+TRAINED_MODES = ("retro",)  # memory modes whose package has an `adapter` module exporting ADAPTER
 
 
 def adapter_class(mode: str) -> type[Adapter]:
-    if mode not in ADAPTERS:
-        raise ValueError(f"unknown training mode {mode!r}: expected one of {', '.join(ADAPTERS)}")
-    return ADAPTERS[mode]
+    """The proof adapter, or a trained memory mode's (`memlm.modes.<mode>.adapter.ADAPTER`)."""
+    if mode in ADAPTERS:
+        return ADAPTERS[mode]
+    if mode in TRAINED_MODES:
+        import importlib
+
+        return importlib.import_module(f"memlm.modes.{mode}.adapter").ADAPTER
+    raise ValueError(f"unknown training mode {mode!r}: expected one of {', '.join((*ADAPTERS, *TRAINED_MODES))}")

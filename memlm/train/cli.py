@@ -1,6 +1,7 @@
 """`memlm train ...`: train a memory mode on the frozen base model, and build the corpus.
 
     memlm train proof [--steps --batch --micro-batch --seq --lr --device cpu|cuda --out DIR --resume ...]
+    memlm train retro [the same, --layers --neighbours --encoder-dim --data DIR --train-windows N]
     memlm train corpus [--out DIR] [--sources stdlib,man,doc] [--max-docs N]
 
 Mounted in memlm/cli.py with `app.add_typer`. Imports only typer at import time: torch, the
@@ -54,7 +55,61 @@ def proof(
     _train("proof", dict(layers=list(config.layers), bottleneck=config.bottleneck), locals())
 
 
-def _train(mode: str, adapter_config: dict, opts: dict) -> None:
+@app.command("retro")
+def retro(
+    steps: int = typer.Option(600, help="optimizer steps"),
+    batch: int = typer.Option(8, help="sequences per optimizer step"),
+    micro_batch: int = typer.Option(2, help="sequences per forward/backward (0: the whole batch); accumulates"),
+    seq: int = typer.Option(512, help="tokens per sequence (a multiple of the chunk size)"),
+    lr: float = typer.Option(1e-3, help="peak learning rate"),
+    warmup: int = typer.Option(30, help="warmup steps"),
+    layers: str = typer.Option("8,11,14,17,20,23,26,29", help="layers with chunked cross-attention (comma-separated)"),
+    neighbours: int = typer.Option(2, help="neighbours per chunk"),
+    encoder_dim: int = typer.Option(128, help="width of the neighbour encoder and the CCA"),
+    encoder_layers: int = typer.Option(2, help="neighbour encoder layers"),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)"),
+    out: Path = typer.Option(Path("runs/retro"), help="run folder: checkpoint/, adapter.safetensors, adapter.json, history.jsonl"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint (same settings)"),
+    data: Optional[Path] = typer.Option(None, help="where the corpus store and neighbour tables live "
+                                        "(default: memlm's cache, retro/)"),
+    model: str = typer.Option("bundled", help="base model: 'bundled' or a local Hugging Face Llama folder"),
+    sources: str = typer.Option("stdlib,man,doc", help="corpus sources"),
+    max_docs: Optional[int] = typer.Option(None, help="at most this many documents per source"),
+    train_windows: int = typer.Option(2048, help="train on a fixed subset of this many windows (0: all; each "
+                                      "needs its chunks' neighbours searched once)"),
+    cache_hidden: bool = typer.Option(False, "--cache-hidden", help="cache the frozen layers' states below the first CCA"),
+    eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
+    eval_windows: int = typer.Option(16, help="held-out windows per evaluation"),
+    checkpoint_every: int = typer.Option(10, help="steps between checkpoints"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """RETRO-fit the base model: the neighbour encoder and chunked cross-attention trained, the base
+    frozen; each chunk's 2 neighbours searched once in a store holding the corpus (never its own
+    document, never a held-out one)."""
+    from memlm.modes.retro.model import RetroConfig
+
+    config = RetroConfig(layers=tuple(int(x) for x in layers.split(",")), neighbours=neighbours,
+                         encoder_dim=encoder_dim, encoder_layers=encoder_layers)
+    _train("retro", config.to_dict(), locals(), prepare=_prepare_retro)
+
+
+def _prepare_retro(trainer, corpus, folder: Path, opts: dict) -> None:
+    """Search the neighbours of every window the run uses (once; kept in the data folder) and hand
+    them to the trainer batch by batch."""
+    from memlm.models.loading import default_cache_dir, load_tokenizer
+    from memlm.modes.retro.training import batch_neighbours, prepare
+    from memlm.train.data import corpus_key
+
+    root = opts["data"] or default_cache_dir() / "retro"
+    tables = prepare(corpus, trainer.adapter.config, load_tokenizer(folder), root, trainer.config.seq,
+                     trainer.order.pool, trainer.eval_idx, corpus_key, log=lambda m: typer.echo(m, err=True))
+    trainer.batch_data = batch_neighbours({"train": tables["train"], "heldout": tables["heldout"]},
+                                          trainer.config.seq, trainer.device)
+
+
+def _train(mode: str, adapter_config: dict, opts: dict, prepare=None) -> None:
     import torch
 
     from memlm.model.llama import load_llama
@@ -83,6 +138,8 @@ def _train(mode: str, adapter_config: dict, opts: dict) -> None:
     trainer = Trainer(model, adapter, corpus.train, corpus.heldout, config, out, folder.name,
                       folder_fingerprint(folder), hidden_cache_dir=default_hidden_cache_dir(),
                       progress=opts["progress"], log=lambda m: typer.echo(m, err=True))
+    if prepare is not None:
+        prepare(trainer, corpus, folder, opts)
     if opts["resume"] and trainer.resume():
         typer.echo(f"resumed {out} at step {trainer.step} ({trainer.tokens_seen} tokens seen)", err=True)
     n_params = sum(p.numel() for p in adapter.parameters())

@@ -99,8 +99,12 @@ class Trainer:
 
     def __init__(self, model: Llama, adapter: Adapter, train: TokenSplit, heldout: TokenSplit, config: TrainConfig,
                  out_dir: str | Path, base_name: str, base_fingerprint: str, hidden_cache_dir: Optional[Path] = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 batch_data: Optional[Callable[[str, np.ndarray], dict[str, Any]]] = None):
+        """batch_data(split, window idx) -> the mode's extra fields of a micro-batch ("train" or
+        "heldout"; RETRO: the windows' neighbours), passed to `adapter.make_batch`."""
         self.model, self.adapter, self.config = model, adapter, config
+        self.batch_data = batch_data
         self.out_dir = Path(out_dir)
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.progress, self.log = progress, log
@@ -142,7 +146,7 @@ class Trainer:
         windows = self.windows if split == "train" else self.heldout_windows
         tokens = torch.from_numpy(windows[idx]).to(self.device)  # (B, seq + 1)
         hidden = self.caches[split].get(idx).to(self.device) if split in self.caches else None  # (B, seq, D)
-        return TrainBatch(tokens, hidden)
+        return self.adapter.make_batch(tokens, hidden, self.batch_data(split, idx) if self.batch_data else {})
 
     def _autocast(self):
         if self.device.type == "cuda":

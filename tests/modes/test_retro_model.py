@@ -43,8 +43,8 @@ def random_neighbours(n_chunks: int, seed: int, batch: int = 1) -> tuple[torch.T
     return ids, valid
 
 
-def full_logits(model, adapter, tokens, ids, valid):
-    state = adapter.new_state(model)
+def full_logits(model, adapter, tokens, ids, valid, phase=0):
+    state = adapter.new_state(model, phase)
     for u in range(ids.shape[1]):
         state.set_neighbours(u, ids[:, u], valid[:, u])
     with adapter.reading(state), torch.no_grad():
@@ -95,41 +95,45 @@ def test_zero_gates_leave_the_base_model_bit_identical():
     assert all(len(b.after_attention) == 0 for b in model.layers)
 
 
-def test_no_position_reads_a_neighbour_before_its_chunk_is_complete():
+@pytest.mark.parametrize("phase", [0, 3])
+def test_no_position_reads_a_neighbour_before_its_chunk_is_complete(phase):
     model = tiny_model()
     adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
     adapter.attach(model)
     n = 5
-    tokens = torch.randint(0, TINY.vocab_size, (1, n * M), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, TINY.vocab_size, (1, n * M - phase), generator=torch.Generator().manual_seed(4))
     ids, valid = random_neighbours(n, seed=5)
-    base = full_logits(model, adapter, tokens, ids, valid)
+    base = full_logits(model, adapter, tokens, ids, valid, phase)
     for u in range(n):
         other = ids.clone()
         other[:, u] = (other[:, u] + 1) % TINY.vocab_size  # other neighbours for chunk u only
-        got = full_logits(model, adapter, tokens, other, valid)
-        first_reader = u * M + M - 1
+        got = full_logits(model, adapter, tokens, other, valid, phase)
+        first_reader = u * M + M - 1 - phase  # the chunk's last token
         assert torch.equal(got[:, :first_reader], base[:, :first_reader]), f"a position before {first_reader} saw chunk {u}'s neighbours"
         if first_reader < tokens.shape[1]:
             assert not torch.allclose(got[:, first_reader], base[:, first_reader]), f"chunk {u}'s neighbours are not read"
 
 
-def test_cached_generation_equals_one_forward_pass():
+@pytest.mark.parametrize("phase", [0, 5])
+def test_cached_generation_equals_one_forward_pass(phase):
     model = tiny_model()
     adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
     adapter.attach(model)
     n, prompt = 6, 2 * M + 3  # a prompt of two chunks and a bit, then token by token
-    tokens = torch.randint(0, TINY.vocab_size, (1, n * M), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, TINY.vocab_size, (1, n * M - phase), generator=torch.Generator().manual_seed(6))
     ids, valid = random_neighbours(n, seed=7)
-    want = full_logits(model, adapter, tokens, ids, valid)
-    state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
+    want = full_logits(model, adapter, tokens, ids, valid, phase)
+    state, cache = adapter.new_state(model, phase), model.new_cache(1, tokens.shape[1])
     got = []
     with adapter.reading(state), torch.no_grad():
-        for u in range(prompt // M):  # the prompt's completed chunks: before the prefill
+        for u in range((prompt + phase) // M):  # the prompt's completed chunks: before the prefill
+            assert state.chunk_span(u)[1] <= prompt
             state.set_neighbours(u, ids[:, u], valid[:, u])
         got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
         for p in range(prompt, tokens.shape[1]):
-            if (p + 1) % M == 0:  # p completes chunk u: its neighbours before the pass that feeds p
-                u = p // M
+            if (p + 1 + phase) % M == 0:  # p completes chunk u: its neighbours before the pass that feeds p
+                u = (p + phase) // M
+                assert state.chunk_span(u)[1] == p + 1
                 state.set_neighbours(u, ids[:, u], valid[:, u])
             got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-4, atol=1e-5)

@@ -63,8 +63,8 @@ class RetroAdapter(Adapter):
             for j in reversed([j for j, m in enumerate(hooks) if m is module]):
                 del hooks[j]
 
-    def new_state(self, model: Llama) -> RetroState:
-        return RetroState(self.config, model.embed)
+    def new_state(self, model: Llama, phase: int = 0) -> RetroState:
+        return RetroState(self.config, model.embed, phase)
 
     @contextmanager
     def reading(self, state: RetroState) -> Iterator[RetroState]:
@@ -88,6 +88,9 @@ class RetroAdapter(Adapter):
         other = [p for p in self.parameters() if p.dim() < 2]
         return [ParamGroup("matrices", mats, 1.0, 0.01), ParamGroup("gates_norms", other, 1.0, 0.0)]
 
+    def make_batch(self, tokens: Tensor, hidden: Optional[Tensor], extra: dict[str, Any]) -> RetroBatch:
+        return RetroBatch(tokens, hidden, **extra)
+
     def loss(self, model: Llama, batch: TrainBatch) -> Tensor:
         if not isinstance(batch, RetroBatch) or batch.neighbours is None:
             raise ValueError("retro trains on RetroBatch micro-batches with neighbours")
@@ -96,3 +99,6 @@ class RetroAdapter(Adapter):
             state.set_neighbours(u, batch.neighbours[:, u], batch.neighbour_valid[:, u])
         with self.reading(state):
             return next_token_loss(model, batch, self.first_layer)
+
+
+ADAPTER = RetroAdapter  # what memlm.train.adapter.adapter_class("retro") loads

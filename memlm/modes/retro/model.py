@@ -49,9 +49,9 @@ class RetroConfig:
     # model: from layer 9 (1-based) every 3rd -> 0-based 8, 11, ..., 29 for 30 layers.
     layers: tuple[int, ...] = (8, 11, 14, 17, 20, 23, 26, 29)
     encoder_layers: int = 2
-    encoder_dim: int = 256  # E
-    heads: int = 4  # Hc, encoder and CCA
-    encoder_ffn: int = 768  # SwiGLU width of the encoder
+    encoder_dim: int = 128  # E (small: 2.3M trainable parameters in all with these defaults)
+    heads: int = 4  # Hc, encoder and CCA (dh = 32)
+    encoder_ffn: int = 384  # SwiGLU width of the encoder
     rope_theta: float = 10000.0  # positions inside a neighbour (encoder self-attention)
 
     @property
@@ -112,8 +112,10 @@ class EncoderLayer(nn.Module):
         self.w13 = nn.Linear(E, 2 * config.encoder_ffn, bias=False)
         self.w2 = nn.Linear(config.encoder_ffn, E, bias=False)
 
-    def forward(self, h: Tensor, valid: Tensor, rope: tuple[Tensor, Tensor], context: Tensor) -> Tensor:
-        """h (N, r, E), valid (N, r), rope cos/sin (r, 1, dh), context (N, m, D) -> (N, r, E)."""
+    def forward(self, h: Tensor, valid: Tensor, rope: tuple[Tensor, Tensor], context: Tensor,
+                context_valid: Optional[Tensor]) -> Tensor:
+        """h (N, r, E), valid (N, r), rope cos/sin (r, 1, dh), context (N, m, D) and which of its rows
+        are real (N, m) or None (all) -> (N, r, E)."""
         qkv = self.wqkv(self.self_norm(h)).unflatten(-1, (3 * self.h, -1))  # (N, r, 3h, dh)
         qk = apply_rope(qkv[:, :, : 2 * self.h], rope)
         q, k = qk[:, :, : self.h].transpose(1, 2), qk[:, :, self.h :].transpose(1, 2)  # (N, h, r, dh)
@@ -121,7 +123,7 @@ class EncoderLayer(nn.Module):
         h = h + self.wo(_masked_attention(q, k, v, valid).transpose(1, 2).flatten(2))
         q = _heads(self.wq_cross(self.cross_norm(h)), self.h)  # (N, h, r, dh)
         k, v = (_heads(t, self.h) for t in self.wkv_cross(context).chunk(2, dim=-1))  # (N, h, m, dh)
-        h = h + self.wo_cross(_masked_attention(q, k, v, None).transpose(1, 2).flatten(2))
+        h = h + self.wo_cross(_masked_attention(q, k, v, context_valid).transpose(1, 2).flatten(2))
         gate, up = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
         return h + self.w2(F.silu(gate) * up)
 
@@ -144,14 +146,15 @@ class NeighbourEncoder(nn.Module):
         self.register_buffer("rope_cos", torch.cat([freqs, freqs], -1).cos(), persistent=False)
         self.register_buffer("rope_sin", torch.cat([-freqs, freqs], -1).sin(), persistent=False)
 
-    def forward(self, embeds: Tensor, valid: Tensor, context: Tensor) -> Tensor:
-        """embeds (N, r, D) of N neighbours, valid (N, r), context (N, m, D) -> (N, r, E)."""
+    def forward(self, embeds: Tensor, valid: Tensor, context: Tensor, context_valid: Optional[Tensor] = None) -> Tensor:
+        """embeds (N, r, D) of N neighbours, valid (N, r), context (N, m, D) with its real rows
+        (N, m) or None (all) -> (N, r, E)."""
         r = embeds.shape[1]
         rope = (self.rope_cos[:r, None].to(embeds.dtype), self.rope_sin[:r, None].to(embeds.dtype))
         h = self.proj(embeds)
         context = self.context_norm(context)
         for layer in self.layers:
-            h = layer(h, valid, rope, context)
+            h = layer(h, valid, rope, context, context_valid)
         return self.norm(h)
 
 
@@ -160,16 +163,27 @@ class RetroState:
 
     `set_neighbours(u, ids, valid)` before the forward pass that reaches u's last token: ids
     (B, k, r) token ids, valid (B, k, r) bool (a missing neighbour: all False). The first CCA layer
-    then encodes u (`encode`); each CCA layer projects u's rows once (`chunk_kv`)."""
+    then encodes u (`encode`); each CCA layer projects u's rows once (`chunk_kv`).
 
-    def __init__(self, config: RetroConfig, embed: Callable[[Tensor], Tensor]):
-        self.config, self.embed = config, embed
+    `phase` shifts the chunk grid: chunk u holds positions [u*m - phase, (u+1)*m - phase), so the
+    first chunk is m - phase tokens long. Generation sets it so that the prompt's last token ends a
+    chunk (its question has neighbours from the first new token on); training uses 0."""
+
+    def __init__(self, config: RetroConfig, embed: Callable[[Tensor], Tensor], phase: int = 0):
+        if not 0 <= phase < config.chunk_tokens:
+            raise ValueError(f"phase={phase} must lie in [0, chunk_tokens={config.chunk_tokens})")
+        self.config, self.embed, self.phase = config, embed, phase
         self.neighbours: dict[int, tuple[Tensor, Tensor]] = {}
         self.encoded: dict[int, tuple[Tensor, Tensor]] = {}  # u -> (rows (B, L, E), valid (B, L))
         self._kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (layer, u) -> k, v (B, Hc, L, dh)
-        self._context: Optional[Tensor] = None  # (B, n, D): decoder states from position _context_start on
+        self._context: Optional[Tensor] = None  # (B, n, D): decoder states from grid position _context_start on
         self._context_start = 0
-        self.encode_s = 0.0  # seconds spent encoding (reported per chunk by the mode)
+        self.encode_s = 0.0  # seconds spent encoding
+
+    def chunk_span(self, chunk: int) -> tuple[int, int]:
+        """Sequence positions [first, end) of chunk (the first chunk may be shorter)."""
+        m = self.config.chunk_tokens
+        return max(chunk * m - self.phase, 0), (chunk + 1) * m - self.phase
 
     def set_neighbours(self, chunk: int, ids: Tensor, valid: Tensor) -> None:
         if ids.shape != valid.shape or ids.dim() != 3:
@@ -178,12 +192,13 @@ class RetroState:
         self.neighbours[chunk] = (ids, valid)
 
     def encode(self, encoder: NeighbourEncoder, x: Tensor, start: int) -> None:
-        """The first CCA layer's input x (B, T, D) at positions start..: keep the decoder states of
-        chunks not completed yet, and encode the neighbours of every chunk completed in these T."""
+        """The first CCA layer's input x (B, T, D) at grid positions start.. (sequence positions
+        + phase): keep the decoder states of the chunk not completed yet, and encode the
+        neighbours of every chunk completed in these T."""
         import time
 
         m, T = self.config.chunk_tokens, x.shape[1]
-        if self._context is None or start == 0:
+        if self._context is None or start == self.phase:  # a new sequence
             self._context, self._context_start = x, start
         else:
             if self._context_start + self._context.shape[1] != start:
@@ -191,19 +206,18 @@ class RetroState:
                                  f"the forward pass starts at {start}")
             self._context = torch.cat([self._context, x], dim=1)
         end = start + T
-        done = [u for u in range(self._context_start // m, end // m)
-                if u in self.neighbours and u not in self.encoded and u * m >= self._context_start]
+        done = [u for u in range(self._context_start // m, end // m) if u in self.neighbours and u not in self.encoded]
         if done:
             t0 = time.perf_counter()
             ids = torch.stack([self.neighbours[u][0] for u in done], 1)  # (B, G, k, r)
             valid = torch.stack([self.neighbours[u][1] for u in done], 1)
             B, G, k, r = ids.shape
-            ctx = torch.stack([self._context[:, u * m - self._context_start : (u + 1) * m - self._context_start]
-                               for u in done], 1)  # (B, G, m, D)
-            ctx = ctx[:, :, None].expand(B, G, k, m, ctx.shape[-1]).reshape(B * G * k, m, -1)
+            ctx, ctx_valid = zip(*(self._chunk_context(u) for u in done))
+            ctx = torch.stack(ctx, 1)[:, :, None].expand(B, G, k, m, x.shape[-1]).reshape(B * G * k, m, -1)
+            ctx_valid = torch.stack(ctx_valid)[None, :, None].expand(B, G, k, m).reshape(B * G * k, m)
             safe = valid.clone().reshape(B * G * k, r)
             safe[:, 0] = True  # a missing neighbour still attends somewhere; its rows stay invalid below
-            rows = encoder(self.embed(ids.reshape(B * G * k, r).clamp(min=0)), safe, ctx)  # (BGk, r, E)
+            rows = encoder(self.embed(ids.reshape(B * G * k, r).clamp(min=0)), safe, ctx, ctx_valid)  # (BGk, r, E)
             rows = rows.view(B, G, k * r, -1)
             valid = valid.reshape(B, G, k * r)
             for g, u in enumerate(done):
@@ -213,6 +227,16 @@ class RetroState:
         if keep > self._context_start:
             self._context = self._context[:, keep - self._context_start :]
             self._context_start = keep
+
+    def _chunk_context(self, chunk: int) -> tuple[Tensor, Tensor]:
+        """Chunk's decoder states (B, m, D), zero-padded in front for a short first chunk, and
+        which rows are real (m,)."""
+        m = self.config.chunk_tokens
+        first = max(chunk * m, self._context_start)
+        rows = self._context[:, first - self._context_start : (chunk + 1) * m - self._context_start]
+        pad = first - chunk * m
+        valid = torch.arange(m, device=rows.device) >= pad
+        return (F.pad(rows, (0, 0, pad, 0)) if pad else rows), valid
 
     def chunk_kv(self, layer: int, chunk: int, wkv: nn.Linear, heads: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
         """Layer `layer`'s keys, values (B, Hc, L, dh) and valid (B, L) of chunk's rows, or None."""
@@ -253,7 +277,7 @@ class ChunkedCrossAttention(nn.Module):
         state = self.slot.state
         if state is None:
             return x
-        m, start, T = self.config.chunk_tokens, int(input_pos[0]), x.shape[1]
+        m, start, T = self.config.chunk_tokens, int(input_pos[0]) + state.phase, x.shape[1]  # grid positions
         if self.encoder is not None:
             state.encode(self.encoder, x, start)
         lo, hi = max((start + 1) // m - 1, 0), (start + T) // m - 1  # chunks these queries read

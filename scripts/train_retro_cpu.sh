@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The CPU RETRO-fitting run whose checkpoint is committed (runs/retro-cpu/): run it again to resume.
+#
+#   scripts/train_retro_cpu.sh [extra `memlm train retro` options]
+#
+# The corpus at --max-docs 400 per source (stdlib, man pages, /usr/share/doc), put into a store
+# once (memlm's cache, retro/store: ~50k chunks embedded by the store's MiniLM), the neighbours of
+# the 2,048 training windows searched once (retro/train-...), then 600 steps of 8 x 512 tokens
+# (2.5M tokens), checkpoint every 5 steps, held-out loss (leak-free neighbours) every 25.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-runs/retro-cpu}
+resume=()
+[ -d "$OUT_DIR/checkpoint" ] && resume=(--resume)
+exec .venv/bin/memlm train retro --device cpu --out "$OUT_DIR" --max-docs 400 --train-windows 2048 \
+    --steps 600 --batch 8 --micro-batch 2 --seq 512 --lr 1e-3 --warmup 30 \
+    --eval-every 25 --eval-windows 16 --checkpoint-every 5 --threads 2 "${resume[@]}" "$@"
