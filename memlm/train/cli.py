@@ -2,6 +2,7 @@
 
     memlm train proof [--steps --batch --micro-batch --seq --lr --device cpu|cuda --out DIR --resume ...]
     memlm train retro [the same, --layers --neighbours --encoder-dim --data DIR --train-windows N]
+    memlm train export RUN --to DIR      # a (stopped) run's latest checkpoint as loadable weights
     memlm train corpus [--out DIR] [--sources stdlib,man,doc] [--max-docs N]
 
 Mounted in memlm/cli.py with `app.add_typer`. Imports only typer at import time: torch, the
@@ -166,3 +167,44 @@ def corpus(
     if out is not None:
         n = export_documents(out, _sources(sources), max_docs)
         typer.echo(f"wrote {n} documents under {out} (index: {out / 'documents.jsonl'})", err=True)
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="a run folder of `memlm train MODE` (its checkpoint/ is read)"),
+    to: Path = typer.Option(..., "--to", help="folder to write adapter.safetensors + adapter.json into"),
+    model: str = typer.Option("bundled", help="the base model the run trained on"),
+) -> None:
+    """Write the adapter of a run's latest checkpoint as loadable weights (for a run stopped before
+    its last step: the manifest's training stats say how far it got)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from memlm.model.llama import LlamaConfig
+    from memlm.models.loading import resolve_model_dir
+    from memlm.train.adapter import adapter_class
+    from memlm.train.weights import folder_fingerprint, save_adapter
+
+    state_path = run / "checkpoint" / "state.json"
+    if not state_path.is_file():
+        raise typer.BadParameter(f"{run} has no checkpoint/state.json")
+    state = json.loads(state_path.read_text())
+    folder = resolve_model_dir(model)
+    if folder_fingerprint(folder) != state["base_fingerprint"]:
+        raise typer.BadParameter(f"{run} was trained on another base model than {folder}")
+    adapter = adapter_class(state["mode"]).from_config(LlamaConfig.from_folder(folder), state["adapter_config"])
+    adapter.load_state_dict(load_file(str(run / "checkpoint" / "adapter.safetensors")))
+    evals = [h for h in state["history"] if "eval_loss" in h]
+    losses = [h["loss"] for h in state["history"] if "loss" in h]
+    speeds = [h for h in state["history"] if "step_seconds" in h][-20:]
+    per_step = state["config"]["batch"] * state["config"]["seq"]
+    training = {"steps": state["step"], "tokens_seen": state["tokens_seen"], "of_steps": state["config"]["steps"],
+                "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                "eval_loss_initial": evals[0]["eval_loss"] if evals else None,
+                "eval_loss": evals[-1]["eval_loss"] if evals else None,
+                "eval_loss_step": evals[-1]["step"] if evals else None,
+                "tokens_per_second_recent": (per_step * len(speeds) / sum(h["step_seconds"] for h in speeds)) if speeds else None,
+                "config": state["config"], "exported_from": str(run)}
+    with torch.no_grad():
+        path = save_adapter(adapter, to, folder.name, state["base_fingerprint"], training)
+    typer.echo(f"wrote {path} (step {state['step']} of {state['config']['steps']}, {state['tokens_seen']} tokens seen)")

@@ -1,0 +1,113 @@
+"""RETRO's training data and a tiny training run on CPU: a generated corpus put into a real store
+(`corpus_store`), each chunk's neighbours searched once (`NeighbourTable`) without the chunk's own
+documents and without held-out text, and `Trainer` running the RETRO adapter on a tiny random
+Llama (the bundled tokenizer's vocabulary) from those tables, checkpointing and resuming exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memlm.model.llama import Llama, LlamaConfig
+from memlm.modes.retro.adapter import RetroAdapter
+from memlm.modes.retro.model import RetroConfig
+from memlm.modes.retro.neighbours import search_neighbours
+from memlm.modes.retro.training import COLLECTION, NeighbourTable, batch_neighbours, corpus_store
+from memlm.train.corpus import SEPARATOR_TOKEN, Corpus, TokenSplit
+from memlm.train.trainer import TrainConfig, Trainer
+
+M = 16
+RETRO = RetroConfig(chunk_tokens=M, neighbours=2, neighbour_tokens=M, continuation_tokens=M, layers=(1,),
+                    encoder_layers=1, encoder_dim=32, heads=2, encoder_ffn=64)
+FACTS = ["The river Wend floods every April and the mill at Harrow closes for a week",
+         "Copper roofs turn green because the metal reacts with water and carbon dioxide in the air",
+         "The observatory on Mount Tell records meteor showers with six cameras pointed at the north sky",
+         "Beekeepers smoke the hive before opening it so that the guards do not sound the alarm",
+         "A loom weaves the weft across the warp, and the shuttle carries the thread from side to side"]
+
+
+def split_of(tokenizer, texts: list[str]) -> TokenSplit:
+    tokens, starts = [], [0]
+    for t in texts:
+        tokens += tokenizer(t).input_ids + [SEPARATOR_TOKEN]
+        starts.append(len(tokens))
+    return TokenSplit(np.asarray(tokens, np.uint16), np.asarray(starts, np.int64))
+
+
+@pytest.fixture(scope="module")
+def corpus_and_store(tmp_path_factory, bundled_model_dir):
+    from memlm.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(bundled_model_dir)
+    # Each fact appears in two train documents, so a chunk's neighbour can come from another document.
+    train = [" ".join(FACTS[i:] + FACTS[:i]) + "." for i in range(len(FACTS))] * 2
+    heldout = [" ".join(reversed(FACTS)) + ". The end of the held-out text."]
+    corpus = Corpus(tmp_path_factory.mktemp("corpus"), split_of(tokenizer, train), split_of(tokenizer, heldout))
+    store = corpus_store(corpus, tmp_path_factory.mktemp("store"), tokenizer, log=lambda m: None)
+    yield corpus, store, tokenizer
+    store.close()
+
+
+def test_the_store_holds_every_document_and_neighbours_skip_own_and_heldout(corpus_and_store):
+    corpus, store, tokenizer = corpus_and_store
+    assert store.describe(COLLECTION).documents == corpus.train.n_docs + corpus.heldout.n_docs
+    texts = [FACTS[0], FACTS[3]]
+    (ids, valid, hits), _ = search_neighbours(store, COLLECTION, texts, RETRO, filter={"split": "train"}, extra=8,
+                                              exclude_docs=[{"train/0", "train/5"}, set()])
+    assert len(hits) == 2 and not {h.doc_id for h in hits} & {"train/0", "train/5"}
+    assert all(h.doc_id.startswith("train/") for h in hits)
+    assert ids.shape == (2, RETRO.neighbour_length) and valid[:, :M].all()  # each a whole chunk at least
+    first = np.asarray(store.read_chunks(COLLECTION, [hits[0].chunk_id])[0].token_ids)[:M]
+    assert (ids[0, : len(first)] == first).all()  # the hit's tokens, then its continuation
+
+
+def test_the_table_names_a_chunks_documents_and_fills_durably(corpus_and_store, tmp_path):
+    corpus, store, tokenizer = corpus_and_store
+    table = NeighbourTable(tmp_path / "t", corpus.train, "train", RETRO, {"corpus": "x"})
+    starts = corpus.train.doc_starts
+    straddling = int(starts[1]) // M  # the chunk holding document 1's first token
+    assert table._own_docs(straddling) == ({"train/0", "train/1"} if starts[1] % M else {"train/1"})
+    table.fill(np.arange(6), store, tokenizer, batch=4, log=lambda m: None)
+    again = NeighbourTable(tmp_path / "t", corpus.train, "train", RETRO, {"corpus": "x"})  # reopened from disk
+    assert again.filled[:6].all() and not again.filled[6:].any()
+    ids, valid = again.get(np.arange(6))
+    assert ids.shape == (6, RETRO.neighbours, RETRO.neighbour_length) and valid.any(-1).all()
+    with pytest.raises(ValueError, match="not filled"):
+        again.get(np.arange(8))
+    with pytest.raises(ValueError, match="was built for"):
+        NeighbourTable(tmp_path / "t", corpus.train, "train", RETRO, {"corpus": "y"})
+
+
+def test_a_tiny_retro_run_trains_checkpoints_and_resumes_exactly(corpus_and_store, tmp_path):
+    corpus, store, tokenizer = corpus_and_store
+    config = LlamaConfig(vocab_size=len(tokenizer), dim=64, intermediate_size=128, n_layers=2, n_heads=4,
+                         n_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    seq = 2 * M
+    tables = {"train": NeighbourTable(tmp_path / "train", corpus.train, "train", RETRO, {"corpus": "x"}),
+              "heldout": NeighbourTable(tmp_path / "heldout", corpus.heldout, "heldout", RETRO, {"corpus": "x"})}
+
+    def run(out, stop_after=None, resume=False):
+        torch.manual_seed(0)
+        model = Llama(config).eval()
+        adapter = RetroAdapter(config, RETRO, seed=0)
+        cfg = TrainConfig(steps=4, batch=2, micro_batch=1, seq=seq, lr=1e-2, warmup_steps=1, eval_every=2,
+                          eval_windows=1, checkpoint_every=1)
+        trainer = Trainer(model, adapter, corpus.train, corpus.heldout, cfg, out, "tiny", "sha256:tiny", progress=False,
+                          log=lambda m: None)
+        for name, t in tables.items():
+            windows = trainer.order.pool if name == "train" else trainer.eval_idx
+            t.fill(t.chunks_of_windows(windows, seq), store, tokenizer, log=lambda m: None)
+        trainer.batch_data = batch_neighbours(tables, seq, torch.device("cpu"))
+        if resume:
+            assert trainer.resume()
+        trainer.fit(stop_after=stop_after)
+        return trainer
+
+    straight = run(tmp_path / "a")
+    gates = [float(m.gate.detach()) for m in straight.adapter.cca.values()]
+    assert all(g != 0 for g in gates)  # the zero gates learned
+    run(tmp_path / "b", stop_after=2)
+    resumed = run(tmp_path / "b", resume=True)
+    assert [h["loss"] for h in resumed.history if "loss" in h] == [h["loss"] for h in straight.history if "loss" in h]
+    for a, b in zip(straight.adapter.state_dict().values(), resumed.adapter.state_dict().values()):
+        assert torch.equal(a, b)
