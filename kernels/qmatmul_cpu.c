@@ -180,6 +180,8 @@ int q8_0_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const ui
      cache (KV, S_max, hd);  per query head, softmax(q . k_l / sqrt(hd)) over l in [0, pos] times
      v_l (GQA: head h reads KV head h / (H / KV));  x += wo o;
      h = rms_norm(x) * ffn_norm;  [g; u] = w13 h;  x += w2 (silu(g) * u).
+   parts: 1 the attention half (to x += wo o), 2 the MLP half, 3 both (modules a memory mode
+   inserts after the attention, RETRO's cross-attention, run between two calls).
    x (D,) is updated in place. Returns 0, or -1 when out of memory. */
 static void rms_norm(const float *x, const float *w, int64_t D, float eps, float *out) {
     double ss = 0.0;
@@ -211,7 +213,8 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
                       const float *attn_norm, const float *ffn_norm,
                       const uint8_t *wqkv_qs, const uint16_t *wqkv_dm, const uint8_t *wo_qs, const uint16_t *wo_dm,
                       const uint8_t *w13_qs, const uint16_t *w13_dm, const uint8_t *w2_qs, const uint16_t *w2_dm,
-                      const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_seq, int64_t pos) {
+                      const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_seq, int64_t pos,
+                      int64_t parts) {
     const int64_t Q = H * hd, KVD = KV * hd, L = pos + 1;
     float *buf = malloc(sizeof(float) * (size_t)(D + Q + 2 * KVD + Q + D + 2 * I + I + H * L));
     if (buf == NULL) return -1;
@@ -219,6 +222,7 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
     float *scores = act + I;  /* (H, L) */
     int rc = 0;
 
+    if (!(parts & 1)) goto mlp;
     rms_norm(x, attn_norm, D, eps, h);
     rc |= q4_1_matmul(h, 1, D, wqkv_qs, wqkv_dm, Q + 2 * KVD, qkv);
     for (int64_t j = 0; j < H + KV; j++) rope(qkv + j * hd, cos, sin, hd);  /* queries and keys */
@@ -247,11 +251,14 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
     rc |= q4_1_matmul(attn, 1, Q, wo_qs, wo_dm, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
 
+mlp:
+    if (!(parts & 2)) goto done;
     rms_norm(x, ffn_norm, D, eps, h);
     rc |= q4_1_matmul(h, 1, D, w13_qs, w13_dm, 2 * I, gu);
     for (int64_t i = 0; i < I; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[I + i];
     rc |= q4_1_matmul(act, 1, I, w2_qs, w2_dm, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
+done:
     free(buf);
     return rc ? -1 : 0;
 }

@@ -93,7 +93,7 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     for fn in (lib.q4_1_matmul, lib.q8_0_matmul):
         fn.argtypes = [p, i64, i64, p, p, i64, p]
         fn.restype = ctypes.c_int
-    lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p, p, p, p, i64, i64]
+    lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p, p, p, p, i64, i64, i64]
     lib.q4_1_decode_layer.restype = ctypes.c_int
     return lib, None
 
@@ -194,20 +194,21 @@ def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
 def q4_1_decode_layer(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
                       wqkv: tuple[Tensor, Tensor], wo: tuple[Tensor, Tensor], w13: tuple[Tensor, Tensor],
                       w2: tuple[Tensor, Tensor], cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                      pos: int) -> Tensor:
+                      pos: int, parts: int = 3) -> Tensor:
     """One Llama decoder layer (memlm.model.llama.Block with SDPA attention and a SwiGLU MLP) for
     one sequence at one new position, in one C call (see `q4_1_decode_layer` in the .c file).
 
     x (D,) fp32 -> the layer's output (D,) (x is not modified); the four projections as (qs, dm)
     pairs; cos, sin (hd,) the position's RoPE rows; k_cache, v_cache (KV, S_max, hd) fp32
-    contiguous, written at `pos` and read over [0, pos]. hd must be a multiple of 8."""
+    contiguous, written at `pos` and read over [0, pos]. hd must be a multiple of 8.
+    parts: 1 only x + attention, 2 only x + MLP, 3 the whole layer."""
     KV, S, hd = k_cache.shape
     D, I = x.shape[-1], w2[0].shape[1] * 2
     out = x.to(torch.float32, copy=True).contiguous()
     if _lib().q4_1_decode_layer(out.data_ptr(), D, n_heads, KV, hd, I, eps, attn_norm.data_ptr(), ffn_norm.data_ptr(),
                                 wqkv[0].data_ptr(), wqkv[1].data_ptr(), wo[0].data_ptr(), wo[1].data_ptr(),
                                 w13[0].data_ptr(), w13[1].data_ptr(), w2[0].data_ptr(), w2[1].data_ptr(),
-                                cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, pos) != 0:
+                                cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a decode layer's buffers")
     return out
 

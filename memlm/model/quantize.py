@@ -187,24 +187,34 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     """`Block.decode_fast` for layers in q4_1: the whole layer for one new token in one C call
     (`qmatmul_cpu.q4_1_decode_layer`), or None when this layer or call is not the plain case it
     computes (then the module path runs): one sequence and one fp32 token on CPU, the layer's
-    own SDPA attention and SwiGLU MLP with bias-free Q4_1 projections and nothing after its
-    attention. Memory modes that swap a backend or add modules therefore keep their own path."""
+    own SDPA attention and SwiGLU MLP with bias-free Q4_1 projections. Modules after the attention
+    (RETRO's cross-attention, adapters) run between the attention half and the MLP half, two C
+    calls; a memory mode that swaps the attention backend (knn) keeps the module path."""
     from memlm.model.llama import FeedForward, RMSNorm, SDPABackend  # llama imports this module lazily
 
     att, ff = block.attention, block.feed_forward
     linears = (att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None))
-    if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu" or block.after_attention
+    if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
             or type(att.backend) is not SDPABackend or type(ff) is not FeedForward
             or type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm
             or not all(type(m) is Q4_1Linear and m.kernel_ready and m.bias is None for m in linears)
             or att.head_dim % 8 or cache.k.dtype != torch.float32 or torch.compiler.is_compiling()):
         return None
     cos, sin = rope
-    out = qmatmul_cpu.q4_1_decode_layer(
-        x.view(-1), att.n_heads, block.attention_norm.eps, block.attention_norm.weight, block.ffn_norm.weight,
-        *((m.qs, m.dm) for m in linears), cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
-        cache.k[att.layer, 0], cache.v[att.layer, 0], kv_len - 1)
-    return out.view(1, 1, -1)
+
+    def run(x: Tensor, parts: int) -> Tensor:
+        return qmatmul_cpu.q4_1_decode_layer(
+            x.view(-1), att.n_heads, block.attention_norm.eps, block.attention_norm.weight, block.ffn_norm.weight,
+            *((m.qs, m.dm) for m in linears), cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
+            cache.k[att.layer, 0], cache.v[att.layer, 0], kv_len - 1, parts).view(1, 1, -1)
+
+    if not block.after_attention:
+        return run(x, 3)
+    x = run(x, 1)
+    input_pos = torch.tensor([kv_len - 1])
+    for module in block.after_attention:
+        x = module(x, input_pos)
+    return run(x, 2)
 
 
 def _quantized(linear: nn.Linear, fmt: str) -> nn.Module:

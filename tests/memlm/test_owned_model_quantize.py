@@ -187,8 +187,13 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
     assert all(b.decode_fast is q4_1_decode_step for b in model.layers)
     torch.manual_seed(1)
     prompt = torch.randint(0, 101, (1, 20))
-    for layer in range(2):
+    class Shift(torch.nn.Module):  # a module after the attention (RETRO's CCA sits there): runs between the halves
+        def forward(self, x, input_pos):
+            return x + 0.05 * x.roll(1, -1) + 0.001 * input_pos.float()[:, None]
+
+    for layer, inserted in ((0, False), (1, False), (1, True)):
         block = model.layers[layer]
+        block.after_attention = torch.nn.ModuleList([Shift()] if inserted else [])
         caches = []
         for fast in (None, q4_1_decode_step):
             cache = model.new_cache(1, 32)
@@ -206,6 +211,19 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
         for a, b in ((got, ref), (k_got, k_ref), (v_got, v_ref)):
             assert a.shape == b.shape
             assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
+
+    model.layers[1].after_attention = torch.nn.ModuleList()
+
+    # The two halves (parts 1 then 2) are the whole layer (3), bit for bit, and each does something.
+    att, ff, x = block.attention, block.feed_forward, torch.randn(64)
+    def layer(v, parts, cache=model.new_cache(1, 32)):
+        return qmatmul_cpu.q4_1_decode_layer(
+            v, att.n_heads, block.attention_norm.eps, block.attention_norm.weight, block.ffn_norm.weight,
+            *((m.qs, m.dm) for m in (att.wqkv, att.wo, ff.w13, ff.w2)), model.rope_cos[5].contiguous(),
+            model.rope_sin[5].contiguous(), cache.k[att.layer, 0], cache.v[att.layer, 0], 5, parts)
+    whole, first = layer(x, 3), layer(x, 1)
+    assert torch.equal(layer(first, 2), whole)
+    assert not torch.equal(first, x) and not torch.equal(first, whole) and not torch.equal(layer(x, 2), x)
 
     # Cases it leaves to the module path: a prefill (T > 1) and a swapped attention backend.
     block = model.layers[0]
