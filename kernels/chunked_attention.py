@@ -1,4 +1,6 @@
-"""RETRO's chunked cross-attention, the PyTorch reference (a Triton kernel goes beside it).
+"""RETRO's chunked cross-attention: the PyTorch reference (`chunked_cross_attention_ref`, padded
+rows with a mask), its one-query-at-a-time definition, and the packed row layout the Triton
+kernel (`chunked_attention_triton`) reads without padding (`pack_rows`).
 
 Queries at consecutive positions `start .. start + T - 1` of a sequence cut into chunks of m
 tokens. The query at position p reads the rows of chunk c(p) = (p + 1) // m - 1 (RETRO's causal
@@ -18,8 +20,8 @@ def chunk_read_by(position: int, chunk_tokens: int) -> int:
     return (position + 1) // chunk_tokens - 1
 
 
-def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, start: int, chunk_tokens: int,
-                            first_chunk: int, scale: float | None = None) -> Tensor:
+def chunked_cross_attention_ref(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, start: int, chunk_tokens: int,
+                                first_chunk: int, scale: float | None = None) -> Tensor:
     """q (B, H, T, dh): queries at positions start .. start + T - 1.
     k, v (B, G, H, L, dh): the rows of chunks first_chunk .. first_chunk + G - 1 (padded to L).
     valid (B, G, L) bool: which rows are real.
@@ -72,3 +74,18 @@ def chunked_cross_attention_loop(q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
             s = (k[b, g][:, rows] @ q[b, :, t, :, None]).squeeze(-1) * scale  # (H, L')
             out[b, :, t] = (torch.softmax(s, dim=-1)[:, None, :] @ v[b, g][:, rows]).squeeze(1)
     return out
+
+
+def pack_rows(k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Padded rows (B, G, H, L, dh) + valid (B, G, L) -> the valid rows only, (H, R, dh) each, in
+    (batch, chunk, row) order, and offsets (B, G + 1) int32: chunk g of sequence b holds rows
+    [offsets[b, g], offsets[b, g + 1]) (offsets[b, G] == offsets[b + 1, 0])."""
+    B, G, H, L, dh = k.shape
+    mask = valid.reshape(-1)  # (B*G*L,)
+    kp = k.permute(2, 0, 1, 3, 4).reshape(H, B * G * L, dh)[:, mask]
+    vp = v.permute(2, 0, 1, 3, 4).reshape(H, B * G * L, dh)[:, mask]
+    counts = valid.sum(-1).reshape(-1).to(torch.int64)  # (B*G,)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    offsets = torch.cat([starts.view(B, G), ends.view(B, G)[:, -1:]], dim=1) if G else torch.zeros(B, 1, dtype=torch.int64)
+    return kp.contiguous(), vp.contiguous(), offsets.to(torch.int32).to(k.device)

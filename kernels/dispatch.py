@@ -115,3 +115,26 @@ def merge_attention_states(
     else:
         fn = reference.merge_attention_states_ref
     return fn(states)
+
+
+def chunked_cross_attention(
+    q: torch.Tensor,  # (B, H, T, dh)
+    k: torch.Tensor,  # (B, G, H, L, dh)
+    v: torch.Tensor,  # (B, G, H, L, dh)
+    valid: torch.Tensor,  # (B, G, L) bool
+    start: int,
+    chunk_tokens: int,
+    first_chunk: int,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """RETRO's chunked cross-attention (see chunked_attention.chunked_cross_attention_ref); the
+    Triton path packs the valid rows first and reads no padding."""
+    from . import chunked_attention
+
+    if choose_backend(q.device, backend) == "triton":
+        kp, vp, offsets = chunked_attention.pack_rows(k, v, valid)
+        return _triton_module("chunked_attention_triton").chunked_cross_attention_packed(
+            q, kp, vp, offsets, start, chunk_tokens, first_chunk, scale)
+    return chunked_attention.chunked_cross_attention_ref(q, k, v, valid, start, chunk_tokens, first_chunk, scale)

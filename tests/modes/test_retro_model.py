@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memlm.kernels.chunked_attention import chunk_read_by, chunked_cross_attention, chunked_cross_attention_loop
+from memlm.kernels.chunked_attention import chunk_read_by, chunked_cross_attention_loop, chunked_cross_attention_ref as chunked_cross_attention
 from memlm.model.llama import Llama, LlamaConfig
 from memlm.modes.retro.adapter import RetroAdapter, RetroBatch
 from memlm.modes.retro.model import RetroConfig

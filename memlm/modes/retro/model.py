@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memlm.kernels.chunked_attention import chunked_cross_attention
+from memlm.kernels import chunked_cross_attention
 from memlm.model.llama import LlamaConfig, RMSNorm, apply_rope
 
 

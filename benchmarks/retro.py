@@ -1,0 +1,204 @@
+"""RETRO measured: held-out perplexity (base, rag with the same neighbours, retro; leak-free and
+with leakage) and generation speed (retro against none, one run; search and encoding per chunk).
+
+    .venv/bin/python benchmarks/retro.py --weights runs/retro-cpu/export [--max-docs 400] [--windows 0]
+        [--parts perplexity speed] [--threads 2] [--model-weights q4_1|dense]
+
+Data: the corpus `memlm train retro` trained on (same --max-docs), its store and neighbour tables
+(memlm's cache, retro/; missing held-out rows are searched here). Held-out windows of 512 tokens
+(all of them unless --windows); tokens at positions >= 64 are scored (before that RETRO reads
+nothing), the same tokens for every method:
+- base: the frozen model alone;
+- rag: for the tokens of chunk u + 1, the text of chunk u's neighbours (both, continuation
+  included) is put before the window's tokens up to there: what RETRO reads, pasted in;
+- retro: the adapter reading those neighbours through chunked cross-attention.
+"leak-free": neighbours never from the window's own document, only from train documents (how
+training searched; the held-out split shares no 13-gram with train); "leakage": the store's own
+ranking, the document itself included (RETRO's "with leakage" setting: the held-out documents are
+in the store).
+
+Speed: a 256-token prompt from a held-out document, 128 new tokens greedy, none and retro
+alternated (3 runs each, median), served as the host serves: the owned model in --model-weights,
+the mode's hooks searching the corpus store as chunks complete.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHUNK = 64
+
+
+def load(args):
+    from memlm.models.loading import default_cache_dir, load_model, load_tokenizer, resolve_model_dir
+    from memlm.modes.retro.training import prepare
+    from memlm.train.corpus import build_corpus
+    from memlm.train.data import TokenWindows, corpus_key
+    from memlm.train.weights import folder_fingerprint, load_adapter
+
+    folder = resolve_model_dir(None)
+    tokenizer = load_tokenizer(folder)
+    corpus = build_corpus(folder, ("stdlib", "man", "doc"), args.max_docs, log=lambda m: None)
+    model = load_model(folder, weights=args.model_weights)
+    adapter = load_adapter(args.weights, model, folder_fingerprint(folder), attach=False).eval().requires_grad_(False)
+    windows = TokenWindows(corpus.heldout.tokens, args.seq)
+    idx = np.arange(len(windows)) if not args.windows else np.linspace(0, len(windows) - 1, args.windows).round().astype(int)
+    root = Path(args.data or default_cache_dir() / "retro")
+    tables = prepare(corpus, adapter.config, tokenizer, root, args.seq, np.zeros(0, np.int64), idx, corpus_key,
+                     log=print)
+    return folder, tokenizer, corpus, model, adapter, windows, idx, tables, root
+
+
+@torch.inference_mode()
+def window_nll(model, adapter, tokens: torch.Tensor, ids=None, valid=None) -> torch.Tensor:
+    """tokens (1, S + 1) -> NLL (S,) of each next token; with ids/valid (1, n, k, r): through RETRO."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if ids is None:
+        logits = model(inputs, torch.arange(inputs.shape[1]))
+    else:
+        state = adapter.new_state(model)
+        for u in range(ids.shape[1]):
+            state.set_neighbours(u, ids[:, u], valid[:, u])
+        adapter.attach(model)
+        try:
+            with adapter.reading(state):
+                logits = model(inputs, torch.arange(inputs.shape[1]))
+        finally:
+            adapter.detach(model)
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], reduction="none")
+
+
+@torch.inference_mode()
+def rag_nll(model, tokens: torch.Tensor, ids, valid, sep: list[int]) -> torch.Tensor:
+    """The same predictions with the neighbours pasted before the text: for the tokens of chunk
+    u + 1 (targets at positions (u+1)*m - 1 ..), chunk u's neighbours' tokens, then the window up
+    to there. -> NLL (S,), NaN for the first chunk's targets (not scored)."""
+    S = tokens.shape[1] - 1
+    out = torch.full((S,), float("nan"))
+    for u in range(S // CHUNK):
+        lo, hi = (u + 1) * CHUNK - 1, min((u + 2) * CHUNK - 1, S)  # targets read with chunk u's neighbours
+        if lo >= S:
+            break
+        pasted = [int(t) for j in range(ids.shape[2]) for t in ids[0, u, j][valid[0, u, j]]] + sep
+        seq = torch.tensor([pasted + tokens[0, : hi + 1].tolist()])
+        logits = model(seq[:, :-1], torch.arange(seq.shape[1] - 1))
+        n = hi - lo
+        out[lo:hi] = torch.nn.functional.cross_entropy(logits[0, -n:].float(), seq[0, -n:], reduction="none")
+    return out
+
+
+def perplexity(args, tokenizer, model, adapter, windows, idx, tables) -> None:
+    sep = tokenizer("\n\n").input_ids
+    sums = {}
+    t0 = time.perf_counter()
+    for n, i in enumerate(idx):
+        tokens = torch.from_numpy(windows[np.array([i])])  # (1, S + 1)
+        scored = slice(CHUNK - 1, None)  # targets from position 63 on: where RETRO reads its first chunk
+        rows = {"base": window_nll(model, adapter, tokens)}
+        for leak, table in (("leak-free", tables["heldout"]), ("leakage", tables["heldout_leak"])):
+            ids, valid = table.get(table.chunks_of_windows(np.array([i]), args.seq))
+            rows[f"retro {leak}"] = window_nll(model, adapter, tokens, ids, valid)
+            if "rag" in args.methods:
+                rows[f"rag {leak}"] = rag_nll(model, tokens, ids, valid, sep)
+        for name, nll in rows.items():
+            s = sums.setdefault(name, [0.0, 0])
+            s[0] += float(nll[scored].sum())
+            s[1] += int(nll[scored].numel())
+        print(f"  window {n + 1}/{len(idx)} ({time.perf_counter() - t0:.0f} s): "
+              + ", ".join(f"{k} {math.exp(v[0] / v[1]):.3f}" for k, v in sums.items()), flush=True)
+    base = math.exp(sums["base"][0] / sums["base"][1])
+    print(f"\nheld-out perplexity, {len(idx)} windows of {args.seq} tokens, {sums['base'][1]} tokens scored "
+          f"(positions >= {CHUNK}):")
+    print("| method | perplexity | vs base |")
+    print("| --- | --- | --- |")
+    for name, (total, count) in sums.items():
+        ppl = math.exp(total / count)
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% |")
+
+
+def speed(args, folder, tokenizer, corpus, model, adapter, root) -> None:
+    from concurrent.futures import Future
+
+    from memlm.config import StoreSettings
+    from memlm.engine import GenerationRequest, SamplingParams
+    from memlm.generation import generate_tokens
+    from memlm.index.memory_store import MemoryStore
+    from memlm.modes.base import ModeRuntime
+    from memlm.modes.retro.mode import Mode
+    from memlm.modes.retro.settings import Settings
+    from memlm.modes.retro.training import COLLECTION
+
+    doc = corpus.heldout.tokens[corpus.heldout.doc_starts[0] : corpus.heldout.doc_starts[0] + 256].tolist()
+    prompt_ids = list(doc)
+    store = MemoryStore.open(root / "store", StoreSettings(), tokenizer=tokenizer)
+
+    def on_model(fn):
+        f = Future()
+        f.set_result(fn())
+        return f
+
+    runtime = ModeRuntime(model, tokenizer, folder.name, store, on_model, model_dir=folder)
+    mode = Mode(runtime, Settings(weights=str(args.weights)))
+    sampling = SamplingParams(max_new_tokens=args.new_tokens)
+    request = GenerationRequest(prompt="x", collection=COLLECTION, memory="retro", sampling=sampling)
+    rates = {"none": [], "retro": []}
+    per_chunk = []
+    try:
+        for run in range(args.runs + 1):
+            for name in ("none", "retro"):
+                t0 = time.perf_counter()
+                if name == "none":
+                    *_, out = generate_tokens(model, tokenizer, prompt_ids, sampling, threading.Event(), eos_ids=())
+                else:
+                    with mode.generation(request, None) as hooks:
+                        *_, out = generate_tokens(model, tokenizer, prompt_ids, sampling, threading.Event(), eos_ids=(),
+                                                  hooks=hooks)
+                    if run:
+                        per_chunk.append((hooks.read_s / max(1, hooks.chunks_read), hooks.state.encode_s / max(1, hooks.chunks_read),
+                                          hooks.chunks_read))
+                dt = time.perf_counter() - t0
+                if run:  # the first round warms up
+                    rates[name].append(len(out.token_ids) / dt)
+    finally:
+        mode.close()
+        store.close()
+    a, b = statistics.median(rates["none"]), statistics.median(rates["retro"])
+    search_ms = statistics.median(p[0] for p in per_chunk) * 1000
+    encode_ms = statistics.median(p[1] for p in per_chunk) * 1000
+    print(f"\ngeneration, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens, greedy, {args.runs} runs, "
+          f"weights {args.model_weights}, threads {torch.get_num_threads()}:")
+    print(f"  none {a:.2f} tok/s, retro {b:.2f} tok/s: retro {b / a:.2f}x none (goal >= 0.8x)")
+    print(f"  per chunk (median): search {search_ms:.1f} ms, encode {encode_ms:.1f} ms; {per_chunk[0][2]} chunks per generation")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="RETRO adapter folder (adapter.json + adapter.safetensors)")
+    p.add_argument("--max-docs", type=int, default=400, help="the corpus of the run (per source)")
+    p.add_argument("--data", default=None, help="the run's store and tables (default: memlm's cache, retro/)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--windows", type=int, default=0, help="held-out windows (0: all)")
+    p.add_argument("--parts", nargs="+", default=["perplexity", "speed"], choices=["perplexity", "speed"])
+    p.add_argument("--methods", nargs="+", default=["rag"], help="extra methods beside base and retro: rag")
+    p.add_argument("--model-weights", default="q4_1", help="the served model's weight format")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    folder, tokenizer, corpus, model, adapter, windows, idx, tables, root = load(args)
+    if "perplexity" in args.parts:
+        perplexity(args, tokenizer, model, adapter, windows, idx, tables)
+    if "speed" in args.parts:
+        speed(args, folder, tokenizer, corpus, model, adapter, root)
+
+
+if __name__ == "__main__":
+    main()
