@@ -1,8 +1,9 @@
 """RETRO measured: held-out perplexity (base, rag with the same neighbours, retro; leak-free and
-with leakage) and generation speed (retro against none, one run; search and encoding per chunk).
+with leakage), a copy check (facts stated in one stored document), and generation speed (retro
+against none, one run; search and encoding per chunk).
 
     .venv/bin/python benchmarks/retro.py --weights runs/retro-cpu/export [--max-docs 400] [--windows 0]
-        [--parts perplexity speed] [--threads 2] [--model-weights q4_1|dense]
+        [--parts perplexity copy speed] [--threads 2] [--model-weights q4_1|dense]
 
 Data: the corpus `memlm train retro` trained on (same --max-docs), its store and neighbour tables
 (memlm's cache, retro/; missing held-out rows are searched here). Held-out windows of 512 tokens
@@ -123,20 +124,16 @@ def perplexity(args, tokenizer, model, adapter, windows, idx, tables) -> None:
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% |")
 
 
-def speed(args, folder, tokenizer, corpus, model, adapter, root) -> None:
+def open_mode(args, folder, tokenizer, model, root):
+    """The retro mode as the host runs it, over the corpus store (held-out documents included)."""
     from concurrent.futures import Future
 
     from memlm.config import StoreSettings
-    from memlm.engine import GenerationRequest, SamplingParams
-    from memlm.generation import generate_tokens
     from memlm.index.memory_store import MemoryStore
     from memlm.modes.base import ModeRuntime
     from memlm.modes.retro.mode import Mode
     from memlm.modes.retro.settings import Settings
-    from memlm.modes.retro.training import COLLECTION
 
-    doc = corpus.heldout.tokens[corpus.heldout.doc_starts[0] : corpus.heldout.doc_starts[0] + 256].tolist()
-    prompt_ids = list(doc)
     store = MemoryStore.open(root / "store", StoreSettings(), tokenizer=tokenizer)
 
     def on_model(fn):
@@ -145,7 +142,60 @@ def speed(args, folder, tokenizer, corpus, model, adapter, root) -> None:
         return f
 
     runtime = ModeRuntime(model, tokenizer, folder.name, store, on_model, model_dir=folder)
-    mode = Mode(runtime, Settings(weights=str(args.weights)))
+    return Mode(runtime, Settings(weights=str(args.weights))), store
+
+
+def copy_check(args, folder, tokenizer, corpus, model, adapter, root) -> None:
+    """Facts stated in one stored document: a held-out document's own text (no 13-gram of it is in
+    train), prompted with the 48 tokens before a line start, must continue with the document's
+    next 8 tokens. none, retro (the prompt's chunk reads its neighbours, the document among the
+    candidates) and greedy decoding; exact match of all 8, and of the first 4."""
+    from memlm.engine import GenerationRequest, SamplingParams
+    from memlm.generation import generate_tokens
+    from memlm.modes.retro.training import COLLECTION
+
+    newline = set(tokenizer("\n").input_ids)
+    rng = np.random.default_rng(0)
+    trials = []
+    split = corpus.heldout
+    for d in range(split.n_docs):
+        toks = split.tokens[split.doc_starts[d] : split.doc_starts[d + 1]].tolist()
+        starts = [i + 1 for i, t in enumerate(toks[:-9]) if t in newline and i + 1 >= 48]
+        for i in rng.permutation(starts)[: args.copy_per_doc]:
+            target = toks[i : i + 8]
+            if len(set(target) - newline) >= 4:  # a line with words in it, not a blank run
+                trials.append((toks[i - 48 : i], target))
+    mode, store = open_mode(args, folder, tokenizer, model, root)
+    sampling = SamplingParams(max_new_tokens=8)
+    request = GenerationRequest(prompt="x", collection=COLLECTION, memory="retro", sampling=sampling)
+    hits = {"none": [0, 0], "retro": [0, 0]}
+    try:
+        for prompt, target in trials:
+            *_, plain = generate_tokens(model, tokenizer, prompt, sampling, threading.Event(), eos_ids=())
+            with mode.generation(request, None) as hooks:
+                *_, retro = generate_tokens(model, tokenizer, prompt, sampling, threading.Event(), eos_ids=(), hooks=hooks)
+            for name, out in (("none", plain), ("retro", retro)):
+                got = list(out.token_ids)
+                hits[name][0] += got[:8] == target
+                hits[name][1] += got[:4] == target[:4]
+    finally:
+        mode.close()
+        store.close()
+    n = len(trials)
+    print(f"\ncopy check: {n} line continuations from {split.n_docs} held-out documents (stored, unique to them), "
+          "8 tokens greedy after 48:")
+    for name, (all8, first4) in hits.items():
+        print(f"  {name}: all 8 tokens {all8}/{n} ({100 * all8 / n:.0f}%), first 4 {first4}/{n} ({100 * first4 / n:.0f}%)")
+
+
+def speed(args, folder, tokenizer, corpus, model, adapter, root) -> None:
+    from memlm.engine import GenerationRequest, SamplingParams
+    from memlm.generation import generate_tokens
+    from memlm.modes.retro.training import COLLECTION
+
+    doc = corpus.heldout.tokens[corpus.heldout.doc_starts[0] : corpus.heldout.doc_starts[0] + 256].tolist()
+    prompt_ids = list(doc)
+    mode, store = open_mode(args, folder, tokenizer, model, root)
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     request = GenerationRequest(prompt="x", collection=COLLECTION, memory="retro", sampling=sampling)
     rates = {"none": [], "retro": []}
@@ -185,7 +235,8 @@ def main() -> None:
     p.add_argument("--data", default=None, help="the run's store and tables (default: memlm's cache, retro/)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--windows", type=int, default=0, help="held-out windows (0: all)")
-    p.add_argument("--parts", nargs="+", default=["perplexity", "speed"], choices=["perplexity", "speed"])
+    p.add_argument("--parts", nargs="+", default=["perplexity", "copy", "speed"], choices=["perplexity", "copy", "speed"])
+    p.add_argument("--copy-per-doc", type=int, default=10, help="copy-check line continuations per held-out document")
     p.add_argument("--methods", nargs="+", default=["rag"], help="extra methods beside base and retro: rag")
     p.add_argument("--model-weights", default="q4_1", help="the served model's weight format")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -196,6 +247,8 @@ def main() -> None:
     folder, tokenizer, corpus, model, adapter, windows, idx, tables, root = load(args)
     if "perplexity" in args.parts:
         perplexity(args, tokenizer, model, adapter, windows, idx, tables)
+    if "copy" in args.parts:
+        copy_check(args, folder, tokenizer, corpus, model, adapter, root)
     if "speed" in args.parts:
         speed(args, folder, tokenizer, corpus, model, adapter, root)
 
