@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--knn-overlap", type=int, default=128)
     p.add_argument("--retrieval", default=StoreSettings().search_mode, choices=SEARCH_MODES,
                    help="how rag and knn-gated rank chunks (default: the service's store.search_mode)")
+    p.add_argument("--fusion", default=None, choices=["absolute", "rrf", "relative_score", "dbsf"],
+                   help="how hybrid search fuses (default: the store's store.fusion)")
     p.add_argument("--follow-chunks", type=int, default=None,
                    help="knn-gated: chunks after each candidate also read (default: the preset's)")
     p.add_argument("--candidate-chunks", type=int, default=None,
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
             where = [(i, j) for i, (_, cs) in enumerate(docs) for j in range(len(cs))]
             t0 = time.perf_counter()
             texts = [tok.decode(docs[i][1][j]) for i, j in where]
-            ranker = ChunkRanker(embedder, embedder.embed(texts), texts.__getitem__)  # (C, 384) vectors
+            ranker = ChunkRanker(embedder, embedder.embed(texts), texts.__getitem__, args.fusion)  # (C, 384) vectors
             print(f"ingest: {len(where)} chunk vectors in {time.perf_counter() - t0:.1f} s", flush=True)
 
         for i, (kind, cs) in enumerate(docs):

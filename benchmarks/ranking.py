@@ -29,8 +29,10 @@ class ChunkRanker:
     """Rows 0..n-1: `vectors` (n, dim) unit rows from `embedder`; `text(row)` gives a row's text
     (read only when the lexical index is first needed)."""
 
-    def __init__(self, embedder, vectors: np.ndarray, text: Callable[[int], str]) -> None:
+    def __init__(self, embedder, vectors: np.ndarray, text: Callable[[int], str], fusion: str | None = None) -> None:
+        """fusion: how "hybrid" fuses (memlm.index.fusion); None = the store's default `store.fusion`."""
         self.embedder, self.vectors, self.text = embedder, np.asarray(vectors, np.float32), text
+        self.fusion = fusion or StoreSettings().fusion
         self._lexical: LexicalIndex | None = None
 
     def __len__(self) -> int:
@@ -65,7 +67,7 @@ class ChunkRanker:
         if mode == "hybrid":
             depth, q_vec, lex = fusion_depth(k), self._embed(query), self.lexical_index
             return fuse(
-                StoreSettings().fusion, self._dense(q_vec, depth), lex.search(query, depth), k,
+                self.fusion, self._dense(q_vec, depth), lex.search(query, depth), k,
                 cosine_of=lambda rows: self.vectors[rows] @ q_vec,
                 bm25_of=lambda rows: lex.score(query, rows),
                 bm25_reference=lex.reference_score(query),
