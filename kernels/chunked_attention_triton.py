@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .knn_attention_triton import _online_update  # the one online-softmax step both kernels take
+
 
 @triton.jit
 def _cca_fwd(
@@ -61,13 +63,7 @@ def _cca_fwd(
         s = tl.where(ok, tl.sum(kt * q[None, :], axis=1), float("-inf"))  # (BLOCK_N,)
         vt = tl.load(v_base + rn[:, None] * stride_vr + rd[None, :] * stride_vd,
                      mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe)
-        l = l * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
-        m = m_new
+        m, l, acc = _online_update(s, vt, m, l, acc)
     out = acc / tl.where(l > 0, l, 1.0)
     tl.store(O + b * stride_ob + h * stride_oh + t * stride_ot + rd * stride_od, out.to(O.dtype.element_ty), mask=d_ok)
 
