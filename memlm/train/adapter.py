@@ -108,6 +108,22 @@ class Adapter(nn.Module, abc.ABC):
         return next_token_loss(model, batch, self.first_layer)
 
 
+def attach_after_attention(model: Llama, modules: "nn.ModuleDict") -> None:
+    """Append each of {layer index (str): module} to that layer's `after_attention` (once)."""
+    for i, module in modules.items():
+        hooks = model.layers[int(i)].after_attention
+        if not any(m is module for m in hooks):
+            hooks.append(module)
+
+
+def detach_after_attention(model: Llama, modules: "nn.ModuleDict") -> None:
+    """Undo `attach_after_attention`."""
+    for i, module in modules.items():
+        hooks = model.layers[int(i)].after_attention
+        for k in reversed([k for k, m in enumerate(hooks) if m is module]):
+            del hooks[k]
+
+
 @dataclass
 class BottleneckConfig:
     layers: tuple[int, ...] = (20, 23, 26, 29)  # where the adapters sit (negative: from the top)
@@ -152,16 +168,10 @@ class BottleneckAdapter(Adapter):
         return self.config.layers[0]
 
     def attach(self, model: Llama) -> None:
-        for i, block in self.blocks.items():
-            if any(m is block for m in model.layers[int(i)].after_attention):
-                continue
-            model.layers[int(i)].after_attention.append(block)
+        attach_after_attention(model, self.blocks)
 
     def detach(self, model: Llama) -> None:
-        for i, block in self.blocks.items():
-            hooks = model.layers[int(i)].after_attention
-            for k in reversed([k for k, m in enumerate(hooks) if m is block]):
-                del hooks[k]
+        detach_after_attention(model, self.blocks)
 
     def config_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}

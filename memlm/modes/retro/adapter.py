@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from memlm.model.llama import Llama, LlamaConfig
 from memlm.modes.retro.model import ChunkedCrossAttention, NeighbourEncoder, RetroConfig, RetroState, StateSlot
-from memlm.train.adapter import Adapter, ParamGroup, TrainBatch, next_token_loss
+from memlm.train.adapter import (Adapter, ParamGroup, TrainBatch, attach_after_attention, detach_after_attention,
+                                 next_token_loss)
 
 
 @dataclass
@@ -52,16 +53,10 @@ class RetroAdapter(Adapter):
         return self.config.layers[0]
 
     def attach(self, model: Llama) -> None:
-        for i, module in self.cca.items():
-            hooks = model.layers[int(i)].after_attention
-            if not any(m is module for m in hooks):
-                hooks.append(module)
+        attach_after_attention(model, self.cca)
 
     def detach(self, model: Llama) -> None:
-        for i, module in self.cca.items():
-            hooks = model.layers[int(i)].after_attention
-            for j in reversed([j for j, m in enumerate(hooks) if m is module]):
-                del hooks[j]
+        detach_after_attention(model, self.cca)
 
     def new_state(self, model: Llama, phase: int = 0) -> RetroState:
         return RetroState(self.config, model.embed, phase)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memlm.kernels import chunked_cross_attention
+from memlm.kernels.chunked_attention import chunk_read_by
 from memlm.model.llama import LlamaConfig, RMSNorm, apply_rope
 
 
@@ -280,7 +281,7 @@ class ChunkedCrossAttention(nn.Module):
         m, start, T = self.config.chunk_tokens, int(input_pos[0]) + state.phase, x.shape[1]  # grid positions
         if self.encoder is not None:
             state.encode(self.encoder, x, start)
-        lo, hi = max((start + 1) // m - 1, 0), (start + T) // m - 1  # chunks these queries read
+        lo, hi = max(chunk_read_by(start, m), 0), chunk_read_by(start + T - 1, m)  # chunks these queries read
         kvs = {u: state.chunk_kv(self.layer, u, self.wkv, self.heads) for u in range(lo, hi + 1)}
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
         if not kvs:
