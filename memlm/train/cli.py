@@ -78,6 +78,8 @@ def retro(
     max_docs: Optional[int] = typer.Option(None, help="at most this many documents per source"),
     train_windows: int = typer.Option(2048, help="train on a fixed subset of this many windows (0: all; each "
                                       "needs its chunks' neighbours searched once)"),
+    copy_repeat: int = typer.Option(4, help="windows whose neighbours hold >= 20% of the 4-grams their chunks go "
+                                    "on to use come this many times per epoch (1: all once)"),
     cache_hidden: bool = typer.Option(False, "--cache-hidden", help="cache the frozen layers' states below the first CCA"),
     eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
     eval_windows: int = typer.Option(16, help="held-out windows per evaluation"),
@@ -100,12 +102,17 @@ def _prepare_retro(trainer, corpus, folder: Path, opts: dict) -> None:
     """Search the neighbours of every window the run uses (once; kept in the data folder) and hand
     them to the trainer batch by batch."""
     from memlm.models.loading import default_cache_dir, load_tokenizer
-    from memlm.modes.retro.training import batch_neighbours, prepare
+    from memlm.modes.retro.training import batch_neighbours, copy_repeats, prepare
     from memlm.train.data import corpus_key
 
     root = opts["data"] or default_cache_dir() / "retro"
     tables = prepare(corpus, trainer.adapter.config, load_tokenizer(folder), root, trainer.config.seq,
                      trainer.order.pool, trainer.eval_idx, corpus_key, log=lambda m: typer.echo(m, err=True))
+    repeats = copy_repeats(tables["train"], trainer.order.pool, trainer.config.seq, opts["copy_repeat"])
+    if opts["copy_repeat"] > 1:
+        trainer.order = trainer.order.repeated(repeats)
+        typer.echo(f"{int((repeats > 1).sum())} of {len(repeats)} train windows repeated {opts['copy_repeat']}x per "
+                   "epoch (neighbours holding what follows)", err=True)
     trainer.batch_data = batch_neighbours({"train": tables["train"], "heldout": tables["heldout"]},
                                           trainer.config.seq, trainer.device)
 

@@ -10,6 +10,7 @@ adapter's first layer in a disk-backed array, computed once: a (seq, dim) fp32 r
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,7 +41,8 @@ class TokenWindows:
 
 class WindowOrder:
     """Window index at each data position: an endless sequence of seeded permutations of `pool`
-    (all windows, or a fixed seeded subset of `limit` of them)."""
+    (all windows, or a fixed seeded subset of `limit` of them), each pool window once per epoch
+    unless `repeated` gave it more."""
 
     def __init__(self, n_windows: int, seed: int, limit: int = 0):
         self.seed = seed
@@ -48,16 +50,31 @@ class WindowOrder:
         if 0 < limit < n_windows:
             pool = np.sort(np.random.default_rng([seed, 2**31 - 1]).permutation(n_windows)[:limit])
         self.pool = pool
+        self.sequence = pool  # what an epoch permutes
         self._epochs: dict[int, np.ndarray] = {}
+
+    def repeated(self, repeats: np.ndarray) -> "WindowOrder":
+        """This order with pool window i seen repeats[i] (>= 1) times per epoch."""
+        repeats = np.asarray(repeats, np.int64)
+        if repeats.shape != self.pool.shape or (repeats < 1).any():
+            raise ValueError(f"repeats must be {len(self.pool)} counts >= 1, one per pool window")
+        out = WindowOrder.__new__(WindowOrder)
+        out.seed, out.pool, out._epochs = self.seed, self.pool, {}
+        out.sequence = np.repeat(self.pool, repeats)
+        return out
+
+    def key(self) -> str:
+        """What the order is made of (a checkpoint resumes only the same order)."""
+        return hashlib.sha1(np.ascontiguousarray(self.sequence, np.int64).tobytes()).hexdigest()[:16]
 
     def epoch(self, e: int) -> np.ndarray:
         if e not in self._epochs:
-            self._epochs = {e: self.pool[np.random.default_rng([self.seed, e]).permutation(len(self.pool))]}
+            self._epochs = {e: self.sequence[np.random.default_rng([self.seed, e]).permutation(len(self.sequence))]}
         return self._epochs[e]
 
     def take(self, position: int, count: int) -> np.ndarray:
         """The window indices at positions [position, position + count)."""
-        n = len(self.pool)
+        n = len(self.sequence)
         return np.array([self.epoch(p // n)[p % n] for p in range(position, position + count)], np.int64)
 
 
@@ -123,8 +140,6 @@ class HiddenStateCache:
 
 def corpus_key(tokens: np.ndarray) -> str:
     """A short hash of a token stream (for cache keys): sha1 of its bytes."""
-    import hashlib
-
     return hashlib.sha1(np.ascontiguousarray(tokens).view(np.uint8)).hexdigest()[:16]
 
 

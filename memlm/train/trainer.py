@@ -213,7 +213,7 @@ class Trainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
         state = {"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
                  "config": self.config.to_dict(), "mode": self.adapter.mode, "adapter_config": self.adapter.config_dict(),
-                 "base_fingerprint": self.base_fingerprint, "history": self.history}
+                 "base_fingerprint": self.base_fingerprint, "order": self.order.key(), "history": self.history}
         (tmp / "state.json").write_text(json.dumps(state))
         if self.checkpoint_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -239,6 +239,9 @@ class Trainer:
         mine = self.config.to_dict()
         differ = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in mine.items()
                   if k not in TrainConfig.FREE_ON_RESUME and state["config"].get(k) != v]
+        plain = len(self.order.sequence) == len(self.order.pool)  # checkpoints without the key had the plain order
+        if ("order" in state and state["order"] != self.order.key()) or ("order" not in state and not plain):
+            differ.append("the order of training windows (their repeats)")
         if differ:
             raise ValueError(f"checkpoint in {folder} was made with other settings: {', '.join(differ)}; "
                              "resume with the same settings, or start in a new --out folder")

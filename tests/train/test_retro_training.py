@@ -12,7 +12,8 @@ from memlm.model.llama import Llama, LlamaConfig
 from memlm.modes.retro.adapter import RetroAdapter
 from memlm.modes.retro.model import RetroConfig
 from memlm.modes.retro.neighbours import search_neighbours
-from memlm.modes.retro.training import COLLECTION, NeighbourTable, batch_neighbours, corpus_store
+from memlm.modes.retro.training import (COLLECTION, NeighbourTable, batch_neighbours, copy_repeats, corpus_store,
+                                       neighbour_overlap)
 from memlm.train.corpus import SEPARATOR_TOKEN, Corpus, TokenSplit
 from memlm.train.trainer import TrainConfig, Trainer
 
@@ -76,6 +77,27 @@ def test_the_table_names_a_chunks_documents_and_fills_durably(corpus_and_store, 
         again.get(np.arange(8))
     with pytest.raises(ValueError, match="was built for"):
         NeighbourTable(tmp_path / "t", corpus.train, "train", RETRO, {"corpus": "y"})
+
+
+def test_overlap_counts_what_the_next_chunk_takes_from_the_neighbours(corpus_and_store, tmp_path):
+    corpus, store, tokenizer = corpus_and_store
+    table = NeighbourTable(tmp_path / "t", corpus.train, "train", RETRO, {"corpus": "x"})
+    n = len(corpus.train.tokens) // M
+    table.fill(np.arange(n), store, tokenizer, log=lambda m: None)
+    found = neighbour_overlap(table, np.arange(n))
+    assert found.shape == (n,) and ((0 <= found) & (found <= 1)).all() and found[-1] == 0
+    assert (found >= 0.2).any()  # every fact is in two train documents: some neighbours hold what follows
+    tokens = corpus.train.tokens
+    table.ids[3] = 0
+    table.ids[3, 0, :M] = tokens[4 * M : 5 * M]  # chunk 3's first neighbour: chunk 4 itself
+    table.lengths[3] = (M, 0)
+    # the n-grams ending in chunk 4 that lie wholly inside it: all but the 3 that start in chunk 3
+    assert neighbour_overlap(table, np.array([3]))[0] >= (M - 3) / M
+    table.ids[3, 0, :M] = tokens[4 * M : 5 * M][::-1]  # the same tokens backwards share (almost) no 4-gram
+    assert neighbour_overlap(table, np.array([3]))[0] < 0.2
+    repeats = copy_repeats(table, np.array([0, 1]), 2 * M, repeat=3)
+    assert repeats.tolist() == [3 if found[[0, 1]].mean() >= 0.2 else 1, 3 if found[[2, 3]].mean() >= 0.2 else 1]
+    assert copy_repeats(table, np.array([0, 1]), 2 * M, repeat=1).tolist() == [1, 1]
 
 
 def test_a_tiny_retro_run_trains_checkpoints_and_resumes_exactly(corpus_and_store, tmp_path):

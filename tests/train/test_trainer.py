@@ -11,6 +11,7 @@ import torch
 from memlm.model.llama import Llama, LlamaConfig
 from memlm.train.adapter import BottleneckAdapter, BottleneckConfig
 from memlm.train.corpus import TokenSplit
+from memlm.train.data import WindowOrder
 from memlm.train.trainer import TrainConfig, Trainer, lr_factor
 from memlm.train.weights import BaseModelMismatch, load_adapter, model_fingerprint, read_manifest
 
@@ -97,6 +98,27 @@ def test_resume_refuses_other_settings(tmp_path):
     other = make_trainer(tmp_path, steps=2, lr=5e-3)
     with pytest.raises(ValueError, match=r"lr=0.01 \(now 0.005\)"):
         other.resume()
+
+
+def test_repeated_windows_come_that_often_per_epoch_and_resume_only_in_that_order(tmp_path):
+    plain = WindowOrder(40, seed=0, limit=10)
+    repeats = np.where(np.arange(10) % 3 == 0, 4, 1)  # windows 0, 3, 6, 9 of the pool four times
+    order = plain.repeated(repeats)
+    for e in range(2):
+        counts = dict(zip(*np.unique(order.epoch(e), return_counts=True)))
+        assert counts == {int(w): int(r) for w, r in zip(plain.pool, repeats)}
+    assert list(order.take(0, len(order.sequence))) == list(order.epoch(0)) and order.key() != plain.key()
+    with pytest.raises(ValueError, match="counts >= 1"):
+        plain.repeated(np.zeros(10, np.int64))
+
+    t = make_trainer(tmp_path, steps=2, train_windows=10)
+    t.order = t.order.repeated(repeats)
+    t.fit()
+    again = make_trainer(tmp_path, steps=2, train_windows=10)  # the plain order: refused
+    with pytest.raises(ValueError, match="order of training windows"):
+        again.resume()
+    again.order = again.order.repeated(repeats)
+    assert again.resume() and again.step == 2
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
