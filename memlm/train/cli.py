@@ -113,8 +113,8 @@ def _prepare_retro(trainer, corpus, folder: Path, opts: dict) -> None:
         trainer.order = trainer.order.repeated(repeats)
         typer.echo(f"{int((repeats > 1).sum())} of {len(repeats)} train windows repeated {opts['copy_repeat']}x per "
                    "epoch (neighbours holding what follows)", err=True)
-    trainer.batch_data = batch_neighbours({"train": tables["train"], "heldout": tables["heldout"]},
-                                          trainer.config.seq, trainer.device)
+    trainer.batch_data = batch_neighbours(tables, trainer.config.seq, trainer.device)
+    trainer.extra_evals["eval_loss_leakage"] = "heldout_leak"  # the document's own chunks allowed: copying
 
 
 def _train(mode: str, adapter_config: dict, opts: dict, prepare=None) -> None:

@@ -132,6 +132,9 @@ class Trainer:
         self.step = self.position = self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
         self.caches: dict[str, HiddenStateCache] = {}
+        # More held-out losses each evaluation: history key -> the batch split to read (a mode's
+        # batch_data gives its extra data; RETRO: "eval_loss_leakage" with the document's own chunks).
+        self.extra_evals: dict[str, str] = {}
         if config.cache_hidden:
             root = Path(hidden_cache_dir) if hidden_cache_dir else self.out_dir / "hidden"
             for name, w, split in (("train", self.windows, train), ("heldout", self.heldout_windows, heldout)):
@@ -180,15 +183,20 @@ class Trainer:
         return float(torch.stack(losses).mean())
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, split: str = "heldout") -> float:
         """Mean next-token loss over the fixed held-out windows (in micro-batches)."""
         self.adapter.eval()
         total = 0.0
         for lo in range(0, len(self.eval_idx), self.config.micro):
             idx = self.eval_idx[lo : lo + self.config.micro]
             with self._autocast():
-                total += float(self.adapter.loss(self.model, self._batch("heldout", idx))) * len(idx)
+                total += float(self.adapter.loss(self.model, self._batch(split, idx))) * len(idx)
         return total / len(self.eval_idx)
+
+    def _evaluation(self) -> dict[str, Any]:
+        """A history entry: eval_loss and the extra evaluations at this step."""
+        return {"step": self.step, "eval_loss": self.evaluate(),
+                **{key: self.evaluate(split) for key, split in self.extra_evals.items()}}
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -272,7 +280,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         end = c.steps if stop_after is None else min(c.steps, stop_after)
         if self.step == 0 and not any("eval_loss" in h for h in self.history):
-            self.history.append({"step": 0, "eval_loss": self.evaluate()})
+            self.history.append(self._evaluation())
         bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=not self.progress, file=sys.stderr,
                    dynamic_ncols=True, mininterval=1.0)
         train_seconds, run_tokens = 0.0, 0
@@ -288,8 +296,8 @@ class Trainer:
             self.history.append({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                  "tokens": self.tokens_seen, "step_seconds": round(dt, 4)})
             if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
-                eval_loss = self.evaluate()
-                self.history.append({"step": self.step, "eval_loss": eval_loss})
+                self.history.append(self._evaluation())
+                eval_loss = self.history[-1]["eval_loss"]
             if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or self.step == end:
                 self.save_checkpoint()
                 self._write_history()

@@ -106,7 +106,8 @@ def test_a_tiny_retro_run_trains_checkpoints_and_resumes_exactly(corpus_and_stor
                          n_kv_heads=2, head_dim=16, max_position_embeddings=128)
     seq = 2 * M
     tables = {"train": NeighbourTable(tmp_path / "train", corpus.train, "train", RETRO, {"corpus": "x"}),
-              "heldout": NeighbourTable(tmp_path / "heldout", corpus.heldout, "heldout", RETRO, {"corpus": "x"})}
+              "heldout": NeighbourTable(tmp_path / "heldout", corpus.heldout, "heldout", RETRO, {"corpus": "x"}),
+              "heldout_none": NeighbourTable(tmp_path / "none", corpus.heldout, "heldout", RETRO, {"corpus": "x"})}
 
     def run(out, stop_after=None, resume=False):
         torch.manual_seed(0)
@@ -120,12 +121,20 @@ def test_a_tiny_retro_run_trains_checkpoints_and_resumes_exactly(corpus_and_stor
             windows = trainer.order.pool if name == "train" else trainer.eval_idx
             t.fill(t.chunks_of_windows(windows, seq), store, tokenizer, log=lambda m: None)
         trainer.batch_data = batch_neighbours(tables, seq, torch.device("cpu"))
+        tables["heldout_none"].lengths[:] = 0  # searched, then emptied: no chunk has a neighbour
+        trainer.extra_evals["eval_loss_no_neighbours"] = "heldout_none"
         if resume:
             assert trainer.resume()
         trainer.fit(stop_after=stop_after)
         return trainer
 
     straight = run(tmp_path / "a")
+    evals = [h for h in straight.history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4]
+    # the held-out document in the store reads its own chunks: other neighbours, another loss
+    # the extra evaluation reads its own table: with no neighbours there, the base model's loss at every step
+    assert all(h["eval_loss_no_neighbours"] == evals[0]["eval_loss"] for h in evals)
+    assert evals[-1]["eval_loss"] != evals[0]["eval_loss"]
     gates = [float(m.gate.detach()) for m in straight.adapter.cca.values()]
     assert all(g != 0 for g in gates)  # the zero gates learned
     run(tmp_path / "b", stop_after=2)
