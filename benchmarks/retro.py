@@ -135,6 +135,7 @@ def open_mode(args, folder, tokenizer, model, root):
     from memlm.modes.retro.settings import Settings
 
     store = MemoryStore.open(root / "store", StoreSettings(), tokenizer=tokenizer)
+    torch.set_num_threads(args.threads)  # FAISS set OpenMP's count for this thread to its own (1)
 
     def on_model(fn):
         f = Future()

@@ -282,10 +282,20 @@ class ChunkedCrossAttention(nn.Module):
         if self.encoder is not None:
             state.encode(self.encoder, x, start)
         lo, hi = max(chunk_read_by(start, m), 0), chunk_read_by(start + T - 1, m)  # chunks these queries read
+        if T == 1:  # a decode step reads one chunk's rows as they are: no padded copy
+            kv = state.chunk_kv(self.layer, hi, self.wkv, self.heads) if hi >= 0 else None
+            if kv is None or not bool(kv[2].any(-1).all()):
+                return x if kv is None else self._padded(x, {hi: kv}, start)
+            q = _heads(self.wq(self.norm(x)), self.heads)  # (B, Hc, 1, dh)
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2][:, None, None, :])
+            return x + torch.tanh(self.gate).to(x.dtype) * self.wo(y.transpose(1, 2).flatten(2))
         kvs = {u: state.chunk_kv(self.layer, u, self.wkv, self.heads) for u in range(lo, hi + 1)}
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
-        if not kvs:
-            return x
+        return self._padded(x, kvs, start) if kvs else x
+
+    def _padded(self, x: Tensor, kvs: dict[int, tuple[Tensor, Tensor, Tensor]], start: int) -> Tensor:
+        """The queries x at grid positions start.. over the chunks kvs, their rows padded to one length."""
+        m = self.config.chunk_tokens
         lo, hi = min(kvs), max(kvs)
         B, L = x.shape[0], max(kv[0].shape[2] for kv in kvs.values())
         k = x.new_zeros(B, hi - lo + 1, self.heads, L, self.config.encoder_dim // self.heads)
