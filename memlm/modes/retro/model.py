@@ -13,7 +13,9 @@ states of chunk u there (H_u: the residual stream after that layer's self-attent
 E_u, k * r rows of width E. At every CCA layer the queries at positions
 [u*m + m - 1, (u+1)*m + m - 1) attend to E_u (`memlm.kernels.chunked_attention`): a neighbour of
 chunk u is read from u's last token on, never earlier; the first m - 1 positions read nothing.
-A CCA layer adds tanh(gate) * wo(attention) to the residual stream with gate initialised to 0, so
+The CCA's queries and keys are RMS-normed per head (QK-norm: logits of O(1) from the start, so
+attention can pick the matching rows instead of averaging them; the embedded neighbour tokens are
+RMS-normed too). A CCA layer adds tanh(gate) * wo(attention) to the residual stream with gate initialised to 0, so
 before training, or with no neighbours, the model is exactly the base model.
 
 Generation with a KV cache runs the same modules one token at a time: a `RetroState` holds each
@@ -109,6 +111,7 @@ class EncoderLayer(nn.Module):
         self.wq_cross = nn.Linear(E, E, bias=False)
         self.wkv_cross = nn.Linear(context_dim, 2 * E, bias=False)
         self.wo_cross = nn.Linear(E, E, bias=False)
+        nn.init.zeros_(self.wo_cross.weight)  # the encoder starts as the neighbour's own; conditioning is learned
         self.ffn_norm = RMSNorm(E, eps)
         self.w13 = nn.Linear(E, 2 * config.encoder_ffn, bias=False)
         self.w2 = nn.Linear(config.encoder_ffn, E, bias=False)
@@ -137,6 +140,7 @@ class NeighbourEncoder(nn.Module):
         super().__init__()
         D, E, eps = model_config.dim, config.encoder_dim, model_config.rms_norm_eps
         self.config = config
+        self.embed_norm = RMSNorm(D, eps)  # the token signal at the scale of the decoder-state branch
         self.proj = nn.Linear(D, E, bias=False)
         self.context_norm = RMSNorm(D, eps)
         self.layers = nn.ModuleList(EncoderLayer(config, D, eps) for _ in range(config.encoder_layers))
@@ -152,7 +156,7 @@ class NeighbourEncoder(nn.Module):
         (N, m) or None (all) -> (N, r, E)."""
         r = embeds.shape[1]
         rope = (self.rope_cos[:r, None].to(embeds.dtype), self.rope_sin[:r, None].to(embeds.dtype))
-        h = self.proj(embeds)
+        h = self.proj(self.embed_norm(embeds))
         context = self.context_norm(context)
         for layer in self.layers:
             h = layer(h, valid, rope, context, context_valid)
@@ -239,15 +243,16 @@ class RetroState:
         valid = torch.arange(m, device=rows.device) >= pad
         return (F.pad(rows, (0, 0, pad, 0)) if pad else rows), valid
 
-    def chunk_kv(self, layer: int, chunk: int, wkv: nn.Linear, heads: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """Layer `layer`'s keys, values (B, Hc, L, dh) and valid (B, L) of chunk's rows, or None."""
+    def chunk_kv(self, layer: int, chunk: int, project: Callable[[Tensor], tuple[Tensor, Tensor]]
+                 ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """Layer `layer`'s keys, values (B, Hc, L, dh) (`project` of the rows (B, L, E)) and valid
+        (B, L) of chunk's rows, or None."""
         if chunk not in self.encoded:
             return None
         rows, valid = self.encoded[chunk]
         key = (layer, chunk)
         if key not in self._kv:
-            k, v = wkv(rows).chunk(2, dim=-1)  # (B, L, E) each
-            self._kv[key] = (_heads(k, heads), _heads(v, heads))
+            self._kv[key] = project(rows)
         return (*self._kv[key], valid)
 
 
@@ -271,6 +276,10 @@ class ChunkedCrossAttention(nn.Module):
         self.wq = nn.Linear(D, E, bias=False)
         self.wkv = nn.Linear(E, 2 * E, bias=False)
         self.wo = nn.Linear(E, D, bias=False)
+        # QK-norm (per head): logits of O(1) at init, so attention can be sharp (pick the rows that
+        # match) early, not a near-uniform mean of 2 x 128 rows, the same for any neighbour.
+        self.q_norm = RMSNorm(E // config.heads, model_config.rms_norm_eps)
+        self.k_norm = RMSNorm(E // config.heads, model_config.rms_norm_eps)
         self.gate = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the base model until trained
         self.encoder = encoder
 
@@ -283,15 +292,23 @@ class ChunkedCrossAttention(nn.Module):
             state.encode(self.encoder, x, start)
         lo, hi = max(chunk_read_by(start, m), 0), chunk_read_by(start + T - 1, m)  # chunks these queries read
         if T == 1:  # a decode step reads one chunk's rows as they are: no padded copy
-            kv = state.chunk_kv(self.layer, hi, self.wkv, self.heads) if hi >= 0 else None
+            kv = state.chunk_kv(self.layer, hi, self._project) if hi >= 0 else None
             if kv is None or not bool(kv[2].any(-1).all()):
                 return x if kv is None else self._padded(x, {hi: kv}, start)
-            q = _heads(self.wq(self.norm(x)), self.heads)  # (B, Hc, 1, dh)
+            q = self._query(x)  # (B, Hc, 1, dh)
             y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2][:, None, None, :])
             return x + torch.tanh(self.gate).to(x.dtype) * self.wo(y.transpose(1, 2).flatten(2))
-        kvs = {u: state.chunk_kv(self.layer, u, self.wkv, self.heads) for u in range(lo, hi + 1)}
+        kvs = {u: state.chunk_kv(self.layer, u, self._project) for u in range(lo, hi + 1)}
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
         return self._padded(x, kvs, start) if kvs else x
+
+    def _query(self, x: Tensor) -> Tensor:
+        return self.q_norm(_heads(self.wq(self.norm(x)), self.heads))
+
+    def _project(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoded rows (B, L, E) -> keys, values (B, Hc, L, dh)."""
+        k, v = self.wkv(rows).chunk(2, dim=-1)
+        return self.k_norm(_heads(k, self.heads)), _heads(v, self.heads)
 
     def _padded(self, x: Tensor, kvs: dict[int, tuple[Tensor, Tensor, Tensor]], start: int) -> Tensor:
         """The queries x at grid positions start.. over the chunks kvs, their rows padded to one length."""
@@ -303,6 +320,6 @@ class ChunkedCrossAttention(nn.Module):
         for u, (ku, vu, ok) in kvs.items():
             n = ku.shape[2]
             k[:, u - lo, :, :n], v[:, u - lo, :, :n], valid[:, u - lo, :n] = ku, vu, ok
-        q = _heads(self.wq(self.norm(x)), self.heads)  # (B, Hc, T, dh)
+        q = self._query(x)  # (B, Hc, T, dh)
         y = chunked_cross_attention(q, k, v, valid, start, m, lo)  # (B, Hc, T, dh)
         return x + torch.tanh(self.gate).to(x.dtype) * self.wo(y.transpose(1, 2).flatten(2))
