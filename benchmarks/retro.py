@@ -64,15 +64,8 @@ def window_nll(model, adapter, tokens: torch.Tensor, ids=None, valid=None) -> to
     if ids is None:
         logits = model(inputs, torch.arange(inputs.shape[1]))
     else:
-        state = adapter.new_state(model)
-        for u in range(ids.shape[1]):
-            state.set_neighbours(u, ids[:, u], valid[:, u])
-        adapter.attach(model)
-        try:
-            with adapter.reading(state):
-                logits = model(inputs, torch.arange(inputs.shape[1]))
-        finally:
-            adapter.detach(model)
+        with adapter.attached_reading(model, ids, valid):
+            logits = model(inputs, torch.arange(inputs.shape[1]))
     return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], reduction="none")
 
 

@@ -64,16 +64,9 @@ def main() -> None:
         ids, valid = leak.get(leak.chunks_of_windows(np.array([i]), SEQ))
         if random:
             ids = torch.randint(100, model.config.vocab_size, ids.shape)
-        state = adapter.new_state(model)
-        for u in range(ids.shape[1]):
-            state.set_neighbours(u, ids[:, u], valid[:, u])
-        adapter.attach(model)
-        try:
-            with adapter.reading(state):
-                x = hidden[i]
-                logits = model.output(model.forward_embeds(x, torch.arange(x.shape[1]), layers=slice(adapter.first_layer, None)))
-        finally:
-            adapter.detach(model)
+        with adapter.attached_reading(model, ids, valid):
+            x = hidden[i]
+            logits = model.output(model.forward_embeds(x, torch.arange(x.shape[1]), layers=slice(adapter.first_layer, None)))
         return torch.nn.functional.cross_entropy(logits[0, CHUNK - 1 :].float(), tokens[i][0, CHUNK:])
 
     gates = [q for n, q in adapter.named_parameters() if n.endswith("gate")]

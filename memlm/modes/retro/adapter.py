@@ -61,6 +61,23 @@ class RetroAdapter(Adapter):
     def new_state(self, model: Llama, phase: int = 0) -> RetroState:
         return RetroState(self.config, model.embed, phase)
 
+    def state_for(self, model: Llama, ids: Tensor, valid: Tensor) -> RetroState:
+        """A state holding every chunk's neighbours at once: ids, valid (B, n, k, r) (training, scoring)."""
+        state = self.new_state(model)
+        for u in range(ids.shape[1]):
+            state.set_neighbours(u, ids[:, u], valid[:, u])
+        return state
+
+    @contextmanager
+    def attached_reading(self, model: Llama, ids: Tensor, valid: Tensor) -> Iterator[RetroState]:
+        """Attached to model for the block, its forward passes reading `state_for(ids, valid)`."""
+        self.attach(model)
+        try:
+            with self.reading(self.state_for(model, ids, valid)) as state:
+                yield state
+        finally:
+            self.detach(model)
+
     @contextmanager
     def reading(self, state: RetroState) -> Iterator[RetroState]:
         """Forward passes inside read `state`'s neighbours (the adapter must be attached)."""
@@ -89,10 +106,7 @@ class RetroAdapter(Adapter):
     def loss(self, model: Llama, batch: TrainBatch) -> Tensor:
         if not isinstance(batch, RetroBatch) or batch.neighbours is None:
             raise ValueError("retro trains on RetroBatch micro-batches with neighbours")
-        state = self.new_state(model)
-        for u in range(batch.neighbours.shape[1]):
-            state.set_neighbours(u, batch.neighbours[:, u], batch.neighbour_valid[:, u])
-        with self.reading(state):
+        with self.reading(self.state_for(model, batch.neighbours, batch.neighbour_valid)):
             return next_token_loss(model, batch, self.first_layer)
 
 
