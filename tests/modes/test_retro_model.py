@@ -151,7 +151,7 @@ def test_training_loss_has_gradients_only_for_the_adapter():
     loss = adapter.loss(model, RetroBatch(tokens, neighbours=ids, neighbour_valid=valid))
     loss.backward()
     gates = [m.gate.grad for m in adapter.cca.values()]
-    assert all(g is not None and g.abs() > 0 for g in gates)  # zero gates still learn
+    assert all(g is not None and bool((g != 0).all()) for g in gates)  # zero gates still learn, every head
     named = {n for n, _ in adapter.named_parameters()}
     grouped = {id(p) for g in adapter.param_groups() for p in g.params}
     assert grouped == {id(p) for p in adapter.parameters()} and named

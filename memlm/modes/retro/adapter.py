@@ -59,7 +59,7 @@ class RetroAdapter(Adapter):
         detach_after_attention(model, self.cca)
 
     def new_state(self, model: Llama, phase: int = 0) -> RetroState:
-        return RetroState(self.config, model.embed, phase)
+        return RetroState(self.config, model, phase)
 
     def state_for(self, model: Llama, ids: Tensor, valid: Tensor) -> RetroState:
         """A state holding every chunk's neighbours at once: ids, valid (B, n, k, r) (training, scoring)."""

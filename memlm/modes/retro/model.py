@@ -2,36 +2,51 @@
 
 From "Improving language models by retrieving from trillions of tokens" (Borgeaud et al. 2022:
 section 2 and its Listing 1; RETRO-fitting: the base frozen, only the encoder and the CCA trained)
-with Megatron-LM's layout for deep models (CCA every third layer from layer 9, a 2-layer encoder,
-2 neighbours).
+with Megatron-LM's layout for deep models (CCA every third layer from layer 9, 2 neighbours, a
+2-layer encoder).
 
 A sequence is cut into chunks of m tokens (64): chunk u holds positions [u*m, (u+1)*m). Each
 completed chunk u gets k neighbours from the store (2), each a retrieved chunk and its
-continuation (64 + 64 tokens; fewer at a document's end, none when the store has nothing). At the
-first CCA layer the encoder reads each neighbour bidirectionally, cross-attending to the decoder's
-states of chunk u there (H_u: the residual stream after that layer's self-attention), and gives
-E_u, k * r rows of width E. At every CCA layer the queries at positions
-[u*m + m - 1, (u+1)*m + m - 1) attend to E_u (`memlm.kernels.chunked_attention`): a neighbour of
-chunk u is read from u's last token on, never earlier; the first m - 1 positions read nothing.
-The CCA's queries and keys are RMS-normed per head (QK-norm: logits of O(1) from the start, so
-attention can pick the matching rows instead of averaging them; the embedded neighbour tokens are
-RMS-normed too). A CCA layer adds tanh(gate) * wo(attention) to the residual stream with gate initialised to 0, so
-before training, or with no neighbours, the model is exactly the base model.
+continuation (64 + 64 tokens; fewer at a document's end, none when the store has nothing). The
+queries at positions [u*m + m - 1, (u+1)*m + m - 1) attend to u's neighbours
+(`memlm.kernels.chunked_attention`): a neighbour of chunk u is read from u's last token on, never
+earlier; the first m - 1 positions read nothing.
+
+What the CCA at layer l reads, and how (memlm's RETRO-fitting, measured in session 10/11: a
+from-scratch encoder and CCA over a frozen 135M model ignored their neighbours after 150 CPU steps,
+own text and random ids scoring the same):
+- the neighbour rows are the frozen base model's own states of the neighbour's tokens entering
+  layer l (each neighbour run alone through layers 0 .. l - 1 at positions 0 .. r - 1, once per
+  chunk), plus a learned correction from the neighbour encoder;
+- the CCA is layer l's own attention: its norm, query, key and value projections and output
+  projection, frozen and shared with the base (no copy in the adapter), the keys rotated at the
+  neighbour's positions and the query at r + its distance from the chunk's last token, as if the
+  neighbour and its continuation were the text just before it. So the base model's heads that
+  copy from context (induction heads) copy from the neighbours from the start;
+- a gate per query head, tanh(gate_h) on that head's output before the output projection,
+  initialised to 0: before training, or with no neighbours, the model is exactly the base model.
+  Training learns which heads of which layers should read the neighbours.
+The neighbour encoder is RETRO's: bidirectional over each neighbour, cross-attending to the
+decoder's states of the chunk it was retrieved for (H_u: the residual stream after the first CCA
+layer's self-attention). It reads the base states at the first CCA layer and adds, per CCA layer,
+a zero-initialised projection of its output to that layer's neighbour states before they are
+projected to keys and values.
 
 Generation with a KV cache runs the same modules one token at a time: a `RetroState` holds each
-chunk's neighbours (set by the mode before the forward pass that needs them), the encoder's
-outputs and each CCA layer's projected keys/values per chunk (computed once per chunk), and the
-decoder states of the chunk not completed yet (at most m - 1 rows). Nothing earlier is recomputed.
+chunk's neighbours (set by the mode before the forward pass that needs them), their base states
+and encoder rows, each CCA layer's keys/values per chunk (computed once per chunk), and the decoder
+states of the chunk not completed yet (at most m - 1 rows). Nothing earlier is recomputed.
 
-Shapes: B batch, T queries, D decoder width, E encoder width, m chunk tokens, k neighbours, r
-neighbour tokens (<= neighbour_tokens + continuation_tokens), L = k * r rows per chunk, Hc heads
-of dh = E // Hc (encoder and CCA alike).
+Shapes: B batch, T queries, D decoder width, H query heads and KV key/value heads of hd (the
+base's), m chunk tokens, k neighbours, r neighbour tokens (<= neighbour_tokens +
+continuation_tokens), L = k * r rows per chunk, E encoder width with Hc heads of E // Hc.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +54,7 @@ from torch import Tensor, nn
 
 from memlm.kernels import chunked_cross_attention
 from memlm.kernels.chunked_attention import chunk_read_by
-from memlm.model.llama import LlamaConfig, RMSNorm, apply_rope
+from memlm.model.llama import Block, Llama, LlamaConfig, RMSNorm, apply_rope
 
 
 @dataclass
@@ -52,8 +67,8 @@ class RetroConfig:
     # model: from layer 9 (1-based) every 3rd -> 0-based 8, 11, ..., 29 for 30 layers.
     layers: tuple[int, ...] = (8, 11, 14, 17, 20, 23, 26, 29)
     encoder_layers: int = 2
-    encoder_dim: int = 128  # E (small: 2.3M trainable parameters in all with these defaults)
-    heads: int = 4  # Hc, encoder and CCA (dh = 32)
+    encoder_dim: int = 128  # E
+    heads: int = 4  # Hc, the encoder's (E // Hc = 32)
     encoder_ffn: int = 384  # SwiGLU width of the encoder
     rope_theta: float = 10000.0  # positions inside a neighbour (encoder self-attention)
 
@@ -97,6 +112,25 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor]) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+@torch.no_grad()
+def neighbour_states(model: Llama, ids: Tensor, layers: tuple[int, ...]) -> dict[int, Tensor]:
+    """ids (N, r) of N neighbours -> the frozen base's residual stream entering each of `layers`
+    (sorted), {layer: (N, r, D)}: each neighbour run alone, causally, at positions 0 .. r - 1,
+    through the plain blocks (no adapter modules, no cache)."""
+    x, r = model.embed(ids), ids.shape[1]
+    pos = torch.arange(r, device=ids.device)
+    rope = (model.rope_cos[:r, None].to(x.dtype), model.rope_sin[:r, None].to(x.dtype))
+    states = {}
+    for i, block in enumerate(model.layers[: layers[-1] + 1]):
+        if i in layers:
+            states[i] = x
+        if i == layers[-1]:
+            break
+        x = x + block.attention(block.attention_norm(x), rope, pos, None, None, r)
+        x = x + block.feed_forward(block.ffn_norm(x))
+    return states
+
+
 class EncoderLayer(nn.Module):
     """Bidirectional self-attention within a neighbour, cross-attention to its chunk's decoder
     states, SwiGLU MLP; pre-norm residual blocks."""
@@ -111,7 +145,6 @@ class EncoderLayer(nn.Module):
         self.wq_cross = nn.Linear(E, E, bias=False)
         self.wkv_cross = nn.Linear(context_dim, 2 * E, bias=False)
         self.wo_cross = nn.Linear(E, E, bias=False)
-        nn.init.zeros_(self.wo_cross.weight)  # the encoder starts as the neighbour's own; conditioning is learned
         self.ffn_norm = RMSNorm(E, eps)
         self.w13 = nn.Linear(E, 2 * config.encoder_ffn, bias=False)
         self.w2 = nn.Linear(config.encoder_ffn, E, bias=False)
@@ -133,14 +166,14 @@ class EncoderLayer(nn.Module):
 
 
 class NeighbourEncoder(nn.Module):
-    """Neighbour tokens (embedded by the frozen decoder's table) -> E rows, conditioned on the
-    decoder's states of the chunk they were retrieved for."""
+    """The base's states of the neighbour tokens at the first CCA layer (N, r, D) -> E rows,
+    bidirectional, conditioned on the decoder's states of the chunk they were retrieved for."""
 
     def __init__(self, model_config: LlamaConfig, config: RetroConfig):
         super().__init__()
         D, E, eps = model_config.dim, config.encoder_dim, model_config.rms_norm_eps
         self.config = config
-        self.embed_norm = RMSNorm(D, eps)  # the token signal at the scale of the decoder-state branch
+        self.input_norm = RMSNorm(D, eps)
         self.proj = nn.Linear(D, E, bias=False)
         self.context_norm = RMSNorm(D, eps)
         self.layers = nn.ModuleList(EncoderLayer(config, D, eps) for _ in range(config.encoder_layers))
@@ -151,16 +184,26 @@ class NeighbourEncoder(nn.Module):
         self.register_buffer("rope_cos", torch.cat([freqs, freqs], -1).cos(), persistent=False)
         self.register_buffer("rope_sin", torch.cat([-freqs, freqs], -1).sin(), persistent=False)
 
-    def forward(self, embeds: Tensor, valid: Tensor, context: Tensor, context_valid: Optional[Tensor] = None) -> Tensor:
-        """embeds (N, r, D) of N neighbours, valid (N, r), context (N, m, D) with its real rows
+    def forward(self, states: Tensor, valid: Tensor, context: Tensor, context_valid: Optional[Tensor] = None) -> Tensor:
+        """states (N, r, D) of N neighbours, valid (N, r), context (N, m, D) with its real rows
         (N, m) or None (all) -> (N, r, E)."""
-        r = embeds.shape[1]
-        rope = (self.rope_cos[:r, None].to(embeds.dtype), self.rope_sin[:r, None].to(embeds.dtype))
-        h = self.proj(self.embed_norm(embeds))
+        r = states.shape[1]
+        rope = (self.rope_cos[:r, None].to(states.dtype), self.rope_sin[:r, None].to(states.dtype))
+        h = self.proj(self.input_norm(states))
         context = self.context_norm(context)
         for layer in self.layers:
             h = layer(h, valid, rope, context, context_valid)
         return self.norm(h)
+
+
+@dataclass
+class _Chunk:
+    """One chunk's neighbours as read: the base states still to project {layer: (B*k, r, D)}, the
+    encoder rows (B*k, r, E), valid (B, L)."""
+
+    states: dict[int, Tensor]
+    rows: Tensor
+    valid: Tensor
 
 
 class RetroState:
@@ -168,22 +211,23 @@ class RetroState:
 
     `set_neighbours(u, ids, valid)` before the forward pass that reaches u's last token: ids
     (B, k, r) token ids, valid (B, k, r) bool (a missing neighbour: all False). The first CCA layer
-    then encodes u (`encode`); each CCA layer projects u's rows once (`chunk_kv`).
+    then encodes u (`encode`: the base states of its neighbours and the encoder's rows); each CCA
+    layer projects u's rows once (`chunk_kv`).
 
     `phase` shifts the chunk grid: chunk u holds positions [u*m - phase, (u+1)*m - phase), so the
     first chunk is m - phase tokens long. Generation sets it so that the prompt's last token ends a
     chunk (its question has neighbours from the first new token on); training uses 0."""
 
-    def __init__(self, config: RetroConfig, embed: Callable[[Tensor], Tensor], phase: int = 0):
+    def __init__(self, config: RetroConfig, model: Llama, phase: int = 0):
         if not 0 <= phase < config.chunk_tokens:
             raise ValueError(f"phase={phase} must lie in [0, chunk_tokens={config.chunk_tokens})")
-        self.config, self.embed, self.phase = config, embed, phase
+        self.config, self.model, self.phase = config, model, phase
         self.neighbours: dict[int, tuple[Tensor, Tensor]] = {}
-        self.encoded: dict[int, tuple[Tensor, Tensor]] = {}  # u -> (rows (B, L, E), valid (B, L))
-        self._kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (layer, u) -> k, v (B, Hc, L, dh)
+        self.encoded: dict[int, _Chunk] = {}
+        self._kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (layer, u) -> k, v (B, KV, L, hd)
         self._context: Optional[Tensor] = None  # (B, n, D): decoder states from grid position _context_start on
         self._context_start = 0
-        self.encode_s = 0.0  # seconds spent encoding
+        self.encode_s = 0.0  # seconds spent encoding (base states of the neighbours and the encoder)
 
     def chunk_span(self, chunk: int) -> tuple[int, int]:
         """Sequence positions [first, end) of chunk (the first chunk may be shorter)."""
@@ -200,8 +244,6 @@ class RetroState:
         """The first CCA layer's input x (B, T, D) at grid positions start.. (sequence positions
         + phase): keep the decoder states of the chunk not completed yet, and encode the
         neighbours of every chunk completed in these T."""
-        import time
-
         m, T = self.config.chunk_tokens, x.shape[1]
         if self._context is None or start == self.phase:  # a new sequence
             self._context, self._context_start = x, start
@@ -217,16 +259,19 @@ class RetroState:
             ids = torch.stack([self.neighbours[u][0] for u in done], 1)  # (B, G, k, r)
             valid = torch.stack([self.neighbours[u][1] for u in done], 1)
             B, G, k, r = ids.shape
+            states = neighbour_states(self.model, ids.reshape(B * G * k, r).clamp(min=0), self.config.layers)
             ctx, ctx_valid = zip(*(self._chunk_context(u) for u in done))
             ctx = torch.stack(ctx, 1)[:, :, None].expand(B, G, k, m, x.shape[-1]).reshape(B * G * k, m, -1)
             ctx_valid = torch.stack(ctx_valid)[None, :, None].expand(B, G, k, m).reshape(B * G * k, m)
             safe = valid.clone().reshape(B * G * k, r)
             safe[:, 0] = True  # a missing neighbour still attends somewhere; its rows stay invalid below
-            rows = encoder(self.embed(ids.reshape(B * G * k, r).clamp(min=0)), safe, ctx, ctx_valid)  # (BGk, r, E)
-            rows = rows.view(B, G, k * r, -1)
+            first = self.config.layers[0]
+            rows = encoder(states[first].to(x.dtype), safe, ctx, ctx_valid).view(B, G, k, r, -1)  # (B, G, k, r, E)
+            states = {i: s.view(B, G, k, r, -1) for i, s in states.items()}
             valid = valid.reshape(B, G, k * r)
             for g, u in enumerate(done):
-                self.encoded[u] = (rows[:, g], valid[:, g])
+                self.encoded[u] = _Chunk({i: s[:, g].flatten(0, 1) for i, s in states.items()},
+                                         rows[:, g].flatten(0, 1), valid[:, g])
             self.encode_s += time.perf_counter() - t0
         keep = (end // m) * m  # states of completed chunks are not needed again
         if keep > self._context_start:
@@ -243,17 +288,18 @@ class RetroState:
         valid = torch.arange(m, device=rows.device) >= pad
         return (F.pad(rows, (0, 0, pad, 0)) if pad else rows), valid
 
-    def chunk_kv(self, layer: int, chunk: int, project: Callable[[Tensor], tuple[Tensor, Tensor]]
-                 ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """Layer `layer`'s keys, values (B, Hc, L, dh) (`project` of the rows (B, L, E)) and valid
-        (B, L) of chunk's rows, or None."""
-        if chunk not in self.encoded:
+    def chunk_kv(self, cca: "ChunkedCrossAttention", chunk: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """The keys, values (B, KV, L, hd) and valid (B, L) of chunk's rows at `cca`'s layer, or
+        None. Projected once; the layer's base states are dropped then."""
+        c = self.encoded.get(chunk)
+        if c is None:
             return None
-        rows, valid = self.encoded[chunk]
-        key = (layer, chunk)
+        key = (cca.layer, chunk)
         if key not in self._kv:
-            self._kv[key] = project(rows)
-        return (*self._kv[key], valid)
+            B = c.valid.shape[0]
+            k, v = cca.project(self.model.layers[cca.layer], c.states.pop(cca.layer), c.rows)  # (B*k, KV, r, hd)
+            self._kv[key] = tuple(t.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3) for t in (k, v))
+        return (*self._kv[key], c.valid)
 
 
 class StateSlot:
@@ -264,23 +310,19 @@ class StateSlot:
 
 
 class ChunkedCrossAttention(nn.Module):
-    """x + tanh(gate) * wo(CCA(norm(x), E)); sits in `Block.after_attention` ((x, input_pos) -> x).
-    The first one also owns the encoder and runs it (`encoder` is not None)."""
+    """x + wo(tanh(gate) * CCA(norm(x), neighbours)) with layer `layer`'s own norm and projections;
+    sits in `Block.after_attention` ((x, input_pos) -> x). Its parameters: the per-head gate and the
+    projection of the encoder's rows into this layer's neighbour states. The first one also owns
+    the encoder and runs it (`encoder` is not None)."""
 
     def __init__(self, model_config: LlamaConfig, config: RetroConfig, layer: int, slot: StateSlot,
                  encoder: Optional[NeighbourEncoder] = None):
         super().__init__()
-        D, E = model_config.dim, config.encoder_dim
-        self.config, self.layer, self.slot, self.heads = config, layer, slot, config.heads
-        self.norm = RMSNorm(D, model_config.rms_norm_eps)
-        self.wq = nn.Linear(D, E, bias=False)
-        self.wkv = nn.Linear(E, 2 * E, bias=False)
-        self.wo = nn.Linear(E, D, bias=False)
-        # QK-norm (per head): logits of O(1) at init, so attention can be sharp (pick the rows that
-        # match) early, not a near-uniform mean of 2 x 128 rows, the same for any neighbour.
-        self.q_norm = RMSNorm(E // config.heads, model_config.rms_norm_eps)
-        self.k_norm = RMSNorm(E // config.heads, model_config.rms_norm_eps)
-        self.gate = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the base model until trained
+        self.config, self.layer, self.slot = config, layer, slot
+        self.n_heads, self.n_kv_heads, self.head_dim = model_config.n_heads, model_config.n_kv_heads, model_config.head_dim
+        self.rows_out = nn.Linear(config.encoder_dim, model_config.dim, bias=False)
+        nn.init.zeros_(self.rows_out.weight)  # the neighbours start as the base model's own states
+        self.gate = nn.Parameter(torch.zeros(model_config.n_heads))  # tanh(0) = 0: the base model until trained
         self.encoder = encoder
 
     def forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
@@ -290,36 +332,62 @@ class ChunkedCrossAttention(nn.Module):
         m, start, T = self.config.chunk_tokens, int(input_pos[0]) + state.phase, x.shape[1]  # grid positions
         if self.encoder is not None:
             state.encode(self.encoder, x, start)
+        block = state.model.layers[self.layer]
         lo, hi = max(chunk_read_by(start, m), 0), chunk_read_by(start + T - 1, m)  # chunks these queries read
         if T == 1:  # a decode step reads one chunk's rows as they are: no padded copy
-            kv = state.chunk_kv(self.layer, hi, self._project) if hi >= 0 else None
+            kv = state.chunk_kv(self, hi) if hi >= 0 else None
             if kv is None or not bool(kv[2].any(-1).all()):
-                return x if kv is None else self._padded(x, {hi: kv}, start)
-            q = self._query(x)  # (B, Hc, 1, dh)
-            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2][:, None, None, :])
-            return x + torch.tanh(self.gate).to(x.dtype) * self.wo(y.transpose(1, 2).flatten(2))
-        kvs = {u: state.chunk_kv(self.layer, u, self._project) for u in range(lo, hi + 1)}
+                return x if kv is None else self._padded(x, block, {hi: kv}, start)
+            q = self._query(block, x, start)  # (B, H, 1, hd)
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2][:, None, None, :], enable_gqa=True)
+            return self._out(block, x, y)
+        kvs = {u: state.chunk_kv(self, u) for u in range(lo, hi + 1)}
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
-        return self._padded(x, kvs, start) if kvs else x
+        return self._padded(x, block, kvs, start) if kvs else x
 
-    def _query(self, x: Tensor) -> Tensor:
-        return self.q_norm(_heads(self.wq(self.norm(x)), self.heads))
+    def _query(self, block: Block, x: Tensor, start: int) -> Tensor:
+        """Layer queries (B, H, T, hd) of x at grid positions start.., each rotated to r + its
+        distance from the last token of the chunk it reads (r = the neighbours' full length)."""
+        H, hd, T = self.n_heads, self.head_dim, x.shape[1]
+        attn = block.attention
+        q = F.linear(block.attention_norm(x), attn.wqkv.weight[: H * hd],
+                     None if attn.wqkv.bias is None else attn.wqkv.bias[: H * hd]).view(x.shape[0], T, H, hd)
+        m, model = self.config.chunk_tokens, self.slot.state.model
+        grid = torch.arange(start, start + T, device=x.device)
+        pos = self.config.neighbour_length + torch.remainder(grid - (m - 1), m)
+        rope = (model.rope_cos[pos, None].to(x.dtype), model.rope_sin[pos, None].to(x.dtype))
+        return apply_rope(q, rope).transpose(1, 2)
 
-    def _project(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Encoded rows (B, L, E) -> keys, values (B, Hc, L, dh)."""
-        k, v = self.wkv(rows).chunk(2, dim=-1)
-        return self.k_norm(_heads(k, self.heads)), _heads(v, self.heads)
+    def project(self, block: Block, states: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Base states (N, r, D) of N neighbours + this layer's share of the encoder rows (N, r, E)
+        -> keys (rotated at 0 .. r - 1), values (N, KV, r, hd)."""
+        N, r, _ = states.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        attn, model = block.attention, self.slot.state.model
+        s = block.attention_norm(states.to(rows.dtype) + self.rows_out(rows))
+        w = attn.wqkv.weight[H * hd :]
+        kv = F.linear(s, w, None if attn.wqkv.bias is None else attn.wqkv.bias[H * hd :]).view(N, r, 2 * KV, hd)
+        rope = (model.rope_cos[:r, None].to(s.dtype), model.rope_sin[:r, None].to(s.dtype))
+        k = apply_rope(kv[:, :, :KV], rope)
+        return k.transpose(1, 2), kv[:, :, KV:].transpose(1, 2)
 
-    def _padded(self, x: Tensor, kvs: dict[int, tuple[Tensor, Tensor, Tensor]], start: int) -> Tensor:
+    def _out(self, block: Block, x: Tensor, y: Tensor) -> Tensor:
+        """x + the layer's output projection (no bias: zero gates add exactly 0) of y (B, H, T, hd)
+        scaled per head by tanh(gate)."""
+        y = y * torch.tanh(self.gate).to(y.dtype)[:, None, None]
+        return x + F.linear(y.transpose(1, 2).flatten(2), block.attention.wo.weight)
+
+    def _padded(self, x: Tensor, block: Block, kvs: dict[int, tuple[Tensor, Tensor, Tensor]], start: int) -> Tensor:
         """The queries x at grid positions start.. over the chunks kvs, their rows padded to one length."""
-        m = self.config.chunk_tokens
+        m, G = self.config.chunk_tokens, self.n_heads // self.n_kv_heads
         lo, hi = min(kvs), max(kvs)
         B, L = x.shape[0], max(kv[0].shape[2] for kv in kvs.values())
-        k = x.new_zeros(B, hi - lo + 1, self.heads, L, self.config.encoder_dim // self.heads)
+        k = x.new_zeros(B, hi - lo + 1, self.n_heads, L, self.head_dim)
         v, valid = torch.zeros_like(k), torch.zeros(B, hi - lo + 1, L, dtype=torch.bool, device=x.device)
         for u, (ku, vu, ok) in kvs.items():
             n = ku.shape[2]
-            k[:, u - lo, :, :n], v[:, u - lo, :, :n], valid[:, u - lo, :n] = ku, vu, ok
-        q = self._query(x)  # (B, Hc, T, dh)
-        y = chunked_cross_attention(q, k, v, valid, start, m, lo)  # (B, Hc, T, dh)
-        return x + torch.tanh(self.gate).to(x.dtype) * self.wo(y.transpose(1, 2).flatten(2))
+            k[:, u - lo, :, :n] = ku.repeat_interleave(G, dim=1)  # GQA: query head h reads KV head h // G
+            v[:, u - lo, :, :n] = vu.repeat_interleave(G, dim=1)
+            valid[:, u - lo, :n] = ok
+        y = chunked_cross_attention(self._query(block, x, start), k, v, valid, start, m, lo)  # (B, H, T, hd)
+        return self._out(block, x, y)
