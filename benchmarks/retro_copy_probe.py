@@ -24,6 +24,7 @@ import torch
 from memlm.models.loading import default_cache_dir, load_model, load_tokenizer, resolve_model_dir
 from memlm.modes.retro.adapter import RetroAdapter
 from memlm.modes.retro.model import RetroConfig
+from memlm.modes.retro.settings import DEFAULT_LAYERS
 from memlm.modes.retro.training import prepare
 from memlm.train.adapter import lower_hidden
 from memlm.train.corpus import build_corpus
@@ -34,9 +35,11 @@ CHUNK, SEQ = 64, 512
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", default="26,29")
+    p.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--gate-lr-scale", type=float, default=1.0)
+    p.add_argument("--gate-init", type=float, default=0.0, help="every gate starts at this tanh value (with --steps 0: "
+                   "the untrained CCA at these layers)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--windows", type=int, default=20, help="held-out windows (every 5th is a test window)")
     p.add_argument("--max-docs", type=int, default=400)
@@ -50,18 +53,21 @@ def main() -> None:
     model = load_model(folder, weights="dense").float().eval().requires_grad_(False)
     config = RetroConfig(layers=tuple(int(x) for x in args.layers.split(",")))
     adapter = RetroAdapter(model.config, config, seed=0)
+    with torch.no_grad():
+        for cca in adapter.cca.values():
+            cca.gate.fill_(float(np.arctanh(args.gate_init)))
     windows = TokenWindows(corpus.heldout.tokens, SEQ)
     idx = np.unique(np.linspace(0, len(windows) - 1, args.windows).round().astype(np.int64))
     tables = prepare(corpus, config, tokenizer, default_cache_dir() / "retro", SEQ, np.zeros(0, np.int64), idx,
                      corpus_key, log=print)
-    leak = tables["heldout_leak"]
+    leak, free = tables["heldout_leak"], tables["heldout"]
     test, train = idx[::5], np.setdiff1d(idx, idx[::5])
     tokens = {i: torch.from_numpy(windows[np.array([i])]) for i in idx}
     with torch.no_grad():
         hidden = {i: lower_hidden(model, tokens[i][:, :-1], adapter.first_layer) for i in idx}
 
-    def loss(i: int, random: bool = False) -> torch.Tensor:
-        ids, valid = leak.get(leak.chunks_of_windows(np.array([i]), SEQ))
+    def loss(i: int, random: bool = False, table=leak) -> torch.Tensor:
+        ids, valid = table.get(table.chunks_of_windows(np.array([i]), SEQ))
         if random:
             ids = torch.randint(100, model.config.vocab_size, ids.shape)
         with adapter.attached_reading(model, ids, valid):
@@ -80,8 +86,10 @@ def main() -> None:
             with torch.no_grad():
                 a = np.mean([float(loss(i)) for i in test])
                 r = np.mean([float(loss(i, random=True)) for i in test])
+                f = np.mean([float(loss(i, table=free)) for i in test])
             print(f"step {step} ({time.perf_counter() - t0:.0f} s): test loss with its own text as neighbours {a:.3f}, "
-                  f"with random neighbours {r:.3f}; tanh(gates) {[round(float(torch.tanh(g.detach())), 3) for g in gates]}",
+                  f"with random neighbours {r:.3f}, leak-free neighbours {f:.3f}; per layer, heads' tanh(gate) "
+                  f"{ {i: [round(float(t), 2) for t in torch.tanh(g.detach())] for i, g in zip(config.layers, gates)} }",
                   flush=True)
         if step == args.steps:
             break

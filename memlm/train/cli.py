@@ -16,6 +16,8 @@ from typing import Optional
 
 import typer
 
+from memlm.modes.retro.settings import DEFAULT_LAYERS as RETRO_LAYERS
+
 app = typer.Typer(no_args_is_help=True, help="Train memory modes (adapters) on the frozen base model.")
 
 
@@ -64,9 +66,10 @@ def retro(
     seq: int = typer.Option(512, help="tokens per sequence (a multiple of the chunk size)"),
     lr: float = typer.Option(1e-3, help="peak learning rate"),
     warmup: int = typer.Option(30, help="warmup steps"),
-    layers: str = typer.Option("8,11,14,17,20,23,26,29", help="layers with chunked cross-attention (comma-separated)"),
+    layers: str = typer.Option(",".join(map(str, RETRO_LAYERS)), help="layers with chunked cross-attention "
+                               "(comma-separated; their own attention reads the neighbours)"),
     neighbours: int = typer.Option(2, help="neighbours per chunk"),
-    encoder_dim: int = typer.Option(128, help="width of the neighbour encoder and the CCA"),
+    encoder_dim: int = typer.Option(128, help="width of the neighbour encoder"),
     encoder_layers: int = typer.Option(2, help="neighbour encoder layers"),
     device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)"),
     out: Path = typer.Option(Path("runs/retro"), help="run folder: checkpoint/, adapter.safetensors, adapter.json, history.jsonl"),
@@ -88,7 +91,7 @@ def retro(
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """RETRO-fit the base model: the neighbour encoder and chunked cross-attention trained, the base
+    """RETRO-fit the base model: the neighbour encoder and the CCA gates trained, the base
     frozen; each chunk's 2 neighbours searched once in a store holding the corpus (never its own
     document, never a held-out one)."""
     from memlm.modes.retro.model import RetroConfig

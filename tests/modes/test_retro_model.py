@@ -157,3 +157,27 @@ def test_training_loss_has_gradients_only_for_the_adapter():
     assert grouped == {id(p) for p in adapter.parameters()} and named
     again = RetroAdapter.from_config(TINY, adapter.config_dict(), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), adapter.state_dict().values()))
+
+
+def test_the_cca_reads_the_base_layers_own_keys_and_values_of_each_neighbour():
+    """Before the encoder has learned anything (its projections into the layers start at zero),
+    the rows a CCA layer reads are the keys and values that layer computes for the neighbour's
+    tokens when the neighbour is a prompt of its own (the base's KV cache), so the base's heads
+    read neighbours as they read context."""
+    model = tiny_model()
+    adapter = RetroAdapter(TINY, RETRO, seed=4)
+    ids, valid = random_neighbours(1, seed=5)
+    valid[:] = True
+    state = adapter.state_for(model, ids, valid)
+    x = torch.randn(1, M, TINY.dim)
+    state.encode(adapter.encoder, x, 0)  # chunk 0 completes: its neighbours are run and encoded
+    r = RETRO.neighbour_length
+    for j in range(RETRO.neighbours):
+        cache = model.new_cache(1, r)
+        with torch.no_grad():
+            model(ids[0, 0, j][None], torch.arange(r), cache)
+        for layer in RETRO.layers:
+            k, v, ok = state.chunk_kv(adapter.cca[str(layer)], 0)  # (1, KV, k * r, hd)
+            assert bool(ok.all())
+            torch.testing.assert_close(k[0, :, j * r : (j + 1) * r], cache.k[layer, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[0, :, j * r : (j + 1) * r], cache.v[layer, 0], rtol=1e-5, atol=1e-5)

@@ -54,7 +54,8 @@ from torch import Tensor, nn
 
 from memlm.kernels import chunked_cross_attention
 from memlm.kernels.chunked_attention import chunk_read_by
-from memlm.model.llama import Block, Llama, LlamaConfig, RMSNorm, apply_rope
+from memlm.model.llama import Llama, LlamaConfig, RMSNorm, apply_rope
+from memlm.modes.retro.settings import DEFAULT_LAYERS
 
 
 @dataclass
@@ -63,9 +64,7 @@ class RetroConfig:
     neighbours: int = 2  # k per chunk
     neighbour_tokens: int = 64  # the retrieved chunk
     continuation_tokens: int = 64  # and what follows it in its document
-    # CCA after the attention of these layers (negative: from the top). Megatron's rule for a deep
-    # model: from layer 9 (1-based) every 3rd -> 0-based 8, 11, ..., 29 for 30 layers.
-    layers: tuple[int, ...] = (8, 11, 14, 17, 20, 23, 26, 29)
+    layers: tuple[int, ...] = DEFAULT_LAYERS  # CCA after the attention of these (negative: from the top)
     encoder_layers: int = 2
     encoder_dim: int = 128  # E
     heads: int = 4  # Hc, the encoder's (E // Hc = 32)
@@ -297,7 +296,7 @@ class RetroState:
         key = (cca.layer, chunk)
         if key not in self._kv:
             B = c.valid.shape[0]
-            k, v = cca.project(self.model.layers[cca.layer], c.states.pop(cca.layer), c.rows)  # (B*k, KV, r, hd)
+            k, v = cca.project(self.model, c.states.pop(cca.layer), c.rows)  # (B*k, KV, r, hd)
             self._kv[key] = tuple(t.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3) for t in (k, v))
         return (*self._kv[key], c.valid)
 
@@ -332,52 +331,52 @@ class ChunkedCrossAttention(nn.Module):
         m, start, T = self.config.chunk_tokens, int(input_pos[0]) + state.phase, x.shape[1]  # grid positions
         if self.encoder is not None:
             state.encode(self.encoder, x, start)
-        block = state.model.layers[self.layer]
+        model = state.model
         lo, hi = max(chunk_read_by(start, m), 0), chunk_read_by(start + T - 1, m)  # chunks these queries read
         if T == 1:  # a decode step reads one chunk's rows as they are: no padded copy
             kv = state.chunk_kv(self, hi) if hi >= 0 else None
             if kv is None or not bool(kv[2].any(-1).all()):
-                return x if kv is None else self._padded(x, block, {hi: kv}, start)
-            q = self._query(block, x, start)  # (B, H, 1, hd)
+                return x if kv is None else self._padded(model, x, {hi: kv}, start)
+            q = self._query(model, x, start)  # (B, H, 1, hd)
             y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2][:, None, None, :], enable_gqa=True)
-            return self._out(block, x, y)
+            return self._out(model, x, y)
         kvs = {u: state.chunk_kv(self, u) for u in range(lo, hi + 1)}
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
-        return self._padded(x, block, kvs, start) if kvs else x
+        return self._padded(model, x, kvs, start) if kvs else x
 
-    def _query(self, block: Block, x: Tensor, start: int) -> Tensor:
+    def _query(self, model: Llama, x: Tensor, start: int) -> Tensor:
         """Layer queries (B, H, T, hd) of x at grid positions start.., each rotated to r + its
         distance from the last token of the chunk it reads (r = the neighbours' full length)."""
         H, hd, T = self.n_heads, self.head_dim, x.shape[1]
-        attn = block.attention
-        q = F.linear(block.attention_norm(x), attn.wqkv.weight[: H * hd],
-                     None if attn.wqkv.bias is None else attn.wqkv.bias[: H * hd]).view(x.shape[0], T, H, hd)
-        m, model = self.config.chunk_tokens, self.slot.state.model
+        block = model.layers[self.layer]  # its projections in whatever weight format the model runs
+        q = block.attention.wqkv(block.attention_norm(x))[..., : H * hd].view(x.shape[0], T, H, hd)
+        m = self.config.chunk_tokens
         grid = torch.arange(start, start + T, device=x.device)
         pos = self.config.neighbour_length + torch.remainder(grid - (m - 1), m)
         rope = (model.rope_cos[pos, None].to(x.dtype), model.rope_sin[pos, None].to(x.dtype))
         return apply_rope(q, rope).transpose(1, 2)
 
-    def project(self, block: Block, states: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def project(self, model: Llama, states: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Base states (N, r, D) of N neighbours + this layer's share of the encoder rows (N, r, E)
         -> keys (rotated at 0 .. r - 1), values (N, KV, r, hd)."""
         N, r, _ = states.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        attn, model = block.attention, self.slot.state.model
+        block = model.layers[self.layer]
         s = block.attention_norm(states.to(rows.dtype) + self.rows_out(rows))
-        w = attn.wqkv.weight[H * hd :]
-        kv = F.linear(s, w, None if attn.wqkv.bias is None else attn.wqkv.bias[H * hd :]).view(N, r, 2 * KV, hd)
+        kv = block.attention.wqkv(s)[..., H * hd :].view(N, r, 2 * KV, hd)
         rope = (model.rope_cos[:r, None].to(s.dtype), model.rope_sin[:r, None].to(s.dtype))
         k = apply_rope(kv[:, :, :KV], rope)
         return k.transpose(1, 2), kv[:, :, KV:].transpose(1, 2)
 
-    def _out(self, block: Block, x: Tensor, y: Tensor) -> Tensor:
-        """x + the layer's output projection (no bias: zero gates add exactly 0) of y (B, H, T, hd)
-        scaled per head by tanh(gate)."""
-        y = y * torch.tanh(self.gate).to(y.dtype)[:, None, None]
-        return x + F.linear(y.transpose(1, 2).flatten(2), block.attention.wo.weight)
+    def _out(self, model: Llama, x: Tensor, y: Tensor) -> Tensor:
+        """x + the layer's output projection of y (B, H, T, hd) scaled per head by tanh(gate), its
+        bias (if any) left out: zero gates add exactly 0."""
+        wo = model.layers[self.layer].attention.wo
+        y = wo((y * torch.tanh(self.gate).to(y.dtype)[:, None, None]).transpose(1, 2).flatten(2))
+        bias = getattr(wo, "bias", None)
+        return x + (y if bias is None else y - bias)
 
-    def _padded(self, x: Tensor, block: Block, kvs: dict[int, tuple[Tensor, Tensor, Tensor]], start: int) -> Tensor:
+    def _padded(self, model: Llama, x: Tensor, kvs: dict[int, tuple[Tensor, Tensor, Tensor]], start: int) -> Tensor:
         """The queries x at grid positions start.. over the chunks kvs, their rows padded to one length."""
         m, G = self.config.chunk_tokens, self.n_heads // self.n_kv_heads
         lo, hi = min(kvs), max(kvs)
@@ -389,5 +388,5 @@ class ChunkedCrossAttention(nn.Module):
             k[:, u - lo, :, :n] = ku.repeat_interleave(G, dim=1)  # GQA: query head h reads KV head h // G
             v[:, u - lo, :, :n] = vu.repeat_interleave(G, dim=1)
             valid[:, u - lo, :n] = ok
-        y = chunked_cross_attention(self._query(block, x, start), k, v, valid, start, m, lo)  # (B, H, T, hd)
-        return self._out(block, x, y)
+        y = chunked_cross_attention(self._query(model, x, start), k, v, valid, start, m, lo)  # (B, H, T, hd)
+        return self._out(model, x, y)
