@@ -3,7 +3,7 @@ with leakage), a copy check (facts stated in one stored document), and generatio
 against none, one run; search and encoding per chunk).
 
     .venv/bin/python benchmarks/retro.py --weights runs/retro-cpu/export [--max-docs 400] [--windows 0]
-        [--parts perplexity copy speed] [--threads 2] [--model-weights q4_1|dense]
+        [--parts perplexity copy facts speed] [--threads 2] [--model-weights q4_1|dense]
 
 Data: the corpus `memlm train retro` trained on (same --max-docs), its store and neighbour tables
 (memlm's cache, retro/; missing held-out rows are searched here). Held-out windows of 512 tokens
@@ -17,6 +17,12 @@ nothing), the same tokens for every method:
 training searched; the held-out split shares no 13-gram with train); "leakage": the store's own
 ranking, the document itself included (RETRO's "with leakage" setting: the held-out documents are
 in the store).
+
+Facts: a pass key stated once, in one of the held-out documents put into a fresh store (each
+document states another person's key at a random line), asked for with a question shorter than a
+chunk (RETRO's grid ends at the prompt, so the question's chunk reads its neighbours): none, rag
+(the chunks retro read, pasted before the question) and retro; greedy, correct when the 5 digits
+come out. What `memlm ask --memory retro` does over a user's collection.
 
 Speed: a 256-token prompt from a held-out document, 128 new tokens greedy, none and retro
 alternated (3 runs each, median), served as the host serves: the owned model in --model-weights,
@@ -117,17 +123,17 @@ def perplexity(args, tokenizer, model, adapter, windows, idx, tables) -> None:
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% |")
 
 
-def open_mode(args, folder, tokenizer, model, root):
+def open_mode(args, folder, tokenizer, model, root, store_folder=None):
     """The retro mode as the host runs it, over the corpus store (held-out documents included)."""
     from concurrent.futures import Future
 
     from memlm.config import StoreSettings
-    from memlm.index.memory_store import MemoryStore
+    from index.memory_store import MemoryStore
     from memlm.modes.base import ModeRuntime
     from memlm.modes.retro.mode import Mode
     from memlm.modes.retro.settings import Settings
 
-    store = MemoryStore.open(root / "store", StoreSettings(), tokenizer=tokenizer)
+    store = MemoryStore.open(store_folder or root / "store", StoreSettings(), tokenizer=tokenizer)
     torch.set_num_threads(args.threads)  # FAISS set OpenMP's count for this thread to its own (1)
 
     def on_model(fn):
@@ -182,6 +188,66 @@ def copy_check(args, folder, tokenizer, corpus, model, adapter, root) -> None:
         print(f"  {name}: all 8 tokens {all8}/{n} ({100 * all8 / n:.0f}%), first 4 {first4}/{n} ({100 * first4 / n:.0f}%)")
 
 
+FIRST = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Keiko", "Luca",
+         "Maya", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Talia"]
+LAST = ["Moreau", "Okafor", "Lindqvist", "Tanaka", "Ferreira", "Novak", "Haddad", "Schmidt", "Costa", "Ivanova"]
+
+
+def facts(args, folder, tokenizer, corpus, model, adapter, root) -> None:
+    import tempfile
+
+    from index.types import Document
+    from memlm.engine import GenerationRequest, SamplingParams
+    from memlm.generation import generate_tokens
+
+    rng = np.random.default_rng(1)
+    split = corpus.heldout
+    texts = [tokenizer.decode(split.tokens[split.doc_starts[d] : split.doc_starts[d + 1]][:400].tolist(),
+                              skip_special_tokens=True) for d in range(split.n_docs)]
+    sampling = SamplingParams(max_new_tokens=8)
+    hits = {"none": 0, "rag": 0, "retro": 0}
+    n = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        mode, store = open_mode(args, folder, tokenizer, model, root, store_folder=Path(tmp) / "store")
+        try:
+            for rnd in range(args.fact_rounds):
+                names = [f"{a} {b}" for a, b in zip(rng.permutation(FIRST), rng.permutation(LAST * 2))][: len(texts)]
+                keys = [str(int(k)) for k in rng.integers(10000, 100000, len(texts))]
+                docs = []
+                for d, (text, name, key) in enumerate(zip(texts, names, keys)):
+                    lines = text.split("\n")
+                    at = int(rng.integers(0, len(lines) + 1))
+                    lines.insert(at, f"The pass key of {name} is {key}. Remember it: {key}.")
+                    docs.append(Document(f"doc-{d}", "\n".join(lines), {}))
+                coll = f"facts{rnd}"
+                store.ensure_collection(coll)
+                store.ingest(coll, docs)
+                request = GenerationRequest(prompt="x", collection=coll, memory="retro", sampling=sampling)
+                for name, key in zip(names, keys):
+                    question = f"What is the pass key of {name}? The pass key of {name} is"
+                    ids = tokenizer(question).input_ids
+                    *_, plain = generate_tokens(model, tokenizer, ids, sampling, threading.Event(), eos_ids=())
+                    with mode.generation(request, None) as hooks:
+                        *_, retro = generate_tokens(model, tokenizer, ids, sampling, threading.Event(), eos_ids=(),
+                                                    hooks=hooks)
+                    pasted = "\n\n".join(h.text for h in hooks.citations) + "\n\n" + question
+                    *_, rag = generate_tokens(model, tokenizer, tokenizer(pasted).input_ids, sampling, threading.Event(),
+                                              eos_ids=())
+                    for method, out in (("none", plain), ("rag", rag), ("retro", retro)):
+                        hits[method] += key in tokenizer.decode(list(out.token_ids)).replace(" ", "")
+                    n += 1
+                    if args.verbose:
+                        print(f"  {name} {key}: retro {tokenizer.decode(list(retro.token_ids))!r}")
+        finally:
+            mode.close()
+            store.close()
+    print(f"
+facts: {n} pass keys, each stated once in one of {len(texts)} stored held-out documents "
+          f"({args.fact_rounds} rounds), 8 tokens greedy after the question:")
+    for method, k in hits.items():
+        print(f"  {method}: {k}/{n} ({100 * k / n:.0f}%)")
+
+
 def speed(args, folder, tokenizer, corpus, model, adapter, root) -> None:
     from memlm.engine import GenerationRequest, SamplingParams
     from memlm.generation import generate_tokens
@@ -229,7 +295,10 @@ def main() -> None:
     p.add_argument("--data", default=None, help="the run's store and tables (default: memlm's cache, retro/)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--windows", type=int, default=0, help="held-out windows (0: all)")
-    p.add_argument("--parts", nargs="+", default=["perplexity", "copy", "speed"], choices=["perplexity", "copy", "speed"])
+    p.add_argument("--parts", nargs="+", default=["perplexity", "copy", "facts", "speed"],
+                   choices=["perplexity", "copy", "facts", "speed"])
+    p.add_argument("--fact-rounds", type=int, default=2, help="facts: stores of 12 documents, 12 questions each")
+    p.add_argument("--verbose", action="store_true")
     p.add_argument("--copy-per-doc", type=int, default=10, help="copy-check line continuations per held-out document")
     p.add_argument("--methods", nargs="+", default=["rag"], help="extra methods beside base and retro: rag")
     p.add_argument("--model-weights", default="q4_1", help="the served model's weight format")
@@ -243,6 +312,8 @@ def main() -> None:
         perplexity(args, tokenizer, model, adapter, windows, idx, tables)
     if "copy" in args.parts:
         copy_check(args, folder, tokenizer, corpus, model, adapter, root)
+    if "facts" in args.parts:
+        facts(args, folder, tokenizer, corpus, model, adapter, root)
     if "speed" in args.parts:
         speed(args, folder, tokenizer, corpus, model, adapter, root)
 

@@ -83,6 +83,8 @@ def retro(
                                       "needs its chunks' neighbours searched once)"),
     copy_repeat: int = typer.Option(4, help="windows whose neighbours hold >= 20% of the 4-grams their chunks go "
                                     "on to use come this many times per epoch (1: all once)"),
+    copy_spans: float = typer.Option(0.0, help="fraction of chunks whose neighbour 0 gets a span of what follows "
+                                     "planted at a random offset (copy lessons leak-free neighbours lack; 0: none)"),
     cache_hidden: bool = typer.Option(False, "--cache-hidden", help="cache the frozen layers' states below the first CCA"),
     eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
     eval_windows: int = typer.Option(16, help="held-out windows per evaluation"),
@@ -116,7 +118,12 @@ def _prepare_retro(trainer, corpus, folder: Path, opts: dict) -> None:
         trainer.order = trainer.order.repeated(repeats)
         typer.echo(f"{int((repeats > 1).sum())} of {len(repeats)} train windows repeated {opts['copy_repeat']}x per "
                    "epoch (neighbours holding what follows)", err=True)
-    trainer.batch_data = batch_neighbours(tables, trainer.config.seq, trainer.device)
+    spans = {}
+    if opts["copy_spans"] > 0:
+        tables["heldout_spans"] = tables["heldout"]
+        spans = {"train": opts["copy_spans"], "heldout_spans": 1.0}
+        trainer.extra_evals["eval_loss_spans"] = "heldout_spans"  # leak-free, every chunk with a planted span
+    trainer.batch_data = batch_neighbours(tables, trainer.config.seq, trainer.device, spans, trainer.config.seed)
     trainer.extra_evals["eval_loss_leakage"] = "heldout_leak"  # the document's own chunks allowed: copying
 
 

@@ -13,7 +13,7 @@ from memlm.modes.retro.adapter import RetroAdapter
 from memlm.modes.retro.model import RetroConfig
 from memlm.modes.retro.neighbours import search_neighbours
 from memlm.modes.retro.training import (COLLECTION, NeighbourTable, batch_neighbours, copy_repeats, corpus_store,
-                                       neighbour_overlap)
+                                       neighbour_overlap, plant_spans)
 from memlm.train.corpus import SEPARATOR_TOKEN, Corpus, TokenSplit
 from memlm.train.trainer import TrainConfig, Trainer
 
@@ -98,6 +98,34 @@ def test_overlap_counts_what_the_next_chunk_takes_from_the_neighbours(corpus_and
     repeats = copy_repeats(table, np.array([0, 1]), 2 * M, repeat=3)
     assert repeats.tolist() == [3 if found[[0, 1]].mean() >= 0.2 else 1, 3 if found[[2, 3]].mean() >= 0.2 else 1]
     assert copy_repeats(table, np.array([0, 1]), 2 * M, repeat=1).tolist() == [1, 1]
+
+
+def test_planted_spans_are_the_next_chunks_text_inside_neighbour_0_and_nothing_else_changes():
+    m, r, n = 16, 32, 4
+    tokens = np.arange(1000, 1000 + 10 * m)
+    chunks = np.array([[0, 1, 2, 3], [5, 6, 7, 8]])
+    ids = torch.randint(0, 50, (2, n, 2, r))
+    valid = torch.zeros(2, n, 2, r, dtype=torch.bool)
+    valid[0, :, :, :20] = True  # window 0: neighbours of 20 tokens; window 1: none at all
+    out_ids, out_valid = plant_spans(ids, valid, tokens, chunks, m, 1.0, np.random.default_rng(0), lengths=(4, 8))
+    for b in range(2):
+        for u in range(n):
+            changed = (out_ids[b, u] != ids[b, u]).nonzero()
+            if u == n - 1:  # the window's last chunk: nothing reads its neighbours inside the window
+                assert len(changed) == 0 and torch.equal(out_valid[b, u], valid[b, u])
+                continue
+            assert (changed[:, 0] == 0).all()  # only neighbour 0
+            row = out_ids[b, u, 0].tolist()
+            nxt = tokens[(chunks[b, u] + 1) * m : (chunks[b, u] + 2) * m].tolist()
+            where = [j for j in range(r) if row[j] in nxt]
+            assert 4 <= len(where) <= 8 and where == list(range(where[0], where[0] + len(where)))
+            span = row[where[0] : where[-1] + 1]
+            s0 = nxt.index(span[0])
+            assert span == nxt[s0 : s0 + len(span)]  # a contiguous span of the next chunk
+            assert out_valid[b, u, 0, : where[-1] + 1].all() and torch.equal(out_valid[b, u, 1], valid[b, u, 1])
+            if b == 0:
+                assert where[-1] < 20  # inside the neighbour's own length
+    assert torch.equal(plant_spans(ids, valid, tokens, chunks, m, 0.0, np.random.default_rng(0))[0], ids)
 
 
 def test_a_tiny_retro_run_trains_checkpoints_and_resumes_exactly(corpus_and_store, tmp_path):

@@ -19,6 +19,15 @@
   do (license texts, stdlib boilerplate: ~12% of windows with >= 20% overlap) are the only lessons
   in copying from a neighbour; repeating them teaches it sooner. Still leak-free: the neighbours
   are other documents'.
+- `plant_spans`: copy lessons that leak-free neighbours cannot give. The CPU runs measured that
+  training on leak-free neighbours alone teaches the gates *not* to copy: the base layers' own
+  heads that copy a stated fact (untrained gates at 0.5 answer the pass-key question) are gated
+  down or negative, because a neighbour from another document is rarely what follows. RETRO's 2T
+  token store holds near-duplicates that reward copying; this corpus does not. So for a fraction
+  of chunks, a span of the text the chunk's readers predict (chunk u + 1) is written into
+  neighbour 0 of chunk u at a random offset: content-addressed copying from anywhere in a
+  neighbour (not the position-aligned copy of a leaked continuation). The store's retrieval is
+  still leak-free; the planted span is the training-time stand-in for a near-duplicate.
 """
 from __future__ import annotations
 
@@ -188,11 +197,44 @@ def table_folder(root: Path, split_name: str, corpus_key: str, config: RetroConf
     return Path(root) / f"{split_name}-{'leak' if leak else 'noleak'}-m{m}-k{k}-r{config.neighbour_length}-{corpus_key[:8]}-{store_key[:8]}"
 
 
-def batch_neighbours(tables: dict[str, NeighbourTable], seq: int, device: torch.device) -> Callable[[str, np.ndarray], dict]:
-    """The trainer's per-batch extra data: {split: table} -> fn(split, window idx) -> the RetroBatch fields."""
+def plant_spans(ids: torch.Tensor, valid: torch.Tensor, tokens: np.ndarray, chunks: np.ndarray, m: int,
+                fraction: float, rng: np.random.Generator, lengths: tuple[int, int] = (8, 24)) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids/valid (B, n, k, r) of chunks (B, n) of the split's stream `tokens`: for each chunk
+    (but a window's last) with probability `fraction`, a span of L ~ U[lengths] tokens of the
+    next chunk written into neighbour 0 at a random offset (its valid length grown to cover it)."""
+    ids, valid = ids.clone(), valid.clone()
+    B, n, _, r = ids.shape
+    for b in range(B):
+        for u in range(n - 1):
+            if rng.random() >= fraction:
+                continue
+            g = int(chunks[b, u])
+            L = int(rng.integers(lengths[0], lengths[1] + 1))
+            s = int(rng.integers(0, m - L + 1))
+            span = torch.from_numpy(np.asarray(tokens[(g + 1) * m + s : (g + 1) * m + s + L], np.int64))
+            have = int(valid[b, u, 0].sum())
+            o = int(rng.integers(0, max(have, L) - L + 1))
+            ids[b, u, 0, o : o + L] = span
+            valid[b, u, 0, : max(have, o + L)] = True
+    return ids, valid
+
+
+def batch_neighbours(tables: dict[str, NeighbourTable], seq: int, device: torch.device,
+                     spans: Optional[dict[str, float]] = None, seed: int = 0) -> Callable[[str, np.ndarray], dict]:
+    """The trainer's per-batch extra data: {split: table} -> fn(split, window idx) -> the RetroBatch
+    fields. `spans` {split: fraction}: plant copy spans (`plant_spans`) in that split's batches
+    (train: a fresh draw each visit; others: the same draw each evaluation)."""
+    spans = spans or {}
+    visits = {"n": 0}
+
     def extra(split: str, idx: np.ndarray) -> dict:
         table = tables[split]
-        ids, valid = table.get(table.chunks_of_windows(idx, seq))  # (B, n, k, r)
+        chunks = table.chunks_of_windows(idx, seq)
+        ids, valid = table.get(chunks)  # (B, n, k, r)
+        if spans.get(split):
+            visits["n"] += split == "train"
+            rng = np.random.default_rng([seed, visits["n"] if split == "train" else 0, *np.asarray(idx).tolist()])
+            ids, valid = plant_spans(ids, valid, table.split.tokens, chunks, table.config.chunk_tokens, spans[split], rng)
         return {"neighbours": ids.to(device), "neighbour_valid": valid.to(device)}
 
     return extra
