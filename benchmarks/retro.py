@@ -128,7 +128,7 @@ def open_mode(args, folder, tokenizer, model, root, store_folder=None):
     from concurrent.futures import Future
 
     from memlm.config import StoreSettings
-    from index.memory_store import MemoryStore
+    from memlm.index.memory_store import MemoryStore
     from memlm.modes.base import ModeRuntime
     from memlm.modes.retro.mode import Mode
     from memlm.modes.retro.settings import Settings
@@ -196,7 +196,7 @@ LAST = ["Moreau", "Okafor", "Lindqvist", "Tanaka", "Ferreira", "Novak", "Haddad"
 def facts(args, folder, tokenizer, corpus, model, adapter, root) -> None:
     import tempfile
 
-    from index.types import Document
+    from memlm.index.types import Document
     from memlm.engine import GenerationRequest, SamplingParams
     from memlm.generation import generate_tokens
 
@@ -241,8 +241,7 @@ def facts(args, folder, tokenizer, corpus, model, adapter, root) -> None:
         finally:
             mode.close()
             store.close()
-    print(f"
-facts: {n} pass keys, each stated once in one of {len(texts)} stored held-out documents "
+    print(f"\nfacts: {n} pass keys, each stated once in one of {len(texts)} stored held-out documents "
           f"({args.fact_rounds} rounds), 8 tokens greedy after the question:")
     for method, k in hits.items():
         print(f"  {method}: {k}/{n} ({100 * k / n:.0f}%)")

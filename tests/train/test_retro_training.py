@@ -100,14 +100,16 @@ def test_overlap_counts_what_the_next_chunk_takes_from_the_neighbours(corpus_and
     assert copy_repeats(table, np.array([0, 1]), 2 * M, repeat=1).tolist() == [1, 1]
 
 
-def test_planted_spans_are_the_next_chunks_text_inside_neighbour_0_and_nothing_else_changes():
-    m, r, n = 16, 32, 4
-    tokens = np.arange(1000, 1000 + 10 * m)
+def test_planted_passages_are_the_stream_around_the_next_chunks_start_inside_neighbour_0_and_nothing_else_changes():
+    m, r, n = 16, 40, 4
+    tokens = np.arange(1000, 1000 + 10 * m)  # token value = stream position + 1000
     chunks = np.array([[0, 1, 2, 3], [5, 6, 7, 8]])
     ids = torch.randint(0, 50, (2, n, 2, r))
     valid = torch.zeros(2, n, 2, r, dtype=torch.bool)
-    valid[0, :, :, :20] = True  # window 0: neighbours of 20 tokens; window 1: none at all
-    out_ids, out_valid = plant_spans(ids, valid, tokens, chunks, m, 1.0, np.random.default_rng(0), lengths=(4, 8))
+    valid[0, :, :, :30] = True  # window 0: neighbours of 30 tokens; window 1: none at all
+    out_ids, out_valid = plant_spans(ids, valid, tokens, chunks, m, 1.0, np.random.default_rng(0), lengths=(4, 8),
+                                     context=(2, 5))
+    from_first = 0
     for b in range(2):
         for u in range(n):
             changed = (out_ids[b, u] != ids[b, u]).nonzero()
@@ -116,15 +118,18 @@ def test_planted_spans_are_the_next_chunks_text_inside_neighbour_0_and_nothing_e
                 continue
             assert (changed[:, 0] == 0).all()  # only neighbour 0
             row = out_ids[b, u, 0].tolist()
-            nxt = tokens[(chunks[b, u] + 1) * m : (chunks[b, u] + 2) * m].tolist()
-            where = [j for j in range(r) if row[j] in nxt]
-            assert 4 <= len(where) <= 8 and where == list(range(where[0], where[0] + len(where)))
-            span = row[where[0] : where[-1] + 1]
-            s0 = nxt.index(span[0])
-            assert span == nxt[s0 : s0 + len(span)]  # a contiguous span of the next chunk
+            where = [j for j in range(r) if row[j] >= 1000]
+            passage = [row[j] - 1000 for j in where]  # stream positions
+            assert where == list(range(where[0], where[0] + len(where)))  # one contiguous passage
+            assert passage == list(range(passage[0], passage[0] + len(passage)))  # the stream, in order
+            nxt = (chunks[b, u] + 1) * m  # the next chunk's first position
+            assert nxt + 4 - 1 <= passage[-1] < nxt + m  # ends with a span (>= 4 tokens) of the next chunk
+            assert 4 + 2 <= len(passage) <= 8 + 5  # after the text just before it
+            from_first += passage[0] < nxt  # reaches back across the chunk boundary: the next chunk's first token
             assert out_valid[b, u, 0, : where[-1] + 1].all() and torch.equal(out_valid[b, u, 1], valid[b, u, 1])
             if b == 0:
-                assert where[-1] < 20  # inside the neighbour's own length
+                assert where[-1] < 30  # inside the neighbour's own length
+    assert 0 < from_first  # some passages teach the next chunk's first token
     assert torch.equal(plant_spans(ids, valid, tokens, chunks, m, 0.0, np.random.default_rng(0))[0], ids)
 
 

@@ -198,10 +198,14 @@ def table_folder(root: Path, split_name: str, corpus_key: str, config: RetroConf
 
 
 def plant_spans(ids: torch.Tensor, valid: torch.Tensor, tokens: np.ndarray, chunks: np.ndarray, m: int,
-                fraction: float, rng: np.random.Generator, lengths: tuple[int, int] = (8, 24)) -> tuple[torch.Tensor, torch.Tensor]:
+                fraction: float, rng: np.random.Generator, lengths: tuple[int, int] = (8, 24),
+                context: tuple[int, int] = (4, 16)) -> tuple[torch.Tensor, torch.Tensor]:
     """ids/valid (B, n, k, r) of chunks (B, n) of the split's stream `tokens`: for each chunk
-    (but a window's last) with probability `fraction`, a span of L ~ U[lengths] tokens of the
-    next chunk written into neighbour 0 at a random offset (its valid length grown to cover it)."""
+    (but a window's last) with probability `fraction`, a near-duplicate passage written into
+    neighbour 0 at a random offset (its valid length grown to cover it): a span of L ~ U[lengths]
+    tokens of the next chunk (from its first token half the time, else from a random one) with
+    the C ~ U[context] tokens just before it in the stream in front, so that the passage can be
+    found by what the decoder has just read (the way a copy of the document in the store is)."""
     ids, valid = ids.clone(), valid.clone()
     B, n, _, r = ids.shape
     for b in range(B):
@@ -210,12 +214,15 @@ def plant_spans(ids: torch.Tensor, valid: torch.Tensor, tokens: np.ndarray, chun
                 continue
             g = int(chunks[b, u])
             L = int(rng.integers(lengths[0], lengths[1] + 1))
-            s = int(rng.integers(0, m - L + 1))
-            span = torch.from_numpy(np.asarray(tokens[(g + 1) * m + s : (g + 1) * m + s + L], np.int64))
+            C = int(rng.integers(context[0], context[1] + 1))
+            s = 0 if rng.random() < 0.5 else int(rng.integers(0, m - L + 1))
+            start = (g + 1) * m + s  # the span's first token in the stream
+            passage = torch.from_numpy(np.asarray(tokens[start - C : start + L], np.int64))
+            P = len(passage)
             have = int(valid[b, u, 0].sum())
-            o = int(rng.integers(0, max(have, L) - L + 1))
-            ids[b, u, 0, o : o + L] = span
-            valid[b, u, 0, : max(have, o + L)] = True
+            o = int(rng.integers(0, max(have, P) - P + 1))
+            ids[b, u, 0, o : o + P] = passage
+            valid[b, u, 0, : max(have, o + P)] = True
     return ids, valid
 
 
