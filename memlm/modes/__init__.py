@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from memlm.modes.base import MemoryModeBase
 
-MODES: tuple[str, ...] = ("none", "rag", "knn")  # the registry, in the order `memlm modes` lists them
+MODES: tuple[str, ...] = ("none", "rag", "knn", "retro")  # the registry, in the order `memlm modes` lists them
 
 
 def settings_module(name: str) -> ModuleType:
@@ -52,7 +52,7 @@ def collection_options_class(name: str) -> "Optional[type[BaseModel]]":
 
 def parse_mode(value: Any) -> str:
     """A request's memory mode, as a registered name. InvalidArgument for a name nobody knows,
-    Unimplemented for one the wire reserves for a mode not built yet (landmark, retro, rmt)."""
+    Unimplemented for one the wire reserves for a mode not built yet (landmark, rmt)."""
     from memlm.errors import InvalidArgument, Unimplemented
 
     name = str(getattr(value, "value", value) or "none").strip().lower()

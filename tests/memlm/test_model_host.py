@@ -217,7 +217,7 @@ def _request(**kw) -> GenerationRequest:
         (_request(prompt=None, messages=()), InvalidArgument, "messages"),
         (_request(prompt=None, messages=(ChatMessage("robot", "hi"),)), InvalidArgument, "robot"),
         (_request(memory="knn", collection="notes"), FailedPrecondition, "knn.*place for its KV memory"),
-        (_request(memory="retro", collection="notes"), Unimplemented, "not implemented yet"),
+        (_request(memory="landmark", collection="notes"), Unimplemented, "not implemented yet"),
         (_request(memory="rag"), InvalidArgument, "collection"),
         (_request(memory="rag", collection="notes", k=0), InvalidArgument, "k=0"),
         (_request(memory="rag", collection="notes", k=101), InvalidArgument, "k=101"),
