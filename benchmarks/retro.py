@@ -296,7 +296,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=0, help="held-out windows (0: all)")
     p.add_argument("--parts", nargs="+", default=["perplexity", "copy", "facts", "speed"],
                    choices=["perplexity", "copy", "facts", "speed"])
-    p.add_argument("--fact-rounds", type=int, default=2, help="facts: stores of 12 documents, 12 questions each")
+    p.add_argument("--fact-rounds", type=int, default=2, help="facts: collections of all held-out documents (each with a new key), a question per document")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--copy-per-doc", type=int, default=10, help="copy-check line continuations per held-out document")
     p.add_argument("--methods", nargs="+", default=["rag"], help="extra methods beside base and retro: rag")

@@ -10,8 +10,9 @@
 # leakage: the gap is what the copying is worth). Windows whose
 # neighbours hold much of what follows come 4x per epoch (--copy-repeat, the default); the states
 # below the first CCA layer are cached (memlm's cache, train-hidden/; 1.2 MB per window visited).
-# Half the chunks get a span of what follows planted at a random place in their first neighbour
-# (--copy-spans 0.5): without those copy lessons the gates learn not to copy (session 11's run).
+# Half the chunks get a near-duplicate passage (the text just before a span of what follows)
+# planted at a random place in their first neighbour (--copy-spans 0.5): without those copy
+# lessons the gates learn not to copy (session 11's run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/retro-cpu}

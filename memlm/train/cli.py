@@ -83,8 +83,9 @@ def retro(
                                       "needs its chunks' neighbours searched once)"),
     copy_repeat: int = typer.Option(4, help="windows whose neighbours hold >= 20% of the 4-grams their chunks go "
                                     "on to use come this many times per epoch (1: all once)"),
-    copy_spans: float = typer.Option(0.0, help="fraction of chunks whose neighbour 0 gets a span of what follows "
-                                     "planted at a random offset (copy lessons leak-free neighbours lack; 0: none)"),
+    copy_spans: float = typer.Option(0.0, help="fraction of chunks whose neighbour 0 gets a near-duplicate passage "
+                                     "(the text just before a span of what follows) at a random offset: copy lessons "
+                                     "leak-free neighbours lack; 0: none"),
     cache_hidden: bool = typer.Option(False, "--cache-hidden", help="cache the frozen layers' states below the first CCA"),
     eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
     eval_windows: int = typer.Option(16, help="held-out windows per evaluation"),

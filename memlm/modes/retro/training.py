@@ -24,10 +24,12 @@
   heads that copy a stated fact (untrained gates at 0.5 answer the pass-key question) are gated
   down or negative, because a neighbour from another document is rarely what follows. RETRO's 2T
   token store holds near-duplicates that reward copying; this corpus does not. So for a fraction
-  of chunks, a span of the text the chunk's readers predict (chunk u + 1) is written into
-  neighbour 0 of chunk u at a random offset: content-addressed copying from anywhere in a
-  neighbour (not the position-aligned copy of a leaked continuation). The store's retrieval is
-  still leak-free; the planted span is the training-time stand-in for a near-duplicate.
+  of chunks, a near-duplicate passage is written into neighbour 0 of chunk u at a random offset:
+  a span of the text the chunk's readers predict (chunk u + 1) after the few tokens just before
+  it, so that it is found by what the decoder has just read. (A span without that context, the
+  first form, taught copying in mid-neighbour but not of a fact at a neighbour's start.) The
+  store's retrieval is still leak-free; the passage is the training-time stand-in for a
+  near-duplicate.
 """
 from __future__ import annotations
 
