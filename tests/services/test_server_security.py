@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -87,6 +88,10 @@ def test_data_files_are_private(secured):
     with memlm.Client(secured.address, api_key=KEY, timeout=300) as client:
         client.create_collection("private", kv_memory=True)
         client.ingest([{"id": "a", "text": "The vault code is 4417. " * 20}], collection="private")
+        deadline = time.monotonic() + 240  # Ingest answers after LMDB; the KV memory is built after it
+        while client.describe_collection("private").memory_lag.get("knn", 1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.describe_collection("private").memory_lag == {"knn": 0}
     data = secured.data_dir
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     seen = {"files": 0, "index": 0, "kv": 0}
