@@ -5,10 +5,13 @@ memlm's Q4_1 / Q8_0 kernel (memlm.kernels.qmatmul_cpu) against PyTorch's `_weigh
 "layers": one input row through 30 layers' distinct projections (fused QKV 576 -> 960, output
 576 -> 576, gate/up 576 -> 3072, down 1536 -> 576), so the weights stream from memory as in a
 decode step rather than sitting in cache; "head": the 576 -> 49152 output projection; "prefill":
-128 rows through one gate/up projection. Random weights (speed does not depend on their values).
-Rounds interleave the kernels; medians of --rounds.
+128 rows through one gate/up projection, where the block formats unpack the weight to fp32 in C
+and run the BLAS GEMM (`PREFILL_ROWS`), shown beside their integer kernel alone. Random weights
+(speed does not depend on their values). Rounds interleave the kernels; medians of --rounds.
+"bundled prefill": the bundled SmolLM2-135M in q4_1, one forward pass over --prompt-tokens
+tokens, with the GEMM path against the integer kernel for every row count, and dense fp32.
 
-    .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5]
+    .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5] [--prompt-tokens 256]
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=256)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if (why := qmatmul_cpu.available()) is not None:
@@ -64,7 +68,9 @@ def main() -> None:
             "head": (lambda h=head_cls(head): h(x[576])),
             "prefill": (lambda m=layers[2]: m(x128)),
         }
-    times = {name: {part: [] for part in ("layers", "head", "prefill")} for name in built}
+        if layer_cls is Q4_1Linear:
+            built["q4_1 integer kernel alone"] = {"prefill": (lambda m=layers[2]: m._matmul(x128))}
+    times = {name: {part: [] for part in parts} for name, parts in built.items()}
     with torch.inference_mode():
         for parts in built.values():  # warm-up
             for fn in parts.values():
@@ -80,9 +86,40 @@ def main() -> None:
     med = {n: {p: statistics.median(v) for p, v in t.items()} for n, t in times.items()}
     for name in built:
         cells = [f"{med[name][p]:.2f}" + ("" if name == base else f" ({med[name][p] / med[base][p]:.2f}x)")
-                 for p in ("layers", "head", "prefill")]
+                 if p in med[name] else "" for p in ("layers", "head", "prefill")]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"(x: time relative to {base})")
+    bundled_prefill(args)
+
+
+@torch.inference_mode()
+def bundled_prefill(args) -> None:
+    from memlm.model import load_llama
+    from memlm.models import bundled_model_dir
+
+    folder = bundled_model_dir()
+    T = args.prompt_tokens
+    tokens = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(T)
+    q4, dense = load_llama(folder, weights="q4_1"), load_llama(folder, weights="dense")
+    gemm_rows = Q4_1Linear.PREFILL_ROWS
+    runs = {"q4_1, GEMM from PREFILL_ROWS": (q4, gemm_rows), "q4_1, integer kernel only": (q4, 1 << 30),
+            "dense fp32": (dense, gemm_rows)}
+    times = {name: [] for name in runs}
+    try:
+        for r in range(args.rounds + 1):
+            for name, (model, rows) in runs.items():
+                Q4_1Linear.PREFILL_ROWS = Q8_0Linear.PREFILL_ROWS = rows
+                t0 = time.perf_counter()
+                model(tokens, pos)
+                if r:  # the first round warms up
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        Q4_1Linear.PREFILL_ROWS = Q8_0Linear.PREFILL_ROWS = gemm_rows
+    base = next(iter(runs))
+    print(f"\nbundled SmolLM2-135M, one forward pass over {T} tokens (logits for all), medians of {args.rounds} (ms):")
+    for name, t in times.items():
+        print(f"  {name}: {statistics.median(t):.0f}" + ("" if name == base else f" ({statistics.median(t) / statistics.median(times[base]):.2f}x)"))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ chunk (RETRO's grid ends at the prompt, so the question's chunk reads its neighb
 (the chunks retro read, pasted before the question) and retro; greedy, correct when the 5 digits
 come out. What `memlm ask --memory retro` does over a user's collection.
 
-Speed: a 256-token prompt from a held-out document, 128 new tokens greedy, none and retro
-alternated (3 runs each, median), served as the host serves: the owned model in --model-weights,
-the mode's hooks searching the corpus store as chunks complete.
+Speed: a 256-token prompt from the held-out stream (its tokens 256-511), 128 new tokens greedy,
+none and retro alternated (3 runs each, median), served as the host serves: the owned model in
+--model-weights, the mode's hooks searching the corpus store as chunks complete. retro three
+ways: its neighbour-state cache emptied first (cold: every neighbour through the base layers),
+after a related prompt (tokens 0-255 just before), and warm (the same prompt just before).
 """
 from __future__ import annotations
 
@@ -248,43 +250,65 @@ def facts(args, folder, tokenizer, corpus, model, adapter, root) -> None:
 
 
 def speed(args, folder, tokenizer, corpus, model, adapter, root) -> None:
+    """none against retro with the neighbour-state cache cold (emptied first), after a related
+    prompt (the 256 tokens before this one in the same document: some neighbours repeat), and
+    warm (the same prompt just before: every neighbour's base states kept)."""
     from memlm.engine import GenerationRequest, SamplingParams
     from memlm.generation import generate_tokens
     from memlm.modes.retro.training import COLLECTION
 
-    doc = corpus.heldout.tokens[corpus.heldout.doc_starts[0] : corpus.heldout.doc_starts[0] + 256].tolist()
-    prompt_ids = list(doc)
+    start = corpus.heldout.doc_starts[0]
+    related = corpus.heldout.tokens[start : start + 256].tolist()
+    prompt_ids = corpus.heldout.tokens[start + 256 : start + 512].tolist()
     mode, store = open_mode(args, folder, tokenizer, model, root)
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     request = GenerationRequest(prompt="x", collection=COLLECTION, memory="retro", sampling=sampling)
-    rates = {"none": [], "retro": []}
-    per_chunk = []
+    cache = mode.state_cache
+    columns = ("none", "retro cold", "retro after a related prompt", "retro warm")
+    rates = {name: [] for name in columns}
+    per_chunk, hit_rates = [], {name: [] for name in columns[1:]}
+
+    def retro(prompt):
+        with mode.generation(request, None) as hooks:
+            *_, out = generate_tokens(model, tokenizer, prompt, sampling, threading.Event(), eos_ids=(), hooks=hooks)
+        return out, hooks
+
     try:
         for run in range(args.runs + 1):
-            for name in ("none", "retro"):
+            for name in columns:
+                if name != "retro warm":
+                    cache.clear()
+                if name == "retro after a related prompt":
+                    retro(related)
+                elif name == "retro warm":
+                    retro(prompt_ids)  # the column before left another prompt's states: this one's now
+                hits, misses = cache.hits, cache.misses
                 t0 = time.perf_counter()
                 if name == "none":
                     *_, out = generate_tokens(model, tokenizer, prompt_ids, sampling, threading.Event(), eos_ids=())
                 else:
-                    with mode.generation(request, None) as hooks:
-                        *_, out = generate_tokens(model, tokenizer, prompt_ids, sampling, threading.Event(), eos_ids=(),
-                                                  hooks=hooks)
-                    if run:
-                        per_chunk.append((hooks.read_s / max(1, hooks.chunks_read), hooks.state.encode_s / max(1, hooks.chunks_read),
-                                          hooks.chunks_read))
+                    out, hooks = retro(prompt_ids)
                 dt = time.perf_counter() - t0
                 if run:  # the first round warms up
                     rates[name].append(len(out.token_ids) / dt)
+                    if name != "none":
+                        hit_rates[name].append((cache.hits - hits) / max(1, cache.hits - hits + cache.misses - misses))
+                    if name == "retro cold":
+                        per_chunk.append((hooks.read_s / max(1, hooks.chunks_read),
+                                          hooks.state.encode_s / max(1, hooks.chunks_read), hooks.chunks_read))
     finally:
         mode.close()
         store.close()
-    a, b = statistics.median(rates["none"]), statistics.median(rates["retro"])
+    base = statistics.median(rates["none"])
     search_ms = statistics.median(p[0] for p in per_chunk) * 1000
     encode_ms = statistics.median(p[1] for p in per_chunk) * 1000
     print(f"\ngeneration, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens, greedy, {args.runs} runs, "
           f"weights {args.model_weights}, threads {torch.get_num_threads()}:")
-    print(f"  none {a:.2f} tok/s, retro {b:.2f} tok/s: retro {b / a:.2f}x none (goal >= 0.8x)")
-    print(f"  per chunk (median): search {search_ms:.1f} ms, encode {encode_ms:.1f} ms; {per_chunk[0][2]} chunks per generation")
+    for name in columns:
+        rate = statistics.median(rates[name])
+        hit = f", neighbour states cached {statistics.median(hit_rates[name]):.0%}" if name in hit_rates else ""
+        print(f"  {name}: {rate:.2f} tok/s" + ("" if name == "none" else f" = {rate / base:.2f}x none (goal >= 0.8x){hit}"))
+    print(f"  per chunk, cold (median): search {search_ms:.1f} ms, encode {encode_ms:.1f} ms; {per_chunk[0][2]} chunks per generation")
 
 
 def main() -> None:

@@ -93,6 +93,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     for fn in (lib.q4_1_matmul, lib.q8_0_matmul):
         fn.argtypes = [p, i64, i64, p, p, i64, p]
         fn.restype = ctypes.c_int
+    for fn in (lib.q4_1_dequantize, lib.q8_0_dequantize):
+        fn.argtypes = [p, p, i64, i64, p]
+        fn.restype = None
     lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p, p, p, p, i64, i64, i64]
     lib.q4_1_decode_layer.restype = ctypes.c_int
     return lib, None
@@ -160,6 +163,18 @@ def dequantize_q4_1(qs: Tensor, dm: Tensor) -> Tensor:
     return (codes * d[..., None] + m[..., None]).view(N, -1)
 
 
+def _unpack(fn, qs: Tensor, scales: Tensor, N: int, K: int) -> Tensor:
+    w = torch.empty(N, K, dtype=torch.float32)
+    if N and K:
+        fn(qs.data_ptr(), scales.data_ptr(), N, K, w.data_ptr())
+    return w
+
+
+def q4_1_unpack(qs: Tensor, dm: Tensor) -> Tensor:
+    """`dequantize_q4_1` in C (AVX2, the rows split across threads): the same fp32 weight (N, K)."""
+    return _unpack(_lib().q4_1_dequantize, qs.contiguous(), dm.contiguous(), qs.shape[0], qs.shape[1] * 2)
+
+
 def q4_1_matmul(x: Tensor, qs: Tensor, dm: Tensor) -> Tensor:
     """x (M, K) -> x @ dequantize_q4_1(qs, dm).T (M, N), with x quantized per block (see module)."""
     return _run(_lib().q4_1_matmul, _check(x, qs.shape[1] * 2), qs, dm, qs.shape[0])
@@ -182,6 +197,11 @@ def pack_q8_0(w: Tensor) -> tuple[Tensor, Tensor]:
 def dequantize_q8_0(qs: Tensor, d: Tensor) -> Tensor:
     N, K = qs.shape
     return (qs.float().view(N, K // QK, QK) * d.float()[..., None]).view(N, K)
+
+
+def q8_0_unpack(qs: Tensor, d: Tensor) -> Tensor:
+    """`dequantize_q8_0` in C: the same fp32 weight (N, K)."""
+    return _unpack(_lib().q8_0_dequantize, qs.contiguous(), d.contiguous(), qs.shape[0], qs.shape[1])
 
 
 def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:

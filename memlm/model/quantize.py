@@ -138,9 +138,18 @@ class Int4Linear(_WeightOnlyLinear):
 
 
 class _BlockLinear(_WeightOnlyLinear):
-    """llama.cpp block formats on `qmatmul_cpu`: fp32 in, fp32 out."""
+    """llama.cpp block formats on `qmatmul_cpu`: fp32 in, fp32 out. Below `PREFILL_ROWS` input
+    rows the integer kernel (`_matmul`, activations quantized per block as llama.cpp does); from
+    there on the weight is unpacked to fp32 in C (`_unpack`) for the BLAS GEMM, which is faster
+    for many rows (prompt prefill, RETRO's neighbours: benchmarks/qmatmul_prefill.py)."""
 
     kernel_dtype = torch.float32
+    PREFILL_ROWS = 32
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        if x.shape[0] >= self.PREFILL_ROWS:
+            return F.linear(x, self._unpack())
+        return self._matmul(x)
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
@@ -162,7 +171,10 @@ class Q4_1Linear(_BlockLinear):
     def dequantize(self) -> Tensor:
         return qmatmul_cpu.dequantize_q4_1(self.qs, self.dm)
 
-    def _kernel(self, x: Tensor) -> Tensor:
+    def _unpack(self) -> Tensor:
+        return qmatmul_cpu.q4_1_unpack(self.qs, self.dm)
+
+    def _matmul(self, x: Tensor) -> Tensor:
         return qmatmul_cpu.q4_1_matmul(x, self.qs, self.dm)
 
 
@@ -179,7 +191,10 @@ class Q8_0Linear(_BlockLinear):
     def dequantize(self) -> Tensor:
         return qmatmul_cpu.dequantize_q8_0(self.qs, self.d)
 
-    def _kernel(self, x: Tensor) -> Tensor:
+    def _unpack(self) -> Tensor:
+        return qmatmul_cpu.q8_0_unpack(self.qs, self.d)
+
+    def _matmul(self, x: Tensor) -> Tensor:
         return qmatmul_cpu.q8_0_matmul(x, self.qs, self.d)
 
 

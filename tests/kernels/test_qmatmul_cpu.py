@@ -39,6 +39,21 @@ def test_kernel_matches_its_reference(fmt, M, K, N):
 
 
 @needs_kernel
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_unpacking_in_c_gives_the_reference_weights_exactly(fmt, M, K, N):
+    torch.manual_seed(K * 1000 + N)
+    w = torch.randn(N, K) * 0.05
+    w[0, :32] = 0.25  # a constant block: d = 0
+    pack, unpack, ref = {"q4_1": (q.pack_q4_1, q.q4_1_unpack, q.dequantize_q4_1),
+                         "q8_0": (q.pack_q8_0, q.q8_0_unpack, q.dequantize_q8_0)}[fmt]
+    packed = pack(w)
+    out = unpack(*packed)
+    assert out.shape == (N, K) and out.dtype == torch.float32
+    assert torch.equal(out, ref(*packed))
+
+
+@needs_kernel
 def test_inputs_are_checked():
     qs, dm = q.pack_q4_1(torch.randn(8, 64))
     with pytest.raises(ValueError, match=r"\(M, 64\)"):

@@ -181,3 +181,64 @@ def test_the_cca_reads_the_base_layers_own_keys_and_values_of_each_neighbour():
             assert bool(ok.all())
             torch.testing.assert_close(k[0, :, j * r : (j + 1) * r], cache.k[layer, 0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v[0, :, j * r : (j + 1) * r], cache.v[layer, 0], rtol=1e-5, atol=1e-5)
+
+
+# --- neighbour states kept across generations -------------------------------------------------
+
+def test_a_neighbour_read_again_skips_its_base_pass_and_reads_the_same_states(monkeypatch):
+    from memlm.modes.retro.model import neighbour_states
+    from memlm.modes.retro.state_cache import NeighbourStateCache
+
+    model = tiny_model()
+    adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
+    tokens = torch.randint(0, TINY.vocab_size, (1, 3 * M), generator=torch.Generator().manual_seed(8))
+    ids, valid = random_neighbours(3, seed=9)
+    ids[0, 2, 1] = ids[0, 0, 0]  # one neighbour twice in a request: computed once
+    adapter.attach(model)
+    want = full_logits(model, adapter, tokens, ids, valid)
+    cache = NeighbourStateCache(max_bytes=1 << 30)
+    computed = []
+
+    def logits():
+        state = adapter.new_state(model, 0, cache)
+        for u in range(3):
+            state.set_neighbours(u, ids[:, u], valid[:, u])
+        with adapter.reading(state), torch.no_grad():
+            return model(tokens, torch.arange(tokens.shape[1]))
+
+    import memlm.modes.retro.model as retro_model
+    real = retro_model.neighbour_states  # counted, still computed
+    monkeypatch.setattr(retro_model, "neighbour_states", lambda m, x, layers: computed.append(len(x)) or real(m, x, layers))
+    first, second = logits(), logits()
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-6)
+    assert computed == [5]  # 6 neighbours, 5 distinct, all computed by the first request; none by the second
+    assert (cache.hits, cache.misses, len(cache)) == (6, 6, 5)  # rows: the repeat was not cached yet
+    one = sum(s.numel() * s.element_size() for s in neighbour_states(model, ids[0, 0, :1], RETRO.layers).values())
+    assert cache.bytes == 5 * one
+
+
+def test_the_cache_evicts_the_least_recently_used_past_its_size():
+    from memlm.modes.retro.model import neighbour_states
+    from memlm.modes.retro.state_cache import NeighbourStateCache
+
+    model = tiny_model()
+    ids = torch.randint(0, TINY.vocab_size, (4, RETRO.neighbour_length), generator=torch.Generator().manual_seed(10))
+    compute = lambda x: neighbour_states(model, x, RETRO.layers)  # noqa: E731
+    one = sum(s.numel() * s.element_size() for s in compute(ids[:1]).values())
+    cache = NeighbourStateCache(max_bytes=2 * one)
+    cache.states(ids[:2], compute)
+    cache.states(ids[:1], compute)  # 0 is now the most recent
+    cache.states(ids[2:3], compute)  # evicts 1
+    assert len(cache) == 2 and cache.bytes == 2 * one
+    before = cache.misses
+    cache.states(ids[:1], compute)
+    cache.states(ids[2:3], compute)
+    assert cache.misses == before
+    cache.states(ids[1:2], compute)
+    assert cache.misses == before + 1
+    off = NeighbourStateCache(max_bytes=0)
+    got = off.states(ids, compute)
+    assert len(off) == 0 and off.bytes == 0
+    for layer, s in compute(ids).items():
+        torch.testing.assert_close(got[layer], s)

@@ -60,8 +60,8 @@ class RetroAdapter(Adapter):
     def detach(self, model: Llama) -> None:
         detach_after_attention(model, self.cca)
 
-    def new_state(self, model: Llama, phase: int = 0) -> RetroState:
-        return RetroState(self.config, model, phase)
+    def new_state(self, model: Llama, phase: int = 0, cache=None) -> RetroState:
+        return RetroState(self.config, model, phase, cache)
 
     def state_for(self, model: Llama, ids: Tensor, valid: Tensor) -> RetroState:
         """A state holding every chunk's neighbours at once: ids, valid (B, n, k, r) (training, scoring)."""

@@ -11,6 +11,9 @@ Nothing earlier is recomputed. The chunk grid ends at the prompt's last token
 (`retro.align_prompt_end`), so a question shorter than a chunk still has neighbours when the answer
 starts. Citations: every neighbour chunk read. Deleting a document removes it from the next search.
 
+The base model's states of each neighbour are kept across generations by their token ids
+(`state_cache.NeighbourStateCache`, `retro.state_cache_mb`): a chunk read again skips its base pass.
+
 Store reads run on a thread of the mode's own: the model worker's thread keeps one FAISS thread.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from memlm.errors import FailedPrecondition, InvalidArgument
 from memlm.modes.base import GenerationHooks, MemoryModeBase, ModeRuntime, ReadPlan
 from memlm.modes.retro.settings import Settings
+from memlm.modes.retro.state_cache import NeighbourStateCache
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class Mode(MemoryModeBase):
         self._adapter = None
         self._why_not: Optional[str] = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="memlm-retro-read")
+        self.state_cache = NeighbourStateCache(self.settings.state_cache_mb << 20)
 
     @property
     def weights_folder(self) -> Path:
@@ -137,7 +142,7 @@ class _RetroHooks(GenerationHooks):
     def chunk_phase(self, prompt_ids: Sequence[int]) -> int:
         m = self.chunk_tokens
         phase = (-len(prompt_ids)) % m if self.mode.settings.align_prompt_end else 0
-        self.state = self.adapter.new_state(self.mode.runtime.model, phase)
+        self.state = self.adapter.new_state(self.mode.runtime.model, phase, self.mode.state_cache)
         self.adapter.slot.state = self.state
         return phase
 

@@ -56,6 +56,7 @@ from memlm.kernels import chunked_cross_attention
 from memlm.kernels.chunked_attention import chunk_read_by
 from memlm.model.llama import Llama, LlamaConfig, RMSNorm, apply_rope
 from memlm.modes.retro.settings import DEFAULT_LAYERS
+from memlm.modes.retro.state_cache import NeighbourStateCache
 
 
 @dataclass
@@ -213,14 +214,17 @@ class RetroState:
     then encodes u (`encode`: the base states of its neighbours and the encoder's rows); each CCA
     layer projects u's rows once (`chunk_kv`).
 
+    `cache` (a `NeighbourStateCache`, optional) keeps the base states of neighbours across
+    states: a neighbour read before skips its base pass.
+
     `phase` shifts the chunk grid: chunk u holds positions [u*m - phase, (u+1)*m - phase), so the
     first chunk is m - phase tokens long. Generation sets it so that the prompt's last token ends a
     chunk (its question has neighbours from the first new token on); training uses 0."""
 
-    def __init__(self, config: RetroConfig, model: Llama, phase: int = 0):
+    def __init__(self, config: RetroConfig, model: Llama, phase: int = 0, cache: Optional[NeighbourStateCache] = None):
         if not 0 <= phase < config.chunk_tokens:
             raise ValueError(f"phase={phase} must lie in [0, chunk_tokens={config.chunk_tokens})")
-        self.config, self.model, self.phase = config, model, phase
+        self.config, self.model, self.phase, self.cache = config, model, phase, cache
         self.neighbours: dict[int, tuple[Tensor, Tensor]] = {}
         self.encoded: dict[int, _Chunk] = {}
         self._kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (layer, u) -> k, v (B, KV, L, hd)
@@ -258,7 +262,11 @@ class RetroState:
             ids = torch.stack([self.neighbours[u][0] for u in done], 1)  # (B, G, k, r)
             valid = torch.stack([self.neighbours[u][1] for u in done], 1)
             B, G, k, r = ids.shape
-            states = neighbour_states(self.model, ids.reshape(B * G * k, r).clamp(min=0), self.config.layers)
+            flat = ids.reshape(B * G * k, r).clamp(min=0)
+            if self.cache is None:
+                states = neighbour_states(self.model, flat, self.config.layers)
+            else:  # base states of neighbours read before are kept (they depend on the ids only)
+                states = self.cache.states(flat, lambda some: neighbour_states(self.model, some, self.config.layers))
             ctx, ctx_valid = zip(*(self._chunk_context(u) for u in done))
             ctx = torch.stack(ctx, 1)[:, :, None].expand(B, G, k, m, x.shape[-1]).reshape(B * G * k, m, -1)
             ctx_valid = torch.stack(ctx_valid)[None, :, None].expand(B, G, k, m).reshape(B * G * k, m)

@@ -22,6 +22,10 @@ class Settings(BaseModel):
         "retro`); None = the weights shipped in the package for the bundled model")
     neighbours: Optional[int] = Field(None, gt=0, le=16, description="neighbours per chunk when a request leaves "
                                       "k at 0; None = the adapter's (2)")
+    state_cache_mb: int = Field(
+        256, ge=0, description="MiB of the base model's states of neighbours kept across generations (keyed by "
+        "their token ids; 1.5 MiB per neighbour for the bundled model in fp32): a neighbour read again skips its "
+        "pass through the base layers; 0 = none. See README, retro: decode speed")
     align_prompt_end: bool = Field(
         True, description="lay the chunk grid so that the prompt's last token ends a chunk: the prompt's last "
         "chunk (the question) has its neighbours from the first new token on; False: chunks from position 0, as "
