@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from memlm.modes.base import MemoryModeBase
 
-MODES: tuple[str, ...] = ("none", "rag", "knn", "retro")  # the registry, in the order `memlm modes` lists them
+MODES: tuple[str, ...] = ("none", "rag", "knn", "retro", "landmark")  # the registry, in the order `memlm modes` lists them
 
 
 def settings_module(name: str) -> ModuleType:

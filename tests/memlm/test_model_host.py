@@ -27,7 +27,7 @@ def greedy(prompt: str = PROMPT, n: int = 16, **kw) -> GenerationRequest:
 def test_info(host):
     info = host.info()
     assert (info.context_length, info.layers, info.vocab_size) == (8192, 30, 49152)
-    assert set(info.supported_memory_modes) == {"none", "rag", "retro"}  # knn: no KV memory folder here
+    assert set(info.supported_memory_modes) == {"none", "rag", "retro"}  # knn, landmark: no KV memory folder here
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def _request(**kw) -> GenerationRequest:
         (_request(prompt=None, messages=()), InvalidArgument, "messages"),
         (_request(prompt=None, messages=(ChatMessage("robot", "hi"),)), InvalidArgument, "robot"),
         (_request(memory="knn", collection="notes"), FailedPrecondition, "knn.*place for its KV memory"),
-        (_request(memory="landmark", collection="notes"), Unimplemented, "not implemented yet"),
+        (_request(memory="rmt", collection="notes"), Unimplemented, "not implemented yet"),
         (_request(memory="rag"), InvalidArgument, "collection"),
         (_request(memory="rag", collection="notes", k=0), InvalidArgument, "k=0"),
         (_request(memory="rag", collection="notes", k=101), InvalidArgument, "k=101"),

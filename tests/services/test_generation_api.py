@@ -98,8 +98,8 @@ def test_generation_errors(server, client):
         list(client.generate("hi", memory="rag", collection="no-such"))
     with pytest.raises(InvalidArgument, match="memory mode"):
         client.generate("hi", memory="telepathy")
-    with pytest.raises(Unimplemented, match="landmark"):
-        list(client.generate("hi", memory="landmark", collection="anything"))
+    with pytest.raises(Unimplemented, match="rmt"):
+        list(client.generate("hi", memory="rmt", collection="anything"))
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         with pytest.raises(grpc.RpcError) as info:

@@ -40,7 +40,7 @@ import numpy as np
 from memlm.errors import FailedPrecondition, NotFound
 from memlm.index.derived import Change, bring_up_to_date
 from memlm.index.kv_memory import MANIFEST, KVMemory
-from memlm.modes.knn.settings import CollectionOptions, Settings
+from memlm.modes.knn.settings import BuildSettings, CollectionOptions, Settings
 from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
 from memlm.modes.knn.reading import (
     PRESETS, ReadConfig, LayerMemory, gated_rows, knn_mode, num_layers, prepare_layer_memories, resolve_layers,
@@ -64,15 +64,21 @@ class SyncReport:
 class KVMemoryManager:
     """Builds, repairs and loads the KV memory of every knn collection of one store."""
 
-    def __init__(self, store, model, settings: Optional[Settings] = None, model_name: str = ""):
+    def __init__(self, store, model, settings: Optional[BuildSettings] = None, model_name: str = "", mode: str = "knn"):
+        """mode: whose memory this is: the collection option (`config.memory[mode]`, a knn
+        `CollectionOptions`), the watermark's name and the folder (`kv/` for knn, `kv-<mode>/`
+        otherwise). A knn manager also reads (`knn_context`, from its settings' preset)."""
         settings = settings or Settings()
         self.store, self.model, self.settings = store, model, settings
-        self.model_name = model_name
-        if settings.preset not in PRESETS:
-            raise ValueError(f"knn.preset={settings.preset!r} is not one of {sorted(PRESETS)}")
-        gating = {name: value for name in ("candidate_chunks", "follow_chunks")
-                  if (value := getattr(settings, name)) is not None}
-        self.config = ReadConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
+        self.model_name, self.mode = model_name, mode
+        self.folder = KV_FOLDER if mode == "knn" else f"{KV_FOLDER}-{mode}"
+        self.config = None
+        if isinstance(settings, Settings):
+            if settings.preset not in PRESETS:
+                raise ValueError(f"knn.preset={settings.preset!r} is not one of {sorted(PRESETS)}")
+            gating = {name: value for name in ("candidate_chunks", "follow_chunks")
+                      if (value := getattr(settings, name)) is not None}
+            self.config = ReadConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
         self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
         # (name, created_at) -> (memory state, loaded layer memories, layers read), most recent last
         self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory], tuple]]" = OrderedDict()
@@ -82,10 +88,10 @@ class KVMemoryManager:
     def check_collection(self, name: str):
         """The collection's config if knn can read it; FailedPrecondition naming why not."""
         config = self.store.collection_config(name)  # NotFound
-        if "knn" not in config.memory:
+        if self.mode not in config.memory:
             raise FailedPrecondition(
-                f"collection {name!r} has no knn memory; create it with it on (memory={{'knn': {{}}}}; "
-                "CLI: memlm ingest PATH --collection NEW_NAME --memory knn) to use memory mode 'knn'"
+                f"collection {name!r} has no {self.mode} memory; create it with it on (memory={{'{self.mode}': {{}}}}; "
+                f"CLI: memlm ingest PATH --collection NEW_NAME --memory {self.mode}) to use memory mode '{self.mode}'"
             )
         if self.model_name and config.tokenizer != self.model_name:
             raise FailedPrecondition(
@@ -102,7 +108,7 @@ class KVMemoryManager:
         mem = self._open.get(key)
         if mem is not None and (mem.path / MANIFEST).exists():
             return mem
-        path = self.store.memory_folder(name) / KV_FOLDER
+        path = self.store.memory_folder(name) / self.folder
         try:
             mem = KVMemory.open(path)
         except FileNotFoundError:
@@ -119,7 +125,7 @@ class KVMemoryManager:
         """An empty memory shaped by the collection's knn options (fixed when it was created). Empty,
         it holds every write up to seq 0: catching up replays the whole oplog if the store still
         has it, else compares chunk ids."""
-        o = CollectionOptions(**config.memory["knn"])
+        o = CollectionOptions(**config.memory[self.mode])
         layers = resolve_layers(_layer_spec(o.layers), num_layers(self.model))
         mem = kv_memory_for_model(path, self.model, layers=layers, window=o.window, overlap=o.overlap, dtype=o.dtype)
         mem.set_applied_seq(0)
@@ -135,7 +141,7 @@ class KVMemoryManager:
             return  # re-created since: its creation cleared the folder, and it is the new one's now
         except NotFound:
             folder = self.store.memory_folder(name)
-            shutil.rmtree(folder / KV_FOLDER, ignore_errors=True)
+            shutil.rmtree(folder / self.folder, ignore_errors=True)
             try:
                 folder.rmdir()  # the store left it for this mode's folder
             except OSError:
@@ -168,7 +174,7 @@ class KVMemoryManager:
                 mem.compact()
                 report = replace(report, compacted=True)
             mem.set_applied_seq(target)
-            self.store.set_watermark(name, "knn", target)
+            self.store.set_watermark(name, self.mode, target)
         report = replace(report, seconds=time.perf_counter() - t0)
         if report.added_rows or report.removed_chunks or report.compacted:
             log.info("collection %r: KV memory caught up to seq %d%s: +%d tokens (%d documents), -%d chunks%s in %.1f s",

@@ -30,7 +30,67 @@ from memlm.modes.knn.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class Mode(MemoryModeBase):
+class KVMemoryModeBase(MemoryModeBase):
+    """A mode that reads a per-collection KV memory (`memories.KVMemoryManager` for `self.name`):
+    the memory kept in step with the store (after writes, at start-up, on drop) and the checks
+    that the served model can build it. knn's `Mode`; landmark's."""
+
+    def __init__(self, runtime: ModeRuntime, settings):
+        super().__init__(runtime, settings)
+        self.memories = None
+        if runtime.store is not None and hasattr(runtime.store, "memory_folder"):
+            from memlm.modes.knn.memories import KVMemoryManager
+
+            self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name,
+                                            mode=self.name)
+
+    def unavailable(self) -> Optional[str]:
+        from memlm.models.loading import model_facts
+
+        architecture = model_facts(self.runtime.model).architecture
+        if architecture != "LlamaForCausalLM":
+            return f"memory mode {self.name!r} runs on Llama models (LlamaForCausalLM); the served model is {architecture}"
+        if self.memories is None:
+            return super().unavailable() or (
+                f"memory mode {self.name!r} needs a store view with a place for its KV memory (a MemoryStore in this "
+                "process, or memlm.remote_store.RemoteStore), and this model host has another")
+        return None
+
+    def start(self) -> None:
+        if self.memories is None:
+            return
+        for config in self.runtime.store.list_collections():  # repair what a crash left behind, in the background
+            if self.name in config.memory:
+                self._schedule(config.name)
+
+    def _schedule(self, name: str) -> None:
+        """Catch the collection's memory up on the model worker, one segment per turn: a long
+        build goes to the back of the queue after each segment, so generations interleave."""
+        def step() -> None:
+            try:
+                report = self.memories.catch_up(name, max_segments=1)
+            except Exception:  # noqa: BLE001 - logged; the next write or read retries
+                log.exception("collection %r: building its %s KV memory failed", name, self.name)
+                return
+            if not report.done and not getattr(self.runtime.store, "stopping", False):
+                self.runtime.run_on_model(step)
+
+        self.runtime.run_on_model(step)
+
+    def after_write(self, collection: str) -> None:
+        if self.memories is None:
+            return
+        if self.settings.ingest_waits_for_memory:  # Ingest answers once the memory holds the write
+            self.runtime.run_on_model(lambda: self.memories.catch_up(collection)).result()
+        else:  # Ingest answers after LMDB; the next read of the collection waits for the memory
+            self._schedule(collection)
+
+    def after_drop(self, collection: str) -> None:
+        if self.memories is not None:
+            self.runtime.run_on_model(lambda: self.memories.drop(collection))
+
+
+class Mode(KVMemoryModeBase):
     name = "knn"
     summary = "attention over the model's own keys and values of the collection's text (Memorizing Transformers)"
     derives = "KV memory: the model's keys and values of every stored token at the memory layers"
@@ -38,23 +98,6 @@ class Mode(MemoryModeBase):
 
     def __init__(self, runtime: ModeRuntime, settings: Optional[Settings]):
         super().__init__(runtime, settings or Settings())
-        self.memories = None
-        if runtime.store is not None and hasattr(runtime.store, "memory_folder"):
-            from memlm.modes.knn.memories import KVMemoryManager
-
-            self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name)
-
-    def unavailable(self) -> Optional[str]:
-        from memlm.models.loading import model_facts
-
-        architecture = model_facts(self.runtime.model).architecture
-        if architecture != "LlamaForCausalLM":
-            return f"memory mode 'knn' runs on Llama models (LlamaForCausalLM); the served model is {architecture}"
-        if self.memories is None:
-            return super().unavailable() or (
-                "memory mode 'knn' needs a store view with a place for its KV memory (a MemoryStore in this "
-                "process, or memlm.remote_store.RemoteStore), and this model host has another")
-        return None
 
     def validate(self, request, collection) -> None:
         if request.filter is not None and not self.memories.candidate_chunks:
@@ -78,38 +121,3 @@ class Mode(MemoryModeBase):
         hooks.memory_s = time.perf_counter() - t0  # syncing and loading the KV memory
         with context:
             yield hooks
-
-    # --- derived memory --------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self.memories is None:
-            return
-        for config in self.runtime.store.list_collections():  # repair what a crash left behind, in the background
-            if self.name in config.memory:
-                self._schedule(config.name)
-
-    def _schedule(self, name: str) -> None:
-        """Catch the collection's memory up on the model worker, one segment per turn: a long
-        build goes to the back of the queue after each segment, so generations interleave."""
-        def step() -> None:
-            try:
-                report = self.memories.catch_up(name, max_segments=1)
-            except Exception:  # noqa: BLE001 - logged; the next write or knn request retries
-                log.exception("collection %r: building its KV memory failed", name)
-                return
-            if not report.done and not getattr(self.runtime.store, "stopping", False):
-                self.runtime.run_on_model(step)
-
-        self.runtime.run_on_model(step)
-
-    def after_write(self, collection: str) -> None:
-        if self.memories is None:
-            return
-        if self.settings.ingest_waits_for_memory:  # Ingest answers once the memory holds the write
-            self.runtime.run_on_model(lambda: self.memories.catch_up(collection)).result()
-        else:  # Ingest answers after LMDB; the next knn read of the collection waits for the memory
-            self._schedule(collection)
-
-    def after_drop(self, collection: str) -> None:
-        if self.memories is not None:
-            self.runtime.run_on_model(lambda: self.memories.drop(collection))

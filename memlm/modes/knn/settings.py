@@ -26,7 +26,25 @@ class CollectionOptions(BaseModel):
             raise ValueError(f"overlap={self.overlap} must be below window={self.window}")
 
 
-class Settings(BaseModel):
+class BuildSettings(BaseModel):
+    """When a collection's KV memory is built and what that may cost: shared by every mode that
+    reads one (knn; landmark, which builds its own in the same format)."""
+
+    ingest_waits_for_memory: bool = Field(
+        False, description="True: an Ingest into a knn collection answers once its KV memory is built; False: "
+        "right after LMDB commits, with the build queued on the model worker one segment at a time (a knn "
+        "generation of the collection waits for it; Describe's memory_lag shows what is left). See README, "
+        "knn memory mode, for the measurement",
+    )
+    build_batch_tokens: int = Field(4096, gt=0, description="tokens built into one memory segment at a time; also "
+                                    "one turn of a queued build on the model worker (a generation waits at most one "
+                                    "segment behind a build; see README, Measured: derived memory)")
+    max_segments: int = Field(64, gt=0, description="compact a memory once it has more segments than this")
+    resident_collections: int = Field(2, gt=0, description="collections whose memory stays loaded between requests "
+                                      "(ungated reads; gated reads load per generation)")
+
+
+class Settings(BuildSettings):
     """How knn generations read memory, and what building it may cost."""
 
     # --- per generation: how memory is read -----------------------------------------------------
@@ -44,16 +62,3 @@ class Settings(BaseModel):
         None, ge=0, le=16, description="chunk-gated knn: each candidate chunk also brings the next N chunks "
         "of its document; None = the preset's (2 for 'default')",
     )
-    # --- per process: when derived memory is built, and what it may cost ----------------------
-    ingest_waits_for_memory: bool = Field(
-        False, description="True: an Ingest into a knn collection answers once its KV memory is built; False: "
-        "right after LMDB commits, with the build queued on the model worker one segment at a time (a knn "
-        "generation of the collection waits for it; Describe's memory_lag shows what is left). See README, "
-        "knn memory mode, for the measurement",
-    )
-    build_batch_tokens: int = Field(4096, gt=0, description="tokens built into one memory segment at a time; also "
-                                    "one turn of a queued build on the model worker (a generation waits at most one "
-                                    "segment behind a build; see README, Measured: derived memory)")
-    max_segments: int = Field(64, gt=0, description="compact a memory once it has more segments than this")
-    resident_collections: int = Field(2, gt=0, description="collections whose memory stays loaded between requests "
-                                      "(ungated reads; gated reads load per generation)")

@@ -1,0 +1,34 @@
+"""`landmark` settings. `CollectionOptions`: what a collection's block memory stores (fixed at
+creation, the same options as knn's KV memory: it is one); `Settings`: how generations pick blocks
+(per generation) and what building the memory may cost (per process, knn's `BuildSettings`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from memlm.modes.knn.settings import BuildSettings, CollectionOptions as KVMemoryOptions
+
+REPRESENTATIONS = ("mean", "minmax")
+POSITIONS = ("fixed", "in_block")
+
+
+class CollectionOptions(KVMemoryOptions):
+    """What a collection's block memory stores (`--memory landmark`): the keys and values of every
+    token at `layers`, in knn's KV segment format; a block is one of the store's chunks."""
+
+
+class Settings(BuildSettings):
+    top_k: int = Field(4, gt=0, le=64, description="blocks (stored chunks) each query head reads per memory layer "
+                       "when a request leaves k at 0 (the Landmark Attention paper's top-4)")
+    representation: Literal["mean", "minmax"] = Field(
+        "minmax", description="how a block is scored for a query: 'mean' (q . the block's mean key, InfLLM-like) or "
+        "'minmax' (Quest: sum over dims of max(q * min, q * max), an upper bound of the block's best q . k)")
+    positions: Literal["fixed", "in_block"] = Field(
+        "in_block", description="RoPE of the blocks read: 'fixed' (every memory key at position 0, the local context "
+        "from 0: InfLLM's rule, no positional offset for far blocks), 'in_block' (each key at its offset in its block, "
+        "the local context from the block size on: every block read sits just before the prompt, its order kept)")
+    layers: str = Field("all_but_first", description="the memory layers read: a knn LAYER_PRESETS name or indices; "
+                        "layers the collection's memory does not store are skipped")
+    min_memory_position: int = Field(4, ge=0, description="memory rows computed at build-window positions below "
+                                     "this are left out (attention sinks)")
