@@ -17,6 +17,11 @@ key is" and greedily generates 10 tokens; a trial counts when the key appears in
   (memlm.modes.knn.reading presets / overrides) is evaluated on the same memory; by default "gated" (the
   service's default: the rows of the 8 chunks the store's search ranks first for the question,
   each with the 2 chunks after it, laid out by rank) and "ungated" (every row searched).
+- landmark: the same memory read as blocks (its chunks): at every layer but the first, each query
+  head reads the rows of the top-k blocks by its own scores of their representations
+  (memlm.modes.landmark.blocks; `--landmark` configs: Quest min/max or mean keys, positions
+  in_block or fixed, k); the local context is only the question. The trial line says whether the
+  block read most (heads x layers x steps) is one of the needled document's.
 Haystack kinds (corpus.HAYSTACK_KINDS): "filler" (five sentences repeated), "prose" (generated
 varied sentences), "stdlib" (docstring paragraphs of Python's standard library: real text).
 
@@ -73,6 +78,7 @@ import torch
 from memlm.config import ModelSettings, StoreSettings
 from memlm.model.quantize import WEIGHT_FORMATS
 from memlm.modes.knn.reading import PRESETS, ReadConfig, gated_rows, knn_mode, prepare_layer_memories
+from memlm.modes.landmark.blocks import blocks_read, load_block_memories
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ranking import SEARCH_MODES, ChunkRanker, following  # noqa: E402
@@ -170,6 +176,28 @@ SWEEP = {
     "gated-follow2": dict(candidate_chunks=8, positions="ranked", top_k=64, follow_chunks=2),  # = "gated"
     "gated4-all": dict(candidate_chunks=4, positions="ranked", top_k=256),  # every row of 4 chunks
     "gated8-all": dict(candidate_chunks=8, positions="ranked", top_k=512),
+}
+
+
+LANDMARK_CONFIGS = {
+    # name: memlm.modes.landmark.blocks.load_block_memories options (blocks = the trial memory's chunks)
+    "landmark": dict(representation="minmax", positions="in_block", top_k=4),  # the service's default
+    "landmark:mean": dict(representation="mean", positions="in_block", top_k=4),
+    "landmark:fixed": dict(representation="minmax", positions="fixed", top_k=4),
+    "landmark:mean-fixed": dict(representation="mean", positions="fixed", top_k=4),
+    "landmark:original": dict(representation="minmax", positions="original", top_k=4),
+    "landmark:original-k8": dict(representation="minmax", positions="original", top_k=8),
+    "landmark:mean-original": dict(representation="mean", positions="original", top_k=4),
+    "landmark:max": dict(representation="max", positions="in_block", top_k=4),
+    "landmark:max-original": dict(representation="max", positions="original", top_k=4),
+    "landmark:max-k1": dict(representation="max", positions="in_block", top_k=1),
+    "landmark:minmax16": dict(representation="minmax", positions="in_block", top_k=4, group=16),
+    "landmark:minmax8": dict(representation="minmax", positions="in_block", top_k=4, group=8),
+    "landmark:mean8": dict(representation="mean", positions="in_block", top_k=4, group=8),
+    "landmark:minmax-c32": dict(representation="minmax", positions="in_block", top_k=4, candidates=32),
+    "landmark:minmax16-c16": dict(representation="minmax", positions="in_block", top_k=4, group=16, candidates=16),
+    "landmark:k2": dict(representation="minmax", positions="in_block", top_k=2),
+    "landmark:k8": dict(representation="minmax", positions="in_block", top_k=8),
 }
 
 
@@ -289,7 +317,7 @@ def run(args) -> None:
                     times[(method, n)].append(time.perf_counter() - t0)
                     line.append(f"{method}={int(ok)}")
 
-                if "knn" in args.methods:
+                if "knn" in args.methods or "landmark" in args.methods:
                     scratch.mkdir(parents=True, exist_ok=True)
                     td = Path(tempfile.mkdtemp(dir=scratch))
                     try:
@@ -301,7 +329,8 @@ def run(args) -> None:
                         knn_parts["clone + needled document"].append(t_mem)
                         mems = None
                         runs = [(name, r) for name, over in knn_configs.items()
-                                for r in (args.retrieval if over.get("candidate_chunks") else [None])]
+                                for r in (args.retrieval if over.get("candidate_chunks") else [None])
+                                if "knn" in args.methods]
                         for name, retrieval in runs:
                             cfg = replace(ReadConfig(), **knn_configs[name])
                             t1 = time.perf_counter()
@@ -327,6 +356,25 @@ def run(args) -> None:
                             results[(method, n, kind)].append(ok)
                             times[(method, n)].append(t_mem + (t3 - t1))
                             line.append(f"{method}={int(ok)}" + ("" if ok else f"({tok.decode(out)!r})"))
+                        for name in args.landmark if "landmark" in args.methods else ():
+                            t1 = time.perf_counter()
+                            read, block_ids, _ = load_block_memories(model, mem, layers="all_but_first",
+                                                                     **LANDMARK_CONFIGS[name])
+                            t2 = time.perf_counter()
+                            with knn_mode(model, mem, read.config, layer_memories=read):
+                                out = greedy(model, q_ids)
+                            t3 = time.perf_counter()
+                            cited = blocks_read(read, block_ids, 1)
+                            del read
+                            key_blocks = {NEEDLE_CHUNK_BASE + j for j, c in enumerate(needled_chunks)
+                                          if any(key[:i] in tok.decode(c).replace(" ", "") for i in (3,))}
+                            ok = found(tok, out, key)
+                            results[(name, n, kind)].append(ok)
+                            times[(name, n)].append(t_mem + (t3 - t1))
+                            knn_parts["landmark load"].append(t2 - t1)
+                            knn_parts["landmark answer"].append(t3 - t2)
+                            top = "needle" if cited and cited[0] in key_blocks else "other"
+                            line.append(f"{name}={int(ok)}(most-read block: {top})" + ("" if ok else f"({tok.decode(out)!r})"))
                     finally:
                         shutil.rmtree(td, ignore_errors=True)
                 print(" ".join(line), flush=True)
@@ -401,7 +449,9 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--haystacks", nargs="+", default=list(HAYSTACK_KINDS), choices=list(HAYSTACK_KINDS))
-    p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn"])
+    p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn", "landmark"])
+    p.add_argument("--landmark", nargs="+", default=["landmark"], choices=sorted(LANDMARK_CONFIGS),
+                   help="landmark configs to run (block representation, positions, blocks per head)")
     p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(KNN_CONFIGS) + sorted(SWEEP)})")
     p.add_argument("--retrieval", nargs="+", default=[DEFAULT_RETRIEVAL], choices=SEARCH_MODES,
                    help="how rag and the knn chunk gate rank chunks (the store's search modes); methods on "

@@ -5,17 +5,21 @@ manner of InfLLM and Quest).
 
 `BlockKV` is a `TensorKV` (memlm.modes.knn.attention) whose `search` scores blocks, not rows:
 per query head, the block scores (`representation`: "mean", q . mean key; "minmax", Quest's upper
-bound sum_d max(q_d min_d, q_d max_d)), their top-k, and every row of those blocks as the rows
+bound sum_d max(q_d min_d, q_d max_d); "max", the block's best row score, exact: every row
+scored, the ceiling the others are measured against, not flat in memory size), their top-k, and every row of those blocks as the rows
 retrieved (-1 where a block is shorter than the longest). `KVStore.attention` then attends to them
 and to the local context in one softmax (`memlm.kernels.knn_attention`). On CPU that is the
 PyTorch reference; the fused GPU kernel (scoring, selection and gather without writing scores out)
 is not written yet.
 
-Positions (`load_block_memories`): "fixed" leaves every memory key at position 0 (RoPE is the
-identity; the local context from 0): InfLLM's rule, far blocks without their offsets; "in_block"
-rotates each key at its offset within its block (0 .. 63) and starts the local context at the
-block size, so whatever blocks a head reads sit right before the prompt, each in its own order.
-Neither depends on where a block lies in the memory, so memories far beyond the model's 8k
+Positions (`load_block_memories`, POSITIONS): "fixed" leaves every memory key at position 0
+(RoPE is the identity; the local context from 0): InfLLM's rule, far blocks without their
+offsets; "in_block" rotates each key at its offset within its block (0 .. 63) and starts the
+local context at the block size, so whatever blocks a head reads sit right before the prompt,
+each in its own order; "original" rotates each key at the position it had in its build window
+(0 .. window - 1, knn's rule) and starts the local context after one window, so neighbouring
+blocks of a document keep their relative order (a fact cut by a block boundary reads whole).
+None depends on where a block lies in the memory, so memories far beyond the model's 8k
 positions read the same way.
 
 Shapes: Hkv KV heads, Hq = G * Hkv query heads, D head dim, N rows, nB blocks, R the longest
@@ -34,6 +38,9 @@ from memlm.modes.knn.reading import (
     LayerMemories, LayerMemory, ReadConfig, _pick_rows, _read_layer, num_layers, resolve_layers, rotate_keys,
 )
 
+POSITIONS = ("fixed", "in_block", "original")
+REPRESENTATIONS = ("mean", "minmax", "max")
+
 
 def block_layout(row_blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """row_blocks (N,) block id of each row, rows of a block contiguous -> (block ids (nB,) in
@@ -51,26 +58,33 @@ def block_layout(row_blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 class BlockKV(TensorKV):
-    """One layer's memory as blocks: rows (keys rotated as they are read), the block table, and
-    each block's representation (Hkv, nB, D) ("mean") or its min and max keys ("minmax")."""
+    """One layer's memory as blocks: rows (keys rotated as they are read), the block table, and the
+    blocks' representations: per group of `group` rows of a block (the whole block by default)
+    its mean key ("mean") or its min and max keys ("minmax"), a block scoring as its best group;
+    "max" keeps none and scores every row. `candidates` > 0: the representations only shortlist
+    that many blocks per query head, which are then ranked by their best row (exact)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, representation: str = "minmax"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, representation: str = "minmax",
+                 group: Optional[int] = None, candidates: int = 0):
         super().__init__(keys, values)
-        if representation not in ("mean", "minmax"):
-            raise ValueError(f"representation={representation!r} is not 'mean' or 'minmax'")
-        self.rows, self.representation = rows.to(keys.device), representation  # (nB, R)
+        if representation not in REPRESENTATIONS:
+            raise ValueError(f"representation={representation!r} is not one of {REPRESENTATIONS}")
+        self.rows, self.representation, self.candidates = rows.to(keys.device), representation, candidates  # (nB, R)
         self.reads = torch.zeros(rows.shape[0], dtype=torch.int64)  # per block: query heads that read it
-        if self.rows.numel() == 0:  # no blocks
-            self.mean = self.low = self.high = keys.new_zeros(self.num_kv_heads, self.rows.shape[0], self.head_dim).float()
-            return
-        present = (self.rows >= 0)[None, :, :, None]  # (1, nB, R, 1)
-        gathered = keys[:, self.rows.clamp(min=0)].float()  # (Hkv, nB, R, D)
+        nb, r = self.rows.shape
+        self.group = max(1, min(group or r or 1, r or 1))
+        s_ = -(-r // self.group) if r else 0  # groups per block
+        grouped = torch.nn.functional.pad(self.rows, (0, s_ * self.group - r), value=-1).view(nb, s_, self.group)
+        present = (grouped >= 0)[None, ..., None]  # (1, nB, S, g, 1)
+        gathered = keys[:, grouped.clamp(min=0)].float()  # (Hkv, nB, S, g, D)
+        self.mean = self.low = self.high = None
         if representation == "mean":
-            self.mean = (gathered * present).sum(2) / present.sum(2).clamp(min=1)  # (Hkv, nB, D)
-        else:
+            self.mean = ((gathered * present).sum(3) / present.sum(3).clamp(min=1)).flatten(1, 2)  # (Hkv, nB*S, D)
+        elif representation == "minmax":
             big = torch.finfo(torch.float32).max
-            self.low = torch.where(present, gathered, big).amin(2)  # (Hkv, nB, D)
-            self.high = torch.where(present, gathered, -big).amax(2)
+            self.low = torch.where(present, gathered, big).amin(3).flatten(1, 2)  # (Hkv, nB*S, D)
+            self.high = torch.where(present, gathered, -big).amax(3).flatten(1, 2)
+        self._empty_groups = ~(grouped >= 0).any(-1)  # (nB, S): padding groups never win a block
 
     @property
     def num_blocks(self) -> int:
@@ -78,19 +92,34 @@ class BlockKV(TensorKV):
 
     @property
     def nbytes(self) -> int:
-        reps = self.mean.nbytes if self.representation == "mean" else self.low.nbytes + self.high.nbytes
+        reps = sum(t.nbytes for t in (self.mean, self.low, self.high) if t is not None)
         return super().nbytes + reps + self.rows.nbytes
 
     def block_scores(self, q: torch.Tensor) -> torch.Tensor:
-        """q (B, Hq, Tq, D) -> scores (B, Hq, Tq, nB) fp32 (GQA: head h scores KV head h // G's blocks)."""
+        """q (B, Hq, Tq, D) -> scores (B, Hq, Tq, nB) fp32 by the representation (GQA: head h
+        scores KV head h // G's blocks)."""
         b, hq, tq, d = q.shape
         hkv = self.num_kv_heads
         qg = q.float().reshape(b, hkv, (hq // hkv) * tq, d)  # (B, Hkv, G*Tq, D)
+        if self.representation == "max":  # every row scored, the block's best: the selection's ceiling
+            rows = qg @ self.keys.float().transpose(1, 2)  # (B, Hkv, G*Tq, N)
+            s = rows[..., self.rows.clamp(min=0)].masked_fill(self.rows < 0, float("-inf")).amax(-1)
+            return s.view(b, hq, tq, -1)
         if self.representation == "mean":
             s = qg @ self.mean.transpose(1, 2)
         else:  # Quest: per dim the larger of q * min and q * max
             s = qg.clamp(min=0) @ self.high.transpose(1, 2) + qg.clamp(max=0) @ self.low.transpose(1, 2)
+        s = s.view(b, hkv, -1, *self._empty_groups.shape).masked_fill(self._empty_groups, float("-inf")).amax(-1)
         return s.view(b, hq, tq, -1)
+
+    def _best_rows(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, Tq, D), blocks (B, Hq, Tq, M) -> each block's best row score (B, Hq, Tq, M)."""
+        hq, hkv = q.shape[1], self.num_kv_heads
+        rows = self.rows[blocks]  # (B, Hq, Tq, M, R)
+        head = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1, 1)
+        k = self.keys[head.expand_as(rows), rows.clamp(min=0)].float()  # (B, Hq, Tq, M, R, D)
+        s = torch.einsum("bhtd,bhtmrd->bhtmr", q.float(), k)
+        return s.masked_fill(rows < 0, float("-inf")).amax(-1)
 
     def search(self, q, k, *, shared_per_kv_head=False):
         """Every row of each query head's top-k blocks: (scores (B, Hq, Tq, k * R), rows, -1 padded)."""
@@ -104,31 +133,40 @@ class BlockKV(TensorKV):
             g = hq // self.num_kv_heads
             scores = scores.view(b, self.num_kv_heads, g, tq, -1).mean(2, keepdim=True).expand(-1, -1, g, -1, -1)
             scores = scores.reshape(b, hq, tq, -1)
-        top_scores, top = scores.topk(kb, dim=-1)  # (B, Hq, Tq, kb)
+        if kb < self.candidates < self.num_blocks and self.representation != "max":
+            shortlist = scores.topk(self.candidates, dim=-1).indices  # (B, Hq, Tq, M)
+            top_scores, pick = self._best_rows(q, shortlist).topk(kb, dim=-1)
+            top = shortlist.gather(-1, pick)
+        else:
+            top_scores, top = scores.topk(kb, dim=-1)  # (B, Hq, Tq, kb)
         self.reads += torch.bincount(top.flatten().cpu(), minlength=self.num_blocks)
         rows = self.rows[top]  # (B, Hq, Tq, kb, R)
         return top_scores[..., None].expand_as(rows).flatten(-2), rows.flatten(-2)
 
 
 def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, representation: str, positions: str,
-                        min_memory_position: int = 4) -> tuple[LayerMemories, np.ndarray, int]:
+                        min_memory_position: int = 4, group: Optional[int] = None, candidates: int = 0) -> tuple[LayerMemories, np.ndarray, int]:
     """Every live row of `memory` at `layers` as `BlockKV` stores, blocks = chunks -> (layer
     memories, the chunk id of each block, the local context's first position)."""
     layers = resolve_layers(layers, num_layers(model))
     layers = tuple(l for l in layers if l in memory.layers) or tuple(memory.layers)
     device = next(model.parameters()).device
-    picks, row_chunks, _pos, _ids = _pick_rows(memory, memory.manifest.segments, min_memory_position)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not one of {POSITIONS}")
+    picks, row_chunks, window_pos, _ids = _pick_rows(memory, memory.manifest.segments, min_memory_position)
     block_ids, rows, offsets = block_layout(row_chunks)
-    offset = rows.shape[1] if positions == "in_block" else 0
+    offset = {"fixed": 0, "in_block": rows.shape[1], "original": memory.manifest.window}[positions]
+    at = {"in_block": torch.from_numpy(offsets), "original": window_pos}.get(positions)
     config = ReadConfig(layers=layers, top_k=top_k, positions="fixed", local_offset=offset,
                         min_memory_position=min_memory_position)
     out = LayerMemories(config, device, memory.manifest.segments, row_chunks)
     rows_t = torch.from_numpy(rows)
     for l in layers:
         k, v = _read_layer(memory, picks, l)  # on-disk dtype (fp16): what the attention gathers from
-        if positions == "in_block":
-            k = rotate_keys(model, k, torch.from_numpy(offsets)).to(v.dtype)
-        out[l] = LayerMemory(BlockKV(k.to(device), v.to(device), rows_t, representation), top_k, False)
+        if at is not None:
+            k = rotate_keys(model, k, at).to(v.dtype)
+        store = BlockKV(k.to(device), v.to(device), rows_t, representation, group=group, candidates=candidates)
+        out[l] = LayerMemory(store, top_k, False)
     return out, block_ids, offset
 
 

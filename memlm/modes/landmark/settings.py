@@ -9,8 +9,8 @@ from pydantic import Field
 
 from memlm.modes.knn.settings import BuildSettings, CollectionOptions as KVMemoryOptions
 
-REPRESENTATIONS = ("mean", "minmax")
-POSITIONS = ("fixed", "in_block")
+REPRESENTATIONS = ("mean", "minmax", "max")
+POSITIONS = ("fixed", "in_block", "original")
 
 
 class CollectionOptions(KVMemoryOptions):
@@ -21,13 +21,16 @@ class CollectionOptions(KVMemoryOptions):
 class Settings(BuildSettings):
     top_k: int = Field(4, gt=0, le=64, description="blocks (stored chunks) each query head reads per memory layer "
                        "when a request leaves k at 0 (the Landmark Attention paper's top-4)")
-    representation: Literal["mean", "minmax"] = Field(
-        "minmax", description="how a block is scored for a query: 'mean' (q . the block's mean key, InfLLM-like) or "
-        "'minmax' (Quest: sum over dims of max(q * min, q * max), an upper bound of the block's best q . k)")
-    positions: Literal["fixed", "in_block"] = Field(
+    representation: Literal["mean", "minmax", "max"] = Field(
+        "minmax", description="how a block is scored for a query: 'mean' (q . the block's mean key, InfLLM-like), "
+        "'minmax' (Quest: sum over dims of max(q * min, q * max), an upper bound of the block's best q . k) or 'max' "
+        "(the block's best q . k, exact: every row scored per step, cost growing with the memory)")
+    positions: Literal["fixed", "in_block", "original"] = Field(
         "in_block", description="RoPE of the blocks read: 'fixed' (every memory key at position 0, the local context "
         "from 0: InfLLM's rule, no positional offset for far blocks), 'in_block' (each key at its offset in its block, "
-        "the local context from the block size on: every block read sits just before the prompt, its order kept)")
+        "the local context from the block size on: every block read sits just before the prompt, its order kept), "
+        "'original' (each key at its position in its build window, the local context after one window: neighbouring "
+        "blocks keep their order)")
     layers: str = Field("all_but_first", description="the memory layers read: a knn LAYER_PRESETS name or indices; "
                         "layers the collection's memory does not store are skipped")
     min_memory_position: int = Field(4, ge=0, description="memory rows computed at build-window positions below "
