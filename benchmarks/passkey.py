@@ -373,7 +373,7 @@ def run(args) -> None:
                             times[(name, n)].append(t_mem + (t3 - t1))
                             knn_parts["landmark load"].append(t2 - t1)
                             knn_parts["landmark answer"].append(t3 - t2)
-                            top = "needle" if cited and cited[0] in key_blocks else "other"
+                            top = "needle" if cited and cited[0][0] in key_blocks else "other"
                             line.append(f"{name}={int(ok)}(most-read block: {top})" + ("" if ok else f"({tok.decode(out)!r})"))
                     finally:
                         shutil.rmtree(td, ignore_errors=True)

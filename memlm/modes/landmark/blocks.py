@@ -71,6 +71,7 @@ class BlockKV(TensorKV):
             raise ValueError(f"representation={representation!r} is not one of {REPRESENTATIONS}")
         self.rows, self.representation, self.candidates = rows.to(keys.device), representation, candidates  # (nB, R)
         self.reads = torch.zeros(rows.shape[0], dtype=torch.int64)  # per block: query heads that read it
+        self.mass = torch.zeros(rows.shape[0], dtype=torch.float64)  # per block: decode steps' attention on it
         nb, r = self.rows.shape
         self.group = max(1, min(group or r or 1, r or 1))
         s_ = -(-r // self.group) if r else 0  # groups per block
@@ -140,8 +141,31 @@ class BlockKV(TensorKV):
         else:
             top_scores, top = scores.topk(kb, dim=-1)  # (B, Hq, Tq, kb)
         self.reads += torch.bincount(top.flatten().cpu(), minlength=self.num_blocks)
+        self._last_top = top
         rows = self.rows[top]  # (B, Hq, Tq, kb, R)
         return top_scores[..., None].expand_as(rows).flatten(-2), rows.flatten(-2)
+
+    def attention(self, q, k_cache, v_cache, top_k, *, shared_per_kv_head=False, scale=None, gate=None):
+        """`KVStore.attention` (one softmax over the local context and the top blocks' rows); a
+        decode step (Tq = 1) also adds, per block read, the share of that softmax its rows got,
+        summed over the query heads (`mass`: what the citations rank by)."""
+        if q.shape[2] != 1 or gate is not None or self.num_blocks == 0:
+            return super().attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale,
+                                     gate=gate)
+        from memlm.kernels import knn_attention
+
+        _, idx = self.search(q, top_k, shared_per_kv_head=shared_per_kv_head)
+        out, state = knn_attention(q, k_cache, v_cache, self.keys, self.values, idx, scale=scale, return_state=True)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        top = self._last_top  # (B, Hq, 1, kb)
+        b, hq = q.shape[:2]
+        head = (torch.arange(hq, device=q.device) // (hq // self.num_kv_heads)).view(1, hq, 1, 1)
+        k = self.keys[head.expand_as(idx), idx.clamp(min=0)].float()  # (B, Hq, 1, K, D)
+        logits = torch.einsum("bhtd,bhtkd->bhtk", q.float(), k) * scale
+        p = torch.exp(logits - (state.m + torch.log(state.l))[..., None]).masked_fill(idx < 0, 0)
+        per_block = p.view(*top.shape, -1).sum(-1)  # (B, Hq, 1, kb)
+        self.mass.index_add_(0, top.flatten().cpu(), per_block.flatten().double().cpu())
+        return out
 
 
 def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, representation: str, positions: str,
@@ -170,9 +194,14 @@ def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, represen
     return out, block_ids, offset
 
 
-def blocks_read(memories: LayerMemories, block_ids: np.ndarray, n: Optional[int] = None) -> list[int]:
-    """The chunk ids of the blocks read most (query heads x layers x steps), most first."""
-    total = sum((m.store.reads for m in memories.values()), torch.zeros(len(block_ids), dtype=torch.int64))
-    order = torch.argsort(total, descending=True, stable=True)
-    picked = [int(block_ids[i]) for i in order.tolist() if total[i] > 0]
+def blocks_read(memories: LayerMemories, block_ids: np.ndarray, n: Optional[int] = None) -> list[tuple[int, float]]:
+    """(chunk id, share) of the blocks read most, most first: by the attention the decode steps
+    put on their rows (summed over heads and layers, as a share of all of it), or, before any
+    decode step, by how often heads picked them."""
+    mass = sum((m.store.mass for m in memories.values()), torch.zeros(len(block_ids), dtype=torch.float64))
+    if not mass.sum() > 0:
+        mass = sum((m.store.reads for m in memories.values()), torch.zeros(len(block_ids), dtype=torch.int64)).double()
+    total = float(mass.sum()) or 1.0
+    order = torch.argsort(mass, descending=True, stable=True)
+    picked = [(int(block_ids[i]), float(mass[i]) / total) for i in order.tolist() if mass[i] > 0]
     return picked[:n] if n is not None else picked

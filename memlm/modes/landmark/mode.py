@@ -10,7 +10,7 @@ in step by the same `KVMemoryManager` (watermark, oplog replay, crash repair, de
 collection's `kv-landmark/` folder; a block is one of the store's chunks. A generation catches the
 memory up, loads it (cached until its segments or tombstones change) and runs the token loop in
 knn's `knn_mode` with `BlockKV` stores at the memory layers. Citations: the chunks whose blocks
-were read most (query heads x layers x steps).
+were read most: by the share of the decode steps' attention their rows got (heads x layers).
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ class Mode(KVMemoryModeBase):
         for m in memories.values():
             m.top_k = request.k or self.settings.top_k
             m.store.reads.zero_()
+            m.store.mass.zero_()
         hooks = _LandmarkHooks(self, request.collection, memories, block_ids)
         hooks.memory_s = time.perf_counter() - t0  # syncing and loading the block memory
         with knn_mode(self.runtime.model, mem, memories.config, layer_memories=memories):
@@ -102,14 +103,8 @@ class _LandmarkHooks(GenerationHooks):
     def citations(self) -> tuple[SearchHit, ...]:
         from memlm.modes.landmark.blocks import blocks_read
 
-        chunks = blocks_read(self.memories, self.block_ids, CITED_BLOCKS)
-        records = self.mode.runtime.store.read_chunks(self.collection, chunks, missing_ok=True)
-        total = max(1, sum(int(m.store.reads.sum()) for m in self.memories.values()))
-        reads = {int(c): 0 for c in chunks}
-        for m in self.memories.values():
-            for i, c in enumerate(self.block_ids.tolist()):
-                if c in reads:
-                    reads[c] += int(m.store.reads[i])
-        return tuple(SearchHit(chunk_id=int(c), doc_id=r.doc_id, score=reads[int(c)] / total, text=r.text, metadata={},
+        picked = blocks_read(self.memories, self.block_ids, CITED_BLOCKS)
+        records = self.mode.runtime.store.read_chunks(self.collection, [c for c, _ in picked], missing_ok=True)
+        return tuple(SearchHit(chunk_id=c, doc_id=r.doc_id, score=share, text=r.text, metadata={},
                                chunk_index=r.chunk_index, start=r.start, end=r.end)
-                     for c, r in zip(chunks, records) if r is not None)
+                     for (c, share), r in zip(picked, records) if r is not None)

@@ -1,0 +1,99 @@
+"""The `landmark` mode on a real store with the bundled model: the block memory is built as
+derived data (its own folder, its own watermark), the model's heads pick the block that states the
+fact and copy it, the citations are the blocks read most, and a deleted document is gone from what
+the next generation can read."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+
+from memlm.engine import GenerationRequest, SamplingParams
+from memlm.errors import FailedPrecondition, InvalidArgument
+from memlm.generation import generate_tokens
+from memlm.index.types import Document
+from memlm.modes.base import ModeRuntime
+from memlm.modes.landmark.mode import Mode
+from memlm.modes.landmark.settings import Settings
+
+FILLER = "The corridor is long and quiet. Lamps hang from the ceiling. The floor is made of stone. "
+QUESTION = "What is the pass key of the north door? The pass key of the north door is"
+
+
+GARDEN = ("The garden behind the house has roses, tulips and a small pond with goldfish. A gardener comes on "
+          "Tuesdays to trim the hedges and rake the gravel paths. ") * 4
+
+
+def door(name: str, key: str) -> str:
+    return FILLER * 3 + f"The pass key of the {name} door is {key}. " + FILLER * 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, bundled_model_dir):
+    from memlm.config import StoreSettings
+    from memlm.index.memory_store import MemoryStore
+    from memlm.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(bundled_model_dir)
+    model = load_model(bundled_model_dir)
+    store = MemoryStore.open(tmp_path_factory.mktemp("data"), StoreSettings(), tokenizer=tokenizer)
+    store.create_collection("doors", memory={"landmark": {}})
+    store.create_collection("plain")
+    store.ingest("doors", [Document("north", door("north", "48213")), Document("garden", GARDEN)])
+
+    def on_model(fn) -> Future:
+        f: Future = Future()
+        f.set_result(fn())
+        return f
+
+    runtime = ModeRuntime(model=model, tokenizer=tokenizer, model_name=bundled_model_dir.name, store=store,
+                          run_on_model=on_model, model_dir=bundled_model_dir)
+    mode = Mode(runtime, Settings())
+    yield mode, model, tokenizer, store
+    store.close()
+
+
+def generate(mode, model, tokenizer, **request):
+    r = GenerationRequest(prompt=QUESTION, collection="doors", memory="landmark", sampling=SamplingParams(max_new_tokens=8),
+                          **request)
+    mode.validate(r, mode.runtime.store.collection_config(r.collection))
+    ids = tokenizer(QUESTION).input_ids
+    with mode.generation(r, None) as hooks:
+        *_, out = generate_tokens(model, tokenizer, ids, r.sampling, threading.Event(), eos_ids=(), hooks=hooks)
+        citations = hooks.citations
+    return tokenizer.decode(out.token_ids), citations
+
+
+def test_the_heads_read_the_block_that_states_the_fact(setup):
+    mode, model, tokenizer, store = setup
+    text, citations = generate(mode, model, tokenizer)
+    assert "48213" in text, text
+    assert citations and "48213" in citations[0].text and citations[0].doc_id == "north"
+    assert all(c.doc_id in {"north", "garden"} for c in citations)
+    assert store.describe("doors").memory_lag == {"landmark": 0}
+    assert (store.memory_folder("doors") / "kv-landmark" / "manifest.json").is_file()
+    assert model.layers[1].attention.backend.__class__.__name__ == "SDPABackend"  # left as it was
+
+
+def test_a_deleted_document_is_gone_from_the_next_generation(setup):
+    mode, model, tokenizer, store = setup
+    store.ingest("doors", [Document("north", door("north", "62947"))])  # re-ingest: a new key
+    text, citations = generate(mode, model, tokenizer)
+    assert "62947" in text and "48213" not in text, text
+    assert "62947" in citations[0].text
+    store.delete("doors", ["north"])
+    text, citations = generate(mode, model, tokenizer)
+    assert "62947" not in text and "48213" not in text, text
+    assert citations and all(c.doc_id == "garden" for c in citations)
+
+
+def test_requests_it_cannot_serve_are_refused(setup):
+    mode, model, tokenizer, store = setup
+    from memlm.index.types import Condition, Filter
+
+    with pytest.raises(InvalidArgument, match="filter"):
+        mode.validate(GenerationRequest(prompt="x", collection="doors", memory="landmark",
+                                        filter=Filter(must=(Condition("a", equals=1),))), None)
+    with pytest.raises(FailedPrecondition, match="no landmark memory"):
+        mode.validate(GenerationRequest(prompt="x", collection="plain", memory="landmark"), None)
