@@ -181,23 +181,22 @@ SWEEP = {
 
 LANDMARK_CONFIGS = {
     # name: memlm.modes.landmark.blocks.load_block_memories options (blocks = the trial memory's chunks)
-    "landmark": dict(representation="minmax", positions="in_block", top_k=4),  # the service's default
-    "landmark:mean": dict(representation="mean", positions="in_block", top_k=4),
-    "landmark:fixed": dict(representation="minmax", positions="fixed", top_k=4),
-    "landmark:mean-fixed": dict(representation="mean", positions="fixed", top_k=4),
-    "landmark:original": dict(representation="minmax", positions="original", top_k=4),
-    "landmark:original-k8": dict(representation="minmax", positions="original", top_k=8),
-    "landmark:mean-original": dict(representation="mean", positions="original", top_k=4),
-    "landmark:max": dict(representation="max", positions="in_block", top_k=4),
+    "landmark": dict(representation="max", positions="in_block", top_k=4),  # the service's default
     "landmark:max-original": dict(representation="max", positions="original", top_k=4),
+    "landmark:max-fixed": dict(representation="max", positions="fixed", top_k=4),
     "landmark:max-k1": dict(representation="max", positions="in_block", top_k=1),
+    "landmark:max-k8": dict(representation="max", positions="in_block", top_k=8),
+    "landmark:minmax": dict(representation="minmax", positions="in_block", top_k=4),  # Quest's bound
+    "landmark:minmax-fixed": dict(representation="minmax", positions="fixed", top_k=4),
+    "landmark:minmax-original": dict(representation="minmax", positions="original", top_k=4),
     "landmark:minmax16": dict(representation="minmax", positions="in_block", top_k=4, group=16),
     "landmark:minmax8": dict(representation="minmax", positions="in_block", top_k=4, group=8),
-    "landmark:mean8": dict(representation="mean", positions="in_block", top_k=4, group=8),
     "landmark:minmax-c32": dict(representation="minmax", positions="in_block", top_k=4, candidates=32),
     "landmark:minmax16-c16": dict(representation="minmax", positions="in_block", top_k=4, group=16, candidates=16),
-    "landmark:k2": dict(representation="minmax", positions="in_block", top_k=2),
-    "landmark:k8": dict(representation="minmax", positions="in_block", top_k=8),
+    "landmark:mean": dict(representation="mean", positions="in_block", top_k=4),  # InfLLM-like mean key
+    "landmark:mean8": dict(representation="mean", positions="in_block", top_k=4, group=8),
+    "landmark:mean-fixed": dict(representation="mean", positions="fixed", top_k=4),
+    "landmark:mean-original": dict(representation="mean", positions="original", top_k=4),
 }
 
 

@@ -1,7 +1,8 @@
 """`landmark`: every query head of every memory layer picks its top-k blocks of the collection's
 block memory by scoring the blocks' representations with its own query, and attends to those
 blocks' keys and values together with the local context in one softmax (Landmark Attention's
-random access, training-free as in InfLLM / Quest: `blocks.BlockKV`). Unlike knn's default,
+random access, training-free: `blocks.BlockKV`; by default a block scores as its best row,
+exact, which measured far better than InfLLM-like mean keys or Quest's min/max bounds). Unlike knn's default,
 which picks chunks by a text search before the model runs, the model's attention chooses, per
 head, per layer, per token.
 
@@ -69,7 +70,8 @@ class Mode(KVMemoryModeBase):
             s = self.settings
             cached = (state, load_block_memories(self.runtime.model, mem, layers=_layers(s.layers), top_k=s.top_k,
                                                  representation=s.representation, positions=s.positions,
-                                                 min_memory_position=s.min_memory_position))
+                                                 min_memory_position=s.min_memory_position, group=s.group,
+                                                 candidates=s.candidates))
         self._loaded[key] = cached
         return mem, *cached[1]
 
