@@ -5,7 +5,6 @@ the next generation can read."""
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 
 import pytest
 
@@ -30,7 +29,7 @@ def door(name: str, key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, bundled_model_dir):
+def setup(tmp_path_factory, bundled_model_dir, run_now):
     from memlm.config import StoreSettings
     from memlm.index.memory_store import MemoryStore
     from memlm.models.loading import load_model, load_tokenizer
@@ -42,13 +41,8 @@ def setup(tmp_path_factory, bundled_model_dir):
     store.create_collection("plain")
     store.ingest("doors", [Document("north", door("north", "48213")), Document("garden", GARDEN)])
 
-    def on_model(fn) -> Future:
-        f: Future = Future()
-        f.set_result(fn())
-        return f
-
     runtime = ModeRuntime(model=model, tokenizer=tokenizer, model_name=bundled_model_dir.name, store=store,
-                          run_on_model=on_model, model_dir=bundled_model_dir)
+                          run_on_model=run_now, model_dir=bundled_model_dir)
     mode = Mode(runtime, Settings())
     yield mode, model, tokenizer, store
     store.close()

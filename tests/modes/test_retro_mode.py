@@ -7,7 +7,6 @@ citations are the neighbours read, and the model is left as it was."""
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ TOPICS = ["lighthouse keepers trim the lamp wick every evening before the fog ro
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, bundled_model_dir):
+def setup(tmp_path_factory, bundled_model_dir, run_now):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memlm.config import StoreSettings
@@ -61,13 +60,8 @@ def setup(tmp_path_factory, bundled_model_dir):
     store.ingest("c", [Document(f"doc{i}", (t + ". ") * 3, {"n": i}) for i, t in enumerate(TOPICS)])
     store.create_collection("wide", chunk_tokens=32)
 
-    def on_model(fn) -> Future:
-        f: Future = Future()
-        f.set_result(fn())
-        return f
-
     runtime = ModeRuntime(model=model, tokenizer=tokenizer, model_name=folder.name, store=store,
-                          run_on_model=on_model, model_dir=folder)
+                          run_on_model=run_now, model_dir=folder)
     mode = Mode(runtime, Settings(weights=str(weights)))
     yield mode, model, tokenizer, store
     mode.close()
