@@ -39,6 +39,8 @@ def setup(tmp_path_factory, bundled_model_dir, run_now):
     store = MemoryStore.open(tmp_path_factory.mktemp("data"), StoreSettings(), tokenizer=tokenizer)
     store.create_collection("doors", memory={"landmark": {}})
     store.create_collection("plain")
+    store.create_collection("both", memory={"knn": {}, "landmark": {}})
+    store.ingest("both", [Document("north", door("north", "48213")), Document("garden", GARDEN)])
     store.ingest("doors", [Document("north", door("north", "48213")), Document("garden", GARDEN)])
 
     runtime = ModeRuntime(model=model, tokenizer=tokenizer, model_name=bundled_model_dir.name, store=store,
@@ -91,3 +93,21 @@ def test_requests_it_cannot_serve_are_refused(setup):
                                         filter=Filter(must=(Condition("a", equals=1),))), None)
     with pytest.raises(FailedPrecondition, match="no landmark memory"):
         mode.validate(GenerationRequest(prompt="x", collection="plain", memory="landmark"), None)
+
+
+def test_a_collection_with_knn_and_landmark_keeps_one_memory_both_read(setup):
+    from memlm.modes.knn.mode import Mode as KnnMode
+    from memlm.modes.knn.settings import Settings as KnnSettings
+
+    mode, model, tokenizer, store = setup
+    knn = KnnMode(mode.runtime, KnnSettings(preset="ungated"))
+    r = GenerationRequest(prompt=QUESTION, collection="both", memory="landmark", sampling=SamplingParams(max_new_tokens=8))
+    with mode.generation(r, None) as hooks:
+        *_, out = generate_tokens(model, tokenizer, tokenizer(QUESTION).input_ids, r.sampling, threading.Event(),
+                                  eos_ids=(), hooks=hooks)
+    assert "48213" in tokenizer.decode(out.token_ids)
+    assert knn.memories.memory("both") is mode.memories.memory("both")  # one object, one folder
+    assert knn.memories.catch_up("both").added_rows == 0  # landmark's catch-up built it
+    folder = store.memory_folder("both")
+    assert (folder / "kv" / "manifest.json").is_file() and not (folder / "kv-landmark").exists()
+    assert store.describe("both").memory_lag == {"knn": 0, "landmark": 0}

@@ -1,7 +1,9 @@
 """The KV memories of a store's knn collections (created with `--memory knn`), kept in step
 with LMDB, and the loaded copies the `knn` mode reads.
 
-One `KVMemory` per collection, in `collections/<name>/kv/`. Like the FAISS index it is derived
+One `KVMemory` per collection and mode, in `collections/<name>/kv/` (knn) or `kv-<mode>/`
+(landmark: `KVMemoryManager(mode=...)`); a collection with knn and landmark memory on, with the
+same options, has one memory in `kv/` that both read (each mode reports its own watermark). Like the FAISS index it is derived
 data: LMDB's chunks (with their language-model token ids) are the truth. It follows the one rule
 of derived memory (memlm.modes.base): a durable watermark (`manifest.applied_seq`, also reported
 to the store, which keeps its oplog back to it), and `catch_up(name)`:
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import weakref
 from collections import OrderedDict
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -49,6 +52,9 @@ from memlm.modes.knn.reading import (
 log = logging.getLogger(__name__)
 
 KV_FOLDER = "kv"
+# store -> {(folder, created_at): KVMemory}: every manager of a store (one per mode) opens a
+# folder's memory once, so two modes sharing a folder see one manifest.
+_OPENED: "weakref.WeakKeyDictionary[object, dict[tuple[str, float], KVMemory]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ class KVMemoryManager:
             gating = {name: value for name in ("candidate_chunks", "follow_chunks")
                       if (value := getattr(settings, name)) is not None}
             self.config = ReadConfig.from_name(settings.preset, **gating)  # ValueError for a contradiction
-        self._open: dict[tuple[str, float], KVMemory] = {}  # (name, created_at) -> memory
+        self._reported: dict[tuple[str, float], int] = {}  # (name, created_at) -> the watermark last set
         # (name, created_at) -> (memory state, loaded layer memories, layers read), most recent last
         self._loaded: "OrderedDict[tuple[str, float], tuple[tuple, dict[int, LayerMemory], tuple]]" = OrderedDict()
 
@@ -100,15 +106,24 @@ class KVMemoryManager:
             )
         return config
 
+    def folder_for(self, config) -> str:
+        """Where this mode's memory of a collection lives: knn's `kv/` when the collection also
+        has knn memory with the same options (one memory for both modes), else its own folder."""
+        if self.mode != "knn" and config.memory.get("knn") == config.memory.get(self.mode):
+            return KV_FOLDER
+        return self.folder
+
     def memory(self, name: str, config=None) -> KVMemory:
         """The collection's KV memory, opened (or created empty) on first use. `config`: the
-        collection's, when the caller has already checked it."""
+        collection's, when the caller has already checked it. One object per folder and store:
+        the managers of two modes sharing a folder share it (they run on the one model worker)."""
         config = config or self.check_collection(name)
-        key = (name, config.created_at)
-        mem = self._open.get(key)
+        path = self.store.memory_folder(name) / self.folder_for(config)
+        key = (str(path), config.created_at)
+        opened = _OPENED.setdefault(self.store, {})
+        mem = opened.get(key)
         if mem is not None and (mem.path / MANIFEST).exists():
             return mem
-        path = self.store.memory_folder(name) / self.folder
         try:
             mem = KVMemory.open(path)
         except FileNotFoundError:
@@ -117,8 +132,9 @@ class KVMemoryManager:
             log.warning("collection %r: KV memory at %s is unreadable (%s); rebuilding it from the store", name, path, e)
             shutil.rmtree(path, ignore_errors=True)
             mem = self._create(path, config)
-        self._open = {k: v for k, v in self._open.items() if k[0] != name}  # a dropped namesake's
-        self._open[key] = mem
+        for k in [k for k in opened if k[0] == key[0]]:  # a dropped namesake's
+            del opened[k]
+        opened[key] = mem
         return mem
 
     def _create(self, path: Path, config) -> KVMemory:
@@ -133,7 +149,10 @@ class KVMemoryManager:
 
     def drop(self, name: str) -> None:
         """The collection was dropped: forget its memory and delete the folder."""
-        self._open = {k: v for k, v in self._open.items() if k[0] != name}
+        folder = str(self.store.memory_folder(name))
+        opened = _OPENED.get(self.store, {})
+        for k in [k for k in opened if str(Path(k[0]).parent) == folder]:
+            del opened[k]
         for key in [k for k in self._loaded if k[0] == name]:
             del self._loaded[key]
         try:
@@ -168,6 +187,9 @@ class KVMemoryManager:
             rebuild=lambda: self._sync(name, config, mem, max_segments),
         )
         if report is None:  # in step
+            if self._reported.get((name, config.created_at)) != target:  # once per process and seq: a memory
+                self.store.set_watermark(name, self.mode, target)  # another mode's catch-up built (shared folder)
+                self._reported[(name, config.created_at)] = target
             return SyncReport()
         if report.done:
             if len(mem.manifest.segments) > self.settings.max_segments and not getattr(self.store, "stopping", False):
@@ -175,6 +197,7 @@ class KVMemoryManager:
                 report = replace(report, compacted=True)
             mem.set_applied_seq(target)
             self.store.set_watermark(name, self.mode, target)
+            self._reported[(name, config.created_at)] = target
         report = replace(report, seconds=time.perf_counter() - t0)
         if report.added_rows or report.removed_chunks or report.compacted:
             log.info("collection %r: KV memory caught up to seq %d%s: +%d tokens (%d documents), -%d chunks%s in %.1f s",

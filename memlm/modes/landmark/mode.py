@@ -8,7 +8,8 @@ head, per layer, per token.
 
 The block memory is a KV memory in knn's segment format (`memlm.index.kv_memory`), built and kept
 in step by the same `KVMemoryManager` (watermark, oplog replay, crash repair, deletes) in the
-collection's `kv-landmark/` folder; a block is one of the store's chunks. A generation catches the
+collection's `kv-landmark/` folder, or in knn's `kv/` when the collection has knn memory with the
+same options (one memory for both); a block is one of the store's chunks. A generation catches the
 memory up, loads it (cached until its segments or tombstones change) and runs the token loop in
 knn's `knn_mode` with `BlockKV` stores at the memory layers. Citations: the chunks whose blocks
 were read most: by the share of the decode steps' attention their rows got (heads x layers).
