@@ -1,5 +1,6 @@
 """landmark's block memory (`memlm.modes.landmark.blocks`): the block table, block scoring
-(Quest's min/max bound really bounds every row's score), the top-k blocks' rows as what is read,
+(Quest's min/max bound really bounds every row's score; "max" through FAISS picks the blocks that
+scoring every row picks), the top-k blocks' rows as what is read,
 and attention over every block equal to attention over every memory row, over awkward shapes
 (no blocks, one, an odd count, k above the block count, GQA 1 and 3, blocks of unequal length)."""
 from __future__ import annotations
@@ -24,7 +25,7 @@ def test_block_layout_groups_contiguous_rows():
 def memory(hkv: int, blocks: list[int], d: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     n = sum(blocks)
-    keys, values = torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
+    keys, values = torch.randn(hkv, n, d, generator=g).half().float(), torch.randn(hkv, n, d, generator=g)  # fp16 keys, as stored
     row_blocks = np.repeat(np.arange(len(blocks)) * 10 + 5, blocks)
     _, rows, _ = block_layout(row_blocks)
     return keys, values, torch.from_numpy(rows)
@@ -33,10 +34,11 @@ def memory(hkv: int, blocks: list[int], d: int = 16, seed: int = 0):
 @pytest.mark.parametrize("hq,hkv", [(3, 3), (6, 2)])  # GQA 1 and 3
 @pytest.mark.parametrize("blocks", [[5], [4, 1, 7], [3, 3, 3, 2, 6]])
 @pytest.mark.parametrize("k", [1, 2, 9])
-@pytest.mark.parametrize("representation", ["mean", "minmax"])
+@pytest.mark.parametrize("representation", ["mean", "minmax", "max"])  # "max": FAISS on CPU, checked against scoring every row
 def test_each_head_reads_every_row_of_its_top_blocks(hq, hkv, blocks, k, representation):
     keys, values, rows = memory(hkv, blocks)
-    store = BlockKV(keys, values, rows, representation)
+    store = BlockKV(keys, values, rows, representation, faiss_from_rows=0)  # "max": the FAISS path at any size
+    assert (store._key_index is not None) == (representation == "max")
     q = torch.randn(1, hq, 4, keys.shape[-1], generator=torch.Generator().manual_seed(1))
     scores = store.block_scores(q)  # (1, Hq, Tq, nB)
     _, idx = store.search(q, k)
