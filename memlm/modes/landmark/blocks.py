@@ -79,9 +79,10 @@ class BlockKV(TensorKV):
         self.group = max(1, min(group or r or 1, r or 1))
         s_ = -(-r // self.group) if r else 0  # groups per block
         grouped = torch.nn.functional.pad(self.rows, (0, s_ * self.group - r), value=-1).view(nb, s_, self.group)
-        present = (grouped >= 0)[None, ..., None]  # (1, nB, S, g, 1)
-        gathered = keys[:, grouped.clamp(min=0)].float()  # (Hkv, nB, S, g, D)
         self.mean = self.low = self.high = None
+        if representation != "max":
+            present = (grouped >= 0)[None, ..., None]  # (1, nB, S, g, 1)
+            gathered = keys[:, grouped.clamp(min=0)].float()  # (Hkv, nB, S, g, D)
         if representation == "mean":
             self.mean = ((gathered * present).sum(3) / present.sum(3).clamp(min=1)).flatten(1, 2)  # (Hkv, nB*S, D)
         elif representation == "minmax":
@@ -89,7 +90,7 @@ class BlockKV(TensorKV):
             self.low = torch.where(present, gathered, big).amin(3).flatten(1, 2)  # (Hkv, nB*S, D)
             self.high = torch.where(present, gathered, -big).amax(3).flatten(1, 2)
         self._empty_groups = ~(grouped >= 0).any(-1)  # (nB, S): padding groups never win a block
-        self._key_index = None  # "max" on CPU: per KV head a FAISS fp16 index over the keys (`_faiss_top_blocks`)
+        self._key_index = None  # "max" on CPU: per KV head a FAISS fp16 index over the keys (a second fp16 copy)
         if representation == "max" and keys.device.type == "cpu" and nb and self.num_rows >= faiss_from_rows:
             import faiss
 
