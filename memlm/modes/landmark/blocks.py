@@ -130,14 +130,18 @@ class BlockKV(TensorKV):
         s = s.view(b, hkv, -1, *self._empty_groups.shape).masked_fill(self._empty_groups, float("-inf")).amax(-1)
         return s.view(b, hq, tq, -1)
 
+    def _row_scores(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, Tq, D) . the keys of rows (B, Hq, Tq, K) of each head's KV head (GQA) -> (B, Hq,
+        Tq, K) fp32; -inf where a row is -1."""
+        hq = q.shape[1]
+        head = (torch.arange(hq, device=q.device) // (hq // self.num_kv_heads)).view(1, hq, 1, 1)
+        k = self.keys[head.expand_as(rows), rows.clamp(min=0)].float()  # (B, Hq, Tq, K, D)
+        return torch.einsum("bhtd,bhtkd->bhtk", q.float(), k).masked_fill(rows < 0, float("-inf"))
+
     def _best_rows(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """q (B, Hq, Tq, D), blocks (B, Hq, Tq, M) -> each block's best row score (B, Hq, Tq, M)."""
-        hq, hkv = q.shape[1], self.num_kv_heads
         rows = self.rows[blocks]  # (B, Hq, Tq, M, R)
-        head = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1, 1)
-        k = self.keys[head.expand_as(rows), rows.clamp(min=0)].float()  # (B, Hq, Tq, M, R, D)
-        s = torch.einsum("bhtd,bhtmrd->bhtmr", q.float(), k)
-        return s.masked_fill(rows < 0, float("-inf")).amax(-1)
+        return self._row_scores(q, rows.flatten(-2)).view(rows.shape).amax(-1)
 
     def _faiss_top_blocks(self, q: torch.Tensor, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
         """"max" through FAISS (the CPU path, batch 1): per KV head the top kb * R rows of each
@@ -198,11 +202,8 @@ class BlockKV(TensorKV):
         out, state = knn_attention(q, k_cache, v_cache, self.keys, self.values, idx, scale=scale, return_state=True)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         top = self._last_top  # (B, Hq, 1, kb)
-        b, hq = q.shape[:2]
-        head = (torch.arange(hq, device=q.device) // (hq // self.num_kv_heads)).view(1, hq, 1, 1)
-        k = self.keys[head.expand_as(idx), idx.clamp(min=0)].float()  # (B, Hq, 1, K, D)
-        logits = torch.einsum("bhtd,bhtkd->bhtk", q.float(), k) * scale
-        p = torch.exp(logits - (state.m + torch.log(state.l))[..., None]).masked_fill(idx < 0, 0)
+        logits = self._row_scores(q, idx) * scale  # -inf for absent rows: exp gives 0
+        p = torch.exp(logits - (state.m + torch.log(state.l))[..., None])
         per_block = p.view(*top.shape, -1).sum(-1)  # (B, Hq, 1, kb)
         self.mass.index_add_(0, top.flatten().cpu(), per_block.flatten().double().cpu())
         return out
