@@ -117,6 +117,33 @@ def merge_attention_states(
     return fn(states)
 
 
+def landmark_attention(
+    q: torch.Tensor,  # (B, Hq, Tq, D)
+    k_cache: torch.Tensor,  # (B, Hkv, Tk, D)
+    v_cache: torch.Tensor,  # (B, Hkv, Tk, D)
+    mem_k: torch.Tensor,  # (Hkv, N, D)
+    mem_v: torch.Tensor,  # (Hkv, N, D)
+    block_rows: torch.Tensor,  # (nB, R) int64, -1 padded
+    top_k: int,
+    *,
+    rep_k: torch.Tensor | None = None,  # (Hkv, E, D); None: a block scores as its best row
+    rep_rows: torch.Tensor | None = None,  # (nB, S) int64, -1 padded
+    rep_low: torch.Tensor | None = None,  # (Hkv, E, D): Quest's bound with rep_k the upper keys
+    scale: float | None = None,
+    cache_len: int | torch.Tensor | None = None,
+    return_state: bool = False,
+    backend: str | None = None,
+):
+    """Block retrieval and one softmax over local keys and the top-k blocks' rows: (out, BlockReads
+    [, AttentionState]) (see landmark_reference.landmark_attention_ref)."""
+    if choose_backend(q.device, backend) == "triton":
+        fn = _triton_module("landmark_attention_triton").landmark_attention
+    else:
+        from .landmark_reference import landmark_attention_ref as fn
+    return fn(q, k_cache, v_cache, mem_k, mem_v, block_rows, top_k, rep_k=rep_k, rep_rows=rep_rows, rep_low=rep_low,
+              scale=scale, cache_len=cache_len, return_state=return_state)
+
+
 def chunked_cross_attention(
     q: torch.Tensor,  # (B, H, T, dh)
     k: torch.Tensor,  # (B, G, H, L, dh)

@@ -25,7 +25,8 @@ def _kernels_are_interpreted():
 
     if torch.cuda.is_available():
         return  # on a GPU machine the kernels may run compiled; the tests use CPU tensors though
-    for name in ("memory_topk_triton", "knn_attention_triton", "merge_states_triton", "chunked_attention_triton"):
+    for name in ("memory_topk_triton", "knn_attention_triton", "merge_states_triton", "chunked_attention_triton",
+                 "landmark_attention_triton"):
         mod = sys.modules.get(f"memlm.kernels.{name}")
         if mod is None:
             continue

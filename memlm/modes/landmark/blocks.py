@@ -7,10 +7,10 @@ manner of InfLLM and Quest).
 per query head, the block scores (`representation`: "mean", q . mean key; "minmax", Quest's upper
 bound sum_d max(q_d min_d, q_d max_d); "max", the block's best row score, exact: every row
 scored, the ceiling the others are measured against, not flat in memory size), their top-k, and every row of those blocks as the rows
-retrieved (-1 where a block is shorter than the longest). `KVStore.attention` then attends to them
-and to the local context in one softmax (`memlm.kernels.knn_attention`). On CPU that is the
-PyTorch reference; the fused GPU kernel (scoring, selection and gather without writing scores out)
-is not written yet.
+retrieved (-1 where a block is shorter than the longest). `BlockKV.attention` scores, selects and
+attends to them and to the local context in one softmax through `memlm.kernels.landmark_attention`:
+on CUDA one fused Triton kernel (no block score written out), on CPU its PyTorch reference, or, for
+"max" over large memories, FAISS choosing the blocks first.
 
 Positions (`load_block_memories`, POSITIONS): "fixed" leaves every memory key at position 0
 (RoPE is the identity; the local context from 0): InfLLM's rule, far blocks without their
@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from memlm.index.kv_memory import KVMemory
+from memlm.kernels import landmark_attention
+from memlm.kernels.landmark_reference import block_scores_ref, read_blocks_ref
 from memlm.modes.knn.attention import TensorKV
 from memlm.modes.knn.reading import (
     LayerMemories, LayerMemory, ReadConfig, _pick_rows, _read_layer, num_layers, resolve_layers, rotate_keys,
@@ -79,17 +81,19 @@ class BlockKV(TensorKV):
         self.group = max(1, min(group or r or 1, r or 1))
         s_ = -(-r // self.group) if r else 0  # groups per block
         grouped = torch.nn.functional.pad(self.rows, (0, s_ * self.group - r), value=-1).view(nb, s_, self.group)
-        self.mean = self.low = self.high = None
-        if representation != "max":
+        # the kernel's representation arguments: entries (Hkv, nB*S, D), block -> its S entries (-1: none)
+        self.reps: dict[str, torch.Tensor] = {}
+        if representation != "max":  # "max": the rows themselves (the kernel's default)
             present = (grouped >= 0)[None, ..., None]  # (1, nB, S, g, 1)
             gathered = keys[:, grouped.clamp(min=0)].float()  # (Hkv, nB, S, g, D)
+            entries = torch.arange(nb * s_, device=keys.device).view(nb, s_).masked_fill(~(grouped >= 0).any(-1), -1)
+            self.reps["rep_rows"] = entries
         if representation == "mean":
-            self.mean = ((gathered * present).sum(3) / present.sum(3).clamp(min=1)).flatten(1, 2)  # (Hkv, nB*S, D)
+            self.reps["rep_k"] = ((gathered * present).sum(3) / present.sum(3).clamp(min=1)).flatten(1, 2)
         elif representation == "minmax":
             big = torch.finfo(torch.float32).max
-            self.low = torch.where(present, gathered, big).amin(3).flatten(1, 2)  # (Hkv, nB*S, D)
-            self.high = torch.where(present, gathered, -big).amax(3).flatten(1, 2)
-        self._empty_groups = ~(grouped >= 0).any(-1)  # (nB, S): padding groups never win a block
+            self.reps["rep_k"] = torch.where(present, gathered, -big).amax(3).flatten(1, 2)  # upper keys
+            self.reps["rep_low"] = torch.where(present, gathered, big).amin(3).flatten(1, 2)
         self._key_index = None  # "max" on CPU: per KV head a FAISS fp16 index over the keys (a second fp16 copy)
         if representation == "max" and keys.device.type == "cpu" and nb and self.num_rows >= faiss_from_rows:
             import faiss
@@ -110,38 +114,24 @@ class BlockKV(TensorKV):
 
     @property
     def nbytes(self) -> int:
-        reps = sum(t.nbytes for t in (self.mean, self.low, self.high) if t is not None)
-        return super().nbytes + reps + self.rows.nbytes
+        return super().nbytes + sum(t.nbytes for t in self.reps.values()) + self.rows.nbytes
 
     def block_scores(self, q: torch.Tensor) -> torch.Tensor:
         """q (B, Hq, Tq, D) -> scores (B, Hq, Tq, nB) fp32 by the representation (GQA: head h
         scores KV head h // G's blocks)."""
-        b, hq, tq, d = q.shape
-        hkv = self.num_kv_heads
-        qg = q.float().reshape(b, hkv, (hq // hkv) * tq, d)  # (B, Hkv, G*Tq, D)
         if self.representation == "max":  # every row scored, the block's best: the selection's ceiling
-            rows = qg @ self.keys.float().transpose(1, 2)  # (B, Hkv, G*Tq, N)
-            s = rows[..., self.rows.clamp(min=0)].masked_fill(self.rows < 0, float("-inf")).amax(-1)
-            return s.view(b, hq, tq, -1)
-        if self.representation == "mean":
-            s = qg @ self.mean.transpose(1, 2)
-        else:  # Quest: per dim the larger of q * min and q * max
-            s = qg.clamp(min=0) @ self.high.transpose(1, 2) + qg.clamp(max=0) @ self.low.transpose(1, 2)
-        s = s.view(b, hkv, -1, *self._empty_groups.shape).masked_fill(self._empty_groups, float("-inf")).amax(-1)
-        return s.view(b, hq, tq, -1)
-
-    def _row_scores(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """q (B, Hq, Tq, D) . the keys of rows (B, Hq, Tq, K) of each head's KV head (GQA) -> (B, Hq,
-        Tq, K) fp32; -inf where a row is -1."""
-        hq = q.shape[1]
-        head = (torch.arange(hq, device=q.device) // (hq // self.num_kv_heads)).view(1, hq, 1, 1)
-        k = self.keys[head.expand_as(rows), rows.clamp(min=0)].float()  # (B, Hq, Tq, K, D)
-        return torch.einsum("bhtd,bhtkd->bhtk", q.float(), k).masked_fill(rows < 0, float("-inf"))
+            return block_scores_ref(q, self.keys, self.rows)
+        return block_scores_ref(q, self.reps["rep_k"], self.reps["rep_rows"], self.reps.get("rep_low"))
 
     def _best_rows(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """q (B, Hq, Tq, D), blocks (B, Hq, Tq, M) -> each block's best row score (B, Hq, Tq, M)."""
+        """q (B, Hq, Tq, D), blocks (B, Hq, Tq, M) -> each block's best row score (B, Hq, Tq, M) fp32
+        (GQA: head h reads KV head h // G)."""
         rows = self.rows[blocks]  # (B, Hq, Tq, M, R)
-        return self._row_scores(q, rows.flatten(-2)).view(rows.shape).amax(-1)
+        hq = q.shape[1]
+        head = (torch.arange(hq, device=q.device) // (hq // self.num_kv_heads)).view(1, hq, 1, 1, 1)
+        k = self.keys[head.expand_as(rows), rows.clamp(min=0)].float()  # (B, Hq, Tq, M, R, D)
+        s = torch.einsum("bhtd,bhtmrd->bhtmr", q.float(), k).masked_fill(rows < 0, float("-inf"))
+        return s.amax(-1)
 
     def _faiss_top_blocks(self, q: torch.Tensor, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
         """"max" through FAISS (the CPU path, batch 1): per KV head the top kb * R rows of each
@@ -164,48 +154,58 @@ class BlockKV(TensorKV):
         return (torch.from_numpy(scores).view(1, hq, tq, kb).to(q.device),
                 torch.from_numpy(blocks).view(1, hq, tq, kb).to(q.device))
 
-    def search(self, q, k, *, shared_per_kv_head=False):
-        """Every row of each query head's top-k blocks: (scores (B, Hq, Tq, k * R), rows, -1 padded)."""
+    def select_blocks(self, q, k, *, shared_per_kv_head=False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query head's top-k blocks (at most the block count): (scores, blocks) (B, Hq, Tq, kb)
+        -- through FAISS ("max" on CPU from `faiss_from_rows` rows), the shortlist (`candidates`),
+        per KV group (shared_per_kv_head, by the group's mean score), or all block scores."""
         b, hq, tq, _ = q.shape
         kb = min(k, self.num_blocks)
-        if kb == 0:
-            empty = torch.zeros(b, hq, tq, 0, device=q.device)
-            return empty, empty.long()
-        scores = self.block_scores(q) if self._key_index is None or b != 1 or shared_per_kv_head else None
-        if shared_per_kv_head:  # one choice per KV group, by the group's mean score
+        if self._key_index is not None and b == 1 and not shared_per_kv_head and kb:
+            return self._faiss_top_blocks(q, kb)
+        scores = self.block_scores(q)
+        if shared_per_kv_head:
             g = hq // self.num_kv_heads
             scores = scores.view(b, self.num_kv_heads, g, tq, -1).mean(2, keepdim=True).expand(-1, -1, g, -1, -1)
             scores = scores.reshape(b, hq, tq, -1)
-        if self._key_index is not None and b == 1 and not shared_per_kv_head:
-            top_scores, top = self._faiss_top_blocks(q, kb)
-        elif kb < self.candidates < self.num_blocks and self.representation != "max":
+        if self._shortlists(kb):
             shortlist = scores.topk(self.candidates, dim=-1).indices  # (B, Hq, Tq, M)
             top_scores, pick = self._best_rows(q, shortlist).topk(kb, dim=-1)
-            top = shortlist.gather(-1, pick)
-        else:
-            top_scores, top = scores.topk(kb, dim=-1)  # (B, Hq, Tq, kb)
+            return top_scores, shortlist.gather(-1, pick)
+        return scores.topk(kb, dim=-1)  # (B, Hq, Tq, kb)
+
+    def _shortlists(self, kb: int) -> bool:
+        return kb < self.candidates < self.num_blocks and self.representation != "max"
+
+    def search(self, q, k, *, shared_per_kv_head=False):
+        """Every row of each query head's top-k blocks: (scores (B, Hq, Tq, kb * R), rows, -1 padded)."""
+        top_scores, top = self.select_blocks(q, k, shared_per_kv_head=shared_per_kv_head)
         self.reads += torch.bincount(top.flatten().cpu(), minlength=self.num_blocks)
-        self._last_top = top
         rows = self.rows[top]  # (B, Hq, Tq, kb, R)
         return top_scores[..., None].expand_as(rows).flatten(-2), rows.flatten(-2)
 
     def attention(self, q, k_cache, v_cache, top_k, *, shared_per_kv_head=False, scale=None, gate=None):
-        """`KVStore.attention` (one softmax over the local context and the top blocks' rows); a
-        decode step (Tq = 1) also adds, per block read, the share of that softmax its rows got,
-        summed over the query heads (`mass`: what the citations rank by)."""
-        if q.shape[2] != 1 or gate is not None or self.num_blocks == 0:
+        """`KVStore.attention`: one softmax over the local context and the top blocks' rows. Scoring
+        by the representations, selection and the read run in one `memlm.kernels.landmark_attention`
+        call (the fused Triton kernel on CUDA, its reference on CPU); the CPU's FAISS "max", the
+        shortlist and shared selection choose first and read through the reference. Counts the
+        blocks each query head read (`reads`) and, at a decode step (Tq = 1), the share of the
+        softmax that fell on each block's rows, summed over heads (`mass`: what citations rank by).
+        With a gate (Memorizing Transformers' mix) the reading is knn's, through `search`."""
+        if gate is not None or self.num_blocks == 0:
             return super().attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale,
                                      gate=gate)
-        from memlm.kernels import knn_attention
-
-        _, idx = self.search(q, top_k, shared_per_kv_head=shared_per_kv_head)
-        out, state = knn_attention(q, k_cache, v_cache, self.keys, self.values, idx, scale=scale, return_state=True)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        top = self._last_top  # (B, Hq, 1, kb)
-        logits = self._row_scores(q, idx) * scale  # -inf for absent rows: exp gives 0
-        p = torch.exp(logits - (state.m + torch.log(state.l))[..., None])
-        per_block = p.view(*top.shape, -1).sum(-1)  # (B, Hq, 1, kb)
-        self.mass.index_add_(0, top.flatten().cpu(), per_block.flatten().double().cpu())
+        kb = min(top_k, self.num_blocks)
+        if self._key_index is None and not shared_per_kv_head and not self._shortlists(kb):
+            out, reads = landmark_attention(q, k_cache, v_cache, self.keys, self.values, self.rows, top_k,
+                                            scale=scale, **self.reps)
+        else:
+            top_scores, top = self.select_blocks(q, top_k, shared_per_kv_head=shared_per_kv_head)
+            out, reads, _ = read_blocks_ref(q, k_cache, v_cache, self.keys, self.values, self.rows, top, top_scores,
+                                            scale=scale)
+        read = reads.blocks >= 0
+        self.reads += torch.bincount(reads.blocks[read].cpu(), minlength=self.num_blocks)
+        if q.shape[2] == 1:
+            self.mass.index_add_(0, reads.blocks[read].cpu(), reads.mass[read].double().cpu())
         return out
 
 
