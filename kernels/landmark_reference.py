@@ -114,11 +114,12 @@ def landmark_attention_ref(
     out, reads, state = read_blocks_ref(q, k_cache, v_cache, mem_k, mem_v, block_rows, top, top_s, scale=scale,
                                         cache_len=cache_len)
     pad = top_k - kb
-    reads = BlockReads(
-        torch.nn.functional.pad(reads.blocks, (0, pad), value=-1),
-        torch.nn.functional.pad(reads.scores, (0, pad), value=float("-inf")),
-        torch.nn.functional.pad(reads.mass, (0, pad), value=0.0),
-    )
+    if pad:
+        reads = BlockReads(
+            torch.nn.functional.pad(reads.blocks, (0, pad), value=-1),
+            torch.nn.functional.pad(reads.scores, (0, pad), value=float("-inf")),
+            torch.nn.functional.pad(reads.mass, (0, pad), value=0.0),
+        )
     return (out, reads, state) if return_state else (out, reads)
 
 
@@ -143,21 +144,7 @@ def read_blocks_ref(
     none = (blocks < 0) | torch.isneginf(block_scores)  # blocks without an entry are never read
     top = blocks.masked_fill(none, -1)
     rows = block_rows[top.clamp(min=0)].masked_fill(none[..., None], -1).flatten(-2)  # (B, Hq, Tq, K*R)
-    out, state = knn_attention_ref(q, k_cache, v_cache, mem_k, mem_v, rows, scale=scale, cache_len=cache_len,
-                                   return_state=True)
-    # each block's share: sum over its rows of exp(s - m) / l, s = scale * q . k; queries in chunks
-    # that bound the gathered keys
-    scale = d ** -0.5 if scale is None else scale
-    hkv, n = mem_k.shape[:2]
-    mass = torch.zeros((b, hq, tq, kb), dtype=state.m.dtype, device=q.device)
-    head = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1, 1)
-    m_safe = torch.where(torch.isneginf(state.m), torch.zeros_like(state.m), state.m)
-    l_safe = torch.where(state.l > 0, state.l, torch.ones_like(state.l))
-    chunk = max(1, _SCORE_BLOCK // max(1, b * hq * rows.shape[-1] * d))
-    for t0 in range(0, tq if kb and r and n else 0, chunk):
-        rc = rows[:, :, t0 : t0 + chunk]  # (B, Hq, tc, K*R)
-        k = mem_k[head.expand_as(rc), rc.clamp(0, n - 1)].to(state.m.dtype)  # (B, Hq, tc, K*R, D)
-        s = torch.einsum("bhtd,bhtkd->bhtk", q[:, :, t0 : t0 + chunk].to(state.m.dtype), k) * scale
-        p = torch.exp(s - m_safe[:, :, t0 : t0 + chunk, None]).masked_fill((rc < 0) | (rc >= n), 0.0)
-        mass[:, :, t0 : t0 + chunk] = (p / l_safe[:, :, t0 : t0 + chunk, None]).view(*rc.shape[:3], kb, r).sum(-1)
+    out, state, weights = knn_attention_ref(q, k_cache, v_cache, mem_k, mem_v, rows, scale=scale, cache_len=cache_len,
+                                            memory_weights=True)  # weights (B, Hq, Tq, K*R)
+    mass = weights.view(b, hq, tq, kb, r).sum(-1) if kb and r else weights.new_zeros(blocks.shape)
     return out, BlockReads(top, block_scores.float().masked_fill(none, float("-inf")), mass.float()), state

@@ -119,7 +119,8 @@ def knn_attention_ref(
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
     memory_only: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, AttentionState]:
+    memory_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, AttentionState] | tuple[torch.Tensor, AttentionState, torch.Tensor]:
     """Attention of each query over (its causal local keys) ∪ (its retrieved memory rows), one softmax.
 
     Local part: query i (of Tq) sits at absolute position L - Tq + i, L = cache_len (default Tk,
@@ -128,7 +129,8 @@ def knn_attention_ref(
     position; -1 (or any index outside [0, N)) is absent. memory_only drops the local part
     (k_cache/v_cache may then be None): the shard-side computation.
     Returns out (B, Hq, Tq, D) in q's dtype, and with return_state the fp32 AttentionState
-    (fp64 for fp64 inputs: the tests' ground truth).
+    (fp64 for fp64 inputs: the tests' ground truth); memory_weights: (out, state, the softmax
+    weight of each mem_idx entry (B, Hq, Tq, K), 0 for absent ones).
 
     This is also the CPU serving path, so it is written for speed without changing the maths:
     the local part is one matmul per KV group ((B, Hkv, G*tq, D) @ (B, Hkv, D, Tk), the cache is
@@ -155,6 +157,7 @@ def knn_attention_ref(
     m = torch.full((b, hq, tq), float("-inf"), dtype=work, device=q.device)
     l = torch.zeros((b, hq, tq), dtype=work, device=q.device)
     acc = torch.zeros((b, hq, tq, d), dtype=work, device=q.device)
+    weights = torch.zeros((b, hq, tq, kk), dtype=work, device=q.device) if memory_weights else None
     kv_head = (torch.arange(hq, device=q.device) // g).view(1, hq, 1, 1)  # (1, Hq, 1, 1)
     chunk = max(1, _SCORE_BLOCK // max(1, b * hq * (tk + kk * d)))  # scores + gathered rows
     for t0 in range(0, tq, chunk):
@@ -196,8 +199,12 @@ def knn_attention_ref(
             l_c = l_c + p_loc.sum(dim=-1)
             acc_c = acc_c + torch.matmul(p_loc.view(b, hkv, g * tc, hi), vc[:, :, :hi]).view(b, hq, tc, d)
         m[:, :, t0:t1], l[:, :, t0:t1], acc[:, :, t0:t1] = m_c, l_c, acc_c
+        if weights is not None:
+            weights[:, :, t0:t1] = p_mem / torch.where(l_c > 0, l_c, 1.0).unsqueeze(-1)
 
     out = _normalise(acc, l).to(q.dtype)
+    if memory_weights:
+        return out, AttentionState(m, l, acc), weights
     if return_state:
         return out, AttentionState(m, l, acc)  # fp32 (fp64 for fp64 inputs)
     return out
