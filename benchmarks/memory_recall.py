@@ -11,6 +11,9 @@ it. The span is scored by teacher forcing, one forward pass, under:
          read whole (ungated: every row is searched);
 - knn-gated: the same, reading only the rows of the top `--candidate-chunks` (8) chunks retrieved
          with the prefix's text, "ranked" positions (the service's default, preset "default");
+- landmark: the same KV memory read as blocks (its 64-token chunks; memlm.modes.landmark.blocks,
+         the service's default: every layer but the first, each query head reads the rows of its 4
+         best blocks, scored by their best row, positions in_block);
 - rag:   the top-4 64-token chunks of the whole corpus retrieved with the prefix's text as the query
          (in corpus order), "\\n\\n", then the prefix;
 - full:  every token of the document before the span (S tokens): what reading the document in
@@ -53,7 +56,7 @@ from ranking import SEARCH_MODES, ChunkRanker, following  # noqa: E402
 
 RAG_K = 4
 SEPARATOR = "\n\n"
-METHODS = ("none", "knn", "knn-gated", "rag", "full")
+METHODS = ("none", "knn", "knn-gated", "landmark", "rag", "full")
 
 
 @torch.inference_mode()
@@ -123,7 +126,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as td:
         mem = mems = None
-        if "knn" in args.methods or "knn-gated" in args.methods:
+        if {"knn", "knn-gated", "landmark"} & set(args.methods):
             t0 = time.perf_counter()
             mem = kv_memory_for_model(Path(td) / "kv", model, window=args.knn_window, overlap=args.knn_overlap)
             lists, ids, owners = [], [], []
@@ -140,6 +143,15 @@ def main(argv=None) -> None:
                 "default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks,
                 follow_chunks=PRESETS["default"].follow_chunks if args.follow_chunks is None else args.follow_chunks)
             mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
+            if "landmark" in args.methods:
+                from memlm.modes.landmark.blocks import load_block_memories
+                from memlm.modes.landmark.settings import Settings as LandmarkSettings
+
+                ls = LandmarkSettings()
+                blocks, _, _ = load_block_memories(model, mem, layers="all_but_first", top_k=ls.top_k,
+                                                   representation=ls.representation, positions=ls.positions,
+                                                   group=ls.group, candidates=ls.candidates,
+                                                   min_memory_position=ls.min_memory_position)
         if "rag" in args.methods or "knn-gated" in args.methods:
             from memlm.index.embedding import load_embedder
 
@@ -172,6 +184,9 @@ def main(argv=None) -> None:
                                        lambda c: c[0] * CHUNK_ID_STRIDE + c[1])
                     with knn_mode(model, mem, gated_config, layer_memories=gated):
                         s = span_nll(model, prefix, span)
+                elif method == "landmark":
+                    with knn_mode(model, mem, blocks.config, layer_memories=blocks):
+                        s = span_nll(model, prefix, span)
                 elif method == "rag":
                     top = sorted(ranked(RAG_K))
                     ctx = [t for a, b in top for t in docs[a][1][b]]
@@ -195,7 +210,7 @@ def main(argv=None) -> None:
         cells.append(f"{math.exp(sum(pooled) / (len(pooled) * args.span)):.2f}")
         print(f"| {method} | " + " | ".join(cells) + f" | {seconds[method] / len(docs):.1f} |")
     base = [s for kind in args.kinds for s in nll[("none", kind)]]
-    for method in ("knn", "knn-gated"):
+    for method in ("knn", "knn-gated", "landmark"):
         if base and method in args.methods:
             ours = [s for kind in args.kinds for s in nll[(method, kind)]]
             print(f"{method} / none perplexity ratio: {math.exp((sum(ours) - sum(base)) / (len(base) * args.span)):.3f}")
