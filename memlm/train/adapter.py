@@ -191,7 +191,7 @@ class BottleneckAdapter(Adapter):
 
 
 ADAPTERS: dict[str, type[Adapter]] = {BottleneckAdapter.mode: BottleneckAdapter}
-TRAINED_MODES = ("retro",)  # memory modes whose package has an `adapter` module exporting ADAPTER
+TRAINED_MODES = ("retro", "landmark")  # memory modes whose package has an `adapter` module exporting ADAPTER
 
 
 def adapter_class(mode: str) -> type[Adapter]:

@@ -2,6 +2,7 @@
 
     memlm train proof [--steps --batch --micro-batch --seq --lr --device cpu|cuda --out DIR --resume ...]
     memlm train retro [the same, --layers --neighbours --encoder-dim --data DIR --train-windows N]
+    memlm train landmark [the same, --local --block --rank --layers]
     memlm train export RUN --to DIR      # a (stopped) run's latest checkpoint as loadable weights
     memlm train corpus [--out DIR] [--sources stdlib,man,doc] [--max-docs N]
 
@@ -102,6 +103,64 @@ def retro(
     config = RetroConfig(layers=tuple(int(x) for x in layers.split(",")), neighbours=neighbours,
                          encoder_dim=encoder_dim, encoder_layers=encoder_layers)
     _train("retro", config.to_dict(), locals(), prepare=_prepare_retro)
+
+
+@app.command("landmark")
+def landmark(
+    steps: int = typer.Option(300, help="optimizer steps"),
+    batch: int = typer.Option(8, help="windows per optimizer step"),
+    micro_batch: int = typer.Option(2, help="windows per forward/backward (0: the whole batch); accumulates"),
+    seq: int = typer.Option(512, help="tokens per window: memory blocks, then --local tokens that read them"),
+    local: int = typer.Option(64, help="the last tokens of each window, scored, reading the rest only through "
+                              "the landmarks"),
+    block: int = typer.Option(64, help="rows per block (the store's chunk size)"),
+    rank: int = typer.Option(8, help="rank of the landmark key correction per memory layer"),
+    layers: str = typer.Option("", help="memory layers (comma-separated; empty: every layer but the first)"),
+    lr: float = typer.Option(2e-3, help="peak learning rate"),
+    warmup: int = typer.Option(20, help="warmup steps"),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)"),
+    out: Path = typer.Option(Path("runs/landmark"), help="run folder: checkpoint/, adapter.safetensors, adapter.json, "
+                             "history.jsonl"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint (same settings)"),
+    model: str = typer.Option("bundled", help="base model: 'bundled' or a local Hugging Face Llama folder"),
+    sources: str = typer.Option("stdlib,man,doc", help="corpus sources"),
+    max_docs: Optional[int] = typer.Option(None, help="at most this many documents per source"),
+    train_windows: int = typer.Option(0, help="train on a fixed subset of this many windows (0: all)"),
+    eval_every: int = typer.Option(25, help="steps between held-out evaluations"),
+    eval_windows: int = typer.Option(16, help="held-out windows per evaluation"),
+    checkpoint_every: int = typer.Option(10, help="steps between checkpoints"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train landmarks (Landmark Attention's landmark token and grouped softmax) on the frozen base
+    model: the landmark embedding, a low-rank key correction and a gate bias per memory layer; the
+    loss is the next-token loss of each window's last tokens, which read the window's earlier blocks
+    only through their landmarks."""
+    from memlm.modes.landmark.adapter import LandmarkConfig
+
+    config = LandmarkConfig(layers=tuple(int(x) for x in layers.split(",") if x.strip()), block=block, local=local,
+                            rank=rank)
+    opts = dict(locals(), cache_hidden=False)
+    _train("landmark", config.to_dict(), opts, prepare=_prepare_landmark)
+
+
+def _prepare_landmark(trainer, corpus, folder: Path, opts: dict) -> None:
+    """Log, once per run, the held-out loss of the local tokens without memory and with the whole
+    window in context: the floor and the ceiling the landmarks' eval_loss sits between."""
+    import torch
+
+    if opts["resume"] and (trainer.checkpoint_dir / "state.json").is_file():
+        return  # the checkpoint's history has them
+    losses: dict[str, float] = {}
+    for i in range(0, len(trainer.eval_idx), trainer.config.micro):
+        idx = trainer.eval_idx[i : i + trainer.config.micro]
+        tokens = torch.from_numpy(trainer.heldout_windows[idx]).to(trainer.device)
+        for k, v in trainer.adapter.baseline_losses(trainer.model, tokens).items():
+            losses[k] = losses.get(k, 0.0) + v * len(idx) / len(trainer.eval_idx)
+    trainer.history.append({"step": 0, "baseline": True, **{f"eval_loss_{k}": v for k, v in losses.items()}})
+    typer.echo(f"held-out loss of the local tokens: without memory {losses['local_only']:.4f}, whole window in "
+               f"context {losses['full_context']:.4f}", err=True)
 
 
 def _prepare_retro(trainer, corpus, folder: Path, opts: dict) -> None:

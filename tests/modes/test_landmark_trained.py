@@ -1,0 +1,135 @@
+"""Trained landmarks (memlm.modes.landmark.adapter): the grouped softmax's maths, the training
+memory being what the KV memory stores, a landmark key depending on its own block alone, detaching
+giving back the base model exactly, and a tiny run of `memlm train landmark`'s trainer lowering the
+loss, on the bundled model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memlm.model.llama import load_llama
+from memlm.modes.landmark.adapter import LandmarkAdapter, LandmarkConfig, grouped_attention, window_memory
+
+
+def _random(b=1, hq=6, hkv=2, t=3, s=5, nb=3, r=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t, d, generator=g, dtype=torch.float64)
+    k, v = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64), torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    lm = torch.randn(b, hkv, nb, d, generator=g, dtype=torch.float64)
+    bk = torch.randn(b, hkv, nb, r, d, generator=g, dtype=torch.float64)
+    bv = torch.randn(b, hkv, nb, r, d, generator=g, dtype=torch.float64)
+    return q, k, v, lm, bk, bv
+
+
+def test_without_valid_blocks_it_is_causal_attention():
+    q, k, v, lm, bk, bv = _random()
+    valid = torch.zeros(1, 3, 4, dtype=torch.bool)
+    got = grouped_attention(q.float(), k.float(), v.float(), lm.float(), bk.float(), bv.float(), valid, 8 ** -0.5)
+    want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1),
+                                          attn_mask=torch.ones(3, 5, dtype=torch.bool).tril(2))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_landmark_worth_its_blocks_mass_gives_full_attention():
+    """If exp(landmark logit) equals the sum of exp(row scores) of its block, the grouped softmax
+    is exactly one softmax over the local keys and every block row (one query, one head)."""
+    q, k, v, _, bk, bv = _random(hq=1, hkv=1, t=1)
+    scale = 8 ** -0.5
+    rows = torch.einsum("d,nrd->nr", q[0, 0, 0], bk[0, 0]) * scale  # (nB, R)
+    lse = torch.logsumexp(rows, -1)  # (nB,)
+    lm = (q[0, 0, 0] * (lse / (scale * q[0, 0, 0].dot(q[0, 0, 0])))[:, None]).view(1, 1, 3, 8)  # scale q . lm = lse
+    got = grouped_attention(q, k, v, lm, bk, bv, torch.ones(1, 3, 4, dtype=torch.bool), scale)
+    keys = torch.cat([k[0, 0], bk[0, 0].flatten(0, 1)])
+    values = torch.cat([v[0, 0], bv[0, 0].flatten(0, 1)])
+    want = torch.softmax(keys @ q[0, 0, 0] * scale, 0) @ values
+    torch.testing.assert_close(got[0, 0, 0].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def base(bundled_model_dir):
+    return load_llama(bundled_model_dir)
+
+
+
+@pytest.mark.model
+def test_the_training_memory_is_what_the_kv_memory_stores(base):
+    """window_memory's block keys and values are the capture's (what ingest stores), rotated at
+    their offset in the block as the landmark mode reads them."""
+    from memlm.modes.knn.capture import _OwnedKVCapture
+    from memlm.modes.knn.reading import rotate_keys
+
+    tokens = torch.randint(0, base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
+    mem = window_memory(base, tokens, 64, 3)
+    cap = _OwnedKVCapture(base, [0, 1, 2, 3])
+    try:
+        with torch.no_grad():
+            stored = cap.run(tokens)
+    finally:
+        cap.remove()
+    for layer in (0, 3):
+        k, v = stored[layer]  # (Hkv, 128, D), keys before RoPE
+        rotated = rotate_keys(base, k, torch.arange(128) % 64)  # in_block
+        torch.testing.assert_close(mem.block_k[layer][0].flatten(1, 2), rotated, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mem.block_v[layer][0].flatten(1, 2), v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.model
+def test_a_landmark_key_depends_on_its_own_block_alone(base):
+    adapter = LandmarkAdapter(base.config, LandmarkConfig(layers=(1, 2, 3)))
+    torch.nn.init.normal_(adapter.lora_b, std=0.02)  # a trained-looking correction
+    tokens = torch.randint(0, base.config.vocab_size, (1, 192), generator=torch.Generator().manual_seed(2))
+    mem = window_memory(base, tokens, 64, 3)
+    per_block = {l: k[0].transpose(0, 1) for l, k in mem.block_k.items()}  # (nB, Hkv, R, D)
+    values = {l: v[0].transpose(0, 1) for l, v in mem.block_v.items()}
+    with torch.no_grad():
+        together = adapter.landmark_keys(base, per_block, values, mem.valid[0])
+        alone = adapter.landmark_keys(base, {l: k[1:2] for l, k in per_block.items()},
+                                      {l: v[1:2] for l, v in values.items()}, mem.valid[0, 1:2])
+    assert together[3].shape == (3, base.config.n_kv_heads, base.config.head_dim)
+    for layer in (1, 3):
+        torch.testing.assert_close(together[layer][1:2], alone[layer], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[3][0], together[3][1])
+
+
+@pytest.mark.model
+def test_detached_it_is_exactly_the_base_model(base):
+    tokens = torch.randint(0, base.config.vocab_size, (1, 40))
+    pos = torch.arange(40)
+    with torch.no_grad():
+        before = base(tokens, pos)
+        adapter = LandmarkAdapter(base.config)
+        adapter.attach(base)
+        attached_without_memory = base(tokens, pos)
+        adapter.detach(base)
+        after = base(tokens, pos)
+    assert torch.equal(before, after)
+    torch.testing.assert_close(attached_without_memory, before, rtol=0, atol=1e-5)  # SDPA fallback
+
+
+@pytest.mark.model
+def test_a_tiny_run_lowers_the_loss_and_saves_small_weights(base, bundled_model_dir, tmp_path):
+    from memlm.train.corpus import build_corpus
+    from memlm.train.trainer import TrainConfig, Trainer
+    from memlm.train.weights import folder_fingerprint
+
+    corpus = build_corpus(bundled_model_dir, sources=("stdlib",), max_docs=30, heldout_permille=100,
+                          cache_dir=tmp_path, log=lambda m: None)
+    adapter = LandmarkAdapter(base.config, LandmarkConfig(layers=(1, 2, 3, 4, 5), local=32))
+    # 2 windows of 96 tokens (one memory block, 32 local tokens) seen again and again
+    config = TrainConfig(steps=8, batch=2, seq=96, lr=2e-2, warmup_steps=1, train_windows=2, eval_every=0,
+                         eval_windows=2, checkpoint_every=0)
+    trainer = Trainer(base, adapter, corpus.train, corpus.heldout, config, tmp_path / "run", "bundled",
+                      folder_fingerprint(bundled_model_dir, cache_dir=tmp_path), progress=False)
+    try:
+        trainer.fit()
+    finally:
+        adapter.detach(base)
+    losses = [h["loss"] for h in trainer.history if "loss" in h]
+    assert losses[-1] < losses[0] - 0.05, losses
+    size = (tmp_path / "run" / "adapter.safetensors").stat().st_size
+    assert size < 200_000, size  # 5 layers x (rank-8 correction: 6,144 floats) + embedding + biases
+    assert np.isfinite(losses).all() and not math.isnan(trainer.history[-1].get("eval_loss", 0.0))
