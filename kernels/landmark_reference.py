@@ -148,3 +148,47 @@ def read_blocks_ref(
                                             memory_weights=True)  # weights (B, Hq, Tq, K*R)
     mass = weights.view(b, hq, tq, kb, r).sum(-1) if kb and r else weights.new_zeros(blocks.shape)
     return out, BlockReads(top, block_scores.float().masked_fill(none, float("-inf")), mass.float()), state
+
+
+def grouped_read_ref(
+    q: torch.Tensor,  # (B, Hq, Tq, D)
+    k_cache: torch.Tensor,  # (B, Hkv, Tk, D)
+    v_cache: torch.Tensor,  # (B, Hkv, Tk, D)
+    mem_k: torch.Tensor,  # (Hkv, N, D)
+    mem_v: torch.Tensor,  # (Hkv, N, D)
+    block_rows: torch.Tensor,  # (nB, R) int64, -1 padded
+    blocks: torch.Tensor,  # (B, Hq, Tq, K) int64 the blocks each query reads, -1 = none
+    landmark_logits: torch.Tensor,  # (B, Hq, Tq, K) their logits (scale * q . landmark key + bias)
+    *,
+    scale: Optional[float] = None,
+    cache_len: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, BlockReads, AttentionState]:
+    """Landmark Attention's grouped softmax over chosen blocks: one softmax over the causal local
+    keys and the blocks' landmark logits; each block's share spread over its rows by the query's
+    softmax over those rows alone. -> (out, BlockReads(blocks, logits, shares), the state of the
+    outer softmax with acc holding the blocks' shares times their inner outputs)."""
+    b, hq, tq, d = q.shape
+    kb, r = blocks.shape[-1], block_rows.shape[1]
+    none = blocks < 0
+    logits = landmark_logits.to(torch.float64 if q.dtype == torch.float64 else torch.float32).masked_fill(
+        none, float("-inf"))
+    _, local = knn_attention_ref(q, k_cache, v_cache, mem_k, mem_v, blocks[..., :0], scale=scale, cache_len=cache_len,
+                                 return_state=True)
+    work = local.m.dtype
+    if kb and r:  # each (query, block) pair one query row of a memory-only attention over the block's rows
+        rows = block_rows[blocks.clamp(min=0)].masked_fill(none[..., None], -1)  # (B, Hq, Tq, K, R)
+        inner = knn_attention_ref(q.repeat_interleave(kb, dim=2), None, None, mem_k, mem_v,
+                                  rows.view(b, hq, tq * kb, r), scale=scale, memory_only=True)
+        inner = inner.to(work).view(b, hq, tq, kb, d)
+    else:
+        inner = torch.zeros(b, hq, tq, kb, d, dtype=work, device=q.device)
+    m = torch.maximum(local.m, logits.amax(-1) if kb else local.m)
+    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    keep = torch.exp(local.m - m_safe)  # 0 where the local part saw nothing
+    p = torch.exp(logits.to(work) - m_safe[..., None])  # (B, Hq, Tq, K)
+    l = local.l * keep + p.sum(-1)
+    acc = local.acc * keep[..., None] + torch.einsum("bhtk,bhtkd->bhtd", p, inner)
+    l_safe = torch.where(l > 0, l, torch.ones_like(l))
+    out = (acc / l_safe[..., None]).to(q.dtype)
+    return out, BlockReads(blocks.masked_fill(none, -1), logits.float(), (p / l_safe[..., None]).float()), \
+        AttentionState(m, l, acc)

@@ -111,3 +111,24 @@ def test_a_collection_with_knn_and_landmark_keeps_one_memory_both_read(setup):
     folder = store.memory_folder("both")
     assert (folder / "kv" / "manifest.json").is_file() and not (folder / "kv-landmark").exists()
     assert store.describe("both").memory_lag == {"knn": 0, "landmark": 0}
+
+
+def test_trained_landmarks_load_from_their_weights_and_refuse_without(setup, tmp_path, bundled_model_dir):
+    """representation 'trained' reads the blocks through landmark keys computed by the adapter in
+    landmark.weights (here an untrained one: the wiring, not the quality); no weights there is a
+    FailedPrecondition naming the folder."""
+    from memlm.modes.landmark.adapter import LandmarkAdapter
+    from memlm.train.weights import folder_fingerprint, save_adapter
+
+    mode, model, tokenizer, store = setup
+    save_adapter(LandmarkAdapter(model.config), tmp_path / "lm", bundled_model_dir.name,
+                 folder_fingerprint(bundled_model_dir), {})
+    trained = Mode(mode.runtime, Settings(representation="trained", weights=str(tmp_path / "lm")))
+    text, citations = generate(trained, model, tokenizer)
+    assert citations and all(c.doc_id in {"north", "garden"} for c in citations)
+    _, memories, _, offset = trained.block_memories("doors")
+    assert offset == 64 and memories[1].store.representation == "trained"
+    assert memories[29].store.reps["rep_k"].shape[1] == len(memories[29].store.rows)  # one landmark key per block
+    missing = Mode(mode.runtime, Settings(representation="trained", weights=str(tmp_path / "none")))
+    with pytest.raises(FailedPrecondition, match="no trained weights"):
+        generate(missing, model, tokenizer)

@@ -63,7 +63,7 @@ def test_the_training_memory_is_what_the_kv_memory_stores(base):
     from memlm.modes.knn.reading import rotate_keys
 
     tokens = torch.randint(0, base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
-    mem = window_memory(base, tokens, 64, 3)
+    mem = window_memory(base, tokens, 64, range(4))
     cap = _OwnedKVCapture(base, [0, 1, 2, 3])
     try:
         with torch.no_grad():
@@ -82,7 +82,7 @@ def test_a_landmark_key_depends_on_its_own_block_alone(base):
     adapter = LandmarkAdapter(base.config, LandmarkConfig(layers=(1, 2, 3)))
     torch.nn.init.normal_(adapter.lora_b, std=0.02)  # a trained-looking correction
     tokens = torch.randint(0, base.config.vocab_size, (1, 192), generator=torch.Generator().manual_seed(2))
-    mem = window_memory(base, tokens, 64, 3)
+    mem = window_memory(base, tokens, 64, (1, 2, 3))
     per_block = {l: k[0].transpose(0, 1) for l, k in mem.block_k.items()}  # (nB, Hkv, R, D)
     values = {l: v[0].transpose(0, 1) for l, v in mem.block_v.items()}
     with torch.no_grad():
@@ -133,3 +133,64 @@ def test_a_tiny_run_lowers_the_loss_and_saves_small_weights(base, bundled_model_
     size = (tmp_path / "run" / "adapter.safetensors").stat().st_size
     assert size < 200_000, size  # 5 layers x (rank-8 correction: 6,144 floats) + embedding + biases
     assert np.isfinite(losses).all() and not math.isnan(trainer.history[-1].get("eval_loss", 0.0))
+
+
+def test_the_served_reading_over_every_block_is_the_trained_one():
+    """kernels' grouped_read_ref (generation: chosen blocks gathered by row id) with every block
+    chosen equals grouped_attention (training: every block, dense)."""
+    from memlm.kernels.landmark_reference import grouped_read_ref
+
+    q, k, v, lm, bk, bv = _random(hq=6, hkv=2, t=3, s=5, nb=3, r=4)
+    scale, bias = 8 ** -0.5, torch.randn(6, dtype=torch.float64)
+    valid = torch.ones(1, 3, 4, dtype=torch.bool)
+    valid[0, 2, 3] = False  # a short block
+    want = grouped_attention(q, k, v, lm, bk, bv, valid, scale, bias)
+    mem_k, mem_v = bk[0].flatten(1, 2), bv[0].flatten(1, 2)  # (Hkv, nB*R, D)
+    rows = torch.arange(12).view(3, 4).masked_fill(~valid[0], -1)
+    blocks = torch.arange(3).expand(1, 6, 3, 3)
+    logits = torch.einsum("bhtd,bhnd->bhtn", q, lm.repeat_interleave(3, 1)) * scale + bias.view(1, 6, 1, 1)
+    got, reads, _ = grouped_read_ref(q, k, v, mem_k, mem_v, rows, blocks, logits, scale=scale)
+    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=1e-7)
+    assert (reads.mass.sum(-1) < 1).all() and (reads.mass > 0).all()
+
+
+@pytest.mark.model
+def test_served_landmark_keys_are_the_trained_ones(base, tmp_path):
+    """load_block_memories("trained") over a KV memory as ingest builds it computes the landmark
+    keys the training path computes for the same text."""
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.landmark.blocks import load_block_memories
+
+    adapter = LandmarkAdapter(base.config, LandmarkConfig(layers=(1, 2, 3)))
+    torch.nn.init.normal_(adapter.lora_b, std=0.02)
+    tokens = torch.randint(0, base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(3))
+    mem = kv_memory_for_model(tmp_path / "kv", base, layers=range(1, 4))
+    build_kv_memory(mem, base, [tokens[0, :64].tolist(), tokens[0, 64:].tolist()], [10, 11], documents=[0, 0])
+    read, block_ids, offset = load_block_memories(base, mem, layers="all", top_k=2, representation="trained",
+                                                  positions="in_block", min_memory_position=0, landmarks=adapter)
+    assert list(block_ids) == [10, 11] and offset == 64 and sorted(read) == [1, 2, 3]
+    wm = window_memory(base, tokens, 64, (1, 2, 3))
+    with torch.no_grad():
+        trained = adapter.landmark_keys(base, {l: k[0].transpose(0, 1) for l, k in wm.block_k.items()},
+                                        {l: v[0].transpose(0, 1) for l, v in wm.block_v.items()}, wm.valid[0])
+    for layer in (1, 3):  # stored fp16, trained from fp32 states: fp16 rounding apart
+        torch.testing.assert_close(read[layer].store.reps["rep_k"].float(), trained[layer].transpose(0, 1),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_block_memory_reads_trained_landmarks_by_the_grouped_softmax():
+    from memlm.modes.landmark.blocks import BlockKV
+
+    q, k, v, lm, bk, bv = _random(hq=6, hkv=2, t=1, s=5, nb=3, r=4, seed=4)
+    q, k, v, lm, bk, bv = (x.float() for x in (q, k, v, lm, bk, bv))
+    bias = torch.randn(6)
+    store = BlockKV(bk[0].flatten(1, 2), bv[0].flatten(1, 2), torch.arange(12).view(3, 4), "trained",
+                    landmarks=lm[0], gate_bias=bias)
+    got = store.attention(q, k, v, top_k=3, scale=8 ** -0.5)  # every block: the training reading
+    want = grouped_attention(q, k, v, lm, bk, bv, torch.ones(1, 3, 4, dtype=torch.bool), 8 ** -0.5, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert store.mass.sum() > 0 and int(store.reads.sum()) == 6 * 3
+    one = store.attention(q, k, v, top_k=1, scale=8 ** -0.5)  # each head its best landmark only
+    assert not torch.allclose(one, got)
+    with pytest.raises(ValueError, match="landmark keys"):
+        BlockKV(bk[0].flatten(1, 2), bv[0].flatten(1, 2), torch.arange(12).view(3, 4), "trained")

@@ -6,9 +6,10 @@ softmax on the frozen owned `Llama`, as trained and as read.
   seq - `local` tokens). Block rows are rotated at their offset in the block (0 .. R - 1, the
   `in_block` positions), so every block reads the same wherever it lies.
 - Landmarks: one learned input embedding (`embedding`), placed right after a block (position R).
-  At each layer it attends to that block's rows (the layer's stored keys and values) and to itself,
-  through the frozen layer; its key there, plus a low-rank correction at the memory layers
-  (`lora_a`, `lora_b`; `lora_b` zero-initialised), is the block's landmark key. It depends on the
+  At each memory layer it attends to that block's rows (the layer's stored keys and values) and to
+  itself, at the other layers (the first) to itself alone, through the frozen layers; its key at a
+  memory layer, plus a low-rank correction (`lora_a`, `lora_b`; `lora_b` zero-initialised), is the
+  block's landmark key there. It depends on the
   block's stored rows alone, so the mode computes it when it loads a collection's memory
   (`landmark_keys`).
 - Reading, at the memory layers: each local query (at positions R + t) takes one softmax over its
@@ -165,15 +166,17 @@ class LandmarkAdapter(Adapter):
 
     def landmark_keys(self, model: Llama, block_k: dict[int, Tensor], block_v: dict[int, Tensor],
                       valid: Tensor) -> dict[int, Tensor]:
-        """Each block's landmark key at every memory layer: block_k, block_v {layer: (N, Hkv, R,
-        D)} for layers 0 .. the last memory layer (keys rotated in_block), valid (N, R) bool ->
-        {memory layer: (N, Hkv, D)}, rotated at position R (the landmark's, right after its block)."""
+        """Each block's landmark key at every memory layer: block_k, block_v {memory layer: (N, Hkv,
+        R, D)} (keys rotated in_block), valid (N, R) bool -> {memory layer: (N, Hkv, D)}, rotated at
+        position R (the landmark's, right after its block)."""
         c = model.config
         n, r = valid.shape
         h, kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         x = self.embedding.to(model.tok_embeddings.weight.dtype).expand(n, 1, c.dim)  # (N, 1, D)
         rope = (model.rope_cos[r : r + 1, None].to(x.dtype), model.rope_sin[r : r + 1, None].to(x.dtype))  # (1, 1, hd)
         visible = torch.cat([valid, valid.new_ones(n, 1)], 1).view(n, 1, 1, r + 1)  # the block's rows and itself
+        if valid.dtype != torch.bool:
+            raise ValueError("valid must be a bool mask")
         index = {l: i for i, l in enumerate(self.config.layers)}
         out: dict[int, Tensor] = {}
         for l, block in enumerate(model.layers[: self.config.layers[-1] + 1]):
@@ -186,9 +189,12 @@ class LandmarkAdapter(Adapter):
                 qkv = torch.cat([qkv[:, :, : h], qkv[:, :, h : h + kv] + delta.view(n, 1, kv, hd), qkv[:, :, h + kv :]], 2)
             qk = apply_rope(qkv[:, :, : h + kv], rope)
             q, k, v = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2), qkv[:, :, h + kv :].transpose(1, 2)
-            keys = torch.cat([block_k[l].to(k.dtype), k], 2)  # (N, KV, R + 1, hd)
-            values = torch.cat([block_v[l].to(v.dtype), v], 2)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=h != kv)  # (N, H, 1, hd)
+            if l in index:  # a memory layer: the block's rows and itself
+                keys = torch.cat([block_k[l].to(k.dtype), k], 2)  # (N, KV, R + 1, hd)
+                values = torch.cat([block_v[l].to(v.dtype), v], 2)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=h != kv)  # (N, H, 1, hd)
+            else:  # itself alone: its value
+                y = v.repeat_interleave(h // kv, dim=1)
             x = x + att.wo(y.transpose(1, 2).reshape(n, 1, h * hd))
             for module in block.after_attention:
                 x = module(x, torch.full((1,), r, device=x.device))
@@ -206,7 +212,7 @@ class LandmarkAdapter(Adapter):
         m = seq - cfg.local
         if m <= 0 or m % cfg.block:
             raise ValueError(f"seq {seq} - local {cfg.local} must be a positive multiple of the block {cfg.block}")
-        memory = window_memory(model, tokens[:, :m], cfg.block, self.config.layers[-1])
+        memory = window_memory(model, tokens[:, :m], cfg.block, self.config.layers)
         inputs, targets = tokens[:, m:seq], tokens[:, m + 1 :]
         logits = self.read(model, memory, inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
@@ -252,8 +258,8 @@ def _per_block(t: dict[int, Tensor]) -> dict[int, Tensor]:
 
 @dataclass
 class WindowMemory:
-    """A batch of windows' memory blocks at every layer up to the last memory layer: block_k,
-    block_v {layer: (B, Hkv, nB, R, D)} (keys rotated in_block), valid (B, nB, R)."""
+    """A batch of windows' memory blocks at the memory layers: block_k, block_v {layer: (B, Hkv,
+    nB, R, D)} (keys rotated in_block), valid (B, nB, R)."""
 
     block_k: dict[int, Tensor]
     block_v: dict[int, Tensor]
@@ -265,10 +271,12 @@ class WindowMemory:
 
 
 @torch.no_grad()
-def window_memory(model: Llama, tokens: Tensor, block: int, last_layer: int) -> WindowMemory:
+def window_memory(model: Llama, tokens: Tensor, block: int, layers) -> WindowMemory:
     """The frozen model's keys and values of tokens (B, M) read in context (positions 0 .. M - 1),
-    at layers 0 .. last_layer, cut into M / block blocks, keys re-rotated at their offset in the
-    block (the KV memory's in_block positions)."""
+    at `layers`, cut into M / block blocks, keys re-rotated at their offset in the block (the KV
+    memory's in_block positions)."""
+    layers = tuple(layers)
+    last_layer = max(layers)
     c = model.config
     b, m = tokens.shape
     h, kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
@@ -280,7 +288,7 @@ def window_memory(model: Llama, tokens: Tensor, block: int, last_layer: int) -> 
             captured[layer] = (t[:, :, h : h + kv], t[:, :, h + kv :])  # (B, M, KV, hd) each
         return hook
 
-    hooks = [model.layers[l].attention.wqkv.register_forward_hook(saver(l)) for l in range(last_layer + 1)]
+    hooks = [model.layers[l].attention.wqkv.register_forward_hook(saver(l)) for l in layers]
     try:
         model.forward_embeds(model.embed(tokens), torch.arange(m, device=tokens.device), layers=slice(last_layer + 1))
     finally:

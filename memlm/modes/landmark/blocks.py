@@ -34,14 +34,14 @@ import torch
 
 from memlm.index.kv_memory import KVMemory
 from memlm.kernels import landmark_attention
-from memlm.kernels.landmark_reference import block_scores_ref, read_blocks_ref
+from memlm.kernels.landmark_reference import block_scores_ref, grouped_read_ref, read_blocks_ref
 from memlm.modes.knn.attention import TensorKV
 from memlm.modes.knn.reading import (
     LayerMemories, LayerMemory, ReadConfig, _pick_rows, _read_layer, num_layers, resolve_layers, rotate_keys,
 )
 
 POSITIONS = ("fixed", "in_block", "original")
-REPRESENTATIONS = ("mean", "minmax", "max")
+REPRESENTATIONS = ("mean", "minmax", "max", "trained")
 # "max" on CPU scores rows through FAISS from this many rows on; below, one torch matmul is faster
 # (benchmarks/landmark_decode.py, 2 threads: 4k rows 5.90 vs 4.40 tok/s, 16k 3.49 vs 3.24, 64k 0.92 vs 1.94).
 FAISS_FROM_ROWS = 16384
@@ -70,10 +70,13 @@ class BlockKV(TensorKV):
     that many blocks per query head, which are then ranked by their best row (exact)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, representation: str = "minmax",
-                 group: Optional[int] = None, candidates: int = 0, faiss_from_rows: int = FAISS_FROM_ROWS):
+                 group: Optional[int] = None, candidates: int = 0, faiss_from_rows: int = FAISS_FROM_ROWS,
+                 landmarks: Optional[torch.Tensor] = None, gate_bias: Optional[torch.Tensor] = None):
         super().__init__(keys, values)
         if representation not in REPRESENTATIONS:
             raise ValueError(f"representation={representation!r} is not one of {REPRESENTATIONS}")
+        if (representation == "trained") != (landmarks is not None):
+            raise ValueError("representation 'trained' needs the blocks' landmark keys (Hkv, nB, D), and only it")
         self.rows, self.representation, self.candidates = rows.to(keys.device), representation, candidates  # (nB, R)
         self.reads = torch.zeros(rows.shape[0], dtype=torch.int64)  # per block: query heads that read it
         self.mass = torch.zeros(rows.shape[0], dtype=torch.float64)  # per block: decode steps' attention on it
@@ -83,7 +86,10 @@ class BlockKV(TensorKV):
         grouped = torch.nn.functional.pad(self.rows, (0, s_ * self.group - r), value=-1).view(nb, s_, self.group)
         # the kernel's representation arguments: entries (Hkv, nB*S, D), block -> its S entries (-1: none)
         self.reps: dict[str, torch.Tensor] = {}
-        if representation != "max":  # "max": the rows themselves (the kernel's default)
+        self.gate_bias = gate_bias  # "trained": (Hq,) added to the landmark logits
+        if representation == "trained":  # one landmark key per block; read by the grouped softmax
+            self.reps = {"rep_k": landmarks.to(keys.device), "rep_rows": torch.arange(nb, device=keys.device).view(nb, 1)}
+        elif representation != "max":  # "max": the rows themselves (the kernel's default)
             present = (grouped >= 0)[None, ..., None]  # (1, nB, S, g, 1)
             gathered = keys[:, grouped.clamp(min=0)].float()  # (Hkv, nB, S, g, D)
             entries = torch.arange(nb * s_, device=keys.device).view(nb, s_).masked_fill(~(grouped >= 0).any(-1), -1)
@@ -121,6 +127,8 @@ class BlockKV(TensorKV):
         scores KV head h // G's blocks)."""
         if self.representation == "max":  # every row scored, the block's best: the selection's ceiling
             return block_scores_ref(q, self.keys, self.rows)
+        if self.representation == "trained":
+            return block_scores_ref(q, self.reps["rep_k"], self.reps["rep_rows"])
         return block_scores_ref(q, self.reps["rep_k"], self.reps["rep_rows"], self.reps.get("rep_low"))
 
     def _best_rows(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -174,7 +182,7 @@ class BlockKV(TensorKV):
         return scores.topk(kb, dim=-1)  # (B, Hq, Tq, kb)
 
     def _shortlists(self, kb: int) -> bool:
-        return kb < self.candidates < self.num_blocks and self.representation != "max"
+        return kb < self.candidates < self.num_blocks and self.representation not in ("max", "trained")
 
     def search(self, q, k, *, shared_per_kv_head=False):
         """Every row of each query head's top-k blocks: (scores (B, Hq, Tq, kb * R), rows, -1 padded)."""
@@ -195,7 +203,15 @@ class BlockKV(TensorKV):
             return super().attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale,
                                      gate=gate)
         kb = min(top_k, self.num_blocks)
-        if self._key_index is None and not shared_per_kv_head and not self._shortlists(kb):
+        if self.representation == "trained":  # Landmark Attention's grouped softmax over the top-k landmarks
+            top_scores, top = self.select_blocks(q, top_k, shared_per_kv_head=shared_per_kv_head)
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            logits = top_scores * scale
+            if self.gate_bias is not None:
+                logits = logits + self.gate_bias.to(logits.device, logits.dtype).view(1, -1, 1, 1)
+            out, reads, _ = grouped_read_ref(q, k_cache, v_cache, self.keys, self.values, self.rows, top, logits,
+                                             scale=scale)
+        elif self._key_index is None and not shared_per_kv_head and not self._shortlists(kb):
             out, reads = landmark_attention(q, k_cache, v_cache, self.keys, self.values, self.rows, top_k,
                                             scale=scale, **self.reps)
         else:
@@ -210,9 +226,22 @@ class BlockKV(TensorKV):
 
 
 def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, representation: str, positions: str,
-                        min_memory_position: int = 4, group: Optional[int] = None, candidates: int = 0) -> tuple[LayerMemories, np.ndarray, int]:
+                        min_memory_position: int = 4, group: Optional[int] = None, candidates: int = 0,
+                        landmarks=None) -> tuple[LayerMemories, np.ndarray, int]:
     """Every live row of `memory` at `layers` as `BlockKV` stores, blocks = chunks -> (layer
-    memories, the chunk id of each block, the local context's first position)."""
+    memories, the chunk id of each block, the local context's first position). representation
+    "trained": `landmarks` (a `memlm.modes.landmark.adapter.LandmarkAdapter`) computes each block's
+    landmark key from its rows at its memory layers, which are then the layers read (positions
+    in_block, as trained)."""
+    if representation == "trained":
+        if landmarks is None:
+            raise ValueError("representation 'trained' needs the trained landmarks (memlm train landmark)")
+        if positions != "in_block":
+            raise ValueError(f"trained landmarks read blocks at in_block positions (as trained), not {positions!r}")
+        missing = sorted(set(landmarks.config.layers) - set(memory.layers))
+        if missing:
+            raise ValueError(f"trained landmarks need the memory's keys and values at layers {missing} too")
+        layers = landmarks.config.layers
     layers = resolve_layers(layers, num_layers(model))
     layers = tuple(l for l in layers if l in memory.layers) or tuple(memory.layers)
     device = next(model.parameters()).device
@@ -226,13 +255,40 @@ def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, represen
                         min_memory_position=min_memory_position)
     out = LayerMemories(config, device, memory.manifest.segments, row_chunks)
     rows_t = torch.from_numpy(rows)
+    kv = {}
     for l in layers:
         k, v = _read_layer(memory, picks, l)  # on-disk dtype (fp16): what the attention gathers from
         if at is not None:
             k = rotate_keys(model, k, at).to(v.dtype)
-        store = BlockKV(k.to(device), v.to(device), rows_t, representation, group=group, candidates=candidates)
+        kv[l] = (k.to(device), v.to(device))
+    keys = _landmark_keys(model, landmarks, kv, rows_t.to(device)) if representation == "trained" else {}
+    for l in layers:
+        extra = {}
+        if representation == "trained":
+            extra = dict(landmarks=keys[l], gate_bias=landmarks.gate_bias[landmarks.config.layers.index(l)].detach())
+        store = BlockKV(*kv[l], rows_t, representation, group=group, candidates=candidates, **extra)
         out[l] = LayerMemory(store, top_k, False)
     return out, block_ids, offset
+
+
+_LANDMARK_BLOCKS = 256  # blocks whose landmark keys are computed at a time
+
+
+@torch.no_grad()
+def _landmark_keys(model, landmarks, kv: dict, rows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{memory layer: (Hkv, nB, D)} landmark keys of every block, from its rows' keys (rotated
+    in_block) and values at the memory layers."""
+    parts: dict[int, list] = {l: [] for l in landmarks.config.layers}
+    for b0 in range(0, rows.shape[0], _LANDMARK_BLOCKS):
+        r = rows[b0 : b0 + _LANDMARK_BLOCKS]
+        idx = r.clamp(min=0)
+        bk = {l: k[:, idx].transpose(0, 1) for l, (k, _) in kv.items()}  # (n, Hkv, R, D)
+        bv = {l: v[:, idx].transpose(0, 1) for l, (_, v) in kv.items()}
+        for l, key in landmarks.landmark_keys(model, bk, bv, r >= 0).items():
+            parts[l].append(key)
+    return {l: torch.cat(p).transpose(0, 1).contiguous() if p else kv[l][0].new_zeros(kv[l][0].shape[0], 0,
+                                                                                        kv[l][0].shape[2])
+            for l, p in parts.items()}
 
 
 def blocks_read(memories: LayerMemories, block_ids: np.ndarray, n: Optional[int] = None) -> list[tuple[int, float]]:

@@ -20,6 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
 
 from memlm.index.types import SearchHit
@@ -30,6 +31,7 @@ from memlm.modes.landmark.settings import Settings
 log = logging.getLogger(__name__)
 
 CITED_BLOCKS = 8
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "train" / "trained" / "landmark-smollm2-cpu"
 
 
 class Mode(KVMemoryModeBase):
@@ -42,6 +44,33 @@ class Mode(KVMemoryModeBase):
     def __init__(self, runtime, settings: Optional[Settings]):
         super().__init__(runtime, settings or Settings())
         self._loaded: OrderedDict = OrderedDict()  # (name, created_at) -> (memory state, (memories, block ids, offset))
+        self._landmarks = None  # the trained landmark adapter ("trained"), loaded on first use
+
+    def landmarks(self):
+        """The trained landmark adapter for the served model (representation 'trained'), or
+        FailedPrecondition naming what is missing."""
+        from memlm.errors import FailedPrecondition
+        from memlm.model import Llama
+        from memlm.train.weights import BaseModelMismatch, folder_fingerprint, load_adapter
+
+        if self._landmarks is None:
+            folder = Path(self.settings.weights) if self.settings.weights else SHIPPED_WEIGHTS
+            model = self.runtime.model
+            if not isinstance(model, Llama):
+                raise FailedPrecondition("trained landmarks run on memlm's own Llama (model.model_impl 'memlm')")
+            if not (folder / "adapter.json").is_file():
+                raise FailedPrecondition(f"landmark.representation 'trained' has no trained weights at {folder} "
+                                         "(train them with `memlm train landmark`, then set landmark.weights)")
+            if self.runtime.model_dir is None:
+                raise FailedPrecondition("trained landmarks need the served model's folder to check their base model")
+            try:
+                adapter = load_adapter(folder, model, folder_fingerprint(self.runtime.model_dir), attach=False)
+            except BaseModelMismatch as e:
+                raise FailedPrecondition(f"landmark: {e}") from e
+            self._landmarks = adapter.eval().requires_grad_(False)
+            log.info("landmark: trained landmarks from %s (%d parameters)", folder,
+                     sum(p.numel() for p in adapter.parameters()))
+        return self._landmarks
 
     def validate(self, request, collection) -> None:
         if request.filter is not None:
@@ -69,10 +98,11 @@ class Mode(KVMemoryModeBase):
             while len(self._loaded) >= self.settings.resident_collections:
                 self._loaded.popitem(last=False)
             s = self.settings
+            trained = self.landmarks() if s.representation == "trained" else None
             cached = (state, load_block_memories(self.runtime.model, mem, layers=_layers(s.layers), top_k=s.top_k,
                                                  representation=s.representation, positions=s.positions,
                                                  min_memory_position=s.min_memory_position, group=s.group,
-                                                 candidates=s.candidates))
+                                                 candidates=s.candidates, landmarks=trained))
         self._loaded[key] = cached
         return mem, *cached[1]
 

@@ -3,13 +3,13 @@ creation, the same options as knn's KV memory: it is one); `Settings`: how gener
 (per generation) and what building the memory may cost (per process, knn's `BuildSettings`)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field
 
 from memlm.modes.knn.settings import BuildSettings, CollectionOptions as KVMemoryOptions
 
-REPRESENTATIONS = ("mean", "minmax", "max")
+REPRESENTATIONS = ("mean", "minmax", "max", "trained")
 POSITIONS = ("fixed", "in_block", "original")
 
 
@@ -21,11 +21,15 @@ class CollectionOptions(KVMemoryOptions):
 class Settings(BuildSettings):
     top_k: int = Field(4, gt=0, le=64, description="blocks (stored chunks) each query head reads per memory layer "
                        "when a request leaves k at 0 (the Landmark Attention paper's top-4)")
-    representation: Literal["mean", "minmax", "max"] = Field(
+    representation: Literal["mean", "minmax", "max", "trained"] = Field(
         "max", description="how a block is scored for a query: 'mean' (q . the block's mean key, InfLLM-like), "
-        "'minmax' (Quest: sum over dims of max(q * min, q * max), an upper bound of the block's best q . k) or 'max' "
-        "(the block's best q . k, exact: every row scored per step, cost growing with the memory). Default by "
+        "'minmax' (Quest: sum over dims of max(q * min, q * max), an upper bound of the block's best q . k), 'max' "
+        "(the block's best q . k, exact: every row scored per step, cost growing with the memory) or 'trained' "
+        "(the trained landmark token's key, one per block, read by the grouped softmax: `weights`). Default by "
         "measurement: pass key at 4k, 15 trials, max 15/15, minmax 6/15, mean 0/15 (README, landmark)")
+    weights: Optional[str] = Field(
+        None, description="'trained': folder of the landmark adapter (adapter.safetensors + adapter.json from "
+        "`memlm train landmark`); None = the weights shipped in the package for the bundled model")
     group: int = Field(64, gt=0, le=64, description="'mean'/'minmax': rows per representation (a block scores as "
                        "its best group; 64 = one per block)")
     candidates: int = Field(0, ge=0, description="'mean'/'minmax': shortlist this many blocks per head by the "
