@@ -115,6 +115,8 @@ def landmark(
                               "the landmarks"),
     block: int = typer.Option(64, help="rows per block (the store's chunk size)"),
     rank: int = typer.Option(8, help="rank of the landmark key correction per memory layer"),
+    distill: float = typer.Option(1.0, help="weight of the auxiliary loss pulling each landmark logit to its block's "
+                                  "log-mass for the query (0: the LM loss alone, as in the paper)"),
     layers: str = typer.Option("", help="memory layers (comma-separated; empty: every layer but the first)"),
     lr: float = typer.Option(2e-3, help="peak learning rate"),
     warmup: int = typer.Option(20, help="warmup steps"),
@@ -140,7 +142,7 @@ def landmark(
     from memlm.modes.landmark.adapter import LandmarkConfig
 
     config = LandmarkConfig(layers=tuple(int(x) for x in layers.split(",") if x.strip()), block=block, local=local,
-                            rank=rank)
+                            rank=rank, distill=distill)
     opts = dict(locals(), cache_hidden=False)
     _train("landmark", config.to_dict(), opts, prepare=_prepare_landmark)
 

@@ -42,7 +42,12 @@ def test_a_landmark_worth_its_blocks_mass_gives_full_attention():
     rows = torch.einsum("d,nrd->nr", q[0, 0, 0], bk[0, 0]) * scale  # (nB, R)
     lse = torch.logsumexp(rows, -1)  # (nB,)
     lm = (q[0, 0, 0] * (lse / (scale * q[0, 0, 0].dot(q[0, 0, 0])))[:, None]).view(1, 1, 3, 8)  # scale q . lm = lse
-    got = grouped_attention(q, k, v, lm, bk, bv, torch.ones(1, 3, 4, dtype=torch.bool), scale)
+    errors = []
+    got = grouped_attention(q, k, v, lm, bk, bv, torch.ones(1, 3, 4, dtype=torch.bool), scale, mass_error=errors)
+    assert abs(float(errors[0])) < 1e-9  # the distillation loss is zero exactly there
+    off = []
+    grouped_attention(q, k, v, 2 * lm, bk, bv, torch.ones(1, 3, 4, dtype=torch.bool), scale, mass_error=off)
+    assert float(off[0]) > 1e-3
     keys = torch.cat([k[0, 0], bk[0, 0].flatten(0, 1)])
     values = torch.cat([v[0, 0], bv[0, 0].flatten(0, 1)])
     want = torch.softmax(keys @ q[0, 0, 0] * scale, 0) @ values

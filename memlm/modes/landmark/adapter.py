@@ -19,7 +19,11 @@ softmax on the frozen owned `Llama`, as trained and as read.
   window; generation each query head's top-k blocks by landmark logit
   (memlm.kernels.landmark_reference.grouped_read_ref).
 - Loss: next-token cross-entropy of each window's last `local` tokens, which see the rest of the
-  window only through the landmarks.
+  window only through the landmarks, plus (`distill`, training only) at each memory layer the KL
+  divergence from full attention's split of each query's mass (local keys, and per block its
+  log-mass logsumexp(scale q . block rows)) to the grouped softmax's (local keys, landmark logits):
+  zero exactly when the grouped softmax is full attention, a direct target for the landmark keys
+  (the LM loss alone reaches them only through 29 frozen layers).
 The backbone stays frozen (the measured choice for a 135M model on CPU: the landmark embedding, a
 rank-8 key correction per memory layer and a gate bias per head, ~180k parameters); with the
 adapter detached the model is exactly the base model.
@@ -46,26 +50,32 @@ class LandmarkConfig:
     block: int = 64  # rows per block (the store's chunk size)
     local: int = 64  # the local tokens of each training window (the rest is memory)
     rank: int = 8  # rank of the landmark key correction
+    distill: float = 1.0  # weight of the auxiliary loss pulling each landmark logit to its block's log-mass
 
     def resolved(self, n_layers: int) -> "LandmarkConfig":
         layers = tuple(sorted({l % n_layers for l in self.layers})) if self.layers else tuple(range(1, n_layers))
-        return LandmarkConfig(layers, self.block, self.local, self.rank)
+        return LandmarkConfig(layers, self.block, self.local, self.rank, self.distill)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LandmarkConfig":
-        return cls(tuple(d.get("layers", ())), d.get("block", 64), d.get("local", 64), d.get("rank", 8))
+        return cls(tuple(d.get("layers", ())), d.get("block", 64), d.get("local", 64), d.get("rank", 8),
+                   d.get("distill", 1.0))
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k: Tensor, block_v: Tensor,
-                      block_valid: Tensor, scale: float, gate_bias: Optional[Tensor] = None) -> Tensor:
+                      block_valid: Tensor, scale: float, gate_bias: Optional[Tensor] = None,
+                      mass_error: Optional[list] = None) -> Tensor:
     """The grouped softmax over every block (training): q (B, Hq, T, D) at the last T of the S local
     positions of k, v (B, Hkv, S, D) (causal); lm_keys (B, Hkv, nB, D); block_k, block_v (B, Hkv,
     nB, R, D); block_valid (B, nB, R) bool; gate_bias (Hq,) -> (B, Hq, T, D) in fp32.
     Each query: p = softmax([scale q . k_local (causal); scale q . lm_b + bias]); out = sum_local p v
-    + sum_b p_b * softmax_b(scale q . block rows) @ block values."""
+    + sum_b p_b * softmax_b(scale q . block rows) @ block values. mass_error, a list, gets the mean
+    over queries of KL(target || p), the target putting on each block its log-mass
+    logsumexp_b(scale q . rows) in place of the landmark logit: at zero the grouped softmax is
+    exactly one softmax over the local keys and every row."""
     b, hq, t, d = q.shape
     hkv, s, nb, r = k.shape[1], k.shape[2], block_k.shape[2], block_k.shape[3]
     g = hq // hkv
@@ -81,6 +91,11 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k:
     rows = (qg @ block_k.float().flatten(2, 3).transpose(-1, -2)).view(b, hkv, g * t, nb, r) * scale
     rows = rows.masked_fill(~block_valid.view(b, 1, 1, nb, r), float("-inf"))
     within = torch.softmax(rows, -1).nan_to_num(0.0)  # (B, Hkv, G*T, nB, R); empty blocks: 0
+    if mass_error is not None:  # KL(full attention's split of the query's mass || the grouped softmax's)
+        log_mass = torch.logsumexp(rows, -1).view(b, hq, t, nb).detach()  # each block's log-mass
+        target = torch.log_softmax(torch.cat([local.detach(), log_mass], -1), -1)
+        mass_error.append((target.exp() * (target - torch.log_softmax(torch.cat([local, lm], -1), -1)))
+                          .nan_to_num(0.0, 0.0, 0.0).sum(-1).mean())
     per_block = torch.einsum("bhqnr,bhnrd->bhqnd", within, block_v.float())  # (B, Hkv, G*T, nB, D)
     out = (p[..., :s].reshape(b, hkv, g * t, s) @ v.float()).view(b, hq, t, d)
     return out + torch.einsum("bhqn,bhqnd->bhqd", p[..., s:].reshape(b, hkv, g * t, nb), per_block).view(b, hq, t, d)
@@ -92,6 +107,7 @@ class _Memory:
 
     def __init__(self, layers: dict[int, tuple[Tensor, Tensor, Tensor]], valid: Tensor):
         self.layers, self.valid = layers, valid
+        self.mass_errors: list[Tensor] = []  # per memory layer, while training (the distillation loss)
 
 
 class LandmarkBackend(nn.Module):
@@ -112,8 +128,9 @@ class LandmarkBackend(nn.Module):
         if mask is not None:
             raise NotImplementedError("trained landmark attention reads a whole window (no cache mask)")
         lm, bk, bv = memory.layers[self.layer]
-        return grouped_attention(q, k, v, lm, bk, bv, memory.valid, self.scale,
-                                 adapter.gate_bias[self.index]).to(q.dtype)
+        errors = memory.mass_errors if adapter.training and adapter.config.distill > 0 else None
+        return grouped_attention(q, k, v, lm, bk, bv, memory.valid, self.scale, adapter.gate_bias[self.index],
+                                 errors).to(q.dtype)
 
 
 class LandmarkAdapter(Adapter):
@@ -214,8 +231,12 @@ class LandmarkAdapter(Adapter):
             raise ValueError(f"seq {seq} - local {cfg.local} must be a positive multiple of the block {cfg.block}")
         memory = window_memory(model, tokens[:, :m], cfg.block, self.config.layers)
         inputs, targets = tokens[:, m:seq], tokens[:, m + 1 :]
-        logits = self.read(model, memory, inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
+        errors: list[Tensor] = []
+        logits = self.read(model, memory, inputs, errors)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
+        if errors:  # training only: each landmark logit pulled towards its block's log-mass
+            loss = loss + cfg.distill * torch.stack(errors).mean()
+        return loss
 
     @torch.no_grad()
     def baseline_losses(self, model: Llama, tokens: Tensor) -> dict[str, float]:
@@ -233,9 +254,10 @@ class LandmarkAdapter(Adapter):
         return {"local_only": float(F.cross_entropy(only.float().flatten(0, 1), target)),
                 "full_context": float(F.cross_entropy(full.float().flatten(0, 1), target))}
 
-    def read(self, model: Llama, memory: "WindowMemory", inputs: Tensor) -> Tensor:
+    def read(self, model: Llama, memory: "WindowMemory", inputs: Tensor, mass_errors: Optional[list] = None) -> Tensor:
         """Logits (B, T, V) of `inputs` (B, T) read after `memory`'s blocks through the landmarks
-        (the adapter attached); the local tokens sit at positions R .. R + T - 1."""
+        (the adapter attached); the local tokens sit at positions R .. R + T - 1. mass_errors gets
+        the memory layers' distillation errors (training)."""
         nb, r = memory.num_blocks, self.config.block
         keys = self.landmark_keys(model, _per_block(memory.block_k), _per_block(memory.block_v),
                                   memory.valid.flatten(0, 1))  # {layer: (B*nB, Hkv, D)}
@@ -244,6 +266,8 @@ class LandmarkAdapter(Adapter):
                   for l in self.config.layers}
         previous, offset = self.memory, model.rope_offset
         self.memory, model.rope_offset = _Memory(layers, memory.valid), r
+        if mass_errors is not None:
+            self.memory.mass_errors = mass_errors
         try:
             x = model.forward_embeds(model.embed(inputs), torch.arange(inputs.shape[1], device=inputs.device))
             return model.output(x)
