@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CorpusMemory, default_cache_root  # noqa: E402
-from passkey import LANDMARK_CONFIGS, QUESTION, greedy  # noqa: E402
+from passkey import LANDMARK_CONFIGS, QUESTION, greedy, trained_landmarks  # noqa: E402
 
 from memlm.modes.knn.reading import PRESETS, knn_mode, prepare_layer_memories  # noqa: E402
 from memlm.modes.landmark.blocks import load_block_memories  # noqa: E402
@@ -39,12 +39,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=str(default_cache_root()))
+    p.add_argument("--landmark", nargs="+", default=["landmark", "landmark:minmax"], choices=sorted(LANDMARK_CONFIGS))
+    p.add_argument("--landmark-weights", default=None, help="trained landmarks for landmark:trained* (default: shipped)")
     args = p.parse_args()
     from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    landmarks = trained_landmarks(model, model_dir, args.landmark, args.landmark_weights)
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
     corpus = CorpusMemory(Path(args.cache_dir), args.haystack, model, tok, model_dir)
     most = max(corpus.documents_for_tokens(n) for n in args.lengths)
@@ -64,9 +67,9 @@ def main() -> None:
             ungated = PRESETS["ungated"]
             reads = {"none": (None, None, "-"),
                      "knn:ungated": (ungated, prepare_layer_memories(model, mem, ungated), f"{rows:,} / {ungated.top_k}")}
-            for name in ("landmark", "landmark:minmax"):
+            for name in args.landmark:
                 cfg = LANDMARK_CONFIGS[name]
-                mems, block_ids, _ = load_block_memories(model, mem, layers="all_but_first", **cfg)
+                mems, block_ids, _ = load_block_memories(model, mem, layers="all_but_first", landmarks=landmarks, **cfg)
                 searched = rows if cfg["representation"] == "max" else len(block_ids)
                 reads[name] = (mems.config, mems, f"{searched:,} / {cfg['top_k'] * 64}")
             rates = {name: [] for name in reads}

@@ -182,6 +182,8 @@ SWEEP = {
 LANDMARK_CONFIGS = {
     # name: memlm.modes.landmark.blocks.load_block_memories options (blocks = the trial memory's chunks)
     "landmark": dict(representation="max", positions="in_block", top_k=4),  # the service's default
+    "landmark:trained": dict(representation="trained", positions="in_block", top_k=4),  # --landmark-weights
+    "landmark:trained-k8": dict(representation="trained", positions="in_block", top_k=8),
     "landmark:max-original": dict(representation="max", positions="original", top_k=4),
     "landmark:max-fixed": dict(representation="max", positions="fixed", top_k=4),
     "landmark:max-k1": dict(representation="max", positions="in_block", top_k=1),
@@ -232,6 +234,18 @@ class TrialRanker:
         return f">{k}"
 
 
+def trained_landmarks(model, model_dir, configs, folder=None):
+    """The trained landmark adapter when one of `configs` (LANDMARK_CONFIGS names) needs it: from
+    `folder`, else the shipped weights; None otherwise."""
+    if not any(LANDMARK_CONFIGS[n]["representation"] == "trained" for n in configs):
+        return None
+    from memlm.modes.landmark.mode import SHIPPED_WEIGHTS
+    from memlm.train.weights import folder_fingerprint, load_adapter
+
+    return load_adapter(folder or SHIPPED_WEIGHTS, model, folder_fingerprint(model_dir),
+                        attach=False).eval().requires_grad_(False)
+
+
 def run(args) -> None:
     def label(retrieval) -> str:  # methods on the service's retrieval keep their plain names
         return "" if retrieval in (None, DEFAULT_RETRIEVAL) else f"@{retrieval}"
@@ -241,6 +255,9 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
     model, tok = load_model(model_dir, model_impl=args.model_impl, weights=args.weights), load_tokenizer(model_dir)  # as the host loads it
+    landmarks = None
+    if "landmark" in args.methods:
+        landmarks = trained_landmarks(model, model_dir, args.landmark, args.landmark_weights)
     print(f"model: {'memlm.model' if model_facts(model).owned else 'transformers'}, weights {args.weights}")
     window = min(int(model_facts(model).context_length), args.context)
     q_ids = tok(QUESTION, add_special_tokens=False).input_ids
@@ -358,7 +375,7 @@ def run(args) -> None:
                         for name in args.landmark if "landmark" in args.methods else ():
                             t1 = time.perf_counter()
                             read, block_ids, _ = load_block_memories(model, mem, layers="all_but_first",
-                                                                     **LANDMARK_CONFIGS[name])
+                                                                     landmarks=landmarks, **LANDMARK_CONFIGS[name])
                             t2 = time.perf_counter()
                             with knn_mode(model, mem, read.config, layer_memories=read):
                                 out = greedy(model, q_ids)
@@ -451,6 +468,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["none", "rag", "knn"], choices=["none", "rag", "knn", "landmark"])
     p.add_argument("--landmark", nargs="+", default=["landmark"], choices=sorted(LANDMARK_CONFIGS),
                    help="landmark configs to run (block representation, positions, blocks per head)")
+    p.add_argument("--landmark-weights", default=None,
+                   help="trained landmarks for landmark:trained* (an adapter folder; default: the shipped ones)")
     p.add_argument("--knn", nargs="+", help=f"knn config names to run (from {sorted(KNN_CONFIGS) + sorted(SWEEP)})")
     p.add_argument("--retrieval", nargs="+", default=[DEFAULT_RETRIEVAL], choices=SEARCH_MODES,
                    help="how rag and the knn chunk gate rank chunks (the store's search modes); methods on "

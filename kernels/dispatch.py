@@ -129,6 +129,8 @@ def landmark_attention(
     rep_k: torch.Tensor | None = None,  # (Hkv, E, D); None: a block scores as its best row
     rep_rows: torch.Tensor | None = None,  # (nB, S) int64, -1 padded
     rep_low: torch.Tensor | None = None,  # (Hkv, E, D): Quest's bound with rep_k the upper keys
+    grouped: bool = False,  # trained landmarks: Landmark Attention's grouped softmax
+    gate_bias: torch.Tensor | None = None,  # (Hq,) grouped: added to the landmark logits
     scale: float | None = None,
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
@@ -141,7 +143,7 @@ def landmark_attention(
     else:
         from .landmark_reference import landmark_attention_ref as fn
     return fn(q, k_cache, v_cache, mem_k, mem_v, block_rows, top_k, rep_k=rep_k, rep_rows=rep_rows, rep_low=rep_low,
-              scale=scale, cache_len=cache_len, return_state=return_state)
+              grouped=grouped, gate_bias=gate_bias, scale=scale, cache_len=cache_len, return_state=return_state)
 
 
 def chunked_cross_attention(

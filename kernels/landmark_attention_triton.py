@@ -9,6 +9,9 @@ One program owns one query row (b, query head h, query position i):
 2. it attends over its visible local keys (BLOCK_N tiles) and then over the rows of its top-k
    blocks, best first (gathered through block_rows by pointer arithmetic), in one online softmax
    (fp32, exp2), keeping each block's own (max, sum) too;
+   With grouped=True (trained landmarks: Landmark Attention's grouped softmax) a block's rows get a
+   softmax of their own instead, and the block joins the outer softmax as one entry: its landmark
+   logit (scale * score + gate_bias[h]) with that inner output as its value;
 3. it writes the output, the k blocks with their scores and attention shares (BlockReads), and on
    request the softmax state (m, l, acc) for merging.
 The reference is landmark_reference.landmark_attention_ref; same contract.
@@ -48,7 +51,7 @@ def _unpack(packed):
 
 @triton.jit
 def _landmark_attention_fwd(
-    Q, KC, VC, MK, MV, BROWS, REPK, REPL, RROWS, LENS,
+    Q, KC, VC, MK, MV, BROWS, REPK, REPL, RROWS, LENS, GB,
     O, BLK_OUT, SC_OUT, MASS_OUT, M_OUT, L_OUT, ACC_OUT,
     Tq, Tk, N, NB, R, S, K, qk_scale,  # qk_scale = scale * log2(e)
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -68,6 +71,8 @@ def _landmark_attention_fwd(
     BLOCK_R: tl.constexpr,
     K_PAD: tl.constexpr,
     BOUND: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     RETURN_STATE: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -115,6 +120,7 @@ def _landmark_attention_fwd(
 
     # 2. one online softmax over the local context, then the chosen blocks' rows
     qs = q * qk_scale  # base-2 units
+    bias = tl.load(GB + h).to(tl.float32) * 1.4426950408889634 if HAS_BIAS else 0.0  # GROUPED: the head's gate bias
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -144,6 +150,7 @@ def _landmark_attention_fwd(
         tl.store(SC_OUT + row * K + j, score)
         bm = tl.full([], float("-inf"), tl.float32)
         bl = tl.full([], 0.0, tl.float32)
+        bacc = tl.zeros([BLOCK_D], dtype=tl.float32)  # GROUPED: the block's own softmax output
         r_end = tl.where(blk >= 0, R, 0)  # no block in this slot: read nothing
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
@@ -154,11 +161,20 @@ def _landmark_attention_fwd(
             sc = tl.where(ok, tl.sum(kt * qs[None, :], axis=1), float("-inf"))
             vt = tl.load(mv_base + idx[:, None] * stride_mvn + rd[None, :] * stride_mvd,
                          mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            m, l, acc = _online_update(sc, vt, m, l, acc)
-            bm_new = tl.maximum(bm, tl.max(sc, axis=0))
-            bm_safe = tl.where(bm_new == float("-inf"), 0.0, bm_new)
-            bl = bl * tl.exp2(bm - bm_safe) + tl.sum(tl.exp2(sc - bm_safe), axis=0)
-            bm = bm_new
+            if GROUPED:  # a softmax over the block's rows alone
+                bm, bl, bacc = _online_update(sc, vt, bm, bl, bacc)
+            else:  # the rows join the one softmax; the block's own (max, sum) kept for its share
+                m, l, acc = _online_update(sc, vt, m, l, acc)
+                bm_new = tl.maximum(bm, tl.max(sc, axis=0))
+                bm_safe = tl.where(bm_new == float("-inf"), 0.0, bm_new)
+                bl = bl * tl.exp2(bm - bm_safe) + tl.sum(tl.exp2(sc - bm_safe), axis=0)
+                bm = bm_new
+        if GROUPED:  # the block joins the outer softmax as one entry: its landmark logit, its inner output
+            logit = tl.where(blk >= 0, score * qk_scale + bias, float("-inf"))  # base 2
+            inner = bacc / tl.where(bl > 0, bl, 1.0)
+            m, l, acc = _online_update(tl.full([1], 0.0, tl.float32) + logit, inner[None, :], m, l, acc)
+            bm = logit
+            bl = tl.where(blk >= 0, 1.0, 0.0)
         blk_m = tl.where(rk == j, bm, blk_m)
         blk_l = tl.where(rk == j, bl, blk_l)
 
@@ -186,6 +202,8 @@ def landmark_attention(
     rep_k: torch.Tensor | None = None,
     rep_rows: torch.Tensor | None = None,
     rep_low: torch.Tensor | None = None,
+    grouped: bool = False,
+    gate_bias: torch.Tensor | None = None,
     scale: float | None = None,
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
@@ -224,6 +242,7 @@ def landmark_attention(
     grid = (tq, hq, b)
     _landmark_attention_fwd[grid](
         q, k_cache, v_cache, mem_k, mem_v, block_rows, rep_k, low, rep_rows, lens,
+        gate_bias.float().contiguous() if gate_bias is not None else lens,
         out, blocks, scores, mass, m_out, l_out, acc_out,
         tq, tk, n, nb, r, rep_rows.shape[1], top_k, scale * 1.4426950408889634,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mem_k.stride(), *mem_v.stride(),
@@ -233,7 +252,7 @@ def landmark_attention(
         BLOCK_B=max(16, min(64, triton.next_power_of_2(max(nb, 1)))),
         BLOCK_R=max(16, min(64, triton.next_power_of_2(max(r, 1)))),
         K_PAD=max(2, triton.next_power_of_2(max(top_k, 1))),
-        BOUND=rep_low is not None, RETURN_STATE=return_state,
+        BOUND=rep_low is not None, GROUPED=grouped, HAS_BIAS=gate_bias is not None, RETURN_STATE=return_state,
         num_warps=4,
     )
     reads = BlockReads(blocks, scores, mass)

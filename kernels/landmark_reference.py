@@ -99,20 +99,32 @@ def landmark_attention_ref(
     rep_k: Optional[torch.Tensor] = None,  # (Hkv, E, D); None: the rows themselves (a block's best row)
     rep_rows: Optional[torch.Tensor] = None,  # (nB, S) int64 entry ids, -1 padded
     rep_low: Optional[torch.Tensor] = None,  # (Hkv, E, D): Quest's bound, rep_k the upper keys
+    grouped: bool = False,  # trained landmarks: the grouped softmax (grouped_read_ref)
+    gate_bias: Optional[torch.Tensor] = None,  # (Hq,) grouped: added to the landmark logits
     scale: Optional[float] = None,
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
 ) -> tuple[torch.Tensor, BlockReads] | tuple[torch.Tensor, BlockReads, AttentionState]:
     """Block retrieval then one softmax over the local context and the chosen blocks' rows:
-    (out (B, Hq, Tq, D) in q's dtype, BlockReads[, AttentionState]) (see the module docstring)."""
+    (out (B, Hq, Tq, D) in q's dtype, BlockReads[, AttentionState]) (see the module docstring).
+    grouped: the chosen blocks enter that softmax as one entry each, logit scale * score +
+    gate_bias[h], value their rows' own softmax output (grouped_read_ref)."""
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0")
     rep_k, rep_rows = check_blocks(q, mem_k, mem_v, block_rows, rep_k, rep_rows, rep_low)
     scores = block_scores_ref(q, rep_k, rep_rows, rep_low)  # (B, Hq, Tq, nB)
     kb = min(top_k, block_rows.shape[0])
     top_s, top = scores.topk(kb, dim=-1) if kb else (scores[..., :0], scores[..., :0].long())
-    out, reads, state = read_blocks_ref(q, k_cache, v_cache, mem_k, mem_v, block_rows, top, top_s, scale=scale,
-                                        cache_len=cache_len)
+    if grouped:
+        scaled = top_s * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if gate_bias is not None:
+            scaled = scaled + gate_bias.to(scaled).view(1, -1, 1, 1)
+        out, reads, state = grouped_read_ref(q, k_cache, v_cache, mem_k, mem_v, block_rows, top, scaled, scale=scale,
+                                             cache_len=cache_len)
+        reads = reads._replace(scores=top_s.float().masked_fill(reads.blocks < 0, float("-inf")))
+    else:
+        out, reads, state = read_blocks_ref(q, k_cache, v_cache, mem_k, mem_v, block_rows, top, top_s, scale=scale,
+                                            cache_len=cache_len)
     pad = top_k - kb
     if pad:
         reads = BlockReads(

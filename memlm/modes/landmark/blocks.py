@@ -203,8 +203,11 @@ class BlockKV(TensorKV):
             return super().attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale,
                                      gate=gate)
         kb = min(top_k, self.num_blocks)
-        if self.representation == "trained":  # Landmark Attention's grouped softmax over the top-k landmarks
-            top_scores, top = self.select_blocks(q, top_k, shared_per_kv_head=shared_per_kv_head)
+        if self.representation == "trained" and not shared_per_kv_head:  # the grouped softmax, in one call
+            out, reads = landmark_attention(q, k_cache, v_cache, self.keys, self.values, self.rows, top_k,
+                                            grouped=True, gate_bias=self.gate_bias, scale=scale, **self.reps)
+        elif self.representation == "trained":  # one choice per KV group, then the grouped softmax
+            top_scores, top = self.select_blocks(q, top_k, shared_per_kv_head=True)
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             logits = top_scores * scale
             if self.gate_bias is not None:
