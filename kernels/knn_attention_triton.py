@@ -37,6 +37,23 @@ def _online_update(s, v, m, l, acc):
 
 
 @triton.jit
+def _attend_local(q, kc_base, vc_base, local_end, stride_kct, stride_kcd, stride_vct, stride_vcd, rd, d_ok, m, l, acc,
+                  BLOCK_N: tl.constexpr):
+    """One query row's local keys 0 .. local_end - 1 (and their values) into its online softmax
+    (m, l, acc); q (BLOCK_D,) fp32 already scaled to base-2 units."""
+    for n0 in range(0, local_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        ok = rn < local_end
+        kt = tl.load(kc_base + rn[:, None] * stride_kct + rd[None, :] * stride_kcd,
+                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        s = tl.where(ok, tl.sum(kt * q[None, :], axis=1), float("-inf"))  # (BLOCK_N,)
+        vt = tl.load(vc_base + rn[:, None] * stride_vct + rd[None, :] * stride_vcd,
+                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        m, l, acc = _online_update(s, vt, m, l, acc)
+    return m, l, acc
+
+
+@triton.jit
 def _knn_attention_fwd(
     Q, KC, VC, MK, MV, IDX, LENS,
     O, M_OUT, L_OUT, ACC_OUT,
@@ -76,15 +93,8 @@ def _knn_attention_fwd(
         local_end = tl.minimum(tl.maximum(seq_len - Tq + i + 1, 0), Tk)
         kc_base = KC + b * stride_kcb + hk * stride_kch
         vc_base = VC + b * stride_vcb + hk * stride_vch
-        for n0 in range(0, local_end, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            ok = rn < local_end
-            kt = tl.load(kc_base + rn[:, None] * stride_kct + rd[None, :] * stride_kcd,
-                         mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
-            s = tl.where(ok, tl.sum(kt * q[None, :], axis=1), float("-inf"))  # (BLOCK_N,)
-            vt = tl.load(vc_base + rn[:, None] * stride_vct + rd[None, :] * stride_vcd,
-                         mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            m, l, acc = _online_update(s, vt, m, l, acc)
+        m, l, acc = _attend_local(q, kc_base, vc_base, local_end, stride_kct, stride_kcd, stride_vct, stride_vcd,
+                                  rd, d_ok, m, l, acc, BLOCK_N)
 
     # Retrieved memory rows: gathered straight from mem_k / mem_v by index.
     idx_base = IDX + b * stride_ib + h * stride_ih + i * stride_it

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .landmark_reference import BlockReads, check_blocks
 from .memory_topk_triton import _EMPTY_TL, _FULL_TL, _pack
-from .knn_attention_triton import _online_update
+from .knn_attention_triton import _attend_local, _online_update
 from .reference import AttentionState, _cache_lens
 
 MAX_K = 64
@@ -128,15 +128,8 @@ def _landmark_attention_fwd(
     local_end = tl.minimum(tl.maximum(seq_len - Tq + i + 1, 0), Tk)  # query i sits at L - Tq + i
     kc_base = KC + b * stride_kcb + hk * stride_kch
     vc_base = VC + b * stride_vcb + hk * stride_vch
-    for n0 in range(0, local_end, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        ok = rn < local_end
-        kt = tl.load(kc_base + rn[:, None] * stride_kct + rd[None, :] * stride_kcd,
-                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        sc = tl.where(ok, tl.sum(kt * qs[None, :], axis=1), float("-inf"))
-        vt = tl.load(vc_base + rn[:, None] * stride_vct + rd[None, :] * stride_vcd,
-                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        m, l, acc = _online_update(sc, vt, m, l, acc)
+    m, l, acc = _attend_local(qs, kc_base, vc_base, local_end, stride_kct, stride_kcd, stride_vct, stride_vcd,
+                              rd, d_ok, m, l, acc, BLOCK_N)
 
     mk_base = MK + hk * stride_mkh
     mv_base = MV + hk * stride_mvh
