@@ -14,6 +14,9 @@ it. The span is scored by teacher forcing, one forward pass, under:
 - landmark: the same KV memory read as blocks (its 64-token chunks; memlm.modes.landmark.blocks,
          the service's default: every layer but the first, each query head reads the rows of its 4
          best blocks, scored by their best row, positions in_block);
+- landmark-trained: the same blocks chosen and read through the trained landmarks (the shipped
+         weights, or --landmark-weights; representation "trained": grouped softmax over each head's
+         4 best landmarks);
 - rag:   the top-4 64-token chunks of the whole corpus retrieved with the prefix's text as the query
          (in corpus order), "\\n\\n", then the prefix;
 - full:  every token of the document before the span (S tokens): what reading the document in
@@ -56,7 +59,7 @@ from ranking import SEARCH_MODES, ChunkRanker, following  # noqa: E402
 
 RAG_K = 4
 SEPARATOR = "\n\n"
-METHODS = ("none", "knn", "knn-gated", "landmark", "rag", "full")
+METHODS = ("none", "knn", "knn-gated", "landmark", "landmark-trained", "rag", "full")
 
 
 @torch.inference_mode()
@@ -88,6 +91,7 @@ def main(argv=None) -> None:
                    help="knn-gated: chunks after each candidate also read (default: the preset's)")
     p.add_argument("--candidate-chunks", type=int, default=None,
                    help="knn-gated: chunks whose rows are read (default: preset \"default\": 8)")
+    p.add_argument("--landmark-weights", default=None, help="landmark-trained: an adapter folder (default: shipped)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.prefix > args.span_start:
@@ -126,7 +130,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as td:
         mem = mems = None
-        if {"knn", "knn-gated", "landmark"} & set(args.methods):
+        if {"knn", "knn-gated", "landmark", "landmark-trained"} & set(args.methods):
             t0 = time.perf_counter()
             mem = kv_memory_for_model(Path(td) / "kv", model, window=args.knn_window, overlap=args.knn_overlap)
             lists, ids, owners = [], [], []
@@ -143,15 +147,23 @@ def main(argv=None) -> None:
                 "default", candidate_chunks=args.candidate_chunks or PRESETS["default"].candidate_chunks,
                 follow_chunks=PRESETS["default"].follow_chunks if args.follow_chunks is None else args.follow_chunks)
             mems = prepare_layer_memories(model, mem, config) if "knn" in args.methods else None
-            if "landmark" in args.methods:
-                from memlm.modes.landmark.blocks import load_block_memories
-                from memlm.modes.landmark.settings import Settings as LandmarkSettings
+            from memlm.modes.landmark.blocks import load_block_memories
+            from memlm.modes.landmark.settings import Settings as LandmarkSettings
 
-                ls = LandmarkSettings()
+            ls = LandmarkSettings()
+            if "landmark" in args.methods:
                 blocks, _, _ = load_block_memories(model, mem, layers="all_but_first", top_k=ls.top_k,
                                                    representation=ls.representation, positions=ls.positions,
                                                    group=ls.group, candidates=ls.candidates,
                                                    min_memory_position=ls.min_memory_position)
+            if "landmark-trained" in args.methods:
+                from passkey import trained_landmarks
+
+                adapter = trained_landmarks(model, model_dir, ["landmark:trained"], args.landmark_weights)
+                trained_blocks, _, _ = load_block_memories(model, mem, layers="all_but_first", top_k=ls.top_k,
+                                                           representation="trained", positions="in_block",
+                                                           min_memory_position=ls.min_memory_position,
+                                                           landmarks=adapter)
         if "rag" in args.methods or "knn-gated" in args.methods:
             from memlm.index.embedding import load_embedder
 
@@ -187,6 +199,9 @@ def main(argv=None) -> None:
                 elif method == "landmark":
                     with knn_mode(model, mem, blocks.config, layer_memories=blocks):
                         s = span_nll(model, prefix, span)
+                elif method == "landmark-trained":
+                    with knn_mode(model, mem, trained_blocks.config, layer_memories=trained_blocks):
+                        s = span_nll(model, prefix, span)
                 elif method == "rag":
                     top = sorted(ranked(RAG_K))
                     ctx = [t for a, b in top for t in docs[a][1][b]]
@@ -210,7 +225,7 @@ def main(argv=None) -> None:
         cells.append(f"{math.exp(sum(pooled) / (len(pooled) * args.span)):.2f}")
         print(f"| {method} | " + " | ".join(cells) + f" | {seconds[method] / len(docs):.1f} |")
     base = [s for kind in args.kinds for s in nll[("none", kind)]]
-    for method in ("knn", "knn-gated", "landmark"):
+    for method in ("knn", "knn-gated", "landmark", "landmark-trained"):
         if base and method in args.methods:
             ours = [s for kind in args.kinds for s in nll[(method, kind)]]
             print(f"{method} / none perplexity ratio: {math.exp((sum(ours) - sum(base)) / (len(base) * args.span)):.3f}")

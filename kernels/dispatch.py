@@ -131,6 +131,7 @@ def landmark_attention(
     rep_low: torch.Tensor | None = None,  # (Hkv, E, D): Quest's bound with rep_k the upper keys
     grouped: bool = False,  # trained landmarks: Landmark Attention's grouped softmax
     gate_bias: torch.Tensor | None = None,  # (Hq,) grouped: added to the landmark logits
+    score_q: torch.Tensor | None = None,  # (B, Hq, Tq, D) the queries that score the blocks (default q)
     scale: float | None = None,
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
@@ -143,7 +144,8 @@ def landmark_attention(
     else:
         from .landmark_reference import landmark_attention_ref as fn
     return fn(q, k_cache, v_cache, mem_k, mem_v, block_rows, top_k, rep_k=rep_k, rep_rows=rep_rows, rep_low=rep_low,
-              grouped=grouped, gate_bias=gate_bias, scale=scale, cache_len=cache_len, return_state=return_state)
+              grouped=grouped, gate_bias=gate_bias, score_q=score_q, scale=scale, cache_len=cache_len,
+              return_state=return_state)
 
 
 def chunked_cross_attention(

@@ -51,7 +51,7 @@ def _unpack(packed):
 
 @triton.jit
 def _landmark_attention_fwd(
-    Q, KC, VC, MK, MV, BROWS, REPK, REPL, RROWS, LENS, GB,
+    Q, SQ, KC, VC, MK, MV, BROWS, REPK, REPL, RROWS, LENS, GB,
     O, BLK_OUT, SC_OUT, MASS_OUT, M_OUT, L_OUT, ACC_OUT,
     Tq, Tk, N, NB, R, S, K, qk_scale,  # qk_scale = scale * log2(e)
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -84,7 +84,9 @@ def _landmark_attention_fwd(
     rd = tl.arange(0, BLOCK_D)
     d_ok = rd < D
     q = tl.load(Q + b * stride_qb + h * stride_qh + i * stride_qt + rd * stride_qd, mask=d_ok, other=0.0)
-    q = q.to(tl.float32)  # (BLOCK_D,): raw for scoring blocks, times qk_scale for attention
+    q = q.to(tl.float32)  # (BLOCK_D,): times qk_scale for attention
+    sq = tl.load(SQ + b * stride_qb + h * stride_qh + i * stride_qt + rd * stride_qd, mask=d_ok, other=0.0)
+    sq = sq.to(tl.float32)  # the query that scores the blocks (q itself unless score_q)
 
     # 1. block scores -> running top-k (an unsorted set of packed keys; K_PAD - K slots hold +max)
     rk = tl.arange(0, K_PAD)
@@ -104,9 +106,9 @@ def _landmark_attention_fwd(
             if BOUND:  # Quest: per dim the larger of q * min and q * max
                 lo = tl.load(low_base + e[:, None] * stride_rke + rd[None, :] * stride_rkd,
                              mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                sc = tl.sum(tl.maximum(kt * q[None, :], lo * q[None, :]), axis=1)
+                sc = tl.sum(tl.maximum(kt * sq[None, :], lo * sq[None, :]), axis=1)
             else:
-                sc = tl.sum(kt * q[None, :], axis=1)
+                sc = tl.sum(kt * sq[None, :], axis=1)
             best = tl.maximum(best, tl.where(ok, sc, float("-inf")))
         packed = tl.where(b_ok & (best > float("-inf")), _pack(best, rb), _EMPTY_TL)
         top = tl.max(packed, axis=0)
@@ -197,6 +199,7 @@ def landmark_attention(
     rep_low: torch.Tensor | None = None,
     grouped: bool = False,
     gate_bias: torch.Tensor | None = None,
+    score_q: torch.Tensor | None = None,
     scale: float | None = None,
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
@@ -227,6 +230,11 @@ def landmark_attention(
         return (out, reads, AttentionState(m_out, l_out, acc_out)) if return_state else (out, reads)
     block_rows = block_rows.contiguous()
     rep_rows = rep_rows.contiguous()
+    if score_q is not None and score_q.shape != q.shape:
+        raise ValueError(f"score_q {tuple(score_q.shape)} must have q's shape {tuple(q.shape)}")
+    sq = q if score_q is None else score_q.to(q.dtype)
+    if sq.stride() != q.stride():  # the kernel reads both with q's strides
+        q, sq = q.contiguous(), sq.contiguous()
     if rep_low is not None and rep_low.stride() != rep_k.stride():  # the kernel reads both with rep_k's strides
         rep_k, rep_low = rep_k.contiguous(), rep_low.contiguous()
     low = rep_low if rep_low is not None else rep_k  # unused placeholder when BOUND is off
@@ -234,7 +242,7 @@ def landmark_attention(
     block_d = triton.next_power_of_2(d)
     grid = (tq, hq, b)
     _landmark_attention_fwd[grid](
-        q, k_cache, v_cache, mem_k, mem_v, block_rows, rep_k, low, rep_rows, lens,
+        q, sq, k_cache, v_cache, mem_k, mem_v, block_rows, rep_k, low, rep_rows, lens,
         gate_bias.float().contiguous() if gate_bias is not None else lens,
         out, blocks, scores, mass, m_out, l_out, acc_out,
         tq, tk, n, nb, r, rep_rows.shape[1], top_k, scale * 1.4426950408889634,

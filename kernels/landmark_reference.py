@@ -101,6 +101,7 @@ def landmark_attention_ref(
     rep_low: Optional[torch.Tensor] = None,  # (Hkv, E, D): Quest's bound, rep_k the upper keys
     grouped: bool = False,  # trained landmarks: the grouped softmax (grouped_read_ref)
     gate_bias: Optional[torch.Tensor] = None,  # (Hq,) grouped: added to the landmark logits
+    score_q: Optional[torch.Tensor] = None,  # (B, Hq, Tq, D) the queries that score the blocks (default q)
     scale: Optional[float] = None,
     cache_len: int | torch.Tensor | None = None,
     return_state: bool = False,
@@ -108,11 +109,14 @@ def landmark_attention_ref(
     """Block retrieval then one softmax over the local context and the chosen blocks' rows:
     (out (B, Hq, Tq, D) in q's dtype, BlockReads[, AttentionState]) (see the module docstring).
     grouped: the chosen blocks enter that softmax as one entry each, logit scale * score +
-    gate_bias[h], value their rows' own softmax output (grouped_read_ref)."""
+    gate_bias[h], value their rows' own softmax output (grouped_read_ref). score_q: other queries
+    score the representations (trained landmarks: q before RoPE against keys before RoPE)."""
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0")
     rep_k, rep_rows = check_blocks(q, mem_k, mem_v, block_rows, rep_k, rep_rows, rep_low)
-    scores = block_scores_ref(q, rep_k, rep_rows, rep_low)  # (B, Hq, Tq, nB)
+    if score_q is not None and score_q.shape != q.shape:
+        raise ValueError(f"score_q {tuple(score_q.shape)} must have q's shape {tuple(q.shape)}")
+    scores = block_scores_ref(q if score_q is None else score_q, rep_k, rep_rows, rep_low)  # (B, Hq, Tq, nB)
     kb = min(top_k, block_rows.shape[0])
     top_s, top = scores.topk(kb, dim=-1) if kb else (scores[..., :0], scores[..., :0].long())
     if grouped:

@@ -171,16 +171,18 @@ def test_reference_query_chunks_do_not_change_the_result(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, hq, hkv, tq, tk, lengths, k, d, cache_len", CASES)
 def test_grouped_softmax_matches_reference(b, hq, hkv, tq, tk, lengths, k, d, cache_len, dtype):
-    """Trained landmarks' reading (grouped=True): one landmark key per block, a gate bias per head;
-    each chosen block one entry of the outer softmax, its rows a softmax of their own."""
+    """Trained landmarks' reading (grouped=True): one landmark key per block, a gate bias per head,
+    blocks scored by other queries (score_q: the queries before RoPE); each chosen block one entry
+    of the outer softmax, its rows a softmax of their own."""
     q, kc, vc, mk, mv, rows = _inputs(b, hq, hkv, tq, tk, lengths, d, dtype, seed=9)
     rep = _representation("mean", mk, rows, group=max(1, rows.shape[1]))  # one key per block
     bias = torch.randn(hq, generator=torch.Generator().manual_seed(10))
-    out, reads, state = landmark_attention(q, kc, vc, mk, mv, rows, k, grouped=True, gate_bias=bias,
+    sq = torch.randn(q.shape, generator=torch.Generator().manual_seed(11)).to(dtype)  # other scoring queries
+    out, reads, state = landmark_attention(q, kc, vc, mk, mv, rows, k, grouped=True, gate_bias=bias, score_q=sq,
                                            cache_len=cache_len, return_state=True, **rep)
     ref, ref_reads, ref_state = landmark_attention_ref(
-        *map(_double, (q, kc, vc, mk, mv)), rows, k, grouped=True, gate_bias=bias.double(), cache_len=cache_len,
-        return_state=True, **{name: _double(t) for name, t in rep.items()})
+        *map(_double, (q, kc, vc, mk, mv)), rows, k, grouped=True, gate_bias=bias.double(), score_q=sq.double(),
+        cache_len=cache_len, return_state=True, **{name: _double(t) for name, t in rep.items()})
     assert torch.equal(reads.blocks, ref_reads.blocks)
     torch.testing.assert_close(reads.scores.double(), ref_reads.scores.double(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(reads.mass.double(), ref_reads.mass.double(), rtol=1e-4, atol=1e-5)

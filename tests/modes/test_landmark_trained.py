@@ -199,3 +199,46 @@ def test_block_memory_reads_trained_landmarks_by_the_grouped_softmax():
     assert not torch.allclose(one, got)
     with pytest.raises(ValueError, match="landmark keys"):
         BlockKV(bk[0].flatten(1, 2), bv[0].flatten(1, 2), torch.arange(12).view(3, 4), "trained")
+
+
+@pytest.mark.model
+def test_unrotate_undoes_rope(base):
+    from memlm.model.llama import apply_rope
+    from memlm.modes.landmark.adapter import unrotate
+
+    x = torch.randn(1, 3, 5, base.config.head_dim)
+    pos = torch.tensor([0, 7, 64, 900, 5000])
+    rope = (base.rope_cos[pos, None], base.rope_sin[pos, None])  # (T, 1, D)
+    rotated = apply_rope(x.transpose(1, 2), rope).transpose(1, 2)  # (B, T, H, D) layout for apply_rope
+    torch.testing.assert_close(unrotate(base, rotated, pos), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.model
+def test_what_is_served_is_what_was_trained(base, tmp_path):
+    """One window: the training path's logits (adapter.read over window_memory) and the service's
+    (the memory built as ingest builds it, loaded as trained block memories, every block read,
+    knn_mode's token loop) agree to the fp16 rounding of the stored rows."""
+    from memlm.modes.knn.capture import build_kv_memory, kv_memory_for_model
+    from memlm.modes.knn.reading import knn_mode
+    from memlm.modes.landmark.blocks import load_block_memories
+
+    adapter = LandmarkAdapter(base.config, LandmarkConfig(layers=(1, 2, 3, 4)))
+    torch.nn.init.normal_(adapter.lora_b, std=0.02)
+    torch.nn.init.normal_(adapter.gate_bias, std=1.0)
+    tokens = torch.randint(0, base.config.vocab_size, (1, 192 + 24), generator=torch.Generator().manual_seed(5))
+    memory_tokens, inputs = tokens[:, :192], tokens[:, 192:]
+    adapter.attach(base)
+    try:
+        with torch.no_grad():
+            trained = adapter.read(base, window_memory(base, memory_tokens, 64, adapter.config.layers), inputs)
+    finally:
+        adapter.detach(base)
+    mem = kv_memory_for_model(tmp_path / "kv", base, layers=range(1, 5))
+    build_kv_memory(mem, base, [memory_tokens[0, i : i + 64].tolist() for i in range(0, 192, 64)], [0, 1, 2],
+                    documents=[0, 0, 0])
+    read, _, _ = load_block_memories(base, mem, layers="all", top_k=3, representation="trained",
+                                     positions="in_block", min_memory_position=0, landmarks=adapter)
+    with torch.no_grad(), knn_mode(base, mem, read.config, layer_memories=read):
+        served = base.output(base.forward_embeds(base.embed(inputs), torch.arange(inputs.shape[1])))
+    torch.testing.assert_close(served, trained, rtol=0.05, atol=0.05)
+    assert (served - trained).abs().mean() < 5e-3

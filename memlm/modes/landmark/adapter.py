@@ -14,7 +14,8 @@ softmax on the frozen owned `Llama`, as trained and as read.
   (`landmark_keys`).
 - Reading, at the memory layers: each local query (at positions R + t) takes one softmax over its
   causal local keys and the blocks' landmark logits (scale * q . landmark key + `gate_bias` of the
-  layer and query head): the grouped softmax. A block's share is then spread over its rows by a
+  layer and query head, q and the key both before RoPE: position-free, so a query far after the
+  memory scores landmarks as the training's did): the grouped softmax. A block's share is then spread over its rows by a
   softmax of the query over them alone (`grouped_attention`). Training reads every block of its
   window; generation each query head's top-k blocks by landmark logit
   (memlm.kernels.landmark_reference.grouped_read_ref).
@@ -65,17 +66,28 @@ class LandmarkConfig:
                    d.get("distill", 1.0))
 
 
+def unrotate(model: Llama, q: Tensor, positions: Tensor) -> Tensor:
+    """Undo RoPE: q (B, H, T, D) rotated at positions (T,) -> q before RoPE. A landmark logit is
+    scale * unrotate(q) . landmark key (both before RoPE) = q . the landmark key rotated at the
+    query's own position: it does not depend on where the query sits, so a query any distance
+    after the memory scores the landmarks as in training (RoPE's inverse: x cos - roll(x) sin)."""
+    positions = positions.to(model.rope_cos.device).long()
+    cos, sin = model.rope_cos[positions].to(q), model.rope_sin[positions].to(q)  # (T, D); sin's first half negated
+    return q * cos - q.roll(q.shape[-1] // 2, dims=-1) * sin
+
+
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k: Tensor, block_v: Tensor,
                       block_valid: Tensor, scale: float, gate_bias: Optional[Tensor] = None,
-                      mass_error: Optional[list] = None) -> Tensor:
+                      mass_error: Optional[list] = None, score_q: Optional[Tensor] = None) -> Tensor:
     """The grouped softmax over every block (training): q (B, Hq, T, D) at the last T of the S local
     positions of k, v (B, Hkv, S, D) (causal); lm_keys (B, Hkv, nB, D); block_k, block_v (B, Hkv,
     nB, R, D); block_valid (B, nB, R) bool; gate_bias (Hq,) -> (B, Hq, T, D) in fp32.
-    Each query: p = softmax([scale q . k_local (causal); scale q . lm_b + bias]); out = sum_local p v
+    Each query: p = softmax([scale q . k_local (causal); scale q' . lm_b + bias]); out = sum_local p v
     + sum_b p_b * softmax_b(scale q . block rows) @ block values. mass_error, a list, gets the mean
     over queries of KL(target || p), the target putting on each block its log-mass
     logsumexp_b(scale q . rows) in place of the landmark logit: at zero the grouped softmax is
-    exactly one softmax over the local keys and every row."""
+    exactly one softmax over the local keys and every row. q' = score_q (q before RoPE, with
+    landmark keys before RoPE: `unrotate`), q when not given."""
     b, hq, t, d = q.shape
     hkv, s, nb, r = k.shape[1], k.shape[2], block_k.shape[2], block_k.shape[3]
     g = hq // hkv
@@ -83,7 +95,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k:
     local = (qg @ k.float().transpose(-1, -2)).view(b, hq, t, s) * scale
     causal = torch.arange(s, device=q.device)[None, :] <= (s - t + torch.arange(t, device=q.device))[:, None]
     local = local.masked_fill(~causal, float("-inf"))
-    lm = (qg @ lm_keys.float().transpose(-1, -2)).view(b, hq, t, nb) * scale  # (B, Hq, T, nB)
+    sq = qg if score_q is None else score_q.float().reshape(b, hkv, g * t, d)
+    lm = (sq @ lm_keys.float().transpose(-1, -2)).view(b, hq, t, nb) * scale  # (B, Hq, T, nB)
     if gate_bias is not None:
         lm = lm + gate_bias.float().view(1, hq, 1, 1)
     lm = lm.masked_fill(~block_valid.any(-1).view(b, 1, 1, nb), float("-inf"))
@@ -105,8 +118,9 @@ class _Memory:
     """What the memory layers read during one forward: per layer (lm_keys, block_k, block_v), the
     blocks' valid mask."""
 
-    def __init__(self, layers: dict[int, tuple[Tensor, Tensor, Tensor]], valid: Tensor):
-        self.layers, self.valid = layers, valid
+    def __init__(self, layers: dict[int, tuple[Tensor, Tensor, Tensor]], valid: Tensor, model: Llama,
+                 positions: Tensor):
+        self.layers, self.valid, self.model, self.positions = layers, valid, model, positions  # the queries' RoPE positions
         self.mass_errors: list[Tensor] = []  # per memory layer, while training (the distillation loss)
 
 
@@ -129,8 +143,9 @@ class LandmarkBackend(nn.Module):
             raise NotImplementedError("trained landmark attention reads a whole window (no cache mask)")
         lm, bk, bv = memory.layers[self.layer]
         errors = memory.mass_errors if adapter.training and adapter.config.distill > 0 else None
+        score_q = unrotate(memory.model, q, memory.positions)
         return grouped_attention(q, k, v, lm, bk, bv, memory.valid, self.scale, adapter.gate_bias[self.index],
-                                 errors).to(q.dtype)
+                                 errors, score_q).to(q.dtype)
 
 
 class LandmarkAdapter(Adapter):
@@ -184,8 +199,8 @@ class LandmarkAdapter(Adapter):
     def landmark_keys(self, model: Llama, block_k: dict[int, Tensor], block_v: dict[int, Tensor],
                       valid: Tensor) -> dict[int, Tensor]:
         """Each block's landmark key at every memory layer: block_k, block_v {memory layer: (N, Hkv,
-        R, D)} (keys rotated in_block), valid (N, R) bool -> {memory layer: (N, Hkv, D)}, rotated at
-        position R (the landmark's, right after its block)."""
+        R, D)} (keys rotated in_block), valid (N, R) bool -> {memory layer: (N, Hkv, D)}, before
+        RoPE (the landmark itself sits at position R, right after its block, while it reads it)."""
         c = model.config
         n, r = valid.shape
         h, kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
@@ -216,8 +231,8 @@ class LandmarkAdapter(Adapter):
             for module in block.after_attention:
                 x = module(x, torch.full((1,), r, device=x.device))
             x = x + block.feed_forward(block.ffn_norm(x))
-            if l in index:
-                out[l] = k[:, :, 0]  # (N, KV, hd)
+            if l in index:  # before RoPE: a landmark logit is position-free (see unrotate)
+                out[l] = qkv[:, 0, h : h + kv]  # (N, KV, hd)
         return out
 
     # --- training ---------------------------------------------------------------------------
@@ -265,7 +280,8 @@ class LandmarkAdapter(Adapter):
         layers = {l: (keys[l].view(b, nb, *keys[l].shape[1:]).transpose(1, 2), memory.block_k[l], memory.block_v[l])
                   for l in self.config.layers}
         previous, offset = self.memory, model.rope_offset
-        self.memory, model.rope_offset = _Memory(layers, memory.valid), r
+        positions = r + torch.arange(inputs.shape[1], device=inputs.device)
+        self.memory, model.rope_offset = _Memory(layers, memory.valid, model, positions), r
         if mass_errors is not None:
             self.memory.mass_errors = mass_errors
         try:

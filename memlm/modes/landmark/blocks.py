@@ -27,6 +27,7 @@ block's rows.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -87,6 +88,9 @@ class BlockKV(TensorKV):
         # the kernel's representation arguments: entries (Hkv, nB*S, D), block -> its S entries (-1: none)
         self.reps: dict[str, torch.Tensor] = {}
         self.gate_bias = gate_bias  # "trained": (Hq,) added to the landmark logits
+        # "trained": (q (B, H, T, D), RoPE positions (T,)) -> q before RoPE, and the local context's
+        # first RoPE position: landmark logits are position-free (memlm.modes.landmark.adapter.unrotate)
+        self.unrotate, self.query_offset = None, 0
         if representation == "trained":  # one landmark key per block; read by the grouped softmax
             self.reps = {"rep_k": landmarks.to(keys.device), "rep_rows": torch.arange(nb, device=keys.device).view(nb, 1)}
         elif representation != "max":  # "max": the rows themselves (the kernel's default)
@@ -203,11 +207,16 @@ class BlockKV(TensorKV):
             return super().attention(q, k_cache, v_cache, top_k, shared_per_kv_head=shared_per_kv_head, scale=scale,
                                      gate=gate)
         kb = min(top_k, self.num_blocks)
-        if self.representation == "trained" and not shared_per_kv_head:  # the grouped softmax, in one call
+        if self.representation == "trained":  # the grouped softmax over position-free landmark logits
+            tk, tq = k_cache.shape[2], q.shape[2]
+            positions = self.query_offset + torch.arange(tk - tq, tk, device=q.device)
+            score_q = self.unrotate(q, positions) if self.unrotate is not None else q
+        if self.representation == "trained" and not shared_per_kv_head:
             out, reads = landmark_attention(q, k_cache, v_cache, self.keys, self.values, self.rows, top_k,
-                                            grouped=True, gate_bias=self.gate_bias, scale=scale, **self.reps)
+                                            grouped=True, gate_bias=self.gate_bias, score_q=score_q, scale=scale,
+                                            **self.reps)
         elif self.representation == "trained":  # one choice per KV group, then the grouped softmax
-            top_scores, top = self.select_blocks(q, top_k, shared_per_kv_head=True)
+            top_scores, top = self.select_blocks(score_q, top_k, shared_per_kv_head=True)
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             logits = top_scores * scale
             if self.gate_bias is not None:
@@ -270,6 +279,10 @@ def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, represen
         if representation == "trained":
             extra = dict(landmarks=keys[l], gate_bias=landmarks.gate_bias[landmarks.config.layers.index(l)].detach())
         store = BlockKV(*kv[l], rows_t, representation, group=group, candidates=candidates, **extra)
+        if representation == "trained":
+            from memlm.modes.landmark.adapter import unrotate
+
+            store.unrotate, store.query_offset = partial(unrotate, model), offset
         out[l] = LayerMemory(store, top_k, False)
     return out, block_ids, offset
 
