@@ -118,6 +118,8 @@ def landmark(
     distill: float = typer.Option(1.0, help="weight of the auxiliary loss pulling each landmark logit to its block's "
                                   "log-mass for the query (0: the LM loss alone, as in the paper)"),
     layers: str = typer.Option("", help="memory layers (comma-separated; empty: every layer but the first)"),
+    min_memory_position: int = typer.Option(4, help="the memory's first rows left out, as the service leaves out "
+                                            "each build window's first rows (landmark.min_memory_position)"),
     lr: float = typer.Option(2e-3, help="peak learning rate"),
     warmup: int = typer.Option(20, help="warmup steps"),
     device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)"),
@@ -142,7 +144,7 @@ def landmark(
     from memlm.modes.landmark.adapter import LandmarkConfig
 
     config = LandmarkConfig(layers=tuple(int(x) for x in layers.split(",") if x.strip()), block=block, local=local,
-                            rank=rank, distill=distill)
+                            rank=rank, distill=distill, min_memory_position=min_memory_position)
     opts = dict(locals(), cache_hidden=False)
     _train("landmark", config.to_dict(), opts, prepare=_prepare_landmark)
 

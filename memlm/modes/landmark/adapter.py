@@ -52,10 +52,13 @@ class LandmarkConfig:
     local: int = 64  # the local tokens of each training window (the rest is memory)
     rank: int = 8  # rank of the landmark key correction
     distill: float = 1.0  # weight of the auxiliary loss pulling each landmark logit to its block's log-mass
+    # the memory's first rows left out, as the service leaves out each build window's first rows
+    # (landmark.min_memory_position: the attention sinks); landmarks trained with them lean on them
+    min_memory_position: int = 4
 
     def resolved(self, n_layers: int) -> "LandmarkConfig":
         layers = tuple(sorted({l % n_layers for l in self.layers})) if self.layers else tuple(range(1, n_layers))
-        return LandmarkConfig(layers, self.block, self.local, self.rank, self.distill)
+        return LandmarkConfig(layers, self.block, self.local, self.rank, self.distill, self.min_memory_position)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}
@@ -63,7 +66,7 @@ class LandmarkConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LandmarkConfig":
         return cls(tuple(d.get("layers", ())), d.get("block", 64), d.get("local", 64), d.get("rank", 8),
-                   d.get("distill", 1.0))
+                   d.get("distill", 1.0), d.get("min_memory_position", 0))  # weights from before it kept every row
 
 
 def unrotate(model: Llama, q: Tensor, positions: Tensor) -> Tensor:
@@ -245,6 +248,7 @@ class LandmarkAdapter(Adapter):
         if m <= 0 or m % cfg.block:
             raise ValueError(f"seq {seq} - local {cfg.local} must be a positive multiple of the block {cfg.block}")
         memory = window_memory(model, tokens[:, :m], cfg.block, self.config.layers)
+        memory.valid[:, 0, : cfg.min_memory_position] = False  # the window's first rows, as served
         inputs, targets = tokens[:, m:seq], tokens[:, m + 1 :]
         errors: list[Tensor] = []
         logits = self.read(model, memory, inputs, errors)
