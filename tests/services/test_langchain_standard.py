@@ -235,8 +235,10 @@ def test_chat_stream_pieces_add_up_and_leaving_early_cancels(client):
 
     chat = ChatMemlm(client=client, max_tokens=12)
     chunks = list(chat.stream("Hello"))
-    assert "".join(c.text for c in chunks) == chat.invoke("Hello").text  # greedy: the same text either way
-    assert chunks[-1].usage_metadata["output_tokens"] == 12 and chunks[-1].chunk_position == "last"
+    whole = chat.invoke("Hello")
+    assert "".join(c.text for c in chunks) == whole.text  # greedy: the same text either way
+    assert chunks[-1].usage_metadata == whole.usage_metadata and chunks[-1].chunk_position == "last"
+    assert all(c.usage_metadata is None for c in chunks[:-1])
     long = ChatMemlm(client=client, max_tokens=400)
     for _ in long.stream("Count from one to a thousand."):
         break  # the generator's close cancels the call: the server stops instead of making 400 tokens
