@@ -303,8 +303,9 @@ class MemlmRetriever(BaseRetriever):
 
 # ---------------------------------------------------------------- the LLM
 
-_ROLES = {MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.USER: "user",
-          MessageRole.ASSISTANT: "assistant"}
+_ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
+if hasattr(MessageRole, "DEVELOPER"):  # newer llama-index-core: OpenAI's name for a system message
+    _ROLES[MessageRole.DEVELOPER] = "system"
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
