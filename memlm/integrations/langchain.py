@@ -291,7 +291,9 @@ class ChatMemlm(BaseChatModel):
     """memlm's Generate as a LangChain chat model. `collection` with `memory` ("rag" by default
     when a collection is given, else "none") makes the model read memory; the chunks it read are
     in `response_metadata["citations"]`, the token counts in `usage_metadata`, the server's
-    timings in `response_metadata["timings"]`. `max_tokens` None: the server's default."""
+    timings in `response_metadata["timings"]`. `max_tokens` None: the server's default.
+    LangChain's standard `api_key` and `max_retries` are not fields (pydantic drops them): the
+    client holds the key, and a failed call is not retried."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
