@@ -10,8 +10,12 @@ and run the BLAS GEMM (`PREFILL_ROWS`), shown beside their integer kernel alone.
 (speed does not depend on their values). Rounds interleave the kernels; medians of --rounds.
 "bundled prefill": the bundled SmolLM2-135M in q4_1, one forward pass over --prompt-tokens
 tokens, with the GEMM path against the integer kernel for every row count, and dense fp32.
+"batched decode": the bundled model in q4_1, one decode step of B sequences (128 tokens in each
+cache) as the batch scheduler runs it (memlm.model.RaggedBatch; B = 1 is the fused one-sequence
+layer), with the bf16 weight copy from `BATCH_ROWS` rows against the integer kernel for every row
+count: ms per step and aggregate tokens/s.
 
-    .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5] [--prompt-tokens 256]
+    .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5] [--prompt-tokens 256] [--only-batched]
 """
 from __future__ import annotations
 
@@ -42,7 +46,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--only-batched", action="store_true", help="only the batched decode part")
     args = p.parse_args()
+    if args.only_batched:
+        torch.set_num_threads(args.threads)
+        return batched_decode(args)
     torch.set_num_threads(args.threads)
     if (why := qmatmul_cpu.available()) is not None:
         raise SystemExit(f"the Q4_1/Q8_0 kernel cannot run here: {why}")
@@ -90,6 +99,48 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"(x: time relative to {base})")
     bundled_prefill(args)
+    batched_decode(args)
+
+
+@torch.inference_mode()
+def batched_decode(args) -> None:
+    from memlm.model import load_llama
+    from memlm.model.generate import decode_one_token, prefill, ragged_step
+    from memlm.model.llama import RaggedBatch
+    from memlm.models import bundled_model_dir
+
+    model = load_llama(bundled_model_dir(), weights="q4_1")
+    batch_rows = Q4_1Linear.BATCH_ROWS
+    if batch_rows is None:
+        print("\nbatched decode: this CPU has no native bf16; the integer kernel serves every row count")
+    variants = {"integer kernel": None} | ({f"bf16 weights from {batch_rows} rows": batch_rows} if batch_rows else {})
+    gen = torch.Generator().manual_seed(0)
+    print(f"\nbundled SmolLM2-135M in q4_1, one decode step of B sequences at position 128, "
+          f"medians of {args.rounds} rounds of 4 steps:")
+    print("| B | " + " | ".join(f"{v}: ms/step, tok/s" for v in variants) + " |")
+    print("| --- |" + " --- |" * len(variants))
+    try:
+        for B in args.batch_sizes:
+            caches = [model.new_cache(1, 160) for _ in range(B)]
+            for c in caches:
+                prefill(model, torch.randint(0, VOCAB, (1, 128), generator=gen), c)
+            tokens = torch.randint(0, VOCAB, (B,), generator=gen)
+            times = {v: [] for v in variants}
+            for r in range(args.rounds + 1):
+                for v, rows in variants.items():
+                    Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = rows
+                    t0 = time.perf_counter()
+                    for _ in range(4):  # the same positions again: the cost is the same
+                        if B == 1:
+                            decode_one_token(model, tokens[:1, None], torch.tensor([128]), caches[0])
+                        else:
+                            ragged_step(model, tokens, RaggedBatch(caches, [128] * B, [1] * B))
+                    if r:
+                        times[v].append((time.perf_counter() - t0) / 4 * 1e3)
+            cells = [f"{statistics.median(t):.1f}, {B / statistics.median(t) * 1e3:.1f}" for t in times.values()]
+            print(f"| {B} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = batch_rows
 
 
 @torch.inference_mode()

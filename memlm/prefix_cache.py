@@ -6,9 +6,13 @@ of the whole prefix up to its end (a chain: blake2b over the parent's digest and
 ids), so a block is found only after the same tokens from the start of the prompt, and prompts
 that share a prefix share its blocks. A new sequence takes the longest run of cached blocks that
 leaves at least one prompt token to prefill (the first sampled token needs the last prompt
-token's logits), copied into its own KV cache (memlm.model.KVCache: one memcpy per block for all
+token's logits) — or, for a prompt seen whole before, all of it and the logits its prefill made,
+so a repeated request repeats its numbers exactly — copied into its own KV cache (memlm.model.KVCache: one memcpy per block for all
 layers, about 1.5 MB per 32-token block of SmolLM2 in fp32, against ~80 ms of prefill for it).
-Blocks are evicted least recently used to stay within `budget_bytes`; a hit refreshes a run's
+A shorter remainder is prefilled with other kernels than a cold prefill of the whole prompt would
+use (q4_1's integer kernel for under 32 rows, the fp32 GEMM from 32), so a request sharing only a
+prefix can differ from its cold self at near-ties, as with vLLM's prefix caching. Blocks are
+evicted least recently used to stay within `budget_bytes`; a hit refreshes a run's
 blocks leaf first, so a parent is always fresher than its children and children go first.
 
 Only for requests that run the plain model (memory modes `none` and `rag`): a mode that changes the
@@ -19,12 +23,18 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from torch import Tensor
 
 from memlm.model.llama import KVCache
+
+
+def _whole(digests: list[bytes], ids: Sequence[int], block_tokens: int) -> bytes:
+    """The key of the whole prompt `ids`: its tail after the last full block, chained on."""
+    tail = np.asarray(ids[len(digests) * block_tokens :], dtype=np.int64).tobytes()
+    return hashlib.blake2b(b"whole" + (digests[-1] if digests else b"") + tail, digest_size=16).digest()
 
 
 def _digests(ids: Sequence[int], block_tokens: int, blocks: int) -> list[bytes]:
@@ -44,7 +54,9 @@ class PrefixCache:
         if block_tokens < 1:
             raise ValueError(f"block_tokens={block_tokens}; expected >= 1")
         self.budget_bytes, self.block_tokens = int(budget_bytes), int(block_tokens)
-        self._blocks: "OrderedDict[bytes, tuple[Tensor, Tensor]]" = OrderedDict()  # digest -> k, v (L, KV, b, hd)
+        # digest -> (k, v (L, KV, n, hd), logits (V,) or None): a block of n = block_tokens under
+        # its chain digest, or a whole prompt's tail after its last full block, with its logits.
+        self._blocks: "OrderedDict[bytes, tuple]" = OrderedDict()
         self.bytes = 0
         self.hit_tokens = 0  # prompt tokens served from the cache, since start
         self.queried_tokens = 0  # prompt tokens looked up
@@ -52,50 +64,79 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def load(self, ids: Sequence[int], cache: KVCache) -> int:
-        """Copy the longest cached prefix of `ids` (leaving >= 1 token) into `cache` from position
-        0; returns how many tokens it covers (a multiple of block_tokens, maybe 0)."""
+    def _entry_bytes(self, entry: tuple) -> int:
+        return sum(t.numel() * t.element_size() for t in entry if t is not None)
+
+    def _put(self, key: bytes, entry: tuple) -> bool:
+        size = self._entry_bytes(entry)
+        if size > self.budget_bytes:
+            return False
+        while self.bytes + size > self.budget_bytes:
+            _, old = self._blocks.popitem(last=False)
+            self.bytes -= self._entry_bytes(old)
+        self._blocks[key] = entry
+        self.bytes += size
+        return True
+
+    def load(self, ids: Sequence[int], cache: KVCache) -> "tuple[int, Optional[Tensor]]":
+        """Copy the longest cached prefix of `ids` into `cache` from position 0: (tokens it covers,
+        the next-token logits (V,) or None). A prompt seen whole before comes back whole, with the
+        logits its prefill made, so repeating a request repeats its numbers exactly; otherwise a
+        run of full blocks leaving at least one token to prefill (logits None)."""
         self.queried_tokens += len(ids)
         if self.budget_bytes <= 0:
-            return 0
+            return 0, None
         b = self.block_tokens
-        run: list[tuple[bytes, tuple[Tensor, Tensor]]] = []
-        for digest in _digests(ids, b, (len(ids) - 1) // b):
-            block = self._blocks.get(digest)
-            if block is None:
+        digests = _digests(ids, b, len(ids) // b)
+        run: list[bytes] = []
+        for digest in digests:
+            if digest not in self._blocks:
                 break
-            run.append((digest, block))
-        for i, (digest, (k, v)) in enumerate(run):
-            cache.k[:, 0, :, i * b : (i + 1) * b] = k
-            cache.v[:, 0, :, i * b : (i + 1) * b] = v
-        for digest, _ in reversed(run):  # leaf first: parents end up fresher than their children
-            self._blocks.move_to_end(digest)
-        self.hit_tokens += len(run) * b
-        return len(run) * b
+            run.append(digest)
+        whole = _whole(digests, ids, b) if len(run) == len(digests) else None
+        if whole is not None and whole in self._blocks:
+            keys, filled = run + [whole], len(ids)
+        else:
+            keys = run[: (len(ids) - 1) // b]
+            filled, whole = len(keys) * b, None
+        at = 0
+        for key in keys:
+            k, v, _ = self._blocks[key]
+            n = k.shape[2]
+            cache.k[:, 0, :, at : at + n] = k
+            cache.v[:, 0, :, at : at + n] = v
+            at += n
+        for key in reversed(keys):  # leaf first: parents end up fresher than their children
+            self._blocks.move_to_end(key)
+        self.hit_tokens += filled
+        return filled, (self._blocks[whole][2] if whole is not None else None)
 
-    def store(self, ids: Sequence[int], cache: KVCache) -> None:
-        """Keep the full blocks of the prompt `ids`, whose KV `cache` holds from position 0."""
+    def store(self, ids: Sequence[int], cache: KVCache, logits: Optional[Tensor] = None) -> None:
+        """Keep the full blocks of the prompt `ids`, whose KV `cache` holds from position 0, and
+        with `logits` (its last position's, (V,)) the whole prompt."""
         if self.budget_bytes <= 0:
             return
         b = self.block_tokens
         digests = _digests(ids, b, len(ids) // b)
+        keys = []
         for i, digest in enumerate(digests):
-            if digest in self._blocks:
-                self._blocks.move_to_end(digest)
-                continue
-            k = cache.k[:, 0, :, i * b : (i + 1) * b].clone()  # (L, KV, b, hd)
-            v = cache.v[:, 0, :, i * b : (i + 1) * b].clone()
-            size = k.numel() * k.element_size() * 2
-            if size > self.budget_bytes:
-                return
-            while self.bytes + size > self.budget_bytes:
-                _, (old_k, old_v) = self._blocks.popitem(last=False)
-                self.bytes -= old_k.numel() * old_k.element_size() * 2
-            self._blocks[digest] = (k, v)
-            self.bytes += size
-        for digest in reversed(digests):  # leaf first, as in `load`
-            if digest in self._blocks:
-                self._blocks.move_to_end(digest)
+            if digest not in self._blocks:
+                block = (cache.k[:, 0, :, i * b : (i + 1) * b].clone(), cache.v[:, 0, :, i * b : (i + 1) * b].clone(), None)
+                if not self._put(digest, block):  # (L, KV, b, hd) each
+                    return
+            keys.append(digest)
+        if logits is not None:
+            whole, start = _whole(digests, ids, b), len(digests) * b
+            if whole not in self._blocks:
+                tail = (cache.k[:, 0, :, start : len(ids)].clone(), cache.v[:, 0, :, start : len(ids)].clone(),
+                        logits.detach().clone())
+                if self._put(whole, tail):
+                    keys.append(whole)
+            else:
+                keys.append(whole)
+        for key in reversed(keys):  # leaf first, as in `load`
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
     def clear(self) -> None:
         self._blocks.clear()

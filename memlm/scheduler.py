@@ -153,20 +153,8 @@ class BatchScheduler:
         now = time.perf_counter()
         for (seq, tokens), row in zip(pieces, logits):
             seq.filled += len(tokens)
-            if row is None:
-                continue  # prompt not finished: no token yet
-            token_id = int(seq.completion.sample(row[None]))
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                if self.prefix_cache is not None:
-                    self.prefix_cache.store(seq.request.input_ids, seq.cache)
-            delta = seq.completion.add(token_id)
-            if delta:
-                seq.request.on_text(delta)
-            if seq.completion.finish_reason:
-                self._finish(seq)
-            else:
-                seq.next_token = token_id
+            if row is not None:  # None: prompt not finished, no token yet
+                self._take(seq, row, now)
         metrics.ITERATION_TOKENS.observe(sum(len(t) for _, t in pieces))
         metrics.ITERATION_SEQUENCES.observe(len(pieces))
         self._report()
@@ -183,12 +171,10 @@ class BatchScheduler:
         batch = RaggedBatch([s.cache for s, _ in pieces], [s.filled for s, _ in pieces], [len(t) for _, t in pieces])
         rows = [i for i, w in enumerate(wanted) if w]
         tokens = torch.tensor([t for _, piece in pieces for t in piece])
-        out = ragged_step(self.model, tokens, batch, rows) if rows else None  # (len(rows), V)
+        out = ragged_step(self.model, tokens, batch, rows)  # (len(rows), V); with no rows the pass only fills caches
         result: list[Optional[torch.Tensor]] = [None] * len(pieces)
         for j, i in enumerate(rows):
             result[i] = out[j]
-        if not rows:  # prefill pieces only, none finishing: the pass fills the caches
-            self.model.forward_embeds(self.model.embed(tokens[None]), batch.input_pos, batch)
         return result
 
     # --- admission and release -------------------------------------------------------------
@@ -206,14 +192,33 @@ class BatchScheduler:
                 break  # the oldest waits for room; nobody overtakes it
             self.waiting.popleft()
             cache = self.model.new_cache(1, positions)
-            filled = 0
+            filled, logits = 0, None
             if self.prefix_cache is not None:
-                filled = self.prefix_cache.load(request.input_ids, cache)
+                filled, logits = self.prefix_cache.load(request.input_ids, cache)
                 metrics.PREFIX_CACHE_QUERIES.inc(len(request.input_ids))
                 metrics.PREFIX_CACHE_HITS.inc(filled)
             completion = Completion(self.tokenizer, request.sampling, self.eos, request.cancel)
-            self.running.append(_Sequence(request, completion, cache, need, filled, time.perf_counter()))
+            seq = _Sequence(request, completion, cache, need, filled, time.perf_counter())
+            self.running.append(seq)
             self.reserved += need
+            if logits is not None:  # the whole prompt came from the cache: its first token needs no pass
+                self._take(seq, logits, time.perf_counter())
+
+    def _take(self, seq: _Sequence, logits: torch.Tensor, now: float) -> None:
+        """Sample the sequence's next token from `logits` (V,) and pass it on; it finishes or waits
+        to be fed in the next step."""
+        token_id = int(seq.completion.sample(logits[None]))
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(seq.request.input_ids, seq.cache, logits)
+        delta = seq.completion.add(token_id)
+        if delta:
+            seq.request.on_text(delta)
+        if seq.completion.finish_reason:
+            self._finish(seq)
+        else:
+            seq.next_token = token_id
 
     def _finish(self, seq: _Sequence, reason: Optional[str] = None) -> None:
         tail = seq.completion.flush() if reason is None else ""

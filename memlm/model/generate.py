@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from memlm.model.llama import KVCache, Llama, RaggedBatch
+from memlm.model.quantize import batched_steps
 
 
 def prefill(model: Llama, tokens: Tensor, cache: KVCache, start: int = 0) -> Tensor:
@@ -53,6 +54,9 @@ def ragged_step(model: Llama, tokens: Tensor, batch: RaggedBatch, rows: Optional
     """The new tokens (N,) of several sequences, laid out as `batch` says, in one forward pass;
     returns the logits of each sequence's last token, (S, V), or only of the sequences `rows`
     (len(rows), V): a sequence still partway through its prompt needs none."""
-    hidden = model.forward_embeds(model.embed(tokens[None]), batch.input_pos, batch)  # (1, N, D)
-    last = batch.last if rows is None else batch.last[list(rows)]
-    return model.output(hidden[0, last])  # the head only where logits are wanted
+    with batched_steps():  # q4_1 / q8_0: the batch's matmul path (memlm.model.quantize.BATCH_ROWS)
+        hidden = model.forward_embeds(model.embed(tokens[None]), batch.input_pos, batch)  # (1, N, D)
+        last = batch.last if rows is None else batch.last[list(rows)]
+        if not len(last):
+            return hidden.new_zeros((0, model.config.vocab_size))
+        return model.output(hidden[0, last])  # the head only where logits are wanted

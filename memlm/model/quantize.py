@@ -28,7 +28,9 @@ the model fp32 when quantized.
 """
 from __future__ import annotations
 
-from typing import Literal
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,20 @@ class Int4Linear(_WeightOnlyLinear):
                 f"bias={self.bias is not None}")
 
 
+_batched = threading.local()
+
+
+@contextmanager
+def batched_steps() -> Iterator[None]:
+    """The forward passes inside are batched steps of several sequences (see `_BlockLinear.BATCH_ROWS`)."""
+    before = getattr(_batched, "on", False)
+    _batched.on = True
+    try:
+        yield
+    finally:
+        _batched.on = before
+
+
 class _BlockLinear(_WeightOnlyLinear):
     """llama.cpp block formats on `qmatmul_cpu`: fp32 in, fp32 out. Below `PREFILL_ROWS` input
     rows the integer kernel (`_matmul`, activations quantized per block as llama.cpp does); from
@@ -145,10 +161,23 @@ class _BlockLinear(_WeightOnlyLinear):
 
     kernel_dtype = torch.float32
     PREFILL_ROWS = 32
+    # In a batched step of several sequences (`batched_steps()`, memlm.model.generate.ragged_step),
+    # from BATCH_ROWS rows up to PREFILL_ROWS: a bf16 copy of the weight, made on first use and kept
+    # (2 bytes a weight), on oneDNN's bf16 GEMM where the CPU has native bf16 (AVX512-BF16 or AMX):
+    # its cost hardly grows with the rows, the integer kernel's grows linearly (benchmarks/
+    # qmatmul_cpu.py "batched decode"). None: off. One sequence alone never takes it, so its
+    # numbers stay those of the one-at-a-time engine.
+    BATCH_ROWS: "int | None" = 2 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
     def _kernel(self, x: Tensor) -> Tensor:
-        if x.shape[0] >= self.PREFILL_ROWS:
+        rows = x.shape[0]
+        if rows >= self.PREFILL_ROWS:
             return F.linear(x, self._unpack())
+        if self.BATCH_ROWS is not None and rows >= self.BATCH_ROWS and getattr(_batched, "on", False):
+            weight = self.__dict__.get("_bf16_weight")
+            if weight is None:
+                weight = self.__dict__["_bf16_weight"] = self._unpack().to(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), weight).float()
         return self._matmul(x)
 
     def __init__(self, weight: Tensor, bias: Tensor | None):

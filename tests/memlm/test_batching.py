@@ -82,19 +82,35 @@ def test_prefix_cache_keeps_blocks_leaves_a_token_and_evicts_leaves_first():
     cache = model.new_cache(1, 16)
     with torch.inference_mode():
         prefill(model, torch.tensor([ids]), cache)
-    pc.store(ids, cache)
+    pc.store(ids, cache)  # no logits: the blocks only
     assert len(pc) == 2 and pc.bytes == 2 * block_bytes
     fresh = model.new_cache(1, 16)
-    assert pc.load(ids, fresh) == 8
+    assert pc.load(ids, fresh) == (8, None)
     torch.testing.assert_close(fresh.k[:, :, :, :8], cache.k[:, :, :, :8])
-    assert pc.load(ids[:8], model.new_cache(1, 16)) == 4  # one token is always left to prefill
-    assert pc.load([99] + ids[1:], model.new_cache(1, 16)) == 0  # a block is found only after the same tokens
+    assert pc.load(ids[:8], model.new_cache(1, 16)) == (4, None)  # one token is always left to prefill
+    assert pc.load([99] + ids[1:], model.new_cache(1, 16)) == (0, None)  # blocks count only after the same tokens
     other = [50, 51, 52, 53, 54, 55, 56, 57]  # two new blocks: the budget (3) evicts the oldest leaf
     with torch.inference_mode():
         prefill(model, torch.tensor([other]), cache)
     pc.store(other, cache)
     assert len(pc) == 3
-    assert pc.load(ids, model.new_cache(1, 16)) == 4  # ids' first block kept, its leaf evicted
+    assert pc.load(ids, model.new_cache(1, 16)) == (4, None)  # ids' first block kept, its leaf evicted
+
+
+def test_a_prompt_seen_whole_comes_back_whole_with_its_logits():
+    model = tiny_llama()
+    pc = PrefixCache(budget_bytes=1 << 30, block_tokens=4)
+    ids = list(range(3, 13))
+    cache = model.new_cache(1, 16)
+    with torch.inference_mode():
+        logits = prefill(model, torch.tensor([ids]), cache)[0]
+    pc.store(ids, cache, logits)
+    fresh = model.new_cache(1, 16)
+    filled, got = pc.load(ids, fresh)
+    assert filled == 10 and torch.equal(got, logits)
+    assert torch.equal(fresh.k[:, :, :, :10], cache.k[:, :, :, :10]) and torch.equal(fresh.v[:, :, :, :10], cache.v[:, :, :, :10])
+    assert pc.load(ids + [1], model.new_cache(1, 16)) == (8, None)  # a longer prompt: the blocks only
+    assert pc.load(ids[:9], model.new_cache(1, 16)) == (8, None)
 
 
 @pytest.fixture(scope="module")
@@ -266,4 +282,8 @@ def test_a_shared_prefix_is_served_from_the_prefix_cache(host, alone):
     block = host.batch.prefix_cache.block_tokens
     shared = len(host.tokenizer(system).input_ids) // block * block
     assert reused >= shared - block  # the second prompt's shared blocks came from the cache
-    assert r1.text == alone(first) and r2.text == alone(second)
+    assert r1.text == alone(first)
+    hits = REGISTRY.get_sample_value("memlm:prefix_cache_hits_total")
+    again = asyncio.run(run_all(host, [second]))[0]  # the same request again: all of it from the cache
+    assert REGISTRY.get_sample_value("memlm:prefix_cache_hits_total") - hits == again.prompt_tokens
+    assert again.text == r2.text
