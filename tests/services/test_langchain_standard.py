@@ -207,10 +207,13 @@ def test_chat_reads_memory_and_cites_it(client, ocean):
     cited = answer.response_metadata["citations"]
     assert [c["doc_id"] for c in cited] == ["ocean-3"] and cited[0]["text"] == OCEAN[3] and cited[0]["metadata"] == {"n": 3}
     usage = answer.usage_metadata
-    assert usage["output_tokens"] == 12 and usage["input_tokens"] > 20  # the chunk went into the prompt
+    assert 1 <= usage["output_tokens"] <= 12 and usage["input_tokens"] > 20  # the chunk went into the prompt
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert answer.response_metadata["model_name"] == client.model_info().name
-    assert answer.response_metadata["finish_reason"] == "length"
+    # 12 tokens unless the model ends its answer first (where it does depends on the kernels the
+    # server's state chooses: a prefix served from the prefix cache, README "Prefix reuse")
+    reason = answer.response_metadata["finish_reason"]
+    assert reason == "length" if usage["output_tokens"] == 12 else reason == "eos"
     plain = ChatMemlm(client=client, max_tokens=12).invoke("Why is sea water salty?")
     assert plain.response_metadata["citations"] == [] and plain.usage_metadata["input_tokens"] < usage["input_tokens"]
 
