@@ -195,11 +195,11 @@ def _message_text(i: int, m: ChatMessageIn) -> str:
 def _messages(body: ChatCompletionBody) -> tuple[ChatMessage, ...]:
     out = []
     for i, m in enumerate(body.messages):
-        check_extra_fields_of_message(i, m)
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for system messages
         if role in ("tool", "function"):
             raise ParamError(f"messages[{i}].role", f"messages[{i}].role={m.role!r}: memlm does not call tools, so "
                              "there are no tool results to send; expected system, user or assistant")
+        check_extra_fields_of_message(i, m)
         out.append(ChatMessage(role=role, content=_message_text(i, m)))
     return tuple(out)
 
