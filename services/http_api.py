@@ -58,8 +58,9 @@ _UNCOUNTED_PATHS = ("/health", "/metrics")  # not calls the drain waits for (as 
 # --- the app ----------------------------------------------------------------------------------
 
 def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard, *, api_key: Optional[str],
-               limits: oa.Limits) -> FastAPI:
-    """The FastAPI app over `engine` and `store`; `guard` is the gRPC server's (drain and in-flight count)."""
+               limits: oa.Limits) -> "HttpApp":
+    """The API over `engine` and `store`; `guard` is the gRPC server's (drain and in-flight count)."""
+    closing = _Closing()
     app = FastAPI(title="memlm OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     expected = f"Bearer {api_key}".encode() if api_key else None
     started = int(time.time())
@@ -113,7 +114,7 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
                        with_usage: bool) -> Response:
         events = engine.generate(req)
         if not stream:
-            result = await _until_disconnected(request, _last(events))
+            result = await _until_disconnected(request, _last(events, closing))
             if result is None:
                 return Response(status_code=CLIENT_CLOSED)  # nobody reads it; counted as 499
             return JSONResponse(reply.completion(result))
@@ -122,7 +123,7 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
         except BaseException:
             await events.aclose()
             raise
-        return StreamingResponse(_sse(events, first, reply, with_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(events, first, reply, with_usage, closing), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def new_reply(chat: bool) -> oa.Reply:
@@ -194,17 +195,31 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
         body = await asyncio.to_thread(generate_latest, REGISTRY)  # the store collector reads LMDB stats
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    return _Counted(app, guard)
+    return HttpApp(app, guard, closing)
 
 
 def _with_usage(body: oa._GenerationBody) -> bool:
     return bool(body.stream and body.stream_options is not None and body.stream_options.include_usage)
 
 
-async def _last(events: AsyncIterator) -> GenerationResult:
+class _Closing:
+    """Set when the grace period is over: generations still running end at their next token with
+    UNAVAILABLE (503, or an error event in a stream) instead of a connection cut mid-reply."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def check(self) -> None:
+        if self.set:
+            raise Unavailable("the server is shutting down and its grace period is over: the generation was stopped; "
+                              "retry on another replica or after restart")
+
+
+async def _last(events: AsyncIterator, closing: _Closing) -> GenerationResult:
     """The GenerationResult that ends `events`; closes it."""
     async with aclosing(events):
         async for event in events:
+            closing.check()
             if isinstance(event, GenerationResult):
                 return _checked(event)
     raise Unavailable("the generation ended without a result; retry")
@@ -216,10 +231,12 @@ def _checked(result: GenerationResult) -> GenerationResult:
     return result
 
 
-async def _sse(events: AsyncIterator, first, reply: oa.Reply, with_usage: bool) -> AsyncIterator[str]:
+async def _sse(events: AsyncIterator, first, reply: oa.Reply, with_usage: bool, closing: _Closing) -> AsyncIterator[str]:
     """The stream's events. A client disconnect cancels this generator at its await (Starlette's
     disconnect listener), and `aclosing` closes the engine's iterator: generation stops at the next
-    token. An error after the first event is sent as an `error` event (the openai client raises it)."""
+    token. An error after the first event ends the generation and is sent as an `error` event (the
+    openai client raises it), without the closing `[DONE]`."""
+    failure: Optional[dict] = None
     async with aclosing(events):
         try:
             head = reply.first_chunk(with_usage)
@@ -230,18 +247,16 @@ async def _sse(events: AsyncIterator, first, reply: oa.Reply, with_usage: bool) 
                 if event.text:
                     yield reply.delta_chunk(event.text, with_usage)
                 event = await anext(events)
+                closing.check()
             for chunk in reply.final_chunks(_checked(event), with_usage):
                 yield chunk
         except MemlmError as exc:
-            _, body, _ = oa.error_reply(exc, bounded(str(exc)))
-            yield oa.sse(body)
-            return
+            failure = oa.error_reply(exc, bounded(str(exc)))[1]
         except Exception as exc:  # noqa: BLE001 - a bug: logged, and the client told without internals
             log.exception("stream %s failed", reply.id, exc_info=exc)
-            yield oa.sse(oa.error_body(f"internal error in stream {reply.id}: {type(exc).__name__}", "server_error",
-                                       "internal"))
-            return
-    yield oa.SSE_DONE
+            failure = oa.error_body(f"internal error in stream {reply.id}: {type(exc).__name__}", "server_error",
+                                    "internal")
+    yield oa.SSE_DONE if failure is None else oa.sse(failure)  # the engine's iterator is closed by now
 
 
 async def _until_disconnected(request: Request, work):
@@ -266,13 +281,17 @@ async def _until_disconnected(request: Request, work):
     return task.result()
 
 
-class _Counted:
-    """ASGI middleware: /v1 requests are refused 503 during the drain, else counted in the guard
-    for as long as their response runs (a stream to its last byte); every request is counted and
-    timed in the metrics by route."""
+class HttpApp:
+    """The ASGI app served: FastAPI's routes behind a middleware that refuses /v1 requests 503
+    during the drain, else counts them in the guard for as long as their response runs (a stream
+    to its last byte), and counts and times every request in the metrics by route."""
 
-    def __init__(self, app: FastAPI, guard: CallGuard) -> None:
-        self.app, self.guard = app, guard
+    def __init__(self, app: FastAPI, guard: CallGuard, closing: _Closing) -> None:
+        self.app, self.guard, self._closing = app, guard, closing
+
+    def stop_generations(self) -> None:
+        """The grace period is over: running generations end at their next token with UNAVAILABLE."""
+        self._closing.set = True
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -320,6 +339,7 @@ class HttpListener:
         self.sock, self.host, self.tls = sock, host, tls
         self.port = sock.getsockname()[1]
         self._server = None
+        self._app: Optional[HttpApp] = None
         self._task: Optional[asyncio.Task] = None
 
     @classmethod
@@ -346,8 +366,9 @@ class HttpListener:
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
-    async def start(self, app) -> None:
+    async def start(self, app: HttpApp) -> None:
         """Serve `app` on the bound socket from a task of the running loop."""
+        self._app = app
         import uvicorn
 
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat memlm's own
@@ -372,11 +393,13 @@ class HttpListener:
             await asyncio.sleep(0.01)
 
     async def stop(self, flush_seconds: float) -> None:
-        """Close the listener; responses still running get `flush_seconds`, then are cancelled (a
-        generation's iterator is closed)."""
+        """Close the listener. Generations still running end at their next token (503 / an error
+        event); what is still running `flush_seconds` later is cancelled (the connection cut, a
+        generation's iterator closed)."""
         if self._server is None:
             self.sock.close()
             return
+        self._app.stop_generations()
         self._server.config.timeout_graceful_shutdown = flush_seconds
         self._server.should_exit = True
         await self._task

@@ -330,3 +330,35 @@ def test_sigterm_drains_http_streams_and_answers_503_meanwhile(api, oai):
     assert result["usage"].completion_tokens == 24 and result["text"]
     assert api.proc.wait(60) == 0, api.output
     assert "stopped cleanly" in api.output
+
+
+def test_https_with_the_grpc_tls_files_and_generations_past_the_grace_are_stopped(tmp_path, self_signed):
+    """Own server: TLS files and a 1 s grace. The HTTP API speaks HTTPS with the gRPC port's
+    certificate; on SIGTERM a stream still running when the grace ends gets an error event (the
+    openai client raises it) rather than a cut connection, and the process exits cleanly."""
+    import ssl
+
+    key, cert = self_signed()
+    server = ServerProcess(tmp_path / "d", env={"MEMLM_SERVER__TLS_CERT": str(cert), "MEMLM_SERVER__TLS_KEY": str(key),
+                                                "MEMLM_SERVER__GRACE_SECONDS": "1"}, args=("--http-port", "0"))
+    try:
+        assert server.http_url.startswith("https://127.0.0.1:"), server.output
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"{server.http_url}/health", context=context, timeout=30) as resp:
+            assert resp.status == 200
+        with pytest.raises(OSError):  # plain HTTP on the TLS port
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/health", timeout=10).read()
+        with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="none", max_retries=0, timeout=60,
+                           http_client=openai.DefaultHttpxClient(verify=context)) as client:
+            stream = client.completions.create(model=MODEL, prompt=STORY, max_tokens=1000, stream=True)
+            it = iter(stream)
+            assert next(it).choices
+            server.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            with pytest.raises(openai.APIError, match="grace period is over"):
+                for _ in it:
+                    pass
+            assert time.monotonic() - started < 10  # 1 s grace, then stopped at the next token
+        assert server.proc.wait(30) == 0, server.output
+    finally:
+        server.kill()
