@@ -28,7 +28,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
@@ -38,6 +38,7 @@ from memlm import modes as registry
 from memlm.engine import EngineClient, GenerationRequest, GenerationResult
 from memlm.errors import FailedPrecondition, MemlmError, Unauthenticated, Unavailable, bounded
 from memlm.index.embedding import EMBEDDERS, embedder_dim
+from memlm.index.types import CollectionConfig
 from memlm.services import openai_protocol as oa
 from memlm.services.auth import bearer_matches
 from memlm.services.interceptors import DRAINING_MESSAGE, CallGuard
@@ -58,24 +59,11 @@ _UNCOUNTED_PATHS = ("/health", "/metrics")  # not calls the drain waits for (as 
 # --- the app ----------------------------------------------------------------------------------
 
 def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard, *, api_key: Optional[str],
-               limits: oa.Limits) -> "HttpApp":
+               limits: oa.Limits, max_body_bytes: int) -> "HttpApp":
     """The API over `engine` and `store`; `guard` is the gRPC server's (drain and in-flight count)."""
     closing = _Closing()
     app = FastAPI(title="memlm OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    expected = f"Bearer {api_key}".encode() if api_key else None
     started = int(time.time())
-
-    def authorized(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.getlist("authorization")
-        if len(given) > 1:  # which one would a proxy in front have checked? refuse rather than guess
-            raise Unauthenticated(f"send exactly one Authorization header, got {len(given)}")
-        if not given or not bearer_matches(given[0], expected):
-            raise Unauthenticated("missing or wrong API key: send the header `Authorization: Bearer <key>` "
-                                  "(the openai client: api_key=...)")
-
-    keyed = [Depends(authorized)]
 
     # ---- errors: OpenAI's body {"error": {message, type, param, code}} with a mapped status
 
@@ -131,14 +119,14 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
         return oa.Reply(chat=chat, id=f"{prefix}-{secrets.token_hex(12)}", created=int(time.time()),
                         model=engine.info().name)
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatCompletionBody, request: Request) -> Response:
         oa.check_model(body.model, engine.info())
         reply = new_reply(chat=True)
         req = oa.chat_request(body, limits, reply.id)
         return await generate(request, req, reply, bool(body.stream), _with_usage(body))
 
-    @app.post("/v1/completions", dependencies=keyed)
+    @app.post("/v1/completions")
     async def completions(body: oa.CompletionBody, request: Request) -> Response:
         oa.check_model(body.model, engine.info())
         reply = new_reply(chat=False)
@@ -147,9 +135,9 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
 
     # ---- embeddings and models
 
-    @app.post("/v1/embeddings", dependencies=keyed)
+    @app.post("/v1/embeddings")
     async def embeddings(body: oa.EmbeddingBody) -> JSONResponse:
-        model = body.model or next(iter(EMBEDDERS))
+        model = body.model or CollectionConfig.embedding_model  # the default embedder of new collections
         if model not in EMBEDDERS:
             raise oa.ModelNotFound(f"embedding model {model!r} is not served here; expected one of: "
                                    f"{', '.join(EMBEDDERS)} (GET /v1/models)")
@@ -171,11 +159,11 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
                       "memlm": {"kind": "embedding", "dimensions": spec.dim}} for name, spec in EMBEDDERS.items()]
         return [served, *embedders]
 
-    @app.get("/v1/models", dependencies=keyed)
+    @app.get("/v1/models")
     async def list_models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": model_objects()})
 
-    @app.get("/v1/models/{model_id:path}", dependencies=keyed)
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
         for obj in model_objects():
             if obj["id"] == model_id:
@@ -190,12 +178,12 @@ def create_app(engine: EngineClient, store, executor: Executor, guard: CallGuard
             return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
         return JSONResponse({"status": "SERVING"})
 
-    @app.get("/metrics", dependencies=keyed)
+    @app.get("/metrics")
     async def metrics() -> Response:
         body = await asyncio.to_thread(generate_latest, REGISTRY)  # the store collector reads LMDB stats
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    return HttpApp(app, guard, closing)
+    return HttpApp(app, guard, closing, api_key, max_body_bytes)
 
 
 def _with_usage(body: oa._GenerationBody) -> bool:
@@ -282,16 +270,39 @@ async def _until_disconnected(request: Request, work):
 
 
 class HttpApp:
-    """The ASGI app served: FastAPI's routes behind a middleware that refuses /v1 requests 503
-    during the drain, else counts them in the guard for as long as their response runs (a stream
-    to its last byte), and counts and times every request in the metrics by route."""
+    """The ASGI app served: FastAPI's routes behind what every request goes through first, in
+    gRPC's order (services/server.py: CallGuard, then the API key): refused 503 during the drain
+    (/health, /metrics aside), then the API key (all but /health), then a body-size cap
+    (server.max_message_bytes, as gRPC's message cap), then counted in the guard for as long as the
+    response runs (a stream to its last byte); every request is counted and timed by route."""
 
-    def __init__(self, app: FastAPI, guard: CallGuard, closing: _Closing) -> None:
+    def __init__(self, app: FastAPI, guard: CallGuard, closing: _Closing, api_key: Optional[str],
+                 max_body_bytes: int) -> None:
         self.app, self.guard, self._closing = app, guard, closing
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._max_body = max_body_bytes
 
     def stop_generations(self) -> None:
         """The grace period is over: running generations end at their next token with UNAVAILABLE."""
         self._closing.set = True
+
+    def _refusal(self, scope) -> Optional[MemlmError]:
+        """Why this request is answered without reaching a route, or None."""
+        path = scope["path"]
+        if self.guard.draining and path not in _UNCOUNTED_PATHS:
+            return Unavailable(DRAINING_MESSAGE)
+        if self._expected is not None and path not in _OPEN_PATHS:
+            given = [v for k, v in scope["headers"] if k == b"authorization"]
+            if len(given) > 1:  # which one would a proxy in front have checked? refuse rather than guess
+                return Unauthenticated(f"send exactly one Authorization header, got {len(given)}")
+            if not given or not bearer_matches(given[0], self._expected):
+                return Unauthenticated("missing or wrong API key: send the header `Authorization: Bearer <key>` "
+                                       "(the openai client: api_key=...)")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            return _TooLarge(f"the request body is {int(length)} bytes; the limit is {self._max_body} "
+                             "(server.max_message_bytes)")
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -309,14 +320,15 @@ class HttpApp:
 
         started = time.perf_counter()
         try:
-            if path in _UNCOUNTED_PATHS:
-                await self.app(scope, receive, observed_send)
-            elif self.guard.draining:
-                status, body, headers = oa.error_reply(Unavailable(DRAINING_MESSAGE), DRAINING_MESSAGE)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                status, body, headers = oa.error_reply(refusal, str(refusal))
                 await JSONResponse(body, status_code=status, headers=headers)(scope, receive, observed_send)
+            elif path in _UNCOUNTED_PATHS:
+                await self.app(scope, receive, observed_send)
             else:
                 with self.guard.counted():
-                    await self.app(scope, receive, observed_send)
+                    await self.app(scope, _capped(receive, self._max_body), observed_send)
         except Exception:
             if not state["ended"]:
                 raise
@@ -325,6 +337,27 @@ class HttpApp:
             status = state["status"] if state["ended"] or state["status"] is None else CLIENT_CLOSED
             HTTP_REQUESTS.labels(route, str(status if status is not None else CLIENT_CLOSED)).inc()
             HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+
+class _TooLarge(MemlmError):
+    code = "RESOURCE_EXHAUSTED"
+    http_status = 413
+
+
+def _capped(receive, limit: int):
+    """`receive` that refuses a body (sent without Content-Length) growing past `limit` bytes."""
+    seen = 0
+
+    async def capped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge(f"the request body is over {limit} bytes (server.max_message_bytes)")
+        return message
+
+    return capped
 
 
 _ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"})

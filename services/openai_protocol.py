@@ -425,6 +425,7 @@ _PARAM_NAMES = {"k": "memlm.k", "max_new_tokens": "max_tokens"}
 def error_reply(exc: MemlmError, message: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(HTTP status, OpenAI error body, headers) for a memlm error; `message` is its bounded text."""
     status, type_ = HTTP_STATUS.get(exc.code, (500, "server_error"))
+    status = getattr(exc, "http_status", status)  # a refinement of the code's status (413: a body too large)
     code = getattr(exc, "openai_code", None) or exc.code.lower()
     headers = {"x-should-retry": "false"} if exc.code in NO_RETRY else {}
     if exc.code == "UNAUTHENTICATED":

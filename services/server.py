@@ -236,7 +236,8 @@ async def start_server(listener: Listener, settings: Settings, store, engine: En
 
         limits = Limits(default_max_new_tokens=settings.model.default_max_new_tokens,
                         max_new_tokens_limit=settings.model.max_new_tokens_limit)
-        app = create_app(engine, store, executor, listener.guard, api_key=settings.server.api_key, limits=limits)
+        app = create_app(engine, store, executor, listener.guard, api_key=settings.server.api_key, limits=limits,
+                         max_body_bytes=settings.server.max_message_bytes)
         await listener.http.start(app)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

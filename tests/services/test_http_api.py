@@ -201,6 +201,16 @@ def test_bad_requests_get_openai_errors_naming_the_problem(api, oai):
         assert isinstance(err, cls) and err.status_code == status, (words, err)
         assert set(err.body) == {"message", "type", "param", "code"}, err.body
         assert words in err.body["message"] and err.body["param"] == param, err.body
+    # A body over server.max_message_bytes is refused from its Content-Length, before it is read.
+    conn = http.client.HTTPConnection("127.0.0.1", api.http_port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(65 * 2**20))):
+        conn.putheader(name, value)
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "server.max_message_bytes" in json.loads(resp.read())["error"]["message"]
+    conn.close()
     # A body that is not JSON at all, and an unknown route: the same error shape.
     conn = http.client.HTTPConnection("127.0.0.1", api.http_port, timeout=30)
     for method, path, body, status in (("POST", "/v1/chat/completions", "{not json", 400), ("GET", "/v1/nothing", None, 404)):
