@@ -219,7 +219,8 @@ def _sampling(body: _GenerationBody, max_tokens: Optional[int], limits: Limits) 
         raise ParamError("n", f"n={body.n} is not supported: memlm generates one choice per request; send n=1 (or "
                          "leave it out) and make separate requests for more")
     if max_tokens is not None and not 1 <= max_tokens <= limits.max_new_tokens_limit:
-        name = "max_completion_tokens" if isinstance(body, ChatCompletionBody) and body.max_completion_tokens else "max_tokens"
+        chat_field = isinstance(body, ChatCompletionBody) and body.max_completion_tokens is not None
+        name = "max_completion_tokens" if chat_field else "max_tokens"
         raise ParamError(name, f"{name}={max_tokens} is out of range; expected 1 <= {name} <= "
                          f"{limits.max_new_tokens_limit} (the server's model.max_new_tokens_limit)")
     if body.seed is not None and not 0 <= body.seed <= SEED_MAX:
