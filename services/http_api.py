@@ -10,8 +10,9 @@ Life cycle (services/server.py drives it): `HttpListener.bind` binds the port be
 loads, so a port in use fails at once; `start` serves. Requests are counted in the gRPC server's
 `CallGuard`, so one drain covers both protocols: from SIGTERM on, /health answers 503 and new /v1
 requests 503 (the listener keeps answering, as gRPC health does, so load balancers see the drain),
-admitted requests get the same `grace_seconds`, then `stop` closes the listener and cancels
-what is left. A client that disconnects cancels its generation (the engine iterator is closed),
+admitted requests get the same `grace_seconds`; then `stop` ends the generations still running at
+their next token (503, or an error event in a stream), closes the listener and cancels what is
+left after RESPONSE_FLUSH_SECONDS. A client that disconnects cancels its generation (the engine iterator is closed),
 streaming or not; such a request is counted with status 499 in `memlm_http_requests_total`.
 """
 from __future__ import annotations
@@ -52,8 +53,8 @@ HTTP_SECONDS = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away before the reply ended
-_OPEN_PATHS = ("/health",)  # answered without a key and during the drain (load balancers probe it)
-_UNCOUNTED_PATHS = ("/health", "/metrics")  # not calls the drain waits for (as gRPC health and the metrics port)
+_OPEN_PATHS = ("/health",)  # answered without a key (load balancers probe it)
+_UNCOUNTED_PATHS = ("/health", "/metrics")  # answered during the drain, never waited for (as gRPC health, the metrics port)
 
 
 # --- the app ----------------------------------------------------------------------------------

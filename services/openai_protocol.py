@@ -23,7 +23,7 @@ import re
 from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from memlm.engine import ChatMessage, GenerationRequest, GenerationResult, ModelInfo, SamplingParams
 from memlm.errors import InvalidArgument, MemlmError, NotFound, quoted
