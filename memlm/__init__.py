@@ -8,4 +8,8 @@ def __getattr__(name: str):
         from memlm.client import Client
 
         return Client
+    if name == "AsyncClient":
+        from memlm.async_client import AsyncClient
+
+        return AsyncClient
     raise AttributeError(name)

@@ -12,25 +12,30 @@ InvalidArgument, ResourceExhausted, ...), so callers catch what they mean rather
         for piece in stream:
             print(piece, end="")
         print(stream.result.citations)
+
+`memlm.AsyncClient` (memlm/async_client.py) makes the same calls over a grpc.aio channel; both
+build their requests and read their replies with the functions below, so a field is mapped once.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 
 from memlm import wire
 from memlm.engine import GenerationResult
-from memlm.errors import InvalidArgument, error_for_code
+from memlm.errors import InvalidArgument, NotFound, error_for_code
 from memlm.index.types import CollectionConfig, CollectionStats, DocumentResult, Filter, SearchHit, StoredDocument
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from memlm.async_client import AsyncClient
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 FilterLike = Union[Filter, Mapping[str, Any], None]
@@ -119,6 +124,163 @@ def _search_request(query, collection: str, k: int, filter: FilterLike, mode: Op
     return request
 
 
+# How the store's NotFound for Get names missing documents (index/memory_store.py), as against an
+# unknown collection ("collection 'x' does not exist"): the wire has no field that tells them apart.
+_MISSING_DOCUMENT = "has no document with"
+
+
+def _ids(ids: Union[str, Sequence[str]]) -> list[str]:
+    return [ids] if isinstance(ids, str) else list(ids)
+
+
+def _create_collection_request(
+    name: str, *, index_factory: Optional[str], embedding_model: Optional[str], chunk_tokens: Optional[int],
+    chunk_overlap: Optional[int], memory: Union[None, Sequence[str], Mapping[str, Optional[Mapping[str, Any]]]],
+    kv_memory: Optional[bool], if_not_exists: bool,
+) -> pb.CreateCollectionRequest:
+    given = dict(index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
+                 chunk_overlap=chunk_overlap, kv_memory=kv_memory)
+    request = pb.CreateCollectionRequest(
+        name=name, if_not_exists=if_not_exists, **{k: v for k, v in given.items() if v is not None}
+    )
+    if memory is not None:
+        modes = {m: None for m in memory} if not isinstance(memory, Mapping) else dict(memory)
+        request.memory.extend(wire.memory_to_pb(modes))
+    return request
+
+
+def _generate_request(
+    prompt: Optional[str], *, messages: Optional[Sequence[Mapping[str, str]]], collection: str, memory: str, k: int,
+    filter: FilterLike, max_new_tokens: int, temperature: Optional[float], top_p: Optional[float],
+    seed: Optional[int], stop: Sequence[str], search_mode: Optional[str],
+) -> pb.GenerateRequest:
+    mode = wire.memory_mode_to_pb(memory)  # InvalidArgument for a name the wire does not know
+    if mode not in (pb.MEMORY_MODE_NONE, pb.MEMORY_MODE_UNSPECIFIED) and not collection:
+        raise InvalidArgument(f"memory={memory!r} reads a collection: pass collection=...")
+    request = pb.GenerateRequest(
+        collection=collection, memory=mode, k=k, max_new_tokens=max_new_tokens,
+        stop=list(stop), search_mode=search_mode or "",
+    )
+    if (prompt is None) == (messages is None):
+        raise InvalidArgument("pass exactly one of prompt or messages")
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    if temperature is not None:
+        request.temperature = temperature
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    if (f := _to_filter(filter)) is not None:
+        request.filter.CopyFrom(f)
+    return request
+
+
+def _generation_event(msg: pb.GenerateResponse) -> Union[str, GenerationResult]:
+    """One streamed message: a text delta, or the final result."""
+    if msg.WhichOneof("event") == "delta":
+        return msg.delta
+    return wire.done_from_pb(msg.done)
+
+
+class _IngestRun:
+    """What `ingest` does around its calls, for the blocking and the async client alike: batches
+    of requests in, replies and progress out, and the message of a failed batch."""
+
+    def __init__(self, docs: Iterable[DocumentLike], *, collection: str, batch_size: int, skip_invalid: bool,
+                 progress: Union[bool, Callable[[int], None]], total: Optional[int],
+                 before_batch: Optional[Callable[[int, int], None]]):
+        if batch_size < 1:
+            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
+        self.collection, self.batch_size, self.skip_invalid = collection, batch_size, skip_invalid
+        self.progress, self.before_batch = progress, before_batch
+        self.bar = None
+        if progress is True:
+            from tqdm import tqdm
+
+            if total is None and isinstance(docs, Sequence):
+                total = len(docs)
+            self.bar = tqdm(total=total, unit="doc", desc=f"ingest {collection}")
+        self.docs = iter(docs)
+        self.start = 0  # documents answered so far
+        self.size = 0  # documents in the batch in flight
+        self.results: list[DocumentResult] = []
+
+    def requests(self) -> Iterator[pb.IngestRequest]:
+        """One IngestRequest per batch; the next is made after `answered()` took the last reply."""
+        while batch := list(itertools.islice(self.docs, self.batch_size)):
+            msgs = []
+            for i, doc in enumerate(batch):
+                doc_id, text, metadata = _document_fields(doc, self.start + i)
+                msgs.append(pb.Document(id=doc_id, text=text, metadata=wire.dict_to_struct(metadata)))
+            self.size = len(batch)
+            if self.before_batch is not None:
+                self.before_batch(self.start, self.size)
+            yield pb.IngestRequest(collection=self.collection, documents=msgs, skip_invalid=self.skip_invalid)
+
+    def failed(self, exc: BaseException) -> None:
+        """Name the failed batch in `exc` and say what was stored before it."""
+        if self.start:
+            exc.args = (f"{exc} (documents {self.start}..{self.start + self.size - 1}; the {self.start} before are stored)",)
+
+    def answered(self, reply: pb.IngestResponse) -> None:
+        self.results.extend(wire.result_from_pb(r) for r in reply.results)
+        self.start += self.size
+        if self.bar is not None:
+            self.bar.update(self.size)
+        elif callable(self.progress):
+            self.progress(self.start)
+
+    def close(self) -> IngestReport:
+        if self.bar is not None:
+            self.bar.close()
+        return IngestReport(results=self.results)
+
+
+@dataclass(frozen=True)
+class DocumentHit:
+    """A whole document found by `search_documents`: its stored text and metadata, the score of its
+    best chunk, and the chunks of it that the search returned (best first)."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float
+    chunks: tuple[SearchHit, ...]
+
+
+# search_documents asks for more chunks while several of one document fill the k: at most this
+# many times k, and never past the server's max_k (the first refusal ends the growing).
+_DOCUMENT_FETCH_GROWTH = 4
+_DOCUMENT_FETCH_MAX_FACTOR = 16
+
+
+def _by_document(hits: Sequence[SearchHit]) -> dict[str, list[SearchHit]]:
+    """Hits grouped by document, documents in the order of their best hit (hits come best first)."""
+    groups: dict[str, list[SearchHit]] = {}
+    for h in hits:
+        groups.setdefault(h.doc_id, []).append(h)
+    return groups
+
+
+def _wants_more(groups: Mapping[str, list], hits: Sequence[SearchHit], fetch: int, k: int) -> Optional[int]:
+    """The next, larger number of chunks to ask for, or None when these hits settle the k documents."""
+    if len(groups) >= k or len(hits) < fetch or fetch >= k * _DOCUMENT_FETCH_MAX_FACTOR:
+        return None
+    return min(fetch * _DOCUMENT_FETCH_GROWTH, k * _DOCUMENT_FETCH_MAX_FACTOR)
+
+
+def _document_hits(groups: Mapping[str, list[SearchHit]], stored: Sequence[StoredDocument], k: int) -> list[DocumentHit]:
+    found = {d.id: d for d in stored}  # a document deleted since the search is left out
+    return [
+        DocumentHit(id=doc_id, text=found[doc_id].text, metadata=dict(found[doc_id].metadata), score=hits[0].score,
+                    chunks=tuple(hits))
+        for doc_id, hits in list(groups.items())[:k] if doc_id in found
+    ]
+
+
 class GenerationStream:
     """Iterates the generated text piece by piece; `.result` then holds the citations, token
     counts and timings. Reading `.result` early drains the rest of the stream."""
@@ -131,10 +293,11 @@ class GenerationStream:
     def _iterate(self) -> Iterator[str]:
         try:
             for msg in self._call:
-                if msg.WhichOneof("event") == "delta":
-                    yield msg.delta
+                event = _generation_event(msg)
+                if isinstance(event, str):
+                    yield event
                 else:
-                    self._result = wire.done_from_pb(msg.done)
+                    self._result = event
         except grpc.RpcError as err:
             _raise_from(err)
 
@@ -143,6 +306,11 @@ class GenerationStream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    @property
+    def done(self) -> bool:
+        """True once the final result has arrived."""
+        return self._result is not None
 
     @property
     def result(self) -> GenerationResult:
@@ -161,6 +329,21 @@ class GenerationStream:
         self._call.cancel()
 
 
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def _credentials(tls: bool, root_certificates: Optional[bytes]) -> Optional[grpc.ChannelCredentials]:
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls or root_certificates else None
+
+
+def _auth_metadata(api_key: Optional[str]) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class Client:
     def __init__(
         self,
@@ -172,20 +355,19 @@ class Client:
         root_certificates: Optional[bytes] = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
-        opts = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
-        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls or root_certificates else None
+        opts = _channel_options(max_message_bytes)
+        creds = _credentials(tls, root_certificates)
         if creds is not None:
             self._channel = grpc.secure_channel(address, creds, options=opts)
         else:
             self._channel = grpc.insecure_channel(address, options=opts)
-        self._channel_args = (address, creds, opts)
-        self._aio: Optional[tuple[asyncio.AbstractEventLoop, Any, pb_grpc.MemoryStub]] = None  # (loop, channel, stub)
+        # What `aio` needs to open the same connection over grpc.aio.
+        self._settings = dict(address=address, api_key=api_key, timeout=timeout, tls=tls,
+                              root_certificates=root_certificates, max_message_bytes=max_message_bytes)
+        self._aio = None  # the AsyncClient of `aio`, made on first use
         self.address = address
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = _auth_metadata(api_key)
         self._memory = pb_grpc.MemoryStub(self._channel)
         self._generation = pb_grpc.GenerationStub(self._channel)
 
@@ -204,25 +386,22 @@ class Client:
         except grpc.FutureTimeoutError:
             raise error_for_code("UNAVAILABLE", f"no memlm server at {self.address} after {timeout} s") from None
 
-    def _aio_memory(self) -> pb_grpc.MemoryStub:
-        """The Memory stub over a grpc.aio channel of the running event loop, for the async calls.
-        Made on first use; a channel belongs to one loop, so another loop (a second asyncio.run)
-        gets a channel of its own."""
-        loop = asyncio.get_running_loop()
-        if self._aio is None or self._aio[0] is not loop:
-            address, creds, opts = self._channel_args
-            if creds is not None:
-                channel = grpc.aio.secure_channel(address, creds, options=opts)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=opts)
-            self._aio = (loop, channel, pb_grpc.MemoryStub(channel))
-        return self._aio[2]
+    @property
+    def aio(self) -> "AsyncClient":
+        """An `AsyncClient` to the same server with the same key, deadline and TLS settings, for
+        asyncio code that holds this client (the LangChain and LlamaIndex adapters' async calls).
+        Its grpc.aio channel belongs to the event loop that first uses it; another loop (a second
+        asyncio.run) gets a channel of its own."""
+        if self._aio is None:
+            from memlm.async_client import AsyncClient
+
+            self._aio = AsyncClient(**self._settings)
+        return self._aio
 
     async def aclose(self) -> None:
         """Close the async channel this event loop made (the blocking one stays open: `close()`)."""
-        if self._aio is not None and self._aio[0] is asyncio.get_running_loop():
-            await self._aio[1].close()
-        self._aio = None
+        if self._aio is not None:
+            await self._aio.close()
 
     def close(self) -> None:
         self._aio = None  # an async channel's loop closes it; it cannot be awaited from here
@@ -254,14 +433,10 @@ class Client:
         setting given here (AlreadyExists names those that differ).
         memory: the memory modes to derive memory for, as names (["knn"]) or {mode: options}
         ({"knn": {"window": 512}}; `memlm modes` lists them); kv_memory=True means ["knn"]."""
-        given = dict(index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
-                     chunk_overlap=chunk_overlap, kv_memory=kv_memory)
-        request = pb.CreateCollectionRequest(
-            name=name, if_not_exists=if_not_exists, **{k: v for k, v in given.items() if v is not None}
+        request = _create_collection_request(
+            name, index_factory=index_factory, embedding_model=embedding_model, chunk_tokens=chunk_tokens,
+            chunk_overlap=chunk_overlap, memory=memory, kv_memory=kv_memory, if_not_exists=if_not_exists,
         )
-        if memory is not None:
-            modes = {m: None for m in memory} if not isinstance(memory, Mapping) else dict(memory)
-            request.memory.extend(wire.memory_to_pb(modes))
         reply = self._call(self._memory.CreateCollection, request, timeout)
         return wire.config_from_pb(reply.config)
 
@@ -310,43 +485,19 @@ class Client:
         stores it, and builds the derived memory of a collection with any (knn's KV memory), before it answers).
         A document without an id (a LangChain loader's or splitter's, say) gets `content_id()`.
         """
-        if batch_size < 1:
-            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
-        bar = None
-        if progress is True:
-            from tqdm import tqdm
-
-            if total is None and isinstance(docs, Sequence):
-                total = len(docs)
-            bar = tqdm(total=total, unit="doc", desc=f"ingest {collection}")
-        results: list[DocumentResult] = []
-        it = iter(docs)
-        start = 0
+        run = _IngestRun(docs, collection=collection, batch_size=batch_size, skip_invalid=skip_invalid,
+                         progress=progress, total=total, before_batch=before_batch)
         try:
-            while batch := list(itertools.islice(it, batch_size)):
-                msgs = []
-                for i, doc in enumerate(batch):
-                    doc_id, text, metadata = _document_fields(doc, start + i)
-                    msgs.append(pb.Document(id=doc_id, text=text, metadata=wire.dict_to_struct(metadata)))
-                request = pb.IngestRequest(collection=collection, documents=msgs, skip_invalid=skip_invalid)
-                if before_batch is not None:
-                    before_batch(start, len(batch))
+            for request in run.requests():
                 try:
                     reply = self._call(self._memory.Ingest, iter([request]), timeout)
                 except Exception as exc:
-                    if start:
-                        exc.args = (f"{exc} (documents {start}..{start + len(batch) - 1}; the {start} before are stored)",)
+                    run.failed(exc)
                     raise
-                results.extend(wire.result_from_pb(r) for r in reply.results)
-                start += len(batch)
-                if bar is not None:
-                    bar.update(len(batch))
-                elif callable(progress):
-                    progress(start)
+                run.answered(reply)
         finally:
-            if bar is not None:
-                bar.close()
-        return IngestReport(results=results)
+            report = run.close()
+        return report
 
     def search(
         self,
@@ -364,6 +515,32 @@ class Client:
         reply = self._call(self._memory.Search, _search_request(query, collection, k, filter, mode), timeout)
         return [wire.hit_from_pb(h) for h in reply.hits]
 
+    def search_documents(
+        self,
+        query: Union[str, Sequence[float], np.ndarray],
+        *,
+        collection: str,
+        k: int = 10,
+        filter: FilterLike = None,
+        mode: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> list[DocumentHit]:
+        """The k best documents, whole: `search` ranks chunks, this ranks each document by its best
+        chunk and returns its stored text (what the LangChain and LlamaIndex vector stores hand
+        back). When several chunks of one document fill the k, it asks for more chunks (up to 16 k,
+        and no more than the server's max_k); a document deleted meanwhile is left out."""
+        fetch = k
+        hits = self.search(query, collection=collection, k=fetch, filter=filter, mode=mode, timeout=timeout)
+        groups = _by_document(hits)
+        while (more := _wants_more(groups, hits, fetch, k)) is not None:
+            try:
+                hits = self.search(query, collection=collection, k=more, filter=filter, mode=mode, timeout=timeout)
+            except InvalidArgument:  # past the server's max_k: the chunks so far must do
+                break
+            fetch, groups = more, _by_document(hits)
+        stored = self.get(list(groups)[:k], collection=collection, missing_ok=True, timeout=timeout) if groups else []
+        return _document_hits(groups, stored, k)
+
     async def asearch(
         self,
         query: Union[str, Sequence[float], np.ndarray],
@@ -374,24 +551,37 @@ class Client:
         mode: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> list[SearchHit]:
-        """`search` for asyncio code: the same request over a grpc.aio channel, so the event
-        loop keeps running while the server searches (no thread is held)."""
-        request = _search_request(query, collection, k, filter, mode)
-        try:
-            reply = await self._aio_memory().Search(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as err:  # grpc.aio.AioRpcError is one
-            _raise_from(err)
-        return [wire.hit_from_pb(h) for h in reply.hits]
+        """`search` for asyncio code: `self.aio.search`, the same request over a grpc.aio channel,
+        so the event loop keeps running while the server searches (no thread is held)."""
+        return await self.aio.search(query, collection=collection, k=k, filter=filter, mode=mode, timeout=timeout)
 
-    def get(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[StoredDocument]:
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        reply = self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=ids), timeout)
+    def get(
+        self, ids: Union[str, Sequence[str]], *, collection: str, missing_ok: bool = False,
+        timeout: Optional[float] = None,
+    ) -> list[StoredDocument]:
+        """Documents by id, in the order asked. An id not stored: NotFound naming it, or with
+        `missing_ok` it is left out of the answer (then the ids are asked one by one)."""
+        ids = _ids(ids)
+        try:
+            reply = self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=ids), timeout)
+        except NotFound:
+            if not missing_ok:
+                raise
+            return [d for i in ids for d in self._get_one(i, collection, timeout)]
+        return [wire.stored_from_pb(d) for d in reply.documents]
+
+    def _get_one(self, doc_id: str, collection: str, timeout: Optional[float]) -> list[StoredDocument]:
+        try:
+            reply = self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=[doc_id]), timeout)
+        except NotFound as exc:
+            if _MISSING_DOCUMENT not in str(exc):  # the collection itself is unknown
+                raise
+            return []
         return [wire.stored_from_pb(d) for d in reply.documents]
 
     def delete(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[str]:
         """Delete documents; returns the ids that existed and are now gone."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        reply = self._call(self._memory.Delete, pb.DeleteRequest(collection=collection, ids=ids), timeout)
+        reply = self._call(self._memory.Delete, pb.DeleteRequest(collection=collection, ids=_ids(ids)), timeout)
         return list(reply.deleted)
 
     # --- what a model host in another process reads (memlm.remote_store.RemoteStore) ---
@@ -441,27 +631,11 @@ class Client:
         """Stream a completion. `memory="rag"` needs a collection; `memory="none"` does not.
         0 for `k` / `max_new_tokens` means the server's default. `search_mode`: how rag and
         chunk-gated knn search the collection ("dense", "lexical", "hybrid"; None: the server's)."""
-        mode = wire.memory_mode_to_pb(memory)  # InvalidArgument for a name the wire does not know
-        if mode not in (pb.MEMORY_MODE_NONE, pb.MEMORY_MODE_UNSPECIFIED) and not collection:
-            raise InvalidArgument(f"memory={memory!r} reads a collection: pass collection=...")
-        request = pb.GenerateRequest(
-            collection=collection, memory=mode, k=k, max_new_tokens=max_new_tokens,
-            stop=list(stop), search_mode=search_mode or "",
+        request = _generate_request(
+            prompt, messages=messages, collection=collection, memory=memory, k=k, filter=filter,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+            search_mode=search_mode,
         )
-        if (prompt is None) == (messages is None):
-            raise InvalidArgument("pass exactly one of prompt or messages")
-        if prompt is not None:
-            request.prompt = prompt
-        else:
-            request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-        if temperature is not None:
-            request.temperature = temperature
-        if top_p is not None:
-            request.top_p = top_p
-        if seed is not None:
-            request.seed = seed
-        if (f := _to_filter(filter)) is not None:
-            request.filter.CopyFrom(f)
         call = self._generation.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return GenerationStream(call)
 

@@ -116,6 +116,25 @@ class ModelSettings(BaseModel):
         "on the bundled SmolLM2 (README 'The owned model'): q4_1 decodes at 0.71x llama.cpp's tokens/s on 2 "
         "threads, 0.86x on 1 (int4 0.29x/0.38x, dense 0.11x/0.17x), at +0.48% perplexity. Without a C compiler or AVX2 the block formats serve dense",
     )
+    batching: bool = Field(True, description="decode concurrent requests together (memlm.scheduler: continuous "
+                           "batching, chunked prefill) where the model is memlm's own and the memory mode allows "
+                           "(none, rag); False: one request at a time")
+    max_batch_size: int = Field(16, gt=0, description="sequences in the running batch at most")
+    max_batched_tokens: int = Field(512, gt=0, description="tokens in one batched forward pass at most (decode tokens, "
+                                    "then prompt chunks); >= max_batch_size")
+    kv_cache_mb: int = Field(4096, gt=0, description="KV-cache memory the running batch may reserve (each sequence: "
+                             "prompt + max_new_tokens positions); a request alone is always admitted")
+    prefix_cache_mb: int = Field(512, ge=0, description="memory for prompt KV blocks reused by later requests with the "
+                                 "same prefix (memlm.prefix_cache); 0 = off")
+    max_concurrent_requests: int = Field(64, gt=0, description="generations in flight (running or waiting) at most; "
+                                         "one more is answered RESOURCE_EXHAUSTED")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "ModelSettings":
+        if self.max_batched_tokens < self.max_batch_size:
+            raise ValueError(f"max_batched_tokens={self.max_batched_tokens} is below max_batch_size="
+                             f"{self.max_batch_size}; every running sequence needs one token per step")
+        return self
 
 
 class ServerSettings(BaseModel):

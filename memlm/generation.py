@@ -6,8 +6,8 @@ swapped (a compiled decode step, a batched scheduler) without touching the rest.
 knows the model's class): `OwnedSequence` runs memlm's own `Llama` with its fixed-shape KVCache,
 sized to prompt + max_new_tokens (memlm.model.generate's `prefill` / `decode_one_token`);
 `HFSequence` runs any Hugging Face causal LM through its own forward with a `DynamicCache`. Batch
-size is 1 here: the host serialises requests, and batching would replace `generate_tokens`, not
-its callers.
+size is 1 here; `Completion` (what a sampled token does to one sequence: stop conditions, text)
+is shared with the batch scheduler (memlm.scheduler), which steps many sequences together.
 
 Limits: the caller keeps prompt + new tokens inside the model's context (see
 `memlm.prompts.prompt_budget`); nothing here truncates. Detokenization re-decodes all generated ids
@@ -232,6 +232,51 @@ class StreamingText:
         return delta
 
 
+class Completion:
+    """One sequence's sampled tokens as they come, and when it ends: an EOS token (not part of the
+    text), `sampling.max_new_tokens`, a stop sequence (the text ends before it) or `cancel.set()`.
+    Its own generator (seeded when asked), so sequences sampled side by side in one batch get the
+    text each would get alone. Shared by `generate_tokens` and the batch scheduler
+    (memlm.scheduler)."""
+
+    def __init__(self, tokenizer, sampling: SamplingParams, eos: frozenset[int], cancel: threading.Event):
+        self.sampling, self.eos, self.cancel = sampling, eos, cancel
+        self.generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
+        self.stream = StreamingText(tokenizer, sampling.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (1, vocab) -> the next token, (1, 1)."""
+        return sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+
+    def add(self, token_id: int) -> str:
+        """Take a sampled token; return the text it makes safe to show ("" if none). Sets
+        `finish_reason` when the sequence ends here (cancellation is checked last: the token's
+        text is still shown)."""
+        self.token_ids.append(token_id)
+        if token_id in self.eos:
+            self.finish_reason = "eos"
+            return ""
+        delta = self.stream.add(token_id)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.sampling.max_new_tokens:
+            self.finish_reason = "length"
+        elif self.cancel.is_set():
+            self.finish_reason = "cancelled"
+        return delta
+
+    def flush(self) -> str:
+        """The sequence has ended: whatever text was held back (a possible stop's prefix)."""
+        return self.stream.flush()
+
+    def outcome(self, reason: Optional[str] = None, prefill_s: float = 0.0, decode_s: float = 0.0,
+                first_token_at: Optional[float] = None) -> GenerationOutcome:
+        return GenerationOutcome(self.stream.text, tuple(self.token_ids), reason or self.finish_reason or "cancelled",
+                                 prefill_s, decode_s, first_token_at)
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -245,24 +290,15 @@ def generate_tokens(
     """Generate after `input_ids` ((1, T) tensor or a list of ids), yielding non-empty
     `TextDelta`s as text becomes safe to show, then one `GenerationOutcome`.
 
-    Stops on an EOS token (not part of the text), `sampling.max_new_tokens`, a stop sequence
-    (the text ends before it) or `cancel.set()` (checked before every forward pass).
+    Stops as `Completion` says; cancellation is checked before every forward pass.
     `hooks`: the memory mode's (memlm.modes.base.GenerationHooks): extra embeddings before the
     prompt, a call each time the sequence completes a chunk of `hooks.chunk_tokens`, one per token.
     """
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
     eos = frozenset(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
-    generator = make_generator(sampling.seed) if sampling.temperature > 0 else None
-    stream = StreamingText(tokenizer, sampling.stop)
-    token_ids: list[int] = []
-    prefill_s = decode_s = 0.0
-    first_token_at = None
-
-    def outcome(reason: str) -> GenerationOutcome:
-        return GenerationOutcome(stream.text, tuple(token_ids), reason, prefill_s, decode_s, first_token_at)
-
+    completion = Completion(tokenizer, sampling, eos, cancel)
     if cancel.is_set():
-        yield outcome("cancelled")
+        yield completion.outcome("cancelled")
         return
     t0 = time.perf_counter()
     prompt_ids = ids[0].tolist()
@@ -278,36 +314,23 @@ def generate_tokens(
     if done > 0:  # the prompt's completed chunks: before the prefill reads them
         hooks.on_chunk(prompt_ids, done)
     logits = seq.prefill(ids, PREFILL_CHUNK_TOKENS)
-    token = sample(logits, sampling.temperature, sampling.top_p, generator)  # (1, 1)
+    token = completion.sample(logits)  # (1, 1)
     first_token_at = time.perf_counter()
     prefill_s = first_token_at - t0
-    t_decode = first_token_at
     while True:
         token_id = int(token)
-        token_ids.append(token_id)
-        position = len(prompt_ids) + len(token_ids) - 1
+        position = len(prompt_ids) + len(completion.token_ids)
         hooks.on_token(token_id, position)
-        if token_id in eos:
-            reason = "eos"
-            break
-        delta = stream.add(token_id)
+        delta = completion.add(token_id)
         if delta:
             yield TextDelta(delta)
-        if stream.stopped:
-            reason = "stop"
-            break
-        if len(token_ids) >= sampling.max_new_tokens:
-            reason = "length"
-            break
-        if cancel.is_set():
-            reason = "cancelled"
+        if completion.finish_reason:
             break
         if every and (position + 1 + phase) % every == 0:  # the token completes a chunk: before the pass that feeds it
-            hooks.on_chunk(prompt_ids + token_ids, position + 1)
-        logits = seq.decode(token)
-        token = sample(logits, sampling.temperature, sampling.top_p, generator)
-    tail = stream.flush()
+            hooks.on_chunk(prompt_ids + completion.token_ids, position + 1)
+        token = completion.sample(seq.decode(token))
+    tail = completion.flush()
     if tail:
         yield TextDelta(tail)
-    decode_s = time.perf_counter() - t_decode
-    yield outcome(reason)
+    yield completion.outcome(prefill_s=prefill_s, decode_s=time.perf_counter() - first_token_at,
+                             first_token_at=first_token_at)

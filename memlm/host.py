@@ -12,9 +12,14 @@ generation context, runs the token loop (`memlm.generation.generate_tokens`) wit
 and posts events back with `loop.call_soon_threadsafe` onto the request's `asyncio.Queue`. The
 event loop never runs model work.
 
-Jobs wait in a FIFO and run one at a time. Batching concurrent requests later means replacing
-`_ModelWorker._serve` with a scheduler that drains several jobs and steps them together; jobs,
-events and `generate()` stay as they are.
+Batching: on memlm's own model (memlm.model.Llama) the worker hands jobs of batchable modes
+(`MemoryModeBase.batchable`: none and rag, which run the plain model) to a `BatchScheduler`
+(memlm.scheduler: continuous batching, chunked prefill, prefix reuse) and steps the running batch
+once per loop; a job of another mode (knn, landmark, retro: their generation context changes the
+model for one request) or a mode's model work (`_Call`) runs alone between two steps, the batch
+waiting meanwhile. Without batching (a transformers model, `model.batching = false`) jobs run one
+at a time in arrival order. More than `model.max_concurrent_requests` generations in flight: the
+next is refused RESOURCE_EXHAUSTED.
 
 Closing the iterator early (aclose, task cancellation, a deadline) sets the job's cancel event:
 a queued job is skipped, a running one stops before its next forward pass.
@@ -52,8 +57,12 @@ from memlm.engine import (
     TextDelta,
     Timings,
 )
-from memlm.errors import FailedPrecondition, InvalidArgument
+from memlm import metrics
+from memlm.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from memlm.generation import GenerationOutcome, eos_token_ids, generate_tokens
+from memlm.model import Llama
+from memlm.prefix_cache import PrefixCache
+from memlm.scheduler import BatchRequest, BatchScheduler
 from memlm.models.loading import BUNDLED_MODEL_NAME, load_model, load_tokenizer, model_facts, resolve_model_dir
 from memlm.modes.base import MemoryModeBase, ModeRuntime, ReadPlan
 from memlm.prompts import BuiltPrompt, build_prompt, prompt_budget, query_text
@@ -98,19 +107,30 @@ class _Call:
     future: Future
 
 
-class _ModelWorker:
-    """The one thread that touches the model; runs jobs in arrival order."""
+_STOP = object()  # the worker's stop signal in its inbox
 
-    def __init__(self, model, tokenizer, eos_ids: frozenset[int], torch_threads: Optional[int]):
+
+class _ModelWorker:
+    """The one thread that touches the model. Jobs of batchable modes go to the batch scheduler
+    (when there is one: memlm's own model with batching on) and are stepped together; any other
+    job, and any `_Call`, runs alone between two steps, in arrival order."""
+
+    def __init__(self, model, tokenizer, eos_ids: frozenset[int], settings: ModelSettings):
         self._model, self._tokenizer, self._eos_ids = model, tokenizer, eos_ids
-        self._torch_threads = torch_threads
-        self._jobs: "queue.Queue[Optional[_Job | _Call]]" = queue.Queue()
+        self._torch_threads = settings.torch_threads
+        self._inbox: "queue.Queue[object]" = queue.Queue()
         self._stopping = False
+        self.batch: Optional[BatchScheduler] = None
+        if settings.batching and isinstance(model, Llama):
+            prefix = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
+            self.batch = BatchScheduler(model, tokenizer, eos_ids, settings.max_batch_size, settings.max_batched_tokens,
+                                        settings.kv_cache_mb << 20, prefix)
+        self._alone = 0  # jobs running outside the batch (0 or 1)
         self._thread = threading.Thread(target=self._serve, name="memlm-model", daemon=True)
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
-        self._jobs.put(job)
+        self._inbox.put(job)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn()` on the worker after the jobs queued before it; the future holds its result."""
@@ -118,12 +138,12 @@ class _ModelWorker:
         if self._stopping:
             future.set_exception(FailedPrecondition("the model host is closed"))
         else:
-            self._jobs.put(_Call(fn, future))
+            self._inbox.put(_Call(fn, future))
         return future
 
     def stop(self) -> None:
         self._stopping = True
-        self._jobs.put(None)
+        self._inbox.put(_STOP)
 
     def join(self, timeout: Optional[float] = None) -> None:
         self._thread.join(timeout)
@@ -136,37 +156,94 @@ class _ModelWorker:
         # thread may never make a store call that would set it: in a restarted server, ungated knn
         # answers took 36 s and 22 s instead of 5 and 1.6 (and its KV catch-up 10 s instead of 3).
         faiss.omp_set_num_threads(1)
-        while (job := self._jobs.get()) is not None:
-            if isinstance(job, _Call):
-                if job.future.set_running_or_notify_cancel():
-                    try:
-                        job.future.set_result(job.fn())
-                    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-                        job.future.set_exception(exc)
-                continue
+        batch = self.batch
+        while True:
+            # Wait only when the batch has nothing to do; take every batchable job that came in,
+            # and at most one other item (it runs now, alone), then step the batch once.
+            idle = batch is None or batch.idle
             try:
-                self._run(job)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
-                log.exception("generation failed")
-                job.post(exc)
+                item = self._inbox.get() if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+            while isinstance(item, _Job) and self._batchable(item):
+                self._submit_to_batch(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                self._run_alone(item)
+            if batch is not None and not batch.idle:
+                batch.step()
+            self._report()
+        if batch is not None:
+            batch.cancel_all()
         while True:  # stopped: nobody will run what is still queued
             try:
-                job = self._jobs.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
-                return
-            if isinstance(job, _Call):
-                job.future.set_exception(FailedPrecondition("the model host is closed"))
-            elif job is not None:
-                job.post(_Done(None, GenerationOutcome("", (), "cancelled")))
+                break
+            if isinstance(item, _Call):
+                item.future.set_exception(FailedPrecondition("the model host is closed"))
+            elif isinstance(item, _Job):
+                item.post(_Done(None, GenerationOutcome("", (), "cancelled")))
+        self._report()
+
+    def _report(self) -> None:
+        batch = self.batch
+        metrics.REQUESTS_RUNNING.set(self._alone + (len(batch.running) if batch else 0))
+        metrics.REQUESTS_WAITING.set(self._inbox.qsize() + (len(batch.waiting) if batch else 0))
+
+    def _batchable(self, job: _Job) -> bool:
+        return self.batch is not None and job.mode.batchable
+
+    def _build(self, job: _Job) -> BuiltPrompt:
+        r, chunks = job.request, job.plan.prompt_chunks
+        return build_prompt(self._tokenizer, job.budget, prompt=r.prompt, messages=r.messages,
+                            hits=chunks or (), rag=chunks is not None)
+
+    def _submit_to_batch(self, job: _Job) -> None:
+        if job.cancel.is_set():
+            job.post(_Done(None, GenerationOutcome("", (), "cancelled")))
+            return
+        try:
+            built = self._build(job)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+            job.post(exc)
+            return
+        self.batch.submit(BatchRequest(
+            list(built.input_ids), job.request.sampling, job.cancel,
+            on_text=lambda text: job.post(TextDelta(text)),
+            on_done=lambda outcome: job.post(_Done(built, outcome)),
+            on_error=job.post,
+        ))
+
+    def _run_alone(self, item: "_Job | _Call") -> None:
+        if isinstance(item, _Call):
+            if item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                    item.future.set_exception(exc)
+            return
+        self._alone = 1
+        self._report()
+        try:
+            self._run(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+            log.exception("generation failed")
+            item.post(exc)
+        finally:
+            self._alone = 0
 
     def _run(self, job: _Job) -> None:
         if job.cancel.is_set():
             job.post(_Done(None, GenerationOutcome("", (), "cancelled")))
             return
         r, plan = job.request, job.plan
-        chunks = plan.prompt_chunks
-        built = build_prompt(self._tokenizer, job.budget, prompt=r.prompt, messages=r.messages,
-                             hits=chunks or (), rag=chunks is not None)
+        built = self._build(job)
         with job.mode.generation(r, plan) as hooks:
             for event in generate_tokens(self._model, self._tokenizer, list(built.input_ids), r.sampling, job.cancel,
                                          self._eos_ids, hooks=hooks):
@@ -174,6 +251,21 @@ class _ModelWorker:
                     job.post(event)
                 else:
                     job.post(_Done(built, event, hooks.memory_s, tuple(hooks.citations)))
+
+
+def _observe(mode: str, result: GenerationResult, outcome: GenerationOutcome) -> None:
+    """A finished generation's figures into the engine's metrics (memlm.metrics)."""
+    metrics.REQUEST_SUCCESS.labels(mode, result.finish_reason).inc()
+    metrics.PROMPT_TOKENS.labels(mode).inc(result.prompt_tokens)
+    metrics.GENERATION_TOKENS.labels(mode).inc(result.completion_tokens)
+    t = result.timings
+    metrics.E2E_LATENCY.labels(mode).observe(t.total_ms / 1000)
+    if outcome.first_token_at is not None:
+        metrics.TIME_TO_FIRST_TOKEN.labels(mode).observe(t.time_to_first_token_ms / 1000)
+        waited = (t.time_to_first_token_ms - t.retrieval_ms - t.prefill_ms) / 1000
+        metrics.QUEUE_TIME.labels(mode).observe(max(0.0, waited))
+    if result.completion_tokens > 1:
+        metrics.TIME_PER_OUTPUT_TOKEN.labels(mode).observe(t.decode_ms / 1000 / (result.completion_tokens - 1))
 
 
 def _model_dir(tokenizer) -> Optional[Path]:
@@ -203,7 +295,7 @@ class ModelHost(EngineClient):
         self.name = name
         self._closed = False
         self._active: set[threading.Event] = set()
-        self._worker = _ModelWorker(model, tokenizer, eos_token_ids(model, tokenizer), self.settings.torch_threads)
+        self._worker = _ModelWorker(model, tokenizer, eos_token_ids(model, tokenizer), self.settings)
         in_process = memory is not None and hasattr(memory, "add_write_listener")  # a MemoryStore: it reports writes
         runtime = ModeRuntime(
             model=model, tokenizer=tokenizer,
@@ -213,10 +305,14 @@ class ModelHost(EngineClient):
         mode_settings = dict(mode_settings or {})
         self.modes: dict[str, MemoryModeBase] = {}
         for mode_name in registry.MODES:
+            mode_cls = registry.mode_class(mode_name)
+            if mode_cls.batchable and mode_cls.generation is not MemoryModeBase.generation:
+                raise TypeError(f"memory mode {mode_name!r} is batchable but has a generation context; a batched "
+                                "request runs the plain model (MemoryModeBase.batchable)")
             section = mode_settings.get(mode_name)
             if section is None and (cls := registry.settings_class(mode_name)) is not None:
                 section = cls()
-            self.modes[mode_name] = registry.mode_class(mode_name)(runtime, section)
+            self.modes[mode_name] = mode_cls(runtime, section)
         facts = model_facts(model)
         limits = [n for n in (facts.context_length, self.settings.max_context_tokens) if n]
         self.context_length = int(min(limits)) if limits else 2048  # 2048: a model that states no limit
@@ -324,6 +420,10 @@ class ModelHost(EngineClient):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         t0 = time.perf_counter()
         mode, budget = self._validate(request)
+        limit = self.settings.max_concurrent_requests
+        if len(self._active) >= limit:
+            raise ResourceExhausted(f"the model host has {len(self._active)} generations in flight (limit "
+                                    f"{limit}, model.max_concurrent_requests); retry later")
         plan = await mode.plan(request)
         job = _Job(request=request, mode=mode, plan=plan, budget=budget, cancel=threading.Event(),
                    loop=asyncio.get_running_loop(), events=asyncio.Queue())
@@ -335,7 +435,9 @@ class ModelHost(EngineClient):
                 if isinstance(item, TextDelta):
                     yield item
                 elif isinstance(item, _Done):
-                    yield self._result(item, plan, t0)
+                    result = self._result(item, plan, t0)
+                    _observe(mode.name, result, item.outcome)
+                    yield result
                     return
                 else:
                     raise item
@@ -367,6 +469,11 @@ class ModelHost(EngineClient):
                 total_ms=(time.perf_counter() - t0) * 1000,
             ),
         )
+
+    @property
+    def batch(self) -> Optional[BatchScheduler]:
+        """The continuous-batching scheduler (None: requests run one at a time)."""
+        return self._worker.batch if self._worker is not None else None
 
     async def close(self) -> None:
         """Cancel queued and running generations, stop the worker thread, drop the model."""

@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_ONLY = ("torch", "transformers", "sentence_transformers", "faiss", "lmdb", "triton")
 CLIENT_MODULES = (
-    "memlm", "memlm.client", "memlm.wire", "memlm.engine", "memlm.index.types", "memlm.index.filters",
-    "memlm.errors", "memlm.integrations.langchain", "memlm.cli", "memlm.file_documents",
+    "memlm", "memlm.client", "memlm.async_client", "memlm.wire", "memlm.engine", "memlm.index.types", "memlm.index.filters",
+    "memlm.errors", "memlm.integrations.langchain", "memlm.integrations.llama_index", "memlm.cli", "memlm.file_documents",
 )
 # Installed in the process before anything else: every import of a server-only package fails.
 BLOCKER = textwrap.dedent(f"""

@@ -6,12 +6,12 @@ The hot path is split into `prefill` and `decode_one_token` so each can be compi
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from memlm.model.llama import KVCache, Llama
+from memlm.model.llama import KVCache, Llama, RaggedBatch
 
 
 def prefill(model: Llama, tokens: Tensor, cache: KVCache, start: int = 0) -> Tensor:
@@ -47,3 +47,12 @@ def greedy_generate(model: Llama, tokens: Tensor, max_new_tokens: int, eos_ids: 
         next_token = decode_step(model, next_token, torch.tensor([pos]), cache).argmax(-1, keepdim=True)
         out.append(next_token)
     return torch.cat(out, dim=1)[0]
+
+
+def ragged_step(model: Llama, tokens: Tensor, batch: RaggedBatch, rows: Optional[Sequence[int]] = None) -> Tensor:
+    """The new tokens (N,) of several sequences, laid out as `batch` says, in one forward pass;
+    returns the logits of each sequence's last token, (S, V), or only of the sequences `rows`
+    (len(rows), V): a sequence still partway through its prompt needs none."""
+    hidden = model.forward_embeds(model.embed(tokens[None]), batch.input_pos, batch)  # (1, N, D)
+    last = batch.last if rows is None else batch.last[list(rows)]
+    return model.output(hidden[0, last])  # the head only where logits are wanted

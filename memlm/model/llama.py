@@ -19,16 +19,22 @@ Extension points, each a plain attribute of a layer (`model.layers[i]`) a memory
   (knn places the local context after its memory this way); the tables must cover the shifted
   positions (`rope_tables(config, length)`).
 
+Batching: `RaggedBatch` in place of the cache runs several sequences' new tokens in one forward
+pass without padding (Orca's selective batching): every layer's projections and MLP take all the
+tokens at once, and only attention is split, each sequence's piece reading its own KV cache.
+
 Limits: Llama only (no sliding window, no partial rotary, RoPE "default" or "llama3"); the queries
-of one forward must be consecutive positions; one KV cache per sequence batch, sized up front.
+of one forward (of one sequence in a `RaggedBatch`) must be consecutive positions; each KV cache
+is sized up front.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +155,44 @@ class KVCache(nn.Module):
         return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
 
 
+class RaggedBatch:
+    """New tokens of several sequences, concatenated into one (1, N) forward pass, each sequence
+    with its own KV cache (batch 1): pass it as `cache`, with `input_pos` = `self.input_pos`.
+
+    Sequence i contributes `lengths[i]` tokens at positions [starts[i], starts[i] + lengths[i]) of
+    `caches[i]`: a chunk of its prompt (chunked prefill) or its one new token (decoding). Nothing
+    is padded; attention runs per sequence (`attend`), everything else once over all N tokens.
+    """
+
+    def __init__(self, caches: Sequence[KVCache], starts: Sequence[int], lengths: Sequence[int]):
+        if not (len(caches) == len(starts) == len(lengths)) or not caches:
+            raise ValueError(f"expected one start and length per cache, got {len(caches)} caches, "
+                             f"{len(starts)} starts, {len(lengths)} lengths")
+        self.caches, self.starts, self.lengths = list(caches), list(map(int, starts)), list(map(int, lengths))
+        device = self.caches[0].k.device
+        self._pos: list[Tensor] = []  # each (n_i,)
+        self._masks: list[Optional[Tensor]] = []  # (n_i, start_i + n_i) causal, or None where plain causal is right
+        for cache, start, n in zip(self.caches, self.starts, self.lengths):
+            if n < 1 or start < 0 or start + n > cache.max_seq:
+                raise ValueError(f"positions [{start}, {start + n}) do not fit a KV cache of {cache.max_seq}")
+            pos = torch.arange(start, start + n, device=device)
+            self._pos.append(pos)
+            self._masks.append(None if n == 1 or start == 0 else torch.arange(start + n, device=device) <= pos[:, None])
+        self.input_pos = torch.cat(self._pos)  # (N,)
+        # Where each sequence's last token sits in the N: the rows whose logits are wanted.
+        self.last = torch.tensor(list(itertools.accumulate(self.lengths)), device=device) - 1  # (S,)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, backend: "AttentionBackend") -> Tensor:
+        """q (1, H, N, hd) and the new k, v (1, KV, N, hd) after RoPE: write each sequence's k, v
+        into its cache and run `backend` on its queries over its cache; (1, H, N, hd)."""
+        out, at = [], 0
+        for cache, start, n, pos, mask in zip(self.caches, self.starts, self.lengths, self._pos, self._masks):
+            ks, vs = cache.update(layer, pos, k[:, :, at : at + n], v[:, :, at : at + n], start + n)
+            out.append(backend(q[:, :, at : at + n], ks, vs, mask))
+            at += n
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
 class AttentionBackend(Protocol):
     """How a layer's queries read its keys and values (the per-layer attention extension point).
 
@@ -184,7 +228,7 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = SDPABackend()
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, mask: Optional[Tensor],
-                cache: Optional[KVCache], kv_len: int) -> Tensor:
+                cache: "Optional[KVCache | RaggedBatch]", kv_len: int) -> Tensor:
         B, T, _ = x.shape  # x (B, T, D)
         H, KV = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.head_dim)  # (B, T, H + 2KV, hd)
@@ -192,9 +236,12 @@ class Attention(nn.Module):
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, hd)
         v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, hd)
-        if cache is not None:
-            k, v = cache.update(self.layer, input_pos, k, v, kv_len)  # (B, KV, kv_len, hd)
-        y = self.backend(q, k, v, mask)  # (B, H, T, hd)
+        if isinstance(cache, RaggedBatch):
+            y = cache.attend(self.layer, q, k, v, self.backend)  # (1, H, N, hd)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, input_pos, k, v, kv_len)  # (B, KV, kv_len, hd)
+            y = self.backend(q, k, v, mask)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -245,7 +292,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, mask: Optional[Tensor],
                 cache: Optional[KVCache], kv_len: int) -> Tensor:
-        if self.decode_fast is not None and cache is not None and mask is None and x.shape[1] == 1:
+        if self.decode_fast is not None and isinstance(cache, KVCache) and mask is None and x.shape[1] == 1:
             out = self.decode_fast(self, x, rope, cache, kv_len)
             if out is not None:
                 return out
@@ -300,7 +347,8 @@ class Llama(nn.Module):
     def forward_embeds(self, x: Tensor, input_pos: Tensor, cache: Optional[KVCache] = None,
                        layers: slice = slice(None), norm: bool = True) -> Tensor:
         """Input embeddings x (B, T, D) at positions input_pos (T,) -> final hidden states (B, T, D),
-        after the last norm. input_pos must be consecutive (start, ..., start + T - 1).
+        after the last norm. input_pos must be consecutive (start, ..., start + T - 1), or with a
+        `RaggedBatch` as cache, its `input_pos` (x then holds its N tokens, B = 1).
 
         `layers` runs only those of `self.layers` (x is then the states entering the first of them)
         and `norm=False` leaves out the final norm: the trainer runs a frozen model's lower layers
@@ -326,6 +374,8 @@ def _attention_span(input_pos: Tensor, cache: Optional[KVCache]) -> tuple[int, O
     T = input_pos.shape[0]
     if cache is None:
         return T, None  # attention among these T positions only
+    if isinstance(cache, RaggedBatch):
+        return 0, None  # each sequence's span and mask are the batch's (RaggedBatch.attend)
     if torch.compiler.is_compiling():
         return cache.max_seq, torch.arange(cache.max_seq, device=input_pos.device) <= input_pos[:, None]
     start = int(input_pos[0])

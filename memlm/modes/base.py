@@ -150,6 +150,10 @@ class MemoryModeBase(abc.ABC):
     derives: ClassVar[str] = ""  # what it keeps per collection, in words ("" : nothing)
     max_k: ClassVar[int] = 100
     k_means: ClassVar[str] = ""  # what a request's `k` counts, for errors and docs
+    # Its requests may share the running batch (memlm.scheduler): the mode reads memory only into
+    # the prompt and runs the plain model, so it leaves `generation` as it is (no hooks). Others
+    # run alone, between the batch's steps.
+    batchable: ClassVar[bool] = False
 
     def __init__(self, runtime: ModeRuntime, settings: "Optional[BaseModel]"):
         self.runtime, self.settings = runtime, settings

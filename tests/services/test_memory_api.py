@@ -302,3 +302,27 @@ def test_prometheus_metrics(server, client, collection):
     assert 'memlm_rpc_calls_total{code="OK",method="Search"}' in body
     assert 'memlm_rpc_calls_total{code="NOT_FOUND",method="Search"}' in body
     assert "memlm_rpc_duration_seconds_bucket" in body
+
+
+def test_engine_metrics_count_a_generation(server, client):
+    import re
+    import urllib.request
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+
+    def value(body: str, sample: str) -> float:
+        m = re.search(re.escape(sample) + r" ([0-9.e+]+)", body)
+        return float(m.group(1)) if m else 0.0
+
+    before = scrape()
+    result = client.generate("Count: 1, 2, 3,", memory="none", max_new_tokens=5).result
+    body = scrape()
+    assert value(body, 'memlm:generation_tokens_total{mode="none"}') - value(
+        before, 'memlm:generation_tokens_total{mode="none"}') == result.completion_tokens
+    assert value(body, 'memlm:prompt_tokens_total{mode="none"}') - value(
+        before, 'memlm:prompt_tokens_total{mode="none"}') == result.prompt_tokens
+    assert value(body, 'memlm:time_to_first_token_seconds_count{mode="none"}') >= 1
+    assert value(body, f'memlm:request_success_total{{finished_reason="{result.finish_reason}",mode="none"}}') >= 1
+    assert "memlm:num_requests_running 0.0" in body and "memlm:num_requests_waiting 0.0" in body
+    assert value(body, "memlm:iteration_tokens_total_count") > value(before, "memlm:iteration_tokens_total_count")

@@ -8,6 +8,7 @@ class Mode(MemoryModeBase):
     name = "none"
     summary = "plain generation: the prompt as given, nothing read from memory"
     reads_collection = False
+    batchable = True
 
     async def plan(self, request) -> ReadPlan:
         return ReadPlan()

@@ -10,6 +10,7 @@ class Mode(MemoryModeBase):
     name = "rag"
     summary = "the collection's best chunks for the prompt, put into the prompt"
     k_means = "chunks retrieved"
+    batchable = True
 
     async def plan(self, request) -> ReadPlan:
         hits, ms = await search_for_prompt(self.runtime.store, request, request.k or self.settings.k)
