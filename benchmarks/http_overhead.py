@@ -64,8 +64,8 @@ def main() -> None:
 
                 sides = {"gRPC Generate (stream)": over_grpc, "HTTP /v1/completions": over_http,
                          "HTTP /v1/completions stream": over_http_stream}
-                for call in sides.values():  # warm-up: connections, the first prefill's allocations
-                    call("Hello", 4)
+                for call in sides.values():  # warm-up: connections, allocations, and the prefix cache holding
+                    call(PROMPT, 4)  # PROMPT for every side (a prefill from cached blocks may differ in the last bits)
                 long = {name: [] for name in sides}
                 short = {name: [] for name in sides}
                 outputs = {}

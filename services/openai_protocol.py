@@ -409,9 +409,11 @@ HTTP_STATUS: dict[str, tuple[int, str]] = {
     "UNAVAILABLE": (503, "service_unavailable_error"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
-# Statuses the openai client would retry (429, 5xx) whose memlm causes retrying does not cure:
-# RESOURCE_EXHAUSTED is a configured limit (collections, the LMDB map), not a rate limit.
-NO_RETRY = frozenset({"RESOURCE_EXHAUSTED", "UNIMPLEMENTED", "INTERNAL"})
+# Statuses the openai client would retry (429, 5xx) whose memlm causes retrying does not cure.
+# RESOURCE_EXHAUSTED is not among them: besides configured limits (collections, the LMDB map) it
+# is the engine's "model.max_concurrent_requests generations in flight", which a retry with the
+# client's backoff does cure.
+NO_RETRY = frozenset({"UNIMPLEMENTED", "INTERNAL"})
 
 
 def error_body(message: str, type_: str, code: Optional[str], param: Optional[str] = None) -> dict[str, Any]:

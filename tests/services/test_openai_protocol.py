@@ -20,7 +20,7 @@ LIMITS = oa.Limits(default_max_new_tokens=16, max_new_tokens_limit=64)
     (errors.NotFound("x"), 404, None),
     (errors.AlreadyExists("x"), 409, None),
     (errors.Unauthenticated("x"), 401, None),
-    (errors.ResourceExhausted("x"), 429, "false"),
+    (errors.ResourceExhausted("x"), 429, None),  # also "too many generations in flight": worth a retry
     (errors.Unavailable("x"), 503, None),
     (errors.Unimplemented("x"), 501, "false"),
     (errors.DeadlineExceeded("x"), 504, None),
