@@ -138,6 +138,13 @@ class SentenceTransformerEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self._forward(list(texts))  # (n, dim)
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Word pieces the model reads of (n,) texts, special tokens included, each cut at max_seq_length as
+        `_forward` cuts it (usage figures of the HTTP API's /v1/embeddings)."""
+        with self._tokenizer_lock:
+            ids = self._model.tokenizer(list(texts), truncation=True, max_length=self._model.max_seq_length)["input_ids"]
+        return sum(len(row) for row in ids)
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if len(texts) == 0:

@@ -266,9 +266,12 @@ class MemoryStore:
     # ---------------------------------------------------------------- models, lazily
 
     def _embedder_for(self, config: CollectionConfig) -> Embedder:
-        if self._embedder is not None and self._embedder.name == config.embedding_model:
+        return self._embedder_for_name(config.embedding_model)
+
+    def _embedder_for_name(self, name: str) -> Embedder:
+        if self._embedder is not None and self._embedder.name == name:
             return self._embedder
-        return load_embedder(config.embedding_model, self.settings.embed_batch_size, self.settings.embed_bulk_nice)
+        return load_embedder(name, self.settings.embed_batch_size, self.settings.embed_bulk_nice)
 
     def _chunker(self, config: CollectionConfig) -> Chunker:
         key = (config.chunk_tokens, config.chunk_overlap)
@@ -878,6 +881,25 @@ class MemoryStore:
         elif mode == "hybrid":
             scores, ids = _pad([s for s, _ in fused], [i for _, i in fused], k)
         return self._hits(collection, scores, ids)
+
+    def embed_texts(self, texts: Sequence[str], model: Optional[str] = None) -> tuple[np.ndarray, int]:
+        """(n,) texts -> ((n, dim) float32 unit rows, word pieces read) by the registered embedder `model`
+        (None: the one collections get by default), embedded as a search query is (at once in the caller's
+        thread, `embed_batch_size` texts per pass): the vectors a collection of that embedder stores and searches
+        with. Each text is checked like a query (non-empty, store.max_query_bytes). Read-only."""
+        name = model or CollectionConfig.embedding_model  # the dataclass default: new collections' embedder
+        for i, text in enumerate(texts):
+            try:
+                self._check_query(text)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"input[{i}]: {exc}") from None
+        embedder = self._embedder_for_name(name)  # InvalidArgument naming the registered embedders
+        embed = getattr(embedder, "embed_queries", embedder.embed)
+        step = self.settings.embed_batch_size
+        parts = [embed(list(texts[start : start + step])) for start in range(0, len(texts), step)]
+        vectors = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)  # (n, dim)
+        count = getattr(embedder, "count_tokens", None)
+        return vectors, (count(texts) if count is not None and len(texts) else 0)
 
     def _check_query(self, q: Any) -> None:
         if not isinstance(q, str) or not q.strip():

@@ -189,6 +189,10 @@ def serve(
     metrics_port: Optional[int] = typer.Option(
         None, "--metrics-port", min=0, max=65535, help="serve Prometheus /metrics on this port (behind the API key when set)",
     ),
+    http_port: Optional[int] = typer.Option(
+        None, "--http-port", min=0, max=65535,
+        help="also serve the OpenAI-compatible HTTP API on this port (0: a free one; behind the API key when set)",
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="a local HF causal-LM folder (default: bundled SmolLM2)"),
     log_level: Optional[str] = typer.Option(None, "--log-level"),
 ) -> None:
@@ -223,7 +227,9 @@ def serve(
         overrides["log_level"] = log_level
     settings = Settings(**overrides)
     server_over = {
-        k: v for k, v in {"host": host, "port": port, "api_key": api_key, "metrics_port": metrics_port}.items()
+        k: v for k, v in {
+            "host": host, "port": port, "api_key": api_key, "metrics_port": metrics_port, "http_port": http_port,
+        }.items()
         if v is not None
     }
     if server_over:

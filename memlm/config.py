@@ -146,6 +146,11 @@ class ServerSettings(BaseModel):
     grace_seconds: float = Field(10.0, ge=0, description="how long in-flight calls may drain on SIGTERM")
     max_message_bytes: int = Field(64 * 1024 * 1024, gt=0)
     metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
+    http_port: Optional[int] = Field(
+        None, ge=0, le=65535, description="port of the OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/embeddings, /v1/models, /health, /metrics) on `host`, beside gRPC in the same process; "
+        "behind the same api_key and TLS files; None = off, 0 = a free port (named in the ready line)",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerSettings":

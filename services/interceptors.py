@@ -9,11 +9,13 @@ limit, truncated bytes) answers INVALID_ARGUMENT with protobuf's reason and logs
 Draining: after `begin_drain()` new calls answer UNAVAILABLE, except health checks, which keep
 answering (NOT_SERVING) until the server stops, so load balancers see the drain. Calls admitted
 before are counted; `wait_idle` waits for them to end, `wait_store_idle` for the Memory service's
-(store) calls among them, which end by themselves once the store stops writes.
+(store) calls among them, which end by themselves once the store stops writes. The HTTP API
+(services/http_api.py) counts its requests in the same guard (`counted`), so one drain covers both.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
@@ -51,6 +53,19 @@ class CallGuard(grpc.aio.ServerInterceptor):
     def begin_drain(self) -> None:
         """From now on, new calls (health checks aside) answer UNAVAILABLE."""
         self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @contextlib.contextmanager
+    def counted(self, store: bool = False):
+        """Count a call served outside gRPC (an HTTP API request) as in flight while the block runs."""
+        self._enter(store)
+        try:
+            yield
+        finally:
+            self._exit(store)
 
     @property
     def in_flight(self) -> int:

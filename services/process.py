@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 _READY = re.compile(r"serving on grpcs?://([\d.]+):(\d+)")
+_READY_HTTP = re.compile(r" and (https?://[\d.]+:(\d+)) ")  # with --http-port: the HTTP API's base URL
 
 
 def free_port() -> int:
@@ -37,6 +38,8 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self.address = ""
+        self.http_url = ""  # "http://127.0.0.1:PORT" when serving the HTTP API (--http-port)
+        self.http_port = 0
         ready = threading.Event()
 
         def pump():
@@ -44,6 +47,8 @@ class ServerProcess:
                 self.lines.append(line)
                 if not ready.is_set() and (m := _READY.search(line)):
                     self.address = f"{m.group(1)}:{m.group(2)}"
+                    if h := _READY_HTTP.search(line):
+                        self.http_url, self.http_port = h.group(1), int(h.group(2))
                     ready.set()
             ready.set()
 

@@ -1,14 +1,16 @@
 """Server start-up and shutdown: the store, the engine, the servicers, health and reflection.
 
-`serve(settings)` is what `memlm serve` runs. Order on start: bind the port (a port in use or a bad
-TLS pair fails here, in a second), open the store (recovering the indexes from LMDB if the last run
-crashed), load the model, start, report SERVING. On SIGTERM or SIGINT: health goes NOT_SERVING
-(and keeps answering), new calls are refused UNAVAILABLE, in-flight calls get `grace_seconds` to
-finish; then the store refuses to commit, so an ingest or delete still running stops before its
-commit and is answered UNAVAILABLE "nothing from this call was stored", and one past its commit
-finishes its derived work (a KV memory build stops early) and is answered; then the engine stops and
-LMDB is closed cleanly (index snapshots written). A SIGTERM before the ready line (model loading)
-ends the process at once, which recovery at the next start handles like a crash.
+`serve(settings)` is what `memlm serve` runs. Order on start: bind the ports (gRPC, then metrics and
+the HTTP API when on: a port in use or a bad TLS pair fails here, in a second), open the store
+(recovering the indexes from LMDB if the last run crashed), load the model, start gRPC and the HTTP
+API, report SERVING. On SIGTERM or SIGINT: health goes NOT_SERVING (gRPC health and HTTP /health
+503, both keep answering), new calls are refused (UNAVAILABLE; HTTP 503), in-flight calls of both
+get `grace_seconds` to finish; then the store refuses to commit, so an ingest or delete still
+running stops before its commit and is answered UNAVAILABLE "nothing from this call was stored",
+and one past its commit finishes its derived work (a KV memory build stops early) and is answered;
+then both servers stop (what is left, generations, is cancelled), the engine stops and LMDB is
+closed cleanly (index snapshots written). A SIGTERM before the ready line (model loading) ends the
+process at once, which recovery at the next start handles like a crash.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -42,6 +44,9 @@ from memlm.services.generation_servicer import GenerationServicer, model_info_to
 from memlm.services.memory_servicer import MemoryServicer
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # fastapi and uvicorn are imported only when the HTTP API is on
+    from memlm.services.http_api import HttpListener
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class Listener:
     port: int
     guard: CallGuard
     metrics: Optional[WSGIServer] = None
+    http: Optional["HttpListener"] = None  # the OpenAI-compatible HTTP API (server.http_port)
 
 
 @dataclass
@@ -75,6 +81,7 @@ class RunningServer:
     store: object
     metrics: Optional[WSGIServer] = None
     collector: Optional[StoreCollector] = None
+    http: Optional["HttpListener"] = None
 
     async def stop(self, grace: Optional[float]) -> None:
         """Drain, then stop. Health answers NOT_SERVING throughout the drain and other new calls
@@ -94,7 +101,10 @@ class RunningServer:
         if not idle and not await self.guard.wait_store_idle(STORE_CALL_CAP_SECONDS):
             log.error("%d store call(s) still running %.0f s after the stop: cancelling them",
                       self.guard.store_in_flight, STORE_CALL_CAP_SECONDS)
-        await self.server.stop(RESPONSE_FLUSH_SECONDS)  # what is left (generations) is cancelled
+        stops = [self.server.stop(RESPONSE_FLUSH_SECONDS)]  # what is left (generations) is cancelled
+        if self.http is not None:  # the HTTP API's requests were counted in the same guard: drained alike
+            stops.append(self.http.stop(RESPONSE_FLUSH_SECONDS))
+        await asyncio.gather(*stops)
         await asyncio.to_thread(self.executor.shutdown, wait=True)  # store calls end at their next stop check
         log.info("all calls ended")
         if self.metrics is not None:
@@ -176,7 +186,22 @@ def bind(settings: Settings) -> Listener:
                 f"cannot serve metrics on {settings.server.host}:{settings.server.metrics_port}: {exc.strerror}; "
                 "choose another --metrics-port"
             ) from None
-    return Listener(server=server, port=port, guard=guard, metrics=metrics)
+    http = None
+    if settings.server.http_port is not None:
+        try:
+            from memlm.services.http_api import HttpListener
+        except ImportError as exc:
+            raise FailedPrecondition(f"--http-port needs the HTTP API's dependencies ({exc.name} is not installed): "
+                                     "pip install 'memlm[server]'") from None
+        tls = (settings.server.tls_cert, settings.server.tls_key) if settings.server.tls_cert else None
+        try:
+            http = HttpListener.bind(settings.server.host, settings.server.http_port, tls)
+        except BaseException:
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
+            raise
+    return Listener(server=server, port=port, guard=guard, metrics=metrics, http=http)
 
 
 async def start_server(listener: Listener, settings: Settings, store, engine: EngineClient) -> RunningServer:
@@ -201,15 +226,24 @@ async def start_server(listener: Listener, settings: Settings, store, engine: En
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     collector = None
-    if listener.metrics is not None:
+    if listener.metrics is not None or listener.http is not None:  # both serve /metrics
         collector = StoreCollector(store, listener.guard)
         REGISTRY.register(collector)
     await server.start()
+    if listener.http is not None:
+        from memlm.services.http_api import create_app
+        from memlm.services.openai_protocol import Limits
+
+        limits = Limits(default_max_new_tokens=settings.model.default_max_new_tokens,
+                        max_new_tokens_limit=settings.model.max_new_tokens_limit)
+        app = create_app(engine, store, executor, listener.guard, api_key=settings.server.api_key, limits=limits,
+                         max_body_bytes=settings.server.max_message_bytes)
+        await listener.http.start(app)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server=server, health=health_servicer, port=listener.port, executor=executor, guard=listener.guard,
-        store=store, metrics=listener.metrics, collector=collector,
+        store=store, metrics=listener.metrics, collector=collector, http=listener.http,
     )
 
 
@@ -251,8 +285,9 @@ async def serve(settings: Settings, *, ready_message: bool = True) -> None:
             loop.add_signal_handler(sig, stop.set)
         info = engine.info()
         scheme = "grpcs" if settings.server.tls_cert else "grpc"
+        http = f" and {running.http.scheme}://{settings.server.host}:{running.http.port}" if running.http else ""
         msg = (
-            f"memlm {memlm.__version__} serving on {scheme}://{settings.server.host}:{running.port} "
+            f"memlm {memlm.__version__} serving on {scheme}://{settings.server.host}:{running.port}{http} "
             f"(data {settings.data_dir}, model {info.name}, auth {'on' if settings.server.api_key else 'off'})"
         )
         if ready_message:
@@ -267,6 +302,8 @@ async def serve(settings: Settings, *, ready_message: bool = True) -> None:
             await listener.server.stop(None)
             if listener.metrics is not None:
                 listener.metrics.server_close()
+            if listener.http is not None:
+                await listener.http.stop(0.0)
         if engine is not None:
             await engine.close()
         if store is not None:
