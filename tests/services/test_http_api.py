@@ -31,10 +31,6 @@ FACTS = [
 ]
 ENV = {
     "MEMLM_SERVER__API_KEY": KEY,
-    # Off so that a request's text does not depend on what ran before it: with prefix reuse on, the
-    # first greedy chat of QUESTION gave "L'Étoile, la Cit" and later ones "L'Étoile, la Mar" (a
-    # prefill from cached prefix blocks is not bit-identical to a fresh one), over gRPC alike.
-    "MEMLM_MODEL__PREFIX_CACHE_MB": "0",
     "MEMLM_MODEL__MAX_CONTEXT_TOKENS": "1024",
     "MEMLM_MODEL__DEFAULT_MAX_NEW_TOKENS": "16",
 }
