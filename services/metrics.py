@@ -78,6 +78,9 @@ class StoreCollector(Collector):
         }
         lag = GaugeMetricFamily("memlm_collection_memory_lag", "Acknowledged writes a memory mode's derived memory "
                                 "of the collection has not applied yet", labels=["collection", "mode"])
+        memory_bytes = GaugeMetricFamily(
+            "memlm_collection_memory_bytes", "Bytes on disk of a collection's derived memory, by folder (kv: knn's "
+            "KV memory, kv-landmark: landmark's, ...)", labels=["collection", "folder"])
         for config in self._store.list_collections():
             try:
                 st = self._store.describe(config.name)
@@ -88,8 +91,24 @@ class StoreCollector(Collector):
                 fam.add_metric([config.name], value)
             for mode, n in st.memory_lag.items():
                 lag.add_metric([config.name, mode], float(n))
+            for folder, size in _derived_folder_bytes(self._store, config.name).items():
+                memory_bytes.add_metric([config.name, folder], float(size))
         yield from fams.values()
         yield lag
+        yield memory_bytes
         if self._guard is not None:
             yield GaugeMetricFamily("memlm_calls_in_flight", "RPCs being served (health checks aside)",
                                     value=self._guard.in_flight)
+
+
+def _derived_folder_bytes(store, collection: str) -> dict[str, int]:
+    """{folder: bytes} for each folder of the collection's derived files (KV memories and the like;
+    the index snapshots beside them are not counted). Empty for a store without such folders."""
+    try:
+        root = store.collection_dir(collection)
+    except Exception:  # noqa: BLE001 - dropped meanwhile, or a store that keeps no files
+        return {}
+    sizes: dict[str, int] = {}
+    for folder in (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
+        sizes[folder.name] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return sizes

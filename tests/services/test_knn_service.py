@@ -39,10 +39,22 @@ def kv_collection(client, request):
     client.drop_collection(name)
 
 
-def test_knn_answers_from_memory_and_follows_upserts_and_deletes(client, kv_collection):
+def memory_bytes(server, collection: str) -> float:
+    """The collection's knn KV memory on disk, as /metrics reports it."""
+    import re
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search(r'memlm_collection_memory_bytes\{collection="%s",folder="kv"\} ([0-9.e+]+)' % re.escape(collection), body)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_knn_answers_from_memory_and_follows_upserts_and_deletes(server, client, kv_collection):
     assert pb.MEMORY_MODE_KNN in client.model_info().memory_modes
     report = client.ingest([{"id": "vault", "text": haystack("48213")}], collection=kv_collection)
     assert report.results[0].status == "created"
+    # ~550 tokens of keys and values: 400 x 29 layers x 3 heads x 64 x 2 (k, v) x 2 bytes (fp16) at least
+    assert memory_bytes(server, kv_collection) > 400 * 29 * 3 * 64 * 2 * 2
 
     # Ingest returned with the memory built: the very next request reads it.
     first = ask_knn(client, kv_collection)
