@@ -5,9 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python scripts/gen_proto.py --check
-# `python -m` would put the checkout first on sys.path, where its top-level kernels/ folder shadows
-# the `kernels` package transformers (>= 5.25) imports; the tests import memlm from the install.
-export PYTHONSAFEPATH=1
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

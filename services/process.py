@@ -31,10 +31,7 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, data_dir: Path, *, env: Optional[dict] = None, args: tuple = (), timeout: float = 300.0):
         self.data_dir = Path(data_dir)
-        # PYTHONSAFEPATH: `python -m` would put the working directory first on sys.path, and from a
-        # checkout its top-level `kernels/` folder would shadow the `kernels` package transformers
-        # imports (transformers >= 5.25 depends on it).
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "memlm.cli", "serve", "--data-dir", str(data_dir), "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
