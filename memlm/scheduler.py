@@ -180,12 +180,11 @@ class BatchScheduler:
     # --- admission and release -------------------------------------------------------------
 
     def _admit(self) -> None:
+        for request in [r for r in self.waiting if r.cancel.is_set()]:  # gone before their turn: answered now
+            self.waiting.remove(request)
+            request.on_done(Completion(self.tokenizer, request.sampling, self.eos, request.cancel).outcome("cancelled"))
         while self.waiting and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
-            if request.cancel.is_set():
-                self.waiting.popleft()
-                request.on_done(Completion(self.tokenizer, request.sampling, self.eos, request.cancel).outcome("cancelled"))
-                continue
             positions = len(request.input_ids) + request.sampling.max_new_tokens
             need = kv_bytes(self.model, positions)
             if self.running and self.reserved + need > self.kv_cache_bytes:

@@ -53,12 +53,12 @@ def test_knn_answers_from_memory_and_follows_upserts_and_deletes(server, client,
     assert pb.MEMORY_MODE_KNN in client.model_info().memory_modes
     report = client.ingest([{"id": "vault", "text": haystack("48213")}], collection=kv_collection)
     assert report.results[0].status == "created"
-    # ~550 tokens of keys and values: 400 x 29 layers x 3 heads x 64 x 2 (k, v) x 2 bytes (fp16) at least
-    assert memory_bytes(server, kv_collection) > 400 * 29 * 3 * 64 * 2 * 2
 
-    # Ingest returned with the memory built: the very next request reads it.
+    # The very next request reads it (it catches the memory up first).
     first = ask_knn(client, kv_collection)
     assert "48213" in first.text, first.text
+    # ~550 tokens of keys and values: 400 x 29 layers x 3 heads x 64 x 2 (k, v) x 2 bytes (fp16) at least
+    assert memory_bytes(server, kv_collection) > 400 * 29 * 3 * 64 * 2 * 2
     assert first.prompt_tokens < 16  # the haystack is not in the prompt: it is attended to as memory
 
     # Without memory the model cannot know the key.
