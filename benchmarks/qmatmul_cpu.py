@@ -12,8 +12,8 @@ and run the BLAS GEMM (`PREFILL_ROWS`), shown beside their integer kernel alone.
 tokens, with the GEMM path against the integer kernel for every row count, and dense fp32.
 "batched decode": the bundled model in q4_1, one decode step of B sequences (128 tokens in each
 cache) as the batch scheduler runs it (memlm.model.RaggedBatch; B = 1 is the fused one-sequence
-layer), with the bf16 weight copy from `BATCH_ROWS` rows against the integer kernel for every row
-count: ms per step and aggregate tokens/s.
+layer): the integer kernel at every row count, the bf16 weight copy at every row count, and the
+served choice (bf16 from `BATCH_ROWS` rows): ms per step and aggregate tokens/s.
 
     .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5] [--prompt-tokens 256] [--only-batched]
 """
@@ -113,7 +113,9 @@ def batched_decode(args) -> None:
     batch_rows = Q4_1Linear.BATCH_ROWS
     if batch_rows is None:
         print("\nbatched decode: this CPU has no native bf16; the integer kernel serves every row count")
-    variants = {"integer kernel": None} | ({f"bf16 weights from {batch_rows} rows": batch_rows} if batch_rows else {})
+    # the integer kernel at every row count, the bf16 copy at every row count, and the served choice
+    variants = {"integer kernel": None} | (
+        {"bf16 weights": 2, f"served (bf16 from {batch_rows} rows)": batch_rows} if batch_rows else {})
     gen = torch.Generator().manual_seed(0)
     print(f"\nbundled SmolLM2-135M in q4_1, one decode step of B sequences at position 128, "
           f"medians of {args.rounds} rounds of 4 steps:")

@@ -9,6 +9,9 @@ over several steps while the others keep decoding, never padded to a common leng
 sequence keeps its own KV cache (prompt + max_new_tokens positions, the one-at-a-time loop's
 size), its own sampling, seed, stop sequences and cancellation (`memlm.generation.Completion`);
 a step with one sequence in it is exactly the one-at-a-time path (q4_1's fused decode layer).
+Below `min_batch_size` sequences a batched pass costs more per token than single ones on a small
+CPU (the fused one-sequence layer against the module path: benchmarks/qmatmul_cpu.py "batched
+decode"), so the sequences take turns, one per step, each on the one-at-a-time path.
 
 Admission is first come, first served: the oldest waiting request is admitted when a batch slot
 is free (`max_batch_size`) and its KV cache fits the budget (`kv_cache_bytes`; a request alone
@@ -80,12 +83,15 @@ class BatchScheduler:
 
     def __init__(self, model: Llama, tokenizer, eos: frozenset[int], max_batch_size: int = 16,
                  max_batched_tokens: int = 512, kv_cache_bytes: int = 4 << 30,
-                 prefix_cache: Optional[PrefixCache] = None):
+                 prefix_cache: Optional[PrefixCache] = None, min_batch_size: int = 1):
         if max_batched_tokens < max_batch_size:
             raise ValueError(f"max_batched_tokens={max_batched_tokens} < max_batch_size={max_batch_size}: "
                              "every running sequence needs a token each step")
         self.model, self.tokenizer, self.eos = model, tokenizer, eos
         self.max_batch_size, self.max_batched_tokens = max_batch_size, max_batched_tokens
+        # Fewer pieces than this in a step: they take turns alone instead (see `step`).
+        self.min_batch_size = min_batch_size
+        self._turn = -1
         self.kv_cache_bytes = kv_cache_bytes
         self.prefix_cache = prefix_cache
         self.waiting: deque[BatchRequest] = deque()
@@ -144,6 +150,11 @@ class BatchScheduler:
                 n = min(budget, len(seq.request.input_ids) - seq.filled)
                 pieces.append((seq, list(seq.request.input_ids[seq.filled : seq.filled + n])))
                 budget -= n
+        if len(pieces) < self.min_batch_size:
+            # Too few to pay for a batched pass on this machine: one sequence per step, in turn,
+            # each on the one-at-a-time path (q4_1's fused decode layer).
+            self._turn = (self._turn + 1) % len(pieces)
+            pieces = [pieces[self._turn]]
         try:
             logits = self._forward(pieces)
         except BaseException as exc:  # noqa: BLE001 - every request in the step gets it

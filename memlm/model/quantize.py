@@ -167,7 +167,7 @@ class _BlockLinear(_WeightOnlyLinear):
     # its cost hardly grows with the rows, the integer kernel's grows linearly (benchmarks/
     # qmatmul_cpu.py "batched decode"). None: off. One sequence alone never takes it, so its
     # numbers stay those of the one-at-a-time engine.
-    BATCH_ROWS: "int | None" = 2 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    BATCH_ROWS: "int | None" = 8 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
     def _kernel(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
