@@ -12,8 +12,9 @@ and run the BLAS GEMM (`PREFILL_ROWS`), shown beside their integer kernel alone.
 tokens, with the GEMM path against the integer kernel for every row count, and dense fp32.
 "batched decode": the bundled model in q4_1, one decode step of B sequences (128 tokens in each
 cache) as the batch scheduler runs it (memlm.model.RaggedBatch; B = 1 is the fused one-sequence
-layer): the integer kernel at every row count, the bf16 weight copy at every row count, and the
-served choice (bf16 from `BATCH_ROWS` rows): ms per step and aggregate tokens/s.
+layer): the module path on the integer kernel and on the bf16 weight copy, and the served path,
+the fused C layer over B rows (`qmatmul_cpu.q4_1_decode_layer_batch`): ms per step and
+aggregate tokens/s.
 
     .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5] [--prompt-tokens 256] [--only-batched]
 """
@@ -113,9 +114,11 @@ def batched_decode(args) -> None:
     batch_rows = Q4_1Linear.BATCH_ROWS
     if batch_rows is None:
         print("\nbatched decode: this CPU has no native bf16; the integer kernel serves every row count")
-    # the integer kernel at every row count, the bf16 copy at every row count, and the served choice
-    variants = {"integer kernel": None} | (
-        {"bf16 weights": 2, f"served (bf16 from {batch_rows} rows)": batch_rows} if batch_rows else {})
+    # (fused C layers?, BATCH_ROWS): the module path on the integer kernel and on the bf16 copy at
+    # every row count, and the served path (one C call per layer for B sequences)
+    variants = {"module path, integer kernel": (False, None)} | (
+        {"module path, bf16 weights": (False, 2)} if batch_rows else {}) | {"served: fused C layer over B rows": (True, batch_rows)}
+    fused = [b.decode_fast for b in model.layers]
     gen = torch.Generator().manual_seed(0)
     print(f"\nbundled SmolLM2-135M in q4_1, one decode step of B sequences at position 128, "
           f"medians of {args.rounds} rounds of 4 steps:")
@@ -129,8 +132,10 @@ def batched_decode(args) -> None:
             tokens = torch.randint(0, VOCAB, (B,), generator=gen)
             times = {v: [] for v in variants}
             for r in range(args.rounds + 1):
-                for v, rows in variants.items():
+                for v, (use_fused, rows) in variants.items():
                     Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = rows
+                    for b, f in zip(model.layers, fused):
+                        b.decode_fast = f if use_fused else None
                     t0 = time.perf_counter()
                     for _ in range(4):  # the same positions again: the cost is the same
                         if B == 1:
@@ -143,6 +148,8 @@ def batched_decode(args) -> None:
             print(f"| {B} | " + " | ".join(cells) + " |", flush=True)
     finally:
         Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = batch_rows
+        for b, f in zip(model.layers, fused):
+            b.decode_fast = f
 
 
 @torch.inference_mode()

@@ -301,3 +301,71 @@ done:
     free(buf);
     return rc ? -1 : 0;
 }
+
+/* ---- The same layer for B sequences, each at its own new position in its own cache ---------
+
+   q4_1_decode_layer over B rows at once (the batch scheduler's decode step): the projections
+   take the B rows in one q4_1_matmul each (its 4-row blocks share the weight's unpacking), RoPE,
+   the cache write and attention run per row on that row's cache. x (B, D) is updated in place;
+   cos, sin (B, hd) the rows' RoPE rows; k_caches[b], v_caches[b] (KV, max_seqs[b], hd) fp32,
+   written at positions[b] and read over [0, positions[b]]. Returns 0, or -1 when out of memory. */
+int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
+                            const float *attn_norm, const float *ffn_norm,
+                            const uint8_t *wqkv_qs, const uint16_t *wqkv_dm, const uint8_t *wo_qs, const uint16_t *wo_dm,
+                            const uint8_t *w13_qs, const uint16_t *w13_dm, const uint8_t *w2_qs, const uint16_t *w2_dm,
+                            const float *cos, const float *sin, float *const *k_caches, float *const *v_caches,
+                            const int64_t *max_seqs, const int64_t *positions) {
+    const int64_t Q = H * hd, KVD = KV * hd, QKV = Q + 2 * KVD;
+    int64_t L_max = 0;
+    for (int64_t b = 0; b < B; b++) L_max = positions[b] + 1 > L_max ? positions[b] + 1 : L_max;
+    float *buf = malloc(sizeof(float) * (size_t)(B * (D + QKV + Q + D + 2 * I + I) + H * L_max));
+    if (buf == NULL) return -1;
+    float *h = buf, *qkv = h + B * D, *attn = qkv + B * QKV, *y = attn + B * Q, *gu = y + B * D, *act = gu + B * 2 * I;
+    float *scores = act + B * I;  /* (H, L_max), reused row by row */
+    int rc = 0;
+
+    for (int64_t b = 0; b < B; b++) rms_norm(x + b * D, attn_norm, D, eps, h + b * D);
+    rc |= q4_1_matmul(h, B, D, wqkv_qs, wqkv_dm, QKV, qkv);
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t group = H / KV;
+    for (int64_t b = 0; b < B; b++) {
+        float *row = qkv + b * QKV;
+        const int64_t pos = positions[b], S = max_seqs[b], L = pos + 1;
+        float *k_cache = k_caches[b], *v_cache = v_caches[b];
+        for (int64_t j = 0; j < H + KV; j++) rope(row + j * hd, cos + b * hd, sin + b * hd, hd);
+        for (int64_t g = 0; g < KV; g++) {
+            for (int64_t i = 0; i < hd; i++) {
+                k_cache[(g * S + pos) * hd + i] = row[Q + g * hd + i];
+                v_cache[(g * S + pos) * hd + i] = row[Q + KVD + g * hd + i];
+            }
+        }
+#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
+        for (int64_t hh = 0; hh < H; hh++) {
+            const float *q = row + hh * hd, *kc = k_cache + (hh / group) * S * hd, *vc = v_cache + (hh / group) * S * hd;
+            float *s = scores + hh * L, *o = attn + b * Q + hh * hd;
+            float m = -INFINITY;
+            for (int64_t l = 0; l < L; l++) {
+                s[l] = dot_f32(q, kc + l * hd, hd) * scale;
+                m = s[l] > m ? s[l] : m;
+            }
+            float sum = 0.0f;
+            for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - m); sum += s[l]; }
+            for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+            for (int64_t l = 0; l < L; l++) axpy_f32(s[l] / sum, vc + l * hd, o, hd);
+        }
+    }
+    rc |= q4_1_matmul(attn, B, Q, wo_qs, wo_dm, D, y);
+    for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
+
+    for (int64_t b = 0; b < B; b++) rms_norm(x + b * D, ffn_norm, D, eps, h + b * D);
+    rc |= q4_1_matmul(h, B, D, w13_qs, w13_dm, 2 * I, gu);
+    for (int64_t b = 0; b < B; b++) {
+        const float *g = gu + b * 2 * I;
+        float *a = act + b * I;
+        for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
+    }
+    rc |= q4_1_matmul(act, B, I, w2_qs, w2_dm, D, y);
+    for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
+    free(buf);
+    return rc ? -1 : 0;
+}

@@ -98,6 +98,8 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         fn.restype = None
     lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p, p, p, p, i64, i64, i64]
     lib.q4_1_decode_layer.restype = ctypes.c_int
+    lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p] * 6
+    lib.q4_1_decode_layer_batch.restype = ctypes.c_int
     return lib, None
 
 
@@ -230,6 +232,31 @@ def q4_1_decode_layer(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ff
                                 w13[0].data_ptr(), w13[1].data_ptr(), w2[0].data_ptr(), w2[1].data_ptr(),
                                 cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a decode layer's buffers")
+    return out
+
+
+def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
+                            wqkv: tuple[Tensor, Tensor], wo: tuple[Tensor, Tensor], w13: tuple[Tensor, Tensor],
+                            w2: tuple[Tensor, Tensor], cos: Tensor, sin: Tensor, k_caches: list[Tensor],
+                            v_caches: list[Tensor], positions: list[int]) -> Tensor:
+    """`q4_1_decode_layer` for B sequences in one call: x (B, D) -> (B, D); cos, sin (B, hd);
+    sequence b's caches k_caches[b], v_caches[b] (KV, S_b, hd) fp32 contiguous, written at
+    positions[b]. The projections run on the B rows together."""
+    B, D = x.shape
+    KV, _, hd = k_caches[0].shape
+    I = w2[0].shape[1] * 2
+    out = x.to(torch.float32, copy=True).contiguous()
+    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    k_ptrs = torch.tensor([k.data_ptr() for k in k_caches], dtype=torch.int64)
+    v_ptrs = torch.tensor([v.data_ptr() for v in v_caches], dtype=torch.int64)
+    seqs = torch.tensor([k.shape[1] for k in k_caches], dtype=torch.int64)
+    pos = torch.tensor(positions, dtype=torch.int64)
+    if _lib().q4_1_decode_layer_batch(
+            out.data_ptr(), B, D, n_heads, KV, hd, I, eps, attn_norm.data_ptr(), ffn_norm.data_ptr(),
+            wqkv[0].data_ptr(), wqkv[1].data_ptr(), wo[0].data_ptr(), wo[1].data_ptr(),
+            w13[0].data_ptr(), w13[1].data_ptr(), w2[0].data_ptr(), w2[1].data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), seqs.data_ptr(), pos.data_ptr()) != 0:
+        raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
     return out
 
 

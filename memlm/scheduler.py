@@ -9,9 +9,10 @@ over several steps while the others keep decoding, never padded to a common leng
 sequence keeps its own KV cache (prompt + max_new_tokens positions, the one-at-a-time loop's
 size), its own sampling, seed, stop sequences and cancellation (`memlm.generation.Completion`);
 a step with one sequence in it is exactly the one-at-a-time path (q4_1's fused decode layer).
-Below `min_batch_size` sequences a batched pass costs more per token than single ones on a small
-CPU (the fused one-sequence layer against the module path: benchmarks/qmatmul_cpu.py "batched
-decode"), so the sequences take turns, one per step, each on the one-at-a-time path.
+A decode step of q4_1 layers runs each layer in one C call over the B rows
+(`qmatmul_cpu.q4_1_decode_layer_batch`); a step with a prompt chunk in it takes the module path.
+Where a batched pass of a few sequences costs more per token than single ones, `min_batch_size`
+makes fewer sequences take turns, one per step, on the one-at-a-time path (default 1: off).
 
 Admission is first come, first served: the oldest waiting request is admitted when a batch slot
 is free (`max_batch_size`) and its KV cache fits the budget (`kv_cache_bytes`; a request alone

@@ -287,12 +287,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.feed_forward: nn.Module = FeedForward(config)
         # (block, x, rope, cache, kv_len) -> x, or None: a fused one-token step for this layer's
-        # weight format (memlm.model.quantize sets it for q4_1), tried for single-token decoding.
+        # weight format (memlm.model.quantize sets it for q4_1), tried for single-token decoding
+        # and for batched steps (a RaggedBatch as cache: every sequence decoding one token).
         self.decode_fast: Optional[Callable[..., Optional[Tensor]]] = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, mask: Optional[Tensor],
                 cache: Optional[KVCache], kv_len: int) -> Tensor:
-        if self.decode_fast is not None and isinstance(cache, KVCache) and mask is None and x.shape[1] == 1:
+        if self.decode_fast is not None and mask is None and (
+                (isinstance(cache, KVCache) and x.shape[1] == 1) or isinstance(cache, RaggedBatch)):
             out = self.decode_fast(self, x, rope, cache, kv_len)
             if out is not None:
                 return out

@@ -234,10 +234,12 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     own SDPA attention and SwiGLU MLP with bias-free Q4_1 projections. Modules after the attention
     (RETRO's cross-attention, adapters) run between the attention half and the MLP half, two C
     calls; a memory mode that swaps the attention backend (knn) keeps the module path."""
-    from memlm.model.llama import FeedForward, RMSNorm, SDPABackend  # llama imports this module lazily
+    from memlm.model.llama import FeedForward, RaggedBatch, RMSNorm, SDPABackend  # llama imports this module lazily
 
     att, ff = block.attention, block.feed_forward
     linears = (att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None))
+    if isinstance(cache, RaggedBatch):
+        return _q4_1_decode_batch(block, x, rope, cache, linears)
     if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
             or type(att.backend) is not SDPABackend or type(ff) is not FeedForward
             or type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm
@@ -259,6 +261,34 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     for module in block.after_attention:
         x = module(x, input_pos)
     return run(x, 2)
+
+
+def _plain_q4_1_layer(block: nn.Module, linears) -> bool:
+    from memlm.model.llama import FeedForward, RMSNorm, SDPABackend
+
+    att = block.attention
+    return (type(att.backend) is SDPABackend and type(block.feed_forward) is FeedForward
+            and type(block.attention_norm) is RMSNorm and type(block.ffn_norm) is RMSNorm
+            and all(type(m) is Q4_1Linear and m.kernel_ready and m.bias is None for m in linears)
+            and att.head_dim % 8 == 0 and not torch.compiler.is_compiling())
+
+
+def _q4_1_decode_batch(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], batch, linears) -> Tensor | None:
+    """A batched decode step (every sequence of the RaggedBatch feeds one token) of a plain q4_1
+    layer in one C call (`qmatmul_cpu.q4_1_decode_layer_batch`), or None (the module path runs):
+    a prefill chunk in the batch, modules after the attention, another weight format."""
+    att = block.attention
+    if (any(n != 1 for n in batch.lengths) or block.after_attention or x.dtype != torch.float32
+            or x.device.type != "cpu" or any(c.k.dtype != torch.float32 for c in batch.caches)
+            or not _plain_q4_1_layer(block, linears)):
+        return None
+    cos, sin = rope  # each (N, 1, hd)
+    out = qmatmul_cpu.q4_1_decode_layer_batch(
+        x.reshape(x.shape[1], -1), att.n_heads, block.attention_norm.eps, block.attention_norm.weight,
+        block.ffn_norm.weight, *((m.qs, m.dm) for m in linears), cos.reshape(cos.shape[0], -1),
+        sin.reshape(sin.shape[0], -1), [c.k[att.layer, 0] for c in batch.caches],
+        [c.v[att.layer, 0] for c in batch.caches], batch.starts)
+    return out.view_as(x)
 
 
 def _quantized(linear: nn.Linear, fmt: str) -> nn.Module:

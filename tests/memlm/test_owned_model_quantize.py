@@ -236,3 +236,49 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
     assert q4_1_decode_step(block, torch.randn(1, 2, 64), rope, cache, 2) is None
     block.attention.backend = type("Other", (torch.nn.Module,), {"forward": lambda self, q, k, v, m: q})()
     assert q4_1_decode_step(block, torch.randn(1, 1, 64), rope, cache, 1) is None
+
+
+def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path):
+    """The one-call decode layer over a RaggedBatch of decoding sequences (each at its own position
+    in its own cache) against the module path of the same quantized layer, per sequence: output
+    and the keys and values written, within the fused one-sequence step's bound above. A batch
+    with a prompt chunk in it is left to the module path."""
+    from memlm.model.llama import RaggedBatch
+    from memlm.model.quantize import q4_1_decode_step
+
+    model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    torch.manual_seed(3)
+    starts = [5, 17, 11]
+    prompts = [torch.randint(0, 101, (1, n)) for n in starts]
+    block = model.layers[1]
+    runs = []
+    for fast in (None, q4_1_decode_step):
+        caches = [model.new_cache(1, 32) for _ in starts]
+        for b in model.layers:
+            b.decode_fast = None
+        for p, c in zip(prompts, caches):
+            model(p, torch.arange(p.shape[1]), c)
+        block.decode_fast = fast
+        batch = RaggedBatch(caches, starts, [1, 1, 1])
+        torch.manual_seed(4)
+        x = torch.randn(1, 3, 64)
+        rope = (model.rope_cos[batch.input_pos, None], model.rope_sin[batch.input_pos, None])
+        if fast is not None:
+            assert fast(block, x, rope, batch, 0) is not None  # taken: every sequence decodes one token
+            caches = [model.new_cache(1, 32) for _ in starts]  # again on fresh caches, through Block.forward
+            for p, c in zip(prompts, caches):
+                for b in model.layers:
+                    b.decode_fast = None
+                model(p, torch.arange(p.shape[1]), c)
+            block.decode_fast = fast
+            batch = RaggedBatch(caches, starts, [1, 1, 1])
+        out = block(x, rope, batch.input_pos, None, batch, 0)
+        runs.append((out, [c.k[1, 0, :, s].clone() for c, s in zip(caches, starts)],
+                     [c.v[1, 0, :, s].clone() for c, s in zip(caches, starts)]))
+    (ref, k_ref, v_ref), (got, k_got, v_got) = runs
+    assert got.shape == ref.shape == (1, 3, 64)
+    for a, b in [(got, ref), *zip(k_got, k_ref), *zip(v_got, v_ref)]:
+        assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
+    mixed = RaggedBatch([model.new_cache(1, 32), model.new_cache(1, 32)], [0, 4], [3, 1])
+    rope = (model.rope_cos[mixed.input_pos, None], model.rope_sin[mixed.input_pos, None])
+    assert q4_1_decode_step(block, torch.randn(1, 4, 64), rope, mixed, 0) is None
