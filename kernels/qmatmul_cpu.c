@@ -248,6 +248,29 @@ static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
     for (int64_t i = 0; i < hd; i++) v[i] = tmp[i];
 }
 
+/* Single-query attention of one sequence's new position: per query head h (of q (H, hd)), softmax
+   of q . k_l / sqrt(hd) over the L cached positions of KV head h / (H / KV) times v_l, into
+   out (H, hd). Caches (KV, S, hd); scores (H, L) scratch. */
+static void attend(const float *q_heads, const float *k_cache, const float *v_cache, int64_t S, int64_t L, int64_t H,
+                   int64_t KV, int64_t hd, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t group = H / KV;
+#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
+    for (int64_t hh = 0; hh < H; hh++) {
+        const float *q = q_heads + hh * hd, *kc = k_cache + (hh / group) * S * hd, *vc = v_cache + (hh / group) * S * hd;
+        float *s = scores + hh * L, *o = out + hh * hd;
+        float m = -INFINITY;
+        for (int64_t l = 0; l < L; l++) {
+            s[l] = dot_f32(q, kc + l * hd, hd) * scale;
+            m = s[l] > m ? s[l] : m;
+        }
+        float sum = 0.0f;
+        for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - m); sum += s[l]; }
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t l = 0; l < L; l++) axpy_f32(s[l] / sum, vc + l * hd, o, hd);
+    }
+}
+
 int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
                       const float *attn_norm, const float *ffn_norm,
                       const uint8_t *wqkv_qs, const uint16_t *wqkv_dm, const uint8_t *wo_qs, const uint16_t *wo_dm,
@@ -271,22 +294,7 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
             v_cache[(g * max_seq + pos) * hd + i] = qkv[Q + KVD + g * hd + i];
         }
     }
-    const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t group = H / KV;
-#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
-    for (int64_t hh = 0; hh < H; hh++) {
-        const float *q = qkv + hh * hd, *kc = k_cache + (hh / group) * max_seq * hd, *vc = v_cache + (hh / group) * max_seq * hd;
-        float *s = scores + hh * L, *o = attn + hh * hd;
-        float m = -INFINITY;
-        for (int64_t l = 0; l < L; l++) {
-            s[l] = dot_f32(q, kc + l * hd, hd) * scale;
-            m = s[l] > m ? s[l] : m;
-        }
-        float sum = 0.0f;
-        for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - m); sum += s[l]; }
-        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int64_t l = 0; l < L; l++) axpy_f32(s[l] / sum, vc + l * hd, o, hd);
-    }
+    attend(qkv, k_cache, v_cache, max_seq, L, H, KV, hd, scores, attn);
     rc |= q4_1_matmul(attn, 1, Q, wo_qs, wo_dm, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
 
@@ -326,8 +334,6 @@ int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t K
 
     for (int64_t b = 0; b < B; b++) rms_norm(x + b * D, attn_norm, D, eps, h + b * D);
     rc |= q4_1_matmul(h, B, D, wqkv_qs, wqkv_dm, QKV, qkv);
-    const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t group = H / KV;
     for (int64_t b = 0; b < B; b++) {
         float *row = qkv + b * QKV;
         const int64_t pos = positions[b], S = max_seqs[b], L = pos + 1;
@@ -339,20 +345,7 @@ int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t K
                 v_cache[(g * S + pos) * hd + i] = row[Q + KVD + g * hd + i];
             }
         }
-#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
-        for (int64_t hh = 0; hh < H; hh++) {
-            const float *q = row + hh * hd, *kc = k_cache + (hh / group) * S * hd, *vc = v_cache + (hh / group) * S * hd;
-            float *s = scores + hh * L, *o = attn + b * Q + hh * hd;
-            float m = -INFINITY;
-            for (int64_t l = 0; l < L; l++) {
-                s[l] = dot_f32(q, kc + l * hd, hd) * scale;
-                m = s[l] > m ? s[l] : m;
-            }
-            float sum = 0.0f;
-            for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - m); sum += s[l]; }
-            for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-            for (int64_t l = 0; l < L; l++) axpy_f32(s[l] / sum, vc + l * hd, o, hd);
-        }
+        attend(row, k_cache, v_cache, S, L, H, KV, hd, scores, attn + b * Q);
     }
     rc |= q4_1_matmul(attn, B, Q, wo_qs, wo_dm, D, y);
     for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
