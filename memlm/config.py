@@ -120,9 +120,6 @@ class ModelSettings(BaseModel):
                            "batching, chunked prefill) where the model is memlm's own and the memory mode allows "
                            "(none, rag); False: one request at a time")
     max_batch_size: int = Field(16, gt=0, description="sequences in the running batch at most")
-    min_batch_size: int = Field(1, gt=0, description="fewer sequences than this are not stepped together: they take "
-                                "turns, one per forward pass, on the one-sequence path (1: always together; worth raising "
-                                "where a batched pass of a few costs more per token than single ones: benchmarks/qmatmul_cpu.py)")
     max_batched_tokens: int = Field(512, gt=0, description="tokens in one batched forward pass at most (decode tokens, "
                                     "then prompt chunks); >= max_batch_size")
     kv_cache_mb: int = Field(4096, gt=0, description="KV-cache memory the running batch may reserve (each sequence: "

@@ -124,7 +124,7 @@ class _ModelWorker:
         if settings.batching and isinstance(model, Llama):
             prefix = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
             self.batch = BatchScheduler(model, tokenizer, eos_ids, settings.max_batch_size, settings.max_batched_tokens,
-                                        settings.kv_cache_mb << 20, prefix, settings.min_batch_size)
+                                        settings.kv_cache_mb << 20, prefix)
         self._alone = 0  # jobs running outside the batch (0 or 1)
         self._thread = threading.Thread(target=self._serve, name="memlm-model", daemon=True)
         self._thread.start()

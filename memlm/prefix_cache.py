@@ -58,8 +58,6 @@ class PrefixCache:
         # its chain digest, or a whole prompt's tail after its last full block, with its logits.
         self._blocks: "OrderedDict[bytes, tuple]" = OrderedDict()
         self.bytes = 0
-        self.hit_tokens = 0  # prompt tokens served from the cache, since start
-        self.queried_tokens = 0  # prompt tokens looked up
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -83,7 +81,6 @@ class PrefixCache:
         the next-token logits (V,) or None). A prompt seen whole before comes back whole, with the
         logits its prefill made, so repeating a request repeats its numbers exactly; otherwise a
         run of full blocks leaving at least one token to prefill (logits None)."""
-        self.queried_tokens += len(ids)
         if self.budget_bytes <= 0:
             return 0, None
         b = self.block_tokens
@@ -108,7 +105,6 @@ class PrefixCache:
             at += n
         for key in reversed(keys):  # leaf first: parents end up fresher than their children
             self._blocks.move_to_end(key)
-        self.hit_tokens += filled
         return filled, (self._blocks[whole][2] if whole is not None else None)
 
     def store(self, ids: Sequence[int], cache: KVCache, logits: Optional[Tensor] = None) -> None:

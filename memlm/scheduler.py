@@ -11,8 +11,6 @@ size), its own sampling, seed, stop sequences and cancellation (`memlm.generatio
 a step with one sequence in it is exactly the one-at-a-time path (q4_1's fused decode layer).
 A decode step of q4_1 layers runs each layer in one C call over the B rows
 (`qmatmul_cpu.q4_1_decode_layer_batch`); a step with a prompt chunk in it takes the module path.
-Where a batched pass of a few sequences costs more per token than single ones, `min_batch_size`
-makes fewer sequences take turns, one per step, on the one-at-a-time path (default 1: off).
 
 Admission is first come, first served: the oldest waiting request is admitted when a batch slot
 is free (`max_batch_size`) and its KV cache fits the budget (`kv_cache_bytes`; a request alone
@@ -84,15 +82,12 @@ class BatchScheduler:
 
     def __init__(self, model: Llama, tokenizer, eos: frozenset[int], max_batch_size: int = 16,
                  max_batched_tokens: int = 512, kv_cache_bytes: int = 4 << 30,
-                 prefix_cache: Optional[PrefixCache] = None, min_batch_size: int = 1):
+                 prefix_cache: Optional[PrefixCache] = None):
         if max_batched_tokens < max_batch_size:
             raise ValueError(f"max_batched_tokens={max_batched_tokens} < max_batch_size={max_batch_size}: "
                              "every running sequence needs a token each step")
         self.model, self.tokenizer, self.eos = model, tokenizer, eos
         self.max_batch_size, self.max_batched_tokens = max_batch_size, max_batched_tokens
-        # Fewer pieces than this in a step: they take turns alone instead (see `step`).
-        self.min_batch_size = min_batch_size
-        self._turn = -1
         self.kv_cache_bytes = kv_cache_bytes
         self.prefix_cache = prefix_cache
         self.waiting: deque[BatchRequest] = deque()
@@ -124,7 +119,7 @@ class BatchScheduler:
             self._finish(seq, "cancelled")
         while self.waiting:
             request = self.waiting.popleft()
-            request.on_done(Completion(self.tokenizer, request.sampling, self.eos, request.cancel).outcome("cancelled"))
+            self._cancel_waiting(request)
         self._report()
 
     # --- one step --------------------------------------------------------------------------
@@ -151,11 +146,6 @@ class BatchScheduler:
                 n = min(budget, len(seq.request.input_ids) - seq.filled)
                 pieces.append((seq, list(seq.request.input_ids[seq.filled : seq.filled + n])))
                 budget -= n
-        if len(pieces) < self.min_batch_size:
-            # Too few to pay for a batched pass on this machine: one sequence per step, in turn,
-            # each on the one-at-a-time path (q4_1's fused decode layer).
-            self._turn = (self._turn + 1) % len(pieces)
-            pieces = [pieces[self._turn]]
         try:
             logits = self._forward(pieces)
         except BaseException as exc:  # noqa: BLE001 - every request in the step gets it
@@ -194,7 +184,7 @@ class BatchScheduler:
     def _admit(self) -> None:
         for request in [r for r in self.waiting if r.cancel.is_set()]:  # gone before their turn: answered now
             self.waiting.remove(request)
-            request.on_done(Completion(self.tokenizer, request.sampling, self.eos, request.cancel).outcome("cancelled"))
+            self._cancel_waiting(request)
         while self.waiting and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
             positions = len(request.input_ids) + request.sampling.max_new_tokens
@@ -214,6 +204,10 @@ class BatchScheduler:
             self.reserved += need
             if logits is not None:  # the whole prompt came from the cache: its first token needs no pass
                 self._take(seq, logits, time.perf_counter())
+
+    def _cancel_waiting(self, request: BatchRequest) -> None:
+        """End a request that never ran: no tokens, "cancelled"."""
+        request.on_done(Completion(self.tokenizer, request.sampling, self.eos, request.cancel).outcome("cancelled"))
 
     def _take(self, seq: _Sequence, logits: torch.Tensor, now: float) -> None:
         """Sample the sequence's next token from `logits` (V,) and pass it on; it finishes or waits

@@ -234,17 +234,14 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     own SDPA attention and SwiGLU MLP with bias-free Q4_1 projections. Modules after the attention
     (RETRO's cross-attention, adapters) run between the attention half and the MLP half, two C
     calls; a memory mode that swaps the attention backend (knn) keeps the module path."""
-    from memlm.model.llama import FeedForward, RaggedBatch, RMSNorm, SDPABackend  # llama imports this module lazily
+    from memlm.model.llama import RaggedBatch  # llama imports this module lazily
 
     att, ff = block.attention, block.feed_forward
     linears = (att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None))
     if isinstance(cache, RaggedBatch):
         return _q4_1_decode_batch(block, x, rope, cache, linears)
     if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
-            or type(att.backend) is not SDPABackend or type(ff) is not FeedForward
-            or type(block.attention_norm) is not RMSNorm or type(block.ffn_norm) is not RMSNorm
-            or not all(type(m) is Q4_1Linear and m.kernel_ready and m.bias is None for m in linears)
-            or att.head_dim % 8 or cache.k.dtype != torch.float32 or torch.compiler.is_compiling()):
+            or cache.k.dtype != torch.float32 or not _plain_q4_1_layer(block, linears)):
         return None
     cos, sin = rope
 
@@ -264,6 +261,8 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
 
 
 def _plain_q4_1_layer(block: nn.Module, linears) -> bool:
+    """The layer is what the fused C layers compute: SDPA attention, a SwiGLU MLP, RMSNorms and
+    bias-free Q4_1 projections whose kernel runs here."""
     from memlm.model.llama import FeedForward, RMSNorm, SDPABackend
 
     att = block.attention
