@@ -84,9 +84,304 @@ static inline __m256i load_x(const int8_t *a) { return _mm256_loadu_si256((const
 /* s8 * s8: maddubs needs an unsigned side, so |w| times x with w's sign (ggml's trick). */
 static inline __m256 dot_s8s8(__m256i w, __m256i x) { return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
 
+/* ---- AVX-512 VNNI, chosen at run time where the CPU has it -----------------------------------
+
+   The same products with vpdpbusd: one instruction multiplies 64 u8 x s8 pairs and adds them in
+   fours into 16 int32 lanes, two blocks at once (lanes 0-7 the first block, 8-15 the second), where
+   AVX2 needs maddubs + madd per block. Each block's int32 partial sums are scaled by d * dx in fp32
+   (the scales of a block pair, expanded to 16 lanes: dxe per input row at quantization, d per weight
+   row), as above. Q8_0's codes are signed on both sides: x is stored offset by 128 (unsigned) and
+   the offset's share, 128 * sum(w), starts each accumulator negated. Every output row runs the
+   same instruction sequence whatever M and wherever it falls in a block of rows, so a row's result
+   does not depend on the rows beside it (a batched step equals each sequence alone). Block counts
+   must be even (K a multiple of 64); other shapes take the AVX2 code. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
+#define ROWS 8  /* input rows per pass over a weight row: their accumulators stay in registers */
+
+static int vnni_state = -1;  /* -1 not yet asked, 0 AVX2, 1 VNNI */
+
+/* want -1: the current choice (the CPU's best on first use); 0: AVX2; 1: VNNI where the CPU has it.
+   Returns the choice now in force (1 VNNI). Not thread-safe against running matmuls: for tests and
+   benchmarks, between calls. */
+static int cpu_has_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+int qmatmul_has_vnni(void) { return cpu_has_vnni(); }
+
+int qmatmul_isa(int want) {
+    if (want >= 0 || vnni_state < 0) vnni_state = want != 0 && cpu_has_vnni();
+    return vnni_state;
+}
+
+/* x (M, K) -> xq (M, K) int8 (offset to uint8 when `offset`), sx (M, K/32), and the scales: dxe
+   (M, K/64, 16), each block pair's dx in 8 lanes each (K a multiple of 64), or where dxe is NULL,
+   dx (M, K/32). Bit for bit quantize_x's codes and scales. */
+VNNI_TARGET static void quantize_x_vnni(const float *x, int64_t M, int64_t K, int8_t *xq, float *dxe, float *dx,
+                                        float *sx, int offset) {
+    const int64_t G = K / QK;
+    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+    const __m128i flip = _mm_set1_epi8(offset ? (char)0x80 : 0);
+    for (int64_t r = 0; r < M * G; r++) {
+        const float *v = x + r * QK;
+        const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+        const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.0f;
+        const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        /* cvtps rounds to nearest even under the default MXCSR, as nearbyintf does */
+        const __m512i qa = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)), hi), lo);
+        const __m512i qb = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)), hi), lo);
+        _mm_storeu_si128((__m128i *)(xq + r * QK), _mm_xor_si128(_mm512_cvtepi32_epi8(qa), flip));
+        _mm_storeu_si128((__m128i *)(xq + r * QK + 16), _mm_xor_si128(_mm512_cvtepi32_epi8(qb), flip));
+        if (dxe != NULL)
+            _mm256_storeu_ps(dxe + (r / 2) * 16 + (r % 2) * 8, _mm256_set1_ps(d));  /* G even: pairs never span rows */
+        else
+            dx[r] = d;
+        sx[r] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+}
+
+/* a . b over n floats (Q4_1's m * sx term of one output). */
+VNNI_TARGET static inline float dot_tail(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* The 32 + 32 codes of a Q4_1 block pair in column order: [b0 low, b0 high, b1 low, b1 high]. */
+VNNI_TARGET static inline __m512i q4_pair_codes(const uint8_t *pair) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)pair);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1);
+    return _mm512_and_si512(_mm512_shuffle_i64x2(both, both, 0xD8), _mm512_set1_epi8(0x0F));
+}
+
+VNNI_TARGET static inline __m512 pair_scale(float d0, float d1) {
+    return _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
+}
+
+/* R (a constant after inlining) input rows from row i0 against Q4_1 weight row n. */
+VNNI_TARGET static inline __attribute__((always_inline)) void q4_1_rows_vnni(
+        const int8_t *xq, const float *dxe, const float *sx, int64_t i0, int R, int64_t K, const uint8_t *wq,
+        const uint16_t *wdm, const float *mw, int64_t n, int64_t N, float *y) {
+    const int64_t G = K / QK, P = G / 2;
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        const __m512i codes = q4_pair_codes(wq + p * 32);
+        const __m512 ws = pair_scale(half_to_float(wdm[4 * p]), half_to_float(wdm[4 * p + 2]));
+        for (int r = 0; r < R; r++) {
+            const int64_t row = i0 + r;
+            const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq + row * K + p * 64));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(ws, _mm512_loadu_ps(dxe + (row * P + p) * 16)), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[(i0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]) + dot_tail(mw, sx + (i0 + r) * G, G);
+}
+
+VNNI_TARGET static int q4_1_matmul_vnni(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *dm,
+                                        int64_t N, float *y) {
+    const int64_t G = K / QK;
+    char *buf = malloc((size_t)(M * K + (M * K / 4 + M * G) * (int64_t)sizeof(float)));
+    if (buf == NULL) return -1;
+    int8_t *xq = (int8_t *)buf;
+    float *dxe = (float *)(buf + M * K), *sx = dxe + M * K / 4;
+    quantize_x_vnni(x, M, K, xq, dxe, NULL, sx, 0);
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wq = qs + n * (K / 2);
+        const uint16_t *wdm = dm + n * G * 2;
+        float mw[G];
+        for (int64_t g = 0; g < G; g++) mw[g] = half_to_float(wdm[2 * g + 1]);
+        int64_t i = 0;
+        for (; i + ROWS <= M; i += ROWS) q4_1_rows_vnni(xq, dxe, sx, i, ROWS, K, wq, wdm, mw, n, N, y);
+        switch (M - i) {  /* constant row counts, so each unrolls with its accumulators in registers */
+            case 7: q4_1_rows_vnni(xq, dxe, sx, i, 7, K, wq, wdm, mw, n, N, y); break;
+            case 6: q4_1_rows_vnni(xq, dxe, sx, i, 6, K, wq, wdm, mw, n, N, y); break;
+            case 5: q4_1_rows_vnni(xq, dxe, sx, i, 5, K, wq, wdm, mw, n, N, y); break;
+            case 4: q4_1_rows_vnni(xq, dxe, sx, i, 4, K, wq, wdm, mw, n, N, y); break;
+            case 3: q4_1_rows_vnni(xq, dxe, sx, i, 3, K, wq, wdm, mw, n, N, y); break;
+            case 2: q4_1_rows_vnni(xq, dxe, sx, i, 2, K, wq, wdm, mw, n, N, y); break;
+            case 1: q4_1_rows_vnni(xq, dxe, sx, i, 1, K, wq, wdm, mw, n, N, y); break;
+            default: break;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* R input rows from row i0 against Q8_0 weight row wq (d: its block scales). */
+VNNI_TARGET static inline __attribute__((always_inline)) void q8_0_rows_vnni(
+        const int8_t *xu, const float *dxe, int64_t i0, int R, int64_t K, const int8_t *wq, const uint16_t *wd,
+        int64_t n, int64_t N, float *y) {
+    const int64_t P = K / QK / 2;
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        const __m512i w = _mm512_loadu_si512(wq + p * 64);
+        /* -(128 * sum of each lane's four codes): what x's +128 offset adds */
+        const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), w));
+        const __m512 ws = pair_scale(half_to_float(wd[2 * p]), half_to_float(wd[2 * p + 1]));
+        for (int r = 0; r < R; r++) {
+            const int64_t row = i0 + r;
+            const __m512i dp = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(xu + row * K + p * 64), w);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(ws, _mm512_loadu_ps(dxe + (row * P + p) * 16)), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[(i0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+}
+
+VNNI_TARGET static int q8_0_matmul_vnni(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d,
+                                        int64_t N, float *y) {
+    const int64_t G = K / QK;
+    char *buf = malloc((size_t)(M * K + (M * K / 4 + M * G) * (int64_t)sizeof(float)));
+    if (buf == NULL) return -1;
+    int8_t *xu = (int8_t *)buf;
+    float *dxe = (float *)(buf + M * K), *sx = dxe + M * K / 4;
+    quantize_x_vnni(x, M, K, xu, dxe, NULL, sx, 1);
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wq = qs + n * K;
+        const uint16_t *wd = d + n * G;
+        int64_t i = 0;
+        for (; i + ROWS <= M; i += ROWS) q8_0_rows_vnni(xu, dxe, i, ROWS, K, wq, wd, n, N, y);
+        switch (M - i) {
+            case 7: q8_0_rows_vnni(xu, dxe, i, 7, K, wq, wd, n, N, y); break;
+            case 6: q8_0_rows_vnni(xu, dxe, i, 6, K, wq, wd, n, N, y); break;
+            case 5: q8_0_rows_vnni(xu, dxe, i, 5, K, wq, wd, n, N, y); break;
+            case 4: q8_0_rows_vnni(xu, dxe, i, 4, K, wq, wd, n, N, y); break;
+            case 3: q8_0_rows_vnni(xu, dxe, i, 3, K, wq, wd, n, N, y); break;
+            case 2: q8_0_rows_vnni(xu, dxe, i, 2, K, wq, wd, n, N, y); break;
+            case 1: q8_0_rows_vnni(xu, dxe, i, 1, K, wq, wd, n, N, y); break;
+            default: break;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- Q4_1 interleaved by 16 output rows, for VNNI ("x16") ----------------------------------
+
+   The layout above gives each output its own vpdpbusd per block pair and then three fp32 ops to
+   scale it: about 16 multiply-adds per instruction. Interleaving 16 weight rows (llama.cpp's
+   repacked "x8" formats, and oneDNN's blocked weights, do the same) makes the 16 int32 lanes of
+   one vpdpbusd 16 different outputs over 4 input columns, x's 4 bytes broadcast to every lane:
+   a block of 32 columns is 8 vpdpbusd into one accumulator with one scale (the block's), then one
+   cvt, one multiply and two FMAs for all 16 outputs at once: about 40 multiply-adds an instruction.
+   Per (group of 16 rows, block), 256 bytes of codes: byte (t % 4) * 64 + j * 4 + i holds, of row j,
+   code 4t + i in its low nibble (t < 4) or high nibble (t >= 4); then the 16 rows' d and m as
+   fp16 (16 + 16). The same bytes as Q4_1's, in another order (q4_1_repack_x16 makes them). */
+void q4_1_repack_x16(const uint8_t *qs, const uint16_t *dm, int64_t N, int64_t K, uint8_t *codes, uint16_t *scales) {
+    const int64_t G = K / QK;
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < N / 16; nb++) {
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t *out = codes + (nb * G + g) * 256;
+            uint16_t *sc = scales + (nb * G + g) * 32;
+            for (int b = 0; b < 256; b++) out[b] = 0;
+            for (int j = 0; j < 16; j++) {
+                const int64_t n = nb * 16 + j;
+                const uint8_t *block = qs + n * (K / 2) + g * 16;
+                sc[j] = dm[(n * G + g) * 2];
+                sc[16 + j] = dm[(n * G + g) * 2 + 1];
+                for (int k = 0; k < QK; k++) {
+                    const uint8_t code = k < 16 ? block[k] & 0x0F : block[k - 16] >> 4;
+                    const int t = k / 4, i = k % 4;
+                    out[(t % 4) * 64 + j * 4 + i] |= (uint8_t)(t < 4 ? code : code << 4);
+                }
+            }
+        }
+    }
+}
+
+/* R (a constant after inlining) input rows from row i0 against the 16 weight rows of group nb. */
+VNNI_TARGET static inline __attribute__((always_inline)) void q4_1_x16_rows(
+        const int8_t *xq, const float *dx, const float *sx, int64_t i0, int R, int64_t K, const uint8_t *codes,
+        const uint16_t *scales, int64_t nb, int64_t N, float *y) {
+    const int64_t G = K / QK;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *c = codes + g * 256;
+        __m512i w[8];
+        for (int t = 0; t < 4; t++) {
+            const __m512i v = _mm512_loadu_si512(c + 64 * t);
+            w[t] = _mm512_and_si512(v, low4);
+            w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * 32)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * 32 + 16)));
+        for (int r = 0; r < R; r++) {
+            const int64_t row = i0 + r;
+            const int8_t *a = xq + row * K + g * QK;
+            int32_t a4[8];
+            __builtin_memcpy(a4, a, 32);
+            /* two chains of four: consecutive vpdpbusd do not all wait on one accumulator */
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a4[0]));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(a4[1]));
+            s0 = _mm512_dpbusd_epi32(s0, w[2], _mm512_set1_epi32(a4[2]));
+            s1 = _mm512_dpbusd_epi32(s1, w[3], _mm512_set1_epi32(a4[3]));
+            s0 = _mm512_dpbusd_epi32(s0, w[4], _mm512_set1_epi32(a4[4]));
+            s1 = _mm512_dpbusd_epi32(s1, w[5], _mm512_set1_epi32(a4[5]));
+            s0 = _mm512_dpbusd_epi32(s0, w[6], _mm512_set1_epi32(a4[6]));
+            s1 = _mm512_dpbusd_epi32(s1, w[7], _mm512_set1_epi32(a4[7]));
+            const __m512 sd = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            acc[r] = _mm512_fmadd_ps(sd, _mm512_mul_ps(d, _mm512_set1_ps(dx[row * G + g])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[row * G + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (i0 + r) * N + nb * 16, acc[r]);
+}
+
+/* x (M, K) fp32 @ W.T with W in the x16 layout (N a multiple of 16). Returns 0, or -1 when out of
+   memory or when this CPU has no VNNI. */
+VNNI_TARGET static int q4_1_matmul_x16_vnni(const float *x, int64_t M, int64_t K, const uint8_t *codes,
+                                            const uint16_t *scales, int64_t N, float *y) {
+    const int64_t G = K / QK;
+    char *buf = malloc((size_t)(M * K + 2 * M * G * (int64_t)sizeof(float)));
+    if (buf == NULL) return -1;
+    int8_t *xq = (int8_t *)buf;
+    float *dx = (float *)(buf + M * K), *sx = dx + M * G;
+    quantize_x_vnni(x, M, K, xq, NULL, dx, sx, 0);
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t nb = 0; nb < N / 16; nb++) {
+        const uint8_t *c = codes + nb * G * 256;
+        const uint16_t *sc = scales + nb * G * 32;
+        int64_t i = 0;
+        for (; i + ROWS <= M; i += ROWS) q4_1_x16_rows(xq, dx, sx, i, ROWS, K, c, sc, nb, N, y);
+        switch (M - i) {
+            case 7: q4_1_x16_rows(xq, dx, sx, i, 7, K, c, sc, nb, N, y); break;
+            case 6: q4_1_x16_rows(xq, dx, sx, i, 6, K, c, sc, nb, N, y); break;
+            case 5: q4_1_x16_rows(xq, dx, sx, i, 5, K, c, sc, nb, N, y); break;
+            case 4: q4_1_x16_rows(xq, dx, sx, i, 4, K, c, sc, nb, N, y); break;
+            case 3: q4_1_x16_rows(xq, dx, sx, i, 3, K, c, sc, nb, N, y); break;
+            case 2: q4_1_x16_rows(xq, dx, sx, i, 2, K, c, sc, nb, N, y); break;
+            case 1: q4_1_x16_rows(xq, dx, sx, i, 1, K, c, sc, nb, N, y); break;
+            default: break;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+int q4_1_matmul_x16(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales, int64_t N,
+                    float *y) {
+    if (!qmatmul_isa(-1) || N % 16) return -1;
+    return q4_1_matmul_x16_vnni(x, M, K, codes, scales, N, y);
+}
+
 /* qs (N, K/2) uint8, dm (N, K/32, 2) fp16 [d, m]. Returns 0, or -1 when out of memory. */
 int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *dm, int64_t N, float *y) {
     const int64_t G = K / QK;
+    if (G % 2 == 0 && qmatmul_isa(-1)) return q4_1_matmul_vnni(x, M, K, qs, dm, N, y);
     float *dx, *sx;
     int8_t *xq = quantized_x(x, M, K, &dx, &sx);
     if (xq == NULL) return -1;
@@ -141,6 +436,7 @@ int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const u
 /* qs (N, K) int8, d (N, K/32) fp16. Returns 0, or -1 when out of memory. */
 int q8_0_matmul(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d, int64_t N, float *y) {
     const int64_t G = K / QK;
+    if (G % 2 == 0 && qmatmul_isa(-1)) return q8_0_matmul_vnni(x, M, K, qs, d, N, y);
     float *dx, *sx;
     int8_t *xq = quantized_x(x, M, K, &dx, &sx);
     if (xq == NULL) return -1;
@@ -208,6 +504,14 @@ void q8_0_dequantize(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, 
     }
 }
 
+/* A Q4_1 projection as the decode layers get it: w[0], w[1] its qs and dm; w[2], w[3] the same
+   weight in the x16 layout, or 0 where there is none (q4_1_repack_x16). */
+static int q4_1_mm(const float *x, int64_t M, int64_t K, const int64_t *w, int64_t N, float *y) {
+    if (w[2] != 0 && N % 16 == 0 && qmatmul_isa(-1))
+        return q4_1_matmul_x16(x, M, K, (const uint8_t *)w[2], (const uint16_t *)w[3], N, y);
+    return q4_1_matmul(x, M, K, (const uint8_t *)w[0], (const uint16_t *)w[1], N, y);
+}
+
 /* ---- One decoder layer of a Llama at one new position, on Q4_1 projections -----------------
 
    The eager PyTorch decode step spends as long in its ~25 small ops per layer (norms, RoPE, cache
@@ -219,6 +523,7 @@ void q8_0_dequantize(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, 
      cache (KV, S_max, hd);  per query head, softmax(q . k_l / sqrt(hd)) over l in [0, pos] times
      v_l (GQA: head h reads KV head h / (H / KV));  x += wo o;
      h = rms_norm(x) * ffn_norm;  [g; u] = w13 h;  x += w2 (silu(g) * u).
+   w: the four projections wqkv, wo, w13, w2, four int64 each (see q4_1_mm).
    parts: 1 the attention half (to x += wo o), 2 the MLP half, 3 both (modules a memory mode
    inserts after the attention, RETRO's cross-attention, run between two calls).
    x (D,) is updated in place. Returns 0, or -1 when out of memory. */
@@ -271,10 +576,23 @@ static void attend(const float *q_heads, const float *k_cache, const float *v_ca
     }
 }
 
+/* One sequence's new position: q and k of qkv (H + 2 KV heads of hd: queries, keys, values) rotated,
+   k and v written at `pos` of the caches (KV, S, hd), then `attend` over [0, pos] into out (H, hd). */
+static void rope_cache_attend(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                              int64_t S, int64_t pos, int64_t H, int64_t KV, int64_t hd, float *scores, float *out) {
+    const int64_t Q = H * hd, KVD = KV * hd;
+    for (int64_t j = 0; j < H + KV; j++) rope(qkv + j * hd, cos, sin, hd);  /* queries and keys */
+    for (int64_t g = 0; g < KV; g++) {
+        for (int64_t i = 0; i < hd; i++) {
+            k_cache[(g * S + pos) * hd + i] = qkv[Q + g * hd + i];
+            v_cache[(g * S + pos) * hd + i] = qkv[Q + KVD + g * hd + i];
+        }
+    }
+    attend(qkv, k_cache, v_cache, S, pos + 1, H, KV, hd, scores, out);
+}
+
 int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
-                      const float *attn_norm, const float *ffn_norm,
-                      const uint8_t *wqkv_qs, const uint16_t *wqkv_dm, const uint8_t *wo_qs, const uint16_t *wo_dm,
-                      const uint8_t *w13_qs, const uint16_t *w13_dm, const uint8_t *w2_qs, const uint16_t *w2_dm,
+                      const float *attn_norm, const float *ffn_norm, const int64_t *w,
                       const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_seq, int64_t pos,
                       int64_t parts) {
     const int64_t Q = H * hd, KVD = KV * hd, L = pos + 1;
@@ -286,24 +604,17 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
 
     if (!(parts & 1)) goto mlp;
     rms_norm(x, attn_norm, D, eps, h);
-    rc |= q4_1_matmul(h, 1, D, wqkv_qs, wqkv_dm, Q + 2 * KVD, qkv);
-    for (int64_t j = 0; j < H + KV; j++) rope(qkv + j * hd, cos, sin, hd);  /* queries and keys */
-    for (int64_t g = 0; g < KV; g++) {
-        for (int64_t i = 0; i < hd; i++) {
-            k_cache[(g * max_seq + pos) * hd + i] = qkv[Q + g * hd + i];
-            v_cache[(g * max_seq + pos) * hd + i] = qkv[Q + KVD + g * hd + i];
-        }
-    }
-    attend(qkv, k_cache, v_cache, max_seq, L, H, KV, hd, scores, attn);
-    rc |= q4_1_matmul(attn, 1, Q, wo_qs, wo_dm, D, y);
+    rc |= q4_1_mm(h, 1, D, w + 0, Q + 2 * KVD, qkv);
+    rope_cache_attend(qkv, cos, sin, k_cache, v_cache, max_seq, pos, H, KV, hd, scores, attn);
+    rc |= q4_1_mm(attn, 1, Q, w + 4, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
 
 mlp:
     if (!(parts & 2)) goto done;
     rms_norm(x, ffn_norm, D, eps, h);
-    rc |= q4_1_matmul(h, 1, D, w13_qs, w13_dm, 2 * I, gu);
+    rc |= q4_1_mm(h, 1, D, w + 8, 2 * I, gu);
     for (int64_t i = 0; i < I; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[I + i];
-    rc |= q4_1_matmul(act, 1, I, w2_qs, w2_dm, D, y);
+    rc |= q4_1_mm(act, 1, I, w + 12, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
 done:
     free(buf);
@@ -313,51 +624,49 @@ done:
 /* ---- The same layer for B sequences, each at its own new position in its own cache ---------
 
    q4_1_decode_layer over B rows at once (the batch scheduler's decode step): the projections
-   take the B rows in one q4_1_matmul each (its 4-row blocks share the weight's unpacking), RoPE,
+   take the B rows in one matmul each (whose blocks of rows share the weight's unpacking), RoPE,
    the cache write and attention run per row on that row's cache. x (B, D) is updated in place;
    cos, sin (B, hd) the rows' RoPE rows; k_caches[b], v_caches[b] (KV, max_seqs[b], hd) fp32,
    written at positions[b] and read over [0, positions[b]]. Returns 0, or -1 when out of memory. */
 int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
-                            const float *attn_norm, const float *ffn_norm,
-                            const uint8_t *wqkv_qs, const uint16_t *wqkv_dm, const uint8_t *wo_qs, const uint16_t *wo_dm,
-                            const uint8_t *w13_qs, const uint16_t *w13_dm, const uint8_t *w2_qs, const uint16_t *w2_dm,
+                            const float *attn_norm, const float *ffn_norm, const int64_t *w,
                             const float *cos, const float *sin, float *const *k_caches, float *const *v_caches,
                             const int64_t *max_seqs, const int64_t *positions) {
     const int64_t Q = H * hd, KVD = KV * hd, QKV = Q + 2 * KVD;
     int64_t L_max = 0;
     for (int64_t b = 0; b < B; b++) L_max = positions[b] + 1 > L_max ? positions[b] + 1 : L_max;
-    float *buf = malloc(sizeof(float) * (size_t)(B * (D + QKV + Q + D + 2 * I + I) + H * L_max));
+    float *buf = malloc(sizeof(float) * (size_t)(B * (D + QKV + Q + D + 2 * I + I + H * L_max)));
     if (buf == NULL) return -1;
     float *h = buf, *qkv = h + B * D, *attn = qkv + B * QKV, *y = attn + B * Q, *gu = y + B * D, *act = gu + B * 2 * I;
-    float *scores = act + B * I;  /* (H, L_max), reused row by row */
+    float *scores = act + B * I;  /* (B, H, L_max) */
     int rc = 0;
 
     for (int64_t b = 0; b < B; b++) rms_norm(x + b * D, attn_norm, D, eps, h + b * D);
-    rc |= q4_1_matmul(h, B, D, wqkv_qs, wqkv_dm, QKV, qkv);
-    for (int64_t b = 0; b < B; b++) {
-        float *row = qkv + b * QKV;
-        const int64_t pos = positions[b], S = max_seqs[b], L = pos + 1;
-        float *k_cache = k_caches[b], *v_cache = v_caches[b];
-        for (int64_t j = 0; j < H + KV; j++) rope(row + j * hd, cos + b * hd, sin + b * hd, hd);
-        for (int64_t g = 0; g < KV; g++) {
-            for (int64_t i = 0; i < hd; i++) {
-                k_cache[(g * S + pos) * hd + i] = row[Q + g * hd + i];
-                v_cache[(g * S + pos) * hd + i] = row[Q + KVD + g * hd + i];
-            }
-        }
-        attend(row, k_cache, v_cache, S, L, H, KV, hd, scores, attn + b * Q);
+    rc |= q4_1_mm(h, B, D, w + 0, QKV, qkv);
+    /* Rows across threads (attend's own loop over heads then runs in one thread: OpenMP does not
+       nest by default); each row's arithmetic is the same wherever it runs. One row: attend's
+       loop over heads is the parallel one (a region nested in an inactive one builds a new team). */
+#define ROW_ATTENTION(b) rope_cache_attend(qkv + (b) * QKV, cos + (b) * hd, sin + (b) * hd, k_caches[b], v_caches[b], \
+                                           max_seqs[b], positions[b], H, KV, hd, scores + (b) * H * L_max, attn + (b) * Q)
+    if (B == 1) {
+        ROW_ATTENTION(0);
+    } else {
+#pragma omp parallel for schedule(dynamic)
+        for (int64_t b = 0; b < B; b++) ROW_ATTENTION(b);
     }
-    rc |= q4_1_matmul(attn, B, Q, wo_qs, wo_dm, D, y);
+#undef ROW_ATTENTION
+    rc |= q4_1_mm(attn, B, Q, w + 4, D, y);
     for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
 
     for (int64_t b = 0; b < B; b++) rms_norm(x + b * D, ffn_norm, D, eps, h + b * D);
-    rc |= q4_1_matmul(h, B, D, w13_qs, w13_dm, 2 * I, gu);
+    rc |= q4_1_mm(h, B, D, w + 8, 2 * I, gu);
+#pragma omp parallel for schedule(static) if (B > 1)
     for (int64_t b = 0; b < B; b++) {
         const float *g = gu + b * 2 * I;
         float *a = act + b * I;
         for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
     }
-    rc |= q4_1_matmul(act, B, I, w2_qs, w2_dm, D, y);
+    rc |= q4_1_mm(act, B, I, w + 12, D, y);
     for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
     free(buf);
     return rc ? -1 : 0;

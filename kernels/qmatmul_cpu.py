@@ -96,16 +96,46 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     for fn in (lib.q4_1_dequantize, lib.q8_0_dequantize):
         fn.argtypes = [p, p, i64, i64, p]
         fn.restype = None
-    lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p, p, p, p, i64, i64, i64]
+    lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, p, i64, i64, i64]
     lib.q4_1_decode_layer.restype = ctypes.c_int
-    lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p] + [p] * 8 + [p] * 6
+    lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p] + [p] * 6
     lib.q4_1_decode_layer_batch.restype = ctypes.c_int
+    lib.qmatmul_isa.argtypes = [ctypes.c_int]
+    lib.qmatmul_isa.restype = ctypes.c_int
+    lib.qmatmul_has_vnni.argtypes = []
+    lib.qmatmul_has_vnni.restype = ctypes.c_int
+    lib.q4_1_matmul_x16.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.q4_1_matmul_x16.restype = ctypes.c_int
+    lib.q4_1_repack_x16.argtypes = [p, p, i64, i64, p, p]
+    lib.q4_1_repack_x16.restype = None
     return lib, None
 
 
 def available() -> Optional[str]:
     """None when the kernel runs on this machine, else the reason it does not."""
     return _library()[1]
+
+
+ISAS = ("avx2", "avx512-vnni")
+
+
+def isa() -> str:
+    """The instruction set the matmuls run on here: "avx512-vnni" where the CPU has it (and the
+    shape allows: K a multiple of 64), else "avx2"."""
+    return ISAS[_lib().qmatmul_isa(-1)]
+
+
+def has_vnni() -> bool:
+    """Whether this CPU runs the AVX512-VNNI code (whatever `set_isa` chose)."""
+    return bool(_lib().qmatmul_has_vnni())
+
+
+def set_isa(name: str) -> str:
+    """Choose the matmuls' instruction set ("avx2", or "avx512-vnni" where the CPU has it); returns
+    the one now in force. For tests and benchmarks that compare the two: not while a matmul runs."""
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}: expected one of {', '.join(ISAS)}")
+    return ISAS[_lib().qmatmul_isa(ISAS.index(name))]
 
 
 def _lib() -> ctypes.CDLL:
@@ -182,6 +212,28 @@ def q4_1_matmul(x: Tensor, qs: Tensor, dm: Tensor) -> Tensor:
     return _run(_lib().q4_1_matmul, _check(x, qs.shape[1] * 2), qs, dm, qs.shape[0])
 
 
+def repack_q4_1_x16(qs: Tensor, dm: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(qs, dm) -> the same weight interleaved by 16 output rows for the VNNI kernel (see "x16" in
+    the .c file): codes (N/16, K/32, 256) uint8 and scales (N/16, K/32, 32) fp16, as many bytes as
+    (qs, dm). None where it would not run: a CPU without AVX512-VNNI, or N not a multiple of 16."""
+    N, K = qs.shape[0], qs.shape[1] * 2
+    if N % 16 or not has_vnni():
+        return None
+    codes = torch.empty(N // 16, K // QK, 256, dtype=torch.uint8)
+    scales = torch.empty(N // 16, K // QK, 32, dtype=torch.float16)
+    qs, dm = qs.contiguous(), dm.contiguous()
+    _lib().q4_1_repack_x16(qs.data_ptr(), dm.data_ptr(), N, K, codes.data_ptr(), scales.data_ptr())
+    return codes, scales
+
+
+def q4_1_matmul_x16(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """`q4_1_matmul` on the x16 layout (`repack_q4_1_x16`); needs VNNI in force (`isa()`)."""
+    N, K = codes.shape[0] * 16, codes.shape[1] * QK
+    if isa() != "avx512-vnni":
+        raise RuntimeError("the x16 Q4_1 kernel needs AVX512-VNNI in force (qmatmul_cpu.isa())")
+    return _run(_lib().q4_1_matmul_x16, _check(x, K), codes, scales, N)
+
+
 # --- Q8_0 ------------------------------------------------------------------------------------
 
 def pack_q8_0(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,49 +265,82 @@ def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
 
 # --- one decoder layer at one position ------------------------------------------------------
 
+class LayerWeights:
+    """A decoder layer's four Q4_1 projections (wqkv, wo, w13, w2) as the decode layers read them:
+    each (qs, dm), or (qs, dm, codes, scales) with its x16 copy, which they then use where VNNI is
+    in force. Holds the tensors, so the pointers it passes stay valid."""
+
+    def __init__(self, *projections: tuple[Tensor, ...]):
+        if len(projections) != 4 or any(len(p) not in (2, 4) for p in projections):
+            raise ValueError("expected four projections, each (qs, dm) or (qs, dm, codes, scales)")
+        self.projections = projections
+        # four int64 per projection: qs, dm, codes, scales (0, 0 without an x16 copy)
+        self.ptrs = torch.tensor([ptr for p in projections for ptr in ([t.data_ptr() for t in p] + [0, 0])[:4]],
+                                 dtype=torch.int64)
+        self.intermediate = projections[3][0].shape[1] * 2  # w2's in_features
+
+
 def q4_1_decode_layer(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
-                      wqkv: tuple[Tensor, Tensor], wo: tuple[Tensor, Tensor], w13: tuple[Tensor, Tensor],
-                      w2: tuple[Tensor, Tensor], cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      weights: LayerWeights, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                       pos: int, parts: int = 3) -> Tensor:
     """One Llama decoder layer (memlm.model.llama.Block with SDPA attention and a SwiGLU MLP) for
     one sequence at one new position, in one C call (see `q4_1_decode_layer` in the .c file).
 
-    x (D,) fp32 -> the layer's output (D,) (x is not modified); the four projections as (qs, dm)
-    pairs; cos, sin (hd,) the position's RoPE rows; k_cache, v_cache (KV, S_max, hd) fp32
-    contiguous, written at `pos` and read over [0, pos]. hd must be a multiple of 8.
-    parts: 1 only x + attention, 2 only x + MLP, 3 the whole layer."""
+    x (D,) fp32 -> the layer's output (D,) (x is not modified); cos, sin (hd,) the position's RoPE
+    rows; k_cache, v_cache (KV, S_max, hd) fp32 contiguous, written at `pos` and read over
+    [0, pos]. hd must be a multiple of 8. parts: 1 only x + attention, 2 only x + MLP, 3 the
+    whole layer."""
     KV, S, hd = k_cache.shape
-    D, I = x.shape[-1], w2[0].shape[1] * 2
+    D = x.shape[-1]
     out = x.to(torch.float32, copy=True).contiguous()
-    if _lib().q4_1_decode_layer(out.data_ptr(), D, n_heads, KV, hd, I, eps, attn_norm.data_ptr(), ffn_norm.data_ptr(),
-                                wqkv[0].data_ptr(), wqkv[1].data_ptr(), wo[0].data_ptr(), wo[1].data_ptr(),
-                                w13[0].data_ptr(), w13[1].data_ptr(), w2[0].data_ptr(), w2[1].data_ptr(),
-                                cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts) != 0:
+    if _lib().q4_1_decode_layer(out.data_ptr(), D, n_heads, KV, hd, weights.intermediate, eps, attn_norm.data_ptr(),
+                                ffn_norm.data_ptr(), weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a decode layer's buffers")
     return out
 
 
+class BatchCaches:
+    """The KV caches of the B sequences of a batched decode step, as `q4_1_decode_layer_batch`
+    reads them: k[b], v[b] (n_layers, KV, S_b, hd) fp32 contiguous, each written this step at
+    positions[b]. Built once a step; each layer then costs two small adds, not B tensor lookups."""
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], positions: list[int]):
+        for t in (*k, *v):
+            if t.dim() != 4 or t.dtype != torch.float32 or not t.is_contiguous() or t.shape[::3] != k[0].shape[::3]:
+                raise ValueError(f"expected fp32 contiguous caches (n_layers, KV, S, hd) like {tuple(k[0].shape)}, "
+                                 f"got {tuple(t.shape)} {t.dtype}")
+        self.n_layers, self.kv_heads, _, self.head_dim = k[0].shape
+        self._keep = (k, v)  # the pointers below stay valid while these live
+        self._k = torch.tensor([t.data_ptr() for t in k], dtype=torch.int64)
+        self._v = torch.tensor([t.data_ptr() for t in v], dtype=torch.int64)
+        self._layer_bytes = torch.tensor([t[0].numel() * t.element_size() for t in k], dtype=torch.int64)
+        self.seqs = torch.tensor([t.shape[2] for t in k], dtype=torch.int64)
+        self.positions = torch.tensor(positions, dtype=torch.int64)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Pointers to layer i's caches (B,) for k and for v."""
+        if not 0 <= i < self.n_layers:
+            raise IndexError(f"layer {i} of {self.n_layers}")
+        return self._k + i * self._layer_bytes, self._v + i * self._layer_bytes
+
+
 def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
-                            wqkv: tuple[Tensor, Tensor], wo: tuple[Tensor, Tensor], w13: tuple[Tensor, Tensor],
-                            w2: tuple[Tensor, Tensor], cos: Tensor, sin: Tensor, k_caches: list[Tensor],
-                            v_caches: list[Tensor], positions: list[int]) -> Tensor:
+                            weights: LayerWeights, cos: Tensor, sin: Tensor, caches: BatchCaches,
+                            layer: int) -> Tensor:
     """`q4_1_decode_layer` for B sequences in one call: x (B, D) -> (B, D); cos, sin (B, hd);
-    sequence b's caches k_caches[b], v_caches[b] (KV, S_b, hd) fp32 contiguous, written at
-    positions[b]. The projections run on the B rows together."""
+    sequence b's caches of `layer` in `caches`, written at its position. The projections run on
+    the B rows together."""
     B, D = x.shape
-    KV, _, hd = k_caches[0].shape
-    I = w2[0].shape[1] * 2
+    if B != len(caches.seqs):
+        raise ValueError(f"{B} rows for {len(caches.seqs)} caches")
     out = x.to(torch.float32, copy=True).contiguous()
     cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
-    k_ptrs = torch.tensor([k.data_ptr() for k in k_caches], dtype=torch.int64)
-    v_ptrs = torch.tensor([v.data_ptr() for v in v_caches], dtype=torch.int64)
-    seqs = torch.tensor([k.shape[1] for k in k_caches], dtype=torch.int64)
-    pos = torch.tensor(positions, dtype=torch.int64)
+    k_ptrs, v_ptrs = caches.layer(layer)
     if _lib().q4_1_decode_layer_batch(
-            out.data_ptr(), B, D, n_heads, KV, hd, I, eps, attn_norm.data_ptr(), ffn_norm.data_ptr(),
-            wqkv[0].data_ptr(), wqkv[1].data_ptr(), wo[0].data_ptr(), wo[1].data_ptr(),
-            w13[0].data_ptr(), w13[1].data_ptr(), w2[0].data_ptr(), w2[1].data_ptr(),
-            cos.data_ptr(), sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), seqs.data_ptr(), pos.data_ptr()) != 0:
+            out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, weights.intermediate, eps,
+            attn_norm.data_ptr(), ffn_norm.data_ptr(), weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(),
+            caches.positions.data_ptr()) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
     return out
 

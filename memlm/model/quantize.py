@@ -28,9 +28,10 @@ the model fp32 when quantized.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,16 @@ def batched_steps() -> Iterator[None]:
         _batched.on = before
 
 
+@functools.cache
+def auto_batch_rows() -> Optional[int]:
+    """From how many rows a batched step's q4_1 / q8_0 matmuls take the bf16 copy (see
+    `_BlockLinear.BATCH_ROWS`): 20 with the AVX512-VNNI integer kernel, 8 with the AVX2 one, None
+    on a CPU without native bf16."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    return 20 if qmatmul_cpu.available() is None and qmatmul_cpu.isa() == "avx512-vnni" else 8
+
+
 class _BlockLinear(_WeightOnlyLinear):
     """llama.cpp block formats on `qmatmul_cpu`: fp32 in, fp32 out. Below `PREFILL_ROWS` input
     rows the integer kernel (`_matmul`, activations quantized per block as llama.cpp does); from
@@ -162,22 +173,26 @@ class _BlockLinear(_WeightOnlyLinear):
     kernel_dtype = torch.float32
     PREFILL_ROWS = 32
     # In a batched step of several sequences (`batched_steps()`, memlm.model.generate.ragged_step),
-    # from BATCH_ROWS rows up to PREFILL_ROWS: a bf16 copy of the weight, made on first use and kept
-    # (2 bytes a weight), on oneDNN's bf16 GEMM where the CPU has native bf16 (AVX512-BF16 or AMX):
-    # its cost hardly grows with the rows, the integer kernel's grows linearly (benchmarks/
-    # qmatmul_cpu.py "batched decode"). None: off. One sequence alone never takes it, so its
+    # from BATCH_ROWS rows on (prompt chunks beside the decoding rows included): a bf16 copy of the
+    # weight, made on first use and kept (2 bytes a weight), on oneDNN's bf16 GEMM where the CPU has
+    # native bf16 (AVX512-BF16 or AMX): its cost hardly grows with the rows, the integer kernel's
+    # grows linearly, and at 48 rows it takes half the time of the fp32 unpack + GEMM
+    # (benchmarks/qmatmul_cpu.py "batched decode" and "prefill"). With AVX512-VNNI the integer
+    # kernel stays ahead up to about 20 rows. None: off. One sequence alone never takes it, so its
     # numbers stay those of the one-at-a-time engine.
-    BATCH_ROWS: "int | None" = 8 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    # "auto": `auto_batch_rows()`.
+    BATCH_ROWS: "int | None | str" = "auto"
 
     def _kernel(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
-        if rows >= self.PREFILL_ROWS:
-            return F.linear(x, self._unpack())
-        if self.BATCH_ROWS is not None and rows >= self.BATCH_ROWS and getattr(_batched, "on", False):
+        limit = auto_batch_rows() if self.BATCH_ROWS == "auto" else self.BATCH_ROWS
+        if limit is not None and rows >= limit and getattr(_batched, "on", False):
             weight = self.__dict__.get("_bf16_weight")
             if weight is None:
                 weight = self.__dict__["_bf16_weight"] = self._unpack().to(torch.bfloat16)
             return F.linear(x.to(torch.bfloat16), weight).float()
+        if rows >= self.PREFILL_ROWS:
+            return F.linear(x, self._unpack())
         return self._matmul(x)
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
@@ -203,7 +218,23 @@ class Q4_1Linear(_BlockLinear):
     def _unpack(self) -> Tensor:
         return qmatmul_cpu.q4_1_unpack(self.qs, self.dm)
 
+    def x16(self) -> "tuple[Tensor, Tensor] | None":
+        """The weight interleaved by 16 output rows for the AVX512-VNNI kernel (as many bytes again
+        as qs and dm), made on first use; None where that kernel cannot run."""
+        if "_x16" not in self.__dict__:
+            self.__dict__["_x16"] = qmatmul_cpu.repack_q4_1_x16(self.qs, self.dm) if self.kernel_ready else None
+        return self.__dict__["_x16"]
+
+    def kernel_weights(self) -> tuple[Tensor, ...]:
+        """(qs, dm), or (qs, dm, codes, scales) with the x16 copy: a projection of
+        `qmatmul_cpu.LayerWeights`."""
+        x16 = self.x16()
+        return (self.qs, self.dm) if x16 is None else (self.qs, self.dm, *x16)
+
     def _matmul(self, x: Tensor) -> Tensor:
+        x16 = self.x16()
+        if x16 is not None and qmatmul_cpu.isa() == "avx512-vnni":
+            return qmatmul_cpu.q4_1_matmul_x16(x, *x16)
         return qmatmul_cpu.q4_1_matmul(x, self.qs, self.dm)
 
 
@@ -248,7 +279,7 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     def run(x: Tensor, parts: int) -> Tensor:
         return qmatmul_cpu.q4_1_decode_layer(
             x.view(-1), att.n_heads, block.attention_norm.eps, block.attention_norm.weight, block.ffn_norm.weight,
-            *((m.qs, m.dm) for m in linears), cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
+            _layer_weights(block, linears), cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
             cache.k[att.layer, 0], cache.v[att.layer, 0], kv_len - 1, parts).view(1, 1, -1)
 
     if not block.after_attention:
@@ -258,6 +289,16 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     for module in block.after_attention:
         x = module(x, input_pos)
     return run(x, 2)
+
+
+def _layer_weights(block: nn.Module, linears) -> qmatmul_cpu.LayerWeights:
+    """The layer's four projections as the C layers take them (with their x16 copies where VNNI
+    runs), made once and kept on the block while it holds the same modules."""
+    cached = block.__dict__.get("_q4_1_layer_weights")
+    if cached is None or any(a is not b for a, b in zip(cached[0], linears)):
+        cached = block.__dict__["_q4_1_layer_weights"] = (
+            tuple(linears), qmatmul_cpu.LayerWeights(*(m.kernel_weights() for m in linears)))
+    return cached[1]
 
 
 def _plain_q4_1_layer(block: nn.Module, linears) -> bool:
@@ -282,11 +323,14 @@ def _q4_1_decode_batch(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor],
             or not _plain_q4_1_layer(block, linears)):
         return None
     cos, sin = rope  # each (N, 1, hd)
+    caches = batch.__dict__.get("_q4_1_caches")  # the same for every layer of the step
+    if caches is None:
+        caches = batch.__dict__["_q4_1_caches"] = qmatmul_cpu.BatchCaches(
+            [c.k[:, 0] for c in batch.caches], [c.v[:, 0] for c in batch.caches], batch.starts)
     out = qmatmul_cpu.q4_1_decode_layer_batch(
         x.reshape(x.shape[1], -1), att.n_heads, block.attention_norm.eps, block.attention_norm.weight,
-        block.ffn_norm.weight, *((m.qs, m.dm) for m in linears), cos.reshape(cos.shape[0], -1),
-        sin.reshape(sin.shape[0], -1), [c.k[att.layer, 0] for c in batch.caches],
-        [c.v[att.layer, 0] for c in batch.caches], batch.starts)
+        block.ffn_norm.weight, _layer_weights(block, linears), cos.reshape(cos.shape[0], -1),
+        sin.reshape(sin.shape[0], -1), caches, att.layer)
     return out.view_as(x)
 
 

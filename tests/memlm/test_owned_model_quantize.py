@@ -223,7 +223,8 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
     def layer(v, parts, cache=model.new_cache(1, 32)):
         return qmatmul_cpu.q4_1_decode_layer(
             v, att.n_heads, block.attention_norm.eps, block.attention_norm.weight, block.ffn_norm.weight,
-            *((m.qs, m.dm) for m in (att.wqkv, att.wo, ff.w13, ff.w2)), model.rope_cos[5].contiguous(),
+            qmatmul_cpu.LayerWeights(*(m.kernel_weights() for m in (att.wqkv, att.wo, ff.w13, ff.w2))),
+            model.rope_cos[5].contiguous(),
             model.rope_sin[5].contiguous(), cache.k[att.layer, 0], cache.v[att.layer, 0], 5, parts)
     whole, first = layer(x, 3), layer(x, 1)
     assert torch.equal(layer(first, 2), whole)
