@@ -378,6 +378,102 @@ int q4_1_matmul_x16(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
     return q4_1_matmul_x16_vnni(x, M, K, codes, scales, N, y);
 }
 
+/* Q8_0 in the same interleaving: per (group of 16 rows, block) 512 bytes of codes, byte
+   t * 64 + j * 4 + i holding row j's code 4t + i (t < 8); the 16 rows' d (fp16); and, since x
+   goes in offset by 128 (vpdpbusd's unsigned side), each row's -128 * sum of the block's codes
+   (int32), where its accumulator starts. q8_0_repack_x16 makes them. */
+void q8_0_repack_x16(const int8_t *qs, const uint16_t *d, int64_t N, int64_t K, int8_t *codes, uint16_t *scales,
+                     int32_t *offsets) {
+    const int64_t G = K / QK;
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < N / 16; nb++) {
+        for (int64_t g = 0; g < G; g++) {
+            int8_t *out = codes + (nb * G + g) * 512;
+            for (int j = 0; j < 16; j++) {
+                const int64_t n = nb * 16 + j;
+                const int8_t *block = qs + n * K + g * QK;
+                int32_t sum = 0;
+                for (int k = 0; k < QK; k++) {
+                    out[(k / 4) * 64 + j * 4 + k % 4] = block[k];
+                    sum += block[k];
+                }
+                scales[(nb * G + g) * 16 + j] = d[n * G + g];
+                offsets[(nb * G + g) * 16 + j] = -128 * sum;
+            }
+        }
+    }
+}
+
+VNNI_TARGET static inline __attribute__((always_inline)) void q8_0_x16_rows(
+        const int8_t *xu, const float *dx, int64_t i0, int R, int64_t K, const int8_t *codes, const uint16_t *scales,
+        const int32_t *offsets, int64_t nb, int64_t N, float *y) {
+    const int64_t G = K / QK;
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *c = codes + g * 512;
+        __m512i w[8];
+        for (int t = 0; t < 8; t++) w[t] = _mm512_loadu_si512(c + 64 * t);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * 16)));
+        const __m512i start = _mm512_loadu_si512(offsets + g * 16);
+        for (int r = 0; r < R; r++) {
+            const int64_t row = i0 + r;
+            int32_t a4[8];
+            __builtin_memcpy(a4, xu + row * K + g * QK, 32);
+            __m512i s0 = _mm512_dpbusd_epi32(start, _mm512_set1_epi32(a4[0]), w[0]);
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32(a4[1]), w[1]);
+            s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(a4[2]), w[2]);
+            s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(a4[3]), w[3]);
+            s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(a4[4]), w[4]);
+            s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(a4[5]), w[5]);
+            s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(a4[6]), w[6]);
+            s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(a4[7]), w[7]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(dx[row * G + g])), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (i0 + r) * N + nb * 16, acc[r]);
+}
+
+VNNI_TARGET static int q8_0_matmul_x16_vnni(const float *x, int64_t M, int64_t K, const int8_t *codes,
+                                            const uint16_t *scales, const int32_t *offsets, int64_t N, float *y) {
+    const int64_t G = K / QK;
+    char *buf = malloc((size_t)(M * K + 2 * M * G * (int64_t)sizeof(float)));
+    if (buf == NULL) return -1;
+    int8_t *xu = (int8_t *)buf;
+    float *dx = (float *)(buf + M * K), *sx = dx + M * G;
+    quantize_x_vnni(x, M, K, xu, NULL, dx, sx, 1);
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t nb = 0; nb < N / 16; nb++) {
+        const int8_t *c = codes + nb * G * 512;
+        const uint16_t *sc = scales + nb * G * 16;
+        const int32_t *o = offsets + nb * G * 16;
+        int64_t i = 0;
+        for (; i + ROWS <= M; i += ROWS) q8_0_x16_rows(xu, dx, i, ROWS, K, c, sc, o, nb, N, y);
+        switch (M - i) {
+            case 7: q8_0_x16_rows(xu, dx, i, 7, K, c, sc, o, nb, N, y); break;
+            case 6: q8_0_x16_rows(xu, dx, i, 6, K, c, sc, o, nb, N, y); break;
+            case 5: q8_0_x16_rows(xu, dx, i, 5, K, c, sc, o, nb, N, y); break;
+            case 4: q8_0_x16_rows(xu, dx, i, 4, K, c, sc, o, nb, N, y); break;
+            case 3: q8_0_x16_rows(xu, dx, i, 3, K, c, sc, o, nb, N, y); break;
+            case 2: q8_0_x16_rows(xu, dx, i, 2, K, c, sc, o, nb, N, y); break;
+            case 1: q8_0_x16_rows(xu, dx, i, 1, K, c, sc, o, nb, N, y); break;
+            default: break;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* The offsets sit right after the scales in one buffer: scales (N/16, G, 16) fp16, then offsets
+   (N/16, G, 16) int32 (see qmatmul_cpu.repack_q8_0_x16). */
+int q8_0_matmul_x16(const float *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales, int64_t N,
+                    float *y) {
+    if (!qmatmul_isa(-1) || N % 16) return -1;
+    const int32_t *offsets = (const int32_t *)(scales + N * (K / QK));
+    return q8_0_matmul_x16_vnni(x, M, K, codes, scales, offsets, N, y);
+}
+
 /* qs (N, K/2) uint8, dm (N, K/32, 2) fp16 [d, m]. Returns 0, or -1 when out of memory. */
 int q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *dm, int64_t N, float *y) {
     const int64_t G = K / QK;
@@ -534,6 +630,54 @@ static void rms_norm(const float *x, const float *w, int64_t D, float eps, float
     for (int64_t i = 0; i < D; i++) out[i] = x[i] * r * w[i];
 }
 
+/* e^x in eight lanes, Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r,
+   times 2^n): within about 1 ulp of expf over [-87, 88]; x clamped to that range (softmax and SiLU
+   need nothing past it: e^-87 is below the precision of a sum of 1 and more, e^88 makes SiLU's
+   x / (1 + e^-x) zero to fp32 precision). */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* v[i] = e^(v[i] - m) for i < n; returns their sum. */
+static float exp_sub_sum(float *v, int64_t n, float m) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(m);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(v + i), vm));
+        _mm256_storeu_ps(v + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; i < n; i++) { v[i] = expf(v[i] - m); sum += v[i]; }
+    return sum;
+}
+
+/* act[i] = silu(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i], i < n. */
+static void silu_mul(const float *g, const float *u, int64_t n, float *act) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vg = _mm256_loadu_ps(g + i);
+        const __m256 den = _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, vg)));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_div_ps(vg, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) act[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 /* hd is a multiple of 8 (checked by the caller). */
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
@@ -569,8 +713,7 @@ static void attend(const float *q_heads, const float *k_cache, const float *v_ca
             s[l] = dot_f32(q, kc + l * hd, hd) * scale;
             m = s[l] > m ? s[l] : m;
         }
-        float sum = 0.0f;
-        for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - m); sum += s[l]; }
+        const float sum = exp_sub_sum(s, L, m);
         for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
         for (int64_t l = 0; l < L; l++) axpy_f32(s[l] / sum, vc + l * hd, o, hd);
     }
@@ -613,7 +756,7 @@ mlp:
     if (!(parts & 2)) goto done;
     rms_norm(x, ffn_norm, D, eps, h);
     rc |= q4_1_mm(h, 1, D, w + 8, 2 * I, gu);
-    for (int64_t i = 0; i < I; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[I + i];
+    silu_mul(gu, gu + I, I, act);
     rc |= q4_1_mm(act, 1, I, w + 12, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
 done:
@@ -660,12 +803,7 @@ int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t K
 
     for (int64_t b = 0; b < B; b++) rms_norm(x + b * D, ffn_norm, D, eps, h + b * D);
     rc |= q4_1_mm(h, B, D, w + 8, 2 * I, gu);
-#pragma omp parallel for schedule(static) if (B > 1)
-    for (int64_t b = 0; b < B; b++) {
-        const float *g = gu + b * 2 * I;
-        float *a = act + b * I;
-        for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
-    }
+    for (int64_t b = 0; b < B; b++) silu_mul(gu + b * 2 * I, gu + b * 2 * I + I, I, act + b * I);
     rc |= q4_1_mm(act, B, I, w + 12, D, y);
     for (int64_t i = 0; i < B * D; i++) x[i] += y[i];
     free(buf);

@@ -108,6 +108,10 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     lib.q4_1_matmul_x16.restype = ctypes.c_int
     lib.q4_1_repack_x16.argtypes = [p, p, i64, i64, p, p]
     lib.q4_1_repack_x16.restype = None
+    lib.q8_0_matmul_x16.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.q8_0_matmul_x16.restype = ctypes.c_int
+    lib.q8_0_repack_x16.argtypes = [p, p, i64, i64, p, p, p]
+    lib.q8_0_repack_x16.restype = None
     return lib, None
 
 
@@ -261,6 +265,31 @@ def q8_0_unpack(qs: Tensor, d: Tensor) -> Tensor:
 def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
     """x (M, K) -> x @ dequantize_q8_0(qs, d).T (M, N), with x quantized per block (see module)."""
     return _run(_lib().q8_0_matmul, _check(x, qs.shape[1]), qs, d, qs.shape[0])
+
+
+def repack_q8_0_x16(qs: Tensor, d: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(qs, d) -> the Q8_0 weight interleaved by 16 output rows for the VNNI kernel: codes
+    (N/16, K/32, 512) int8 and one buffer (int16 view) of the scales (N/16, K/32, 16) fp16 followed
+    by each row's -128 * block code sum (N/16, K/32, 16) int32 (x goes in offset by 128). None
+    where it would not run (no AVX512-VNNI, N not a multiple of 16)."""
+    N, K = qs.shape
+    if N % 16 or not has_vnni():
+        return None
+    G = K // QK
+    codes = torch.empty(N // 16, G, 512, dtype=torch.int8)
+    extra = torch.empty(N * G * 3, dtype=torch.int16)  # N*G fp16 scales, then N*G int32 offsets
+    qs, d = qs.contiguous(), d.contiguous()
+    _lib().q8_0_repack_x16(qs.data_ptr(), d.data_ptr(), N, K, codes.data_ptr(), extra.data_ptr(),
+                           extra.data_ptr() + N * G * 2)
+    return codes, extra
+
+
+def q8_0_matmul_x16(x: Tensor, codes: Tensor, extra: Tensor) -> Tensor:
+    """`q8_0_matmul` on the x16 layout (`repack_q8_0_x16`); needs VNNI in force (`isa()`)."""
+    N, K = codes.shape[0] * 16, codes.shape[1] * QK
+    if isa() != "avx512-vnni":
+        raise RuntimeError("the x16 Q8_0 kernel needs AVX512-VNNI in force (qmatmul_cpu.isa())")
+    return _run(_lib().q8_0_matmul_x16, _check(x, K), codes, extra, N)
 
 
 # --- one decoder layer at one position ------------------------------------------------------

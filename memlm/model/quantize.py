@@ -28,10 +28,9 @@ the model fp32 when quantized.
 """
 from __future__ import annotations
 
-import functools
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -154,16 +153,6 @@ def batched_steps() -> Iterator[None]:
         _batched.on = before
 
 
-@functools.cache
-def auto_batch_rows() -> Optional[int]:
-    """From how many rows a batched step's q4_1 / q8_0 matmuls take the bf16 copy (see
-    `_BlockLinear.BATCH_ROWS`): 20 with the AVX512-VNNI integer kernel, 8 with the AVX2 one, None
-    on a CPU without native bf16."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return None
-    return 20 if qmatmul_cpu.available() is None and qmatmul_cpu.isa() == "avx512-vnni" else 8
-
-
 class _BlockLinear(_WeightOnlyLinear):
     """llama.cpp block formats on `qmatmul_cpu`: fp32 in, fp32 out. Below `PREFILL_ROWS` input
     rows the integer kernel (`_matmul`, activations quantized per block as llama.cpp does); from
@@ -173,27 +162,38 @@ class _BlockLinear(_WeightOnlyLinear):
     kernel_dtype = torch.float32
     PREFILL_ROWS = 32
     # In a batched step of several sequences (`batched_steps()`, memlm.model.generate.ragged_step),
-    # from BATCH_ROWS rows on (prompt chunks beside the decoding rows included): a bf16 copy of the
-    # weight, made on first use and kept (2 bytes a weight), on oneDNN's bf16 GEMM where the CPU has
-    # native bf16 (AVX512-BF16 or AMX): its cost hardly grows with the rows, the integer kernel's
-    # grows linearly, and at 48 rows it takes half the time of the fp32 unpack + GEMM
-    # (benchmarks/qmatmul_cpu.py "batched decode" and "prefill"). With AVX512-VNNI the integer
-    # kernel stays ahead up to about 20 rows. None: off. One sequence alone never takes it, so its
+    # from BATCH_ROWS rows up to PREFILL_ROWS: a bf16 copy of the weight, made on first use and kept
+    # (2 bytes a weight), on oneDNN's bf16 GEMM where the CPU has native bf16 (AVX512-BF16 or AMX):
+    # its cost hardly grows with the rows, the AVX2 integer kernel's grows linearly (benchmarks/
+    # qmatmul_cpu.py "batched decode"). None: off. One sequence alone never takes it, so its
     # numbers stay those of the one-at-a-time engine.
-    # "auto": `auto_batch_rows()`.
-    BATCH_ROWS: "int | None | str" = "auto"
+    BATCH_ROWS: "int | None" = 8 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
     def _kernel(self, x: Tensor) -> Tensor:
+        # With AVX512-VNNI the x16 integer kernel is the fastest at every row count measured, 1 to
+        # 384 (a 384-token prefill: 411 ms against 428 on the bf16 copy and 746 unpacked to fp32),
+        # so neither threshold applies (benchmarks/qmatmul_cpu.py "prefill").
+        if self._x16_in_force():
+            return self._matmul(x)
         rows = x.shape[0]
-        limit = auto_batch_rows() if self.BATCH_ROWS == "auto" else self.BATCH_ROWS
-        if limit is not None and rows >= limit and getattr(_batched, "on", False):
+        if rows >= self.PREFILL_ROWS:
+            return F.linear(x, self._unpack())
+        if self.BATCH_ROWS is not None and rows >= self.BATCH_ROWS and getattr(_batched, "on", False):
             weight = self.__dict__.get("_bf16_weight")
             if weight is None:
                 weight = self.__dict__["_bf16_weight"] = self._unpack().to(torch.bfloat16)
             return F.linear(x.to(torch.bfloat16), weight).float()
-        if rows >= self.PREFILL_ROWS:
-            return F.linear(x, self._unpack())
         return self._matmul(x)
+
+    def _x16_in_force(self) -> bool:
+        return self.x16() is not None and qmatmul_cpu.isa() == "avx512-vnni"
+
+    def x16(self) -> "tuple[Tensor, Tensor] | None":
+        """The weight interleaved by 16 output rows for the AVX512-VNNI kernel (about as many bytes
+        again as the packed weight), made on first use; None where that kernel cannot run."""
+        if "_x16" not in self.__dict__:
+            self.__dict__["_x16"] = self._repack_x16() if self.kernel_ready else None
+        return self.__dict__["_x16"]
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
@@ -218,12 +218,8 @@ class Q4_1Linear(_BlockLinear):
     def _unpack(self) -> Tensor:
         return qmatmul_cpu.q4_1_unpack(self.qs, self.dm)
 
-    def x16(self) -> "tuple[Tensor, Tensor] | None":
-        """The weight interleaved by 16 output rows for the AVX512-VNNI kernel (as many bytes again
-        as qs and dm), made on first use; None where that kernel cannot run."""
-        if "_x16" not in self.__dict__:
-            self.__dict__["_x16"] = qmatmul_cpu.repack_q4_1_x16(self.qs, self.dm) if self.kernel_ready else None
-        return self.__dict__["_x16"]
+    def _repack_x16(self) -> "tuple[Tensor, Tensor] | None":
+        return qmatmul_cpu.repack_q4_1_x16(self.qs, self.dm)
 
     def kernel_weights(self) -> tuple[Tensor, ...]:
         """(qs, dm), or (qs, dm, codes, scales) with the x16 copy: a projection of
@@ -232,9 +228,8 @@ class Q4_1Linear(_BlockLinear):
         return (self.qs, self.dm) if x16 is None else (self.qs, self.dm, *x16)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        x16 = self.x16()
-        if x16 is not None and qmatmul_cpu.isa() == "avx512-vnni":
-            return qmatmul_cpu.q4_1_matmul_x16(x, *x16)
+        if self._x16_in_force():
+            return qmatmul_cpu.q4_1_matmul_x16(x, *self.x16())
         return qmatmul_cpu.q4_1_matmul(x, self.qs, self.dm)
 
 
@@ -254,7 +249,12 @@ class Q8_0Linear(_BlockLinear):
     def _unpack(self) -> Tensor:
         return qmatmul_cpu.q8_0_unpack(self.qs, self.d)
 
+    def _repack_x16(self) -> "tuple[Tensor, Tensor] | None":
+        return qmatmul_cpu.repack_q8_0_x16(self.qs, self.d)
+
     def _matmul(self, x: Tensor) -> Tensor:
+        if self._x16_in_force():
+            return qmatmul_cpu.q8_0_matmul_x16(x, *self.x16())
         return qmatmul_cpu.q8_0_matmul(x, self.qs, self.d)
 
 
