@@ -18,6 +18,22 @@ def bundled_model_dir():
     return resolve()
 
 
+@pytest.fixture(params=["avx2", "avx512-vnni"])
+def qmatmul_isa(request):
+    """Each instruction set of the Q4_1 / Q8_0 CPU kernels in force for the test in turn (VNNI
+    skipped, with the reason, on a CPU without it); the CPU's best again afterwards."""
+    from memlm.kernels import qmatmul_cpu
+
+    why = qmatmul_cpu.available()
+    if why is not None:
+        pytest.skip(f"qmatmul_cpu kernel unavailable: {why}")
+    if request.param == "avx512-vnni" and not qmatmul_cpu.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    assert qmatmul_cpu.set_isa(request.param) == request.param
+    yield request.param
+    qmatmul_cpu.set_isa("avx512-vnni")
+
+
 @pytest.fixture()
 def faiss_one_thread():
     """FAISS k-means with OpenMP threads on a shared, loaded 2-core machine ran 5x slower than with

@@ -179,7 +179,7 @@ def test_the_bundled_head_is_per_row_int8_of_the_fp32_embeddings(bundled_formats
 
 @pytest.mark.skipif(qmatmul_cpu.available() is not None, reason=f"qmatmul_cpu: {qmatmul_cpu.available()}")
 @torch.inference_mode()
-def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
+def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path, qmatmul_isa):
     """q4_1's one-call decode layer (Block.decode_fast) against the module path of the same
     quantized layer: output, and the keys and values written to the cache. The two round the
     activations to int8 from norms computed in a different order, so an int8 code may differ by
@@ -239,7 +239,7 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path):
     assert q4_1_decode_step(block, torch.randn(1, 1, 64), rope, cache, 1) is None
 
 
-def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path):
+def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qmatmul_isa):
     """The one-call decode layer over a RaggedBatch of decoding sequences (each at its own position
     in its own cache) against the module path of the same quantized layer, per sequence: output
     and the keys and values written, within the fused one-sequence step's bound above. A batch
