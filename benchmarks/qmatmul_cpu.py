@@ -12,9 +12,12 @@ and run the BLAS GEMM (`PREFILL_ROWS`), shown beside their integer kernel alone.
 tokens, with the GEMM path against the integer kernel for every row count, and dense fp32.
 "batched decode": the bundled model in q4_1, one decode step of B sequences (128 tokens in each
 cache) as the batch scheduler runs it (memlm.model.RaggedBatch; B = 1 is the fused one-sequence
-layer): the module path on the integer kernel and on the bf16 weight copy, and the served path,
-the fused C layer over B rows (`qmatmul_cpu.q4_1_decode_layer_batch`): ms per step and
+layer): with the AVX2 kernels, the module path on the integer kernel and on the bf16 weight copy
+and the fused C layer over B rows (`qmatmul_cpu.q4_1_decode_layer_batch`); and, where the CPU has
+AVX512-VNNI, the fused layer on the x16 kernels (the served path there): ms per step and
 aggregate tokens/s.
+Each part runs its kernels under each instruction set the CPU has (`qmatmul_cpu.set_isa`): AVX2,
+and AVX512-VNNI, where the block formats use their x16 copies at every row count.
 
     .venv/bin/python benchmarks/qmatmul_cpu.py [--threads 1] [--rounds 5] [--prompt-tokens 256] [--only-batched]
 """
@@ -33,6 +36,24 @@ from memlm.model.quantize import Int4Linear, Int8Linear, Q4_1Linear, Q8_0Linear
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) per decoder layer
 N_LAYERS, VOCAB, DIM = 30, 49152, 576
+
+
+def _isas() -> list[str]:
+    return ["avx2"] + (["avx512-vnni"] if qmatmul_cpu.available() is None and qmatmul_cpu.has_vnni() else [])
+
+
+ISAS = _isas()
+
+
+def on(isa: "str | None", fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the kernels' instruction set `isa` in force (None: as it is)."""
+    if isa is None:
+        return fn
+
+    def run() -> object:
+        qmatmul_cpu.set_isa(isa)
+        return fn()
+    return run
 
 
 def timed_ms(fn: Callable[[], object], reps: int) -> float:
@@ -65,21 +86,21 @@ def main() -> None:
     def dense(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda inp: F.linear(inp, w)
 
-    formats = {  # name: (layer class for the projections, class for the head)
-        "q4_1 / q8_0 head (memlm kernel)": (Q4_1Linear, Q8_0Linear),
-        "int4 / int8 head (PyTorch kernels)": (Int4Linear, Int8Linear),
-        "fp32 (MKL)": (dense, dense),
+    formats = {  # name: (layer class for the projections, class for the head, instruction set)
+        **{f"q4_1 / q8_0 head (memlm kernel, {isa})": (Q4_1Linear, Q8_0Linear, isa) for isa in ISAS},
+        "int4 / int8 head (PyTorch kernels)": (Int4Linear, Int8Linear, None),
+        "fp32 (MKL)": (dense, dense, None),
     }
     built = {}
-    for name, (layer_cls, head_cls) in formats.items():
+    for name, (layer_cls, head_cls, isa) in formats.items():
         layers = [layer_cls(w) for w in weights]
         built[name] = {
-            "layers": lambda layers=layers: [m(x[m_k]) for m, m_k in zip(layers, [K for _, K in LAYER_SHAPES] * N_LAYERS)],
-            "head": (lambda h=head_cls(head): h(x[576])),
-            "prefill": (lambda m=layers[2]: m(x128)),
+            "layers": on(isa, lambda layers=layers: [m(x[m_k]) for m, m_k in zip(layers, [K for _, K in LAYER_SHAPES] * N_LAYERS)]),
+            "head": on(isa, lambda h=head_cls(head): h(x[576])),
+            "prefill": on(isa, lambda m=layers[2]: m(x128)),
         }
-        if layer_cls is Q4_1Linear:
-            built["q4_1 integer kernel alone"] = {"prefill": (lambda m=layers[2]: m._matmul(x128))}
+        if layer_cls is Q4_1Linear and isa == "avx2":
+            built["q4_1 integer kernel alone (avx2)"] = {"prefill": on(isa, lambda m=layers[2]: m._matmul(x128))}
     times = {name: {part: [] for part in parts} for name, parts in built.items()}
     with torch.inference_mode():
         for parts in built.values():  # warm-up
@@ -114,10 +135,13 @@ def batched_decode(args) -> None:
     batch_rows = Q4_1Linear.BATCH_ROWS
     if batch_rows is None:
         print("\nbatched decode: this CPU has no native bf16; the integer kernel serves every row count")
-    # (fused C layers?, BATCH_ROWS): the module path on the integer kernel and on the bf16 copy at
-    # every row count, and the served path (one C call per layer for B sequences)
-    variants = {"module path, integer kernel": (False, None)} | (
-        {"module path, bf16 weights": (False, 2)} if batch_rows else {}) | {"served: fused C layer over B rows": (True, batch_rows)}
+    # (fused C layers?, BATCH_ROWS, instruction set): with AVX2, the module path on the integer
+    # kernel and on the bf16 copy at every row count, and the fused path (one C call per layer for
+    # B sequences); with VNNI, the fused path on the x16 kernels
+    variants = {"avx2: module path, integer kernel": (False, None, "avx2")} | (
+        {"avx2: module path, bf16 weights": (False, 2, "avx2")} if batch_rows else {}) | {
+        "avx2: fused C layer over B rows": (True, batch_rows, "avx2")} | (
+        {"avx512-vnni: fused C layer, x16 kernels": (True, batch_rows, "avx512-vnni")} if "avx512-vnni" in ISAS else {})
     fused = [b.decode_fast for b in model.layers]
     gen = torch.Generator().manual_seed(0)
     print(f"\nbundled SmolLM2-135M in q4_1, one decode step of B sequences at position 128, "
@@ -132,8 +156,9 @@ def batched_decode(args) -> None:
             tokens = torch.randint(0, VOCAB, (B,), generator=gen)
             times = {v: [] for v in variants}
             for r in range(args.rounds + 1):
-                for v, (use_fused, rows) in variants.items():
+                for v, (use_fused, rows, isa) in variants.items():
                     Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = rows
+                    qmatmul_cpu.set_isa(isa)
                     for b, f in zip(model.layers, fused):
                         b.decode_fast = f if use_fused else None
                     t0 = time.perf_counter()
@@ -148,6 +173,7 @@ def batched_decode(args) -> None:
             print(f"| {B} | " + " | ".join(cells) + " |", flush=True)
     finally:
         Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = batch_rows
+        qmatmul_cpu.set_isa(ISAS[-1])
         for b, f in zip(model.layers, fused):
             b.decode_fast = f
 
@@ -163,12 +189,16 @@ def bundled_prefill(args) -> None:
     pos = torch.arange(T)
     q4, dense = load_llama(folder, weights="q4_1"), load_llama(folder, weights="dense")
     gemm_rows = Q4_1Linear.PREFILL_ROWS
-    runs = {"q4_1, GEMM from PREFILL_ROWS": (q4, gemm_rows), "q4_1, integer kernel only": (q4, 1 << 30),
-            "dense fp32": (dense, gemm_rows)}
+    runs = {"q4_1 avx2, GEMM from PREFILL_ROWS": (q4, gemm_rows, "avx2"),
+            "q4_1 avx2, integer kernel only": (q4, 1 << 30, "avx2")} | (
+        {"q4_1 avx512-vnni, x16 integer kernel (every row count)": (q4, gemm_rows, "avx512-vnni")}
+        if "avx512-vnni" in ISAS else {}) | {"dense fp32": (dense, gemm_rows, None)}
     times = {name: [] for name in runs}
     try:
         for r in range(args.rounds + 1):
-            for name, (model, rows) in runs.items():
+            for name, (model, rows, isa) in runs.items():
+                if isa is not None:
+                    qmatmul_cpu.set_isa(isa)
                 Q4_1Linear.PREFILL_ROWS = Q8_0Linear.PREFILL_ROWS = rows
                 t0 = time.perf_counter()
                 model(tokens, pos)
@@ -176,6 +206,7 @@ def bundled_prefill(args) -> None:
                     times[name].append((time.perf_counter() - t0) * 1e3)
     finally:
         Q4_1Linear.PREFILL_ROWS = Q8_0Linear.PREFILL_ROWS = gemm_rows
+        qmatmul_cpu.set_isa(ISAS[-1])
     base = next(iter(runs))
     print(f"\nbundled SmolLM2-135M, one forward pass over {T} tokens (logits for all), medians of {args.rounds} (ms):")
     for name, t in times.items():
