@@ -317,7 +317,9 @@ def test_http_port_in_use_is_refused_before_loading_the_model(api, tmp_path):
 
 def test_sigterm_drains_http_streams_and_answers_503_meanwhile(api, oai):
     """Last in the module: it stops the module's server."""
-    stream = oai.completions.create(model=MODEL, prompt=STORY, max_tokens=24, stream=True,
+    # Long enough to still be running once the signal is handled, however fast decoding gets
+    # (24 tokens were over within the 0.3 s this test used to wait).
+    stream = oai.completions.create(model=MODEL, prompt=STORY, max_tokens=96, temperature=0, stream=True,
                                     stream_options={"include_usage": True})
     it = iter(stream)
     pieces = [next(it).choices[0].text]
@@ -331,13 +333,16 @@ def test_sigterm_drains_http_streams_and_answers_503_meanwhile(api, oai):
     t = threading.Thread(target=finish)
     t.start()
     api.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while (status := _get(f"{api.http_url}/health")[0]) == 200 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the server has handled the signal
     status, body, _ = _get(f"{api.http_url}/health")
     assert (status, json.loads(body)) == (503, {"status": "NOT_SERVING"})
+    assert t.is_alive(), "the stream finished before the drain could be seen"
     err = _error(lambda: oai.models.list())
     assert err.status_code == 503 and "shutting down" in err.body["message"]
     t.join(60)
-    assert result["usage"].completion_tokens == 24 and result["text"]
+    assert result["usage"].completion_tokens == 96 and result["text"]
     assert api.proc.wait(60) == 0, api.output
     assert "stopped cleanly" in api.output
 
