@@ -17,7 +17,8 @@ from memlm.model.quantize import INT4_GROUP_SIZE, Int4Linear, Int8Linear, Q4_1Li
 PROMPT = ("Memory lets a language model read more than its context window holds: documents are "
           "turned into keys and values, and each query attends to the nearest ones.")  # test_owned_model's
 
-SHAPES = [(1, 64, 83), (7, 96, 769), (3, 576, 960), (128, 32, 5)]  # (M, K, N); odd N catch tiling bugs
+# (M, K, N); odd N catch tiling bugs; (24, 64, 48) takes the x16 layout on a VNNI CPU at 48 rows
+SHAPES = [(1, 64, 83), (7, 96, 769), (3, 576, 960), (128, 32, 5), (24, 64, 48)]
 
 
 def _pair(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -50,18 +51,20 @@ def test_kernel_matches_its_reference(cls, M, K, N):
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("cls", [Q4_1Linear, Q8_0Linear])
 @torch.inference_mode()
-def test_block_format_layer_runs_its_kernel_on_the_dequantized_weights(cls, M, K, N):
+def test_block_format_layer_runs_its_kernel_on_the_dequantized_weights(cls, M, K, N, qmatmul_isa):
     """The layer is the kernel on (M, K) rows of any leading shape, plus the bias; its only error
     against forward_native is the activations' int8 rounding, which the kernel reference states.
-    From PREFILL_ROWS rows on it is the fp32 GEMM on the unpacked weight: forward_native itself."""
+    With the x16 layout in force (AVX512-VNNI, N a multiple of 16) that holds at every row count;
+    otherwise from PREFILL_ROWS rows on it is the fp32 GEMM on the unpacked weight: forward_native."""
     torch.manual_seed(M * 1000 + N)
     linear = nn.Linear(K, N, bias=True)
     layer = cls(linear.weight, linear.bias)
     assert layer.kernel_ready
+    assert layer._x16_in_force() == (qmatmul_isa == "avx512-vnni" and N % 16 == 0)
     x = torch.randn(2, M, K)
     out = layer(x)
     assert out.shape == (2, M, N) and out.dtype == torch.float32
-    if 2 * M >= layer.PREFILL_ROWS:
+    if 2 * M >= layer.PREFILL_ROWS and not layer._x16_in_force():
         torch.testing.assert_close(out, layer.forward_native(x), rtol=1e-5, atol=1e-5)
         return
     w = layer.dequantize().double()

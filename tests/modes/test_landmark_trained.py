@@ -155,7 +155,8 @@ def test_the_served_reading_over_every_block_is_the_trained_one():
     blocks = torch.arange(3).expand(1, 6, 3, 3)
     logits = torch.einsum("bhtd,bhnd->bhtn", q, lm.repeat_interleave(3, 1)) * scale + bias.view(1, 6, 1, 1)
     got, reads, _ = grouped_read_ref(q, k, v, mem_k, mem_v, rows, blocks, logits, scale=scale)
-    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=1e-7)
+    # grouped_attention computes in fp32 whatever its inputs: fp32's tolerance (1e-7 failed on one CPU)
+    torch.testing.assert_close(got.float(), want)
     assert (reads.mass.sum(-1) < 1).all() and (reads.mass > 0).all()
 
 
