@@ -184,6 +184,9 @@ LANDMARK_CONFIGS = {
     "landmark": dict(representation="max", positions="in_block", top_k=4),  # the service's default
     "landmark:trained": dict(representation="trained", positions="in_block", top_k=4),  # --landmark-weights
     "landmark:trained-k8": dict(representation="trained", positions="in_block", top_k=8),
+    # the trained landmarks only choose the blocks; the chosen rows enter the one softmax
+    "landmark:trained-rows": dict(representation="trained", positions="in_block", top_k=4, grouped=False),
+    "landmark:trained-rows-k8": dict(representation="trained", positions="in_block", top_k=8, grouped=False),
     "landmark:max-original": dict(representation="max", positions="original", top_k=4),
     "landmark:max-fixed": dict(representation="max", positions="fixed", top_k=4),
     "landmark:max-k1": dict(representation="max", positions="in_block", top_k=1),
@@ -287,7 +290,7 @@ def run(args) -> None:
         n_docs = {n: corpus.documents_for_tokens(n) for n in args.lengths}
         most = max(n_docs.values())
         facts = {"docs": most, "tokens": sum(corpus.token_counts(most))}
-        if "knn" in args.methods:
+        if "knn" in args.methods or "landmark" in args.methods:  # landmark reads the same KV memory
             facts["kv"] = corpus.ensure_kv(most)
         if "rag" in args.methods or gated:
             facts["vec"] = corpus.ensure_vectors(most, embedder)

@@ -117,6 +117,9 @@ def landmark(
     rank: int = typer.Option(8, help="rank of the landmark key correction per memory layer"),
     distill: float = typer.Option(1.0, help="weight of the auxiliary loss pulling each landmark logit to its block's "
                                   "log-mass for the query (0: the LM loss alone, as in the paper)"),
+    rank_distill: float = typer.Option(0.0, help="weight of the auxiliary loss ranking the blocks among themselves "
+                                       "(softmax over blocks of the landmark logits against that of the blocks' "
+                                       "log-masses): what top-k selection needs"),
     layers: str = typer.Option("", help="memory layers (comma-separated; empty: every layer but the first)"),
     min_memory_position: int = typer.Option(4, help="the memory's first rows left out, as the service leaves out "
                                             "each build window's first rows (landmark.min_memory_position)"),
@@ -126,6 +129,8 @@ def landmark(
     out: Path = typer.Option(Path("runs/landmark"), help="run folder: checkpoint/, adapter.safetensors, adapter.json, "
                              "history.jsonl"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint (same settings)"),
+    init: Optional[Path] = typer.Option(None, help="start from these trained landmark weights (an adapter folder of "
+                                        "the same shapes, e.g. the shipped ones) instead of the seeded init"),
     model: str = typer.Option("bundled", help="base model: 'bundled' or a local Hugging Face Llama folder"),
     sources: str = typer.Option("stdlib,man,doc", help="corpus sources"),
     max_docs: Optional[int] = typer.Option(None, help="at most this many documents per source"),
@@ -144,7 +149,8 @@ def landmark(
     from memlm.modes.landmark.adapter import LandmarkConfig
 
     config = LandmarkConfig(layers=tuple(int(x) for x in layers.split(",") if x.strip()), block=block, local=local,
-                            rank=rank, distill=distill, min_memory_position=min_memory_position)
+                            rank=rank, distill=distill, min_memory_position=min_memory_position,
+                            rank_distill=rank_distill)
     opts = dict(locals(), cache_hidden=False)
     _train("landmark", config.to_dict(), opts, prepare=_prepare_landmark)
 
@@ -215,6 +221,12 @@ def _train(mode: str, adapter_config: dict, opts: dict, prepare=None) -> None:
                          cache_hidden=opts["cache_hidden"], device=opts["device"])
     model = load_llama(folder, device=opts["device"])
     adapter = adapter_class(mode).from_config(model.config, adapter_config, seed=opts["seed"])
+    if opts.get("init") is not None:  # fine-tune earlier weights (a resumed checkpoint overrides them)
+        from memlm.train.weights import load_adapter
+
+        start = load_adapter(opts["init"], model, folder_fingerprint(folder), attach=False)
+        adapter.load_state_dict(start.state_dict(), strict=True)
+        typer.echo(f"{mode}: starting from the weights in {opts['init']}", err=True)
     from memlm.train.data import default_hidden_cache_dir
 
     trainer = Trainer(model, adapter, corpus.train, corpus.heldout, config, out, folder.name,

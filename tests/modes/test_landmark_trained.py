@@ -54,6 +54,50 @@ def test_a_landmark_worth_its_blocks_mass_gives_full_attention():
     torch.testing.assert_close(got[0, 0, 0].double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_the_ranking_loss_ranks_the_blocks_and_ignores_the_local_keys():
+    """rank_error is zero exactly when the landmark logits equal the blocks' log-masses up to one
+    shift (it compares the blocks with each other only: a logit offset common to every block, which
+    the mass loss would punish, costs it nothing), and positive when they rank the blocks otherwise."""
+    q, k, v, _, bk, bv = _random(hq=1, hkv=1, t=1)
+    scale, valid = 8 ** -0.5, torch.ones(1, 3, 4, dtype=torch.bool)
+    rows = torch.einsum("d,nrd->nr", q[0, 0, 0], bk[0, 0]) * scale
+    lse = torch.logsumexp(rows, -1)
+    unit = q[0, 0, 0] / (scale * q[0, 0, 0].dot(q[0, 0, 0]))  # scale q . (c * unit) = c
+    for shift, ranked in ((0.0, True), (5.0, True), (0.0, False)):
+        logits = (lse + shift) if ranked else lse.flip(0)
+        lm = (unit * logits[:, None]).view(1, 1, 3, 8)
+        mass, rank = [], []
+        grouped_attention(q, k, v, lm, bk, bv, valid, scale, mass_error=mass, rank_error=rank)
+        if ranked:
+            assert abs(float(rank[0])) < 1e-6  # fp32 arithmetic inside
+            assert (float(mass[0]) > 1e-3) == (shift != 0)
+        else:
+            assert float(rank[0]) > 1e-3
+
+
+@pytest.mark.model
+def test_the_trained_landmarks_can_only_choose_the_rows_read():
+    """grouped_softmax=False: the landmarks choose each head's blocks, whose rows then enter the one
+    softmax with the local keys; with every block chosen that is full attention over them all."""
+    from memlm.modes.landmark.blocks import BlockKV
+
+    q, k, v, lm, bk, bv = _random(hq=6, hkv=2, t=1, s=5, nb=3, r=4, seed=5)
+    q, k, v, lm, bk, bv = (x.float() for x in (q, k, v, lm, bk, bv))
+    store = BlockKV(bk[0].flatten(1, 2), bv[0].flatten(1, 2), torch.arange(12).view(3, 4), "trained",
+                    landmarks=lm[0], gate_bias=torch.randn(6), grouped_softmax=False)
+    got = store.attention(q, k, v, top_k=3, scale=8 ** -0.5)
+    keys = torch.cat([k, bk.flatten(2, 3)], 2).repeat_interleave(3, 1)  # (1, 6, 5 + 12, 8)
+    values = torch.cat([v, bv.flatten(2, 3)], 2).repeat_interleave(3, 1)
+    want = torch.softmax(q @ keys.transpose(-1, -2) * 8 ** -0.5, -1) @ values
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    one = store.attention(q, k, v, top_k=1, scale=8 ** -0.5)
+    chosen = (q @ lm[0].repeat_interleave(3, 0).transpose(-1, -2)).argmax(-1)  # (1, 6, 1): each head's best landmark
+    for h in range(6):
+        b = int(chosen[0, h, 0])
+        kh = torch.cat([k[0, h // 3], bk[0, h // 3, b]]); vh = torch.cat([v[0, h // 3], bv[0, h // 3, b]])
+        torch.testing.assert_close(one[0, h, 0], torch.softmax(kh @ q[0, h, 0] * 8 ** -0.5, 0) @ vh, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def base(bundled_model_dir):
     return load_llama(bundled_model_dir)

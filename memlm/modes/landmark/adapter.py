@@ -55,10 +55,16 @@ class LandmarkConfig:
     # the memory's first rows left out, as the service leaves out each build window's first rows
     # (landmark.min_memory_position: the attention sinks); landmarks trained with them lean on them
     min_memory_position: int = 4
+    # weight of a second auxiliary loss: KL from the blocks' split of each query's memory mass
+    # (softmax over blocks of their log-masses) to the landmark logits' (softmax over blocks). The
+    # distillation above is dominated by the local keys, which take most of a query's mass in running
+    # text; this one ranks the blocks against each other, which is what top-k selection needs
+    rank_distill: float = 0.0
 
     def resolved(self, n_layers: int) -> "LandmarkConfig":
         layers = tuple(sorted({l % n_layers for l in self.layers})) if self.layers else tuple(range(1, n_layers))
-        return LandmarkConfig(layers, self.block, self.local, self.rank, self.distill, self.min_memory_position)
+        return LandmarkConfig(layers, self.block, self.local, self.rank, self.distill, self.min_memory_position,
+                              self.rank_distill)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}
@@ -66,7 +72,8 @@ class LandmarkConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LandmarkConfig":
         return cls(tuple(d.get("layers", ())), d.get("block", 64), d.get("local", 64), d.get("rank", 8),
-                   d.get("distill", 1.0), d.get("min_memory_position", 0))  # weights from before it kept every row
+                   d.get("distill", 1.0), d.get("min_memory_position", 0),  # weights from before it kept every row
+                   d.get("rank_distill", 0.0))
 
 
 def unrotate(model: Llama, q: Tensor, positions: Tensor) -> Tensor:
@@ -81,7 +88,8 @@ def unrotate(model: Llama, q: Tensor, positions: Tensor) -> Tensor:
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k: Tensor, block_v: Tensor,
                       block_valid: Tensor, scale: float, gate_bias: Optional[Tensor] = None,
-                      mass_error: Optional[list] = None, score_q: Optional[Tensor] = None) -> Tensor:
+                      mass_error: Optional[list] = None, score_q: Optional[Tensor] = None,
+                      rank_error: Optional[list] = None) -> Tensor:
     """The grouped softmax over every block (training): q (B, Hq, T, D) at the last T of the S local
     positions of k, v (B, Hkv, S, D) (causal); lm_keys (B, Hkv, nB, D); block_k, block_v (B, Hkv,
     nB, R, D); block_valid (B, nB, R) bool; gate_bias (Hq,) -> (B, Hq, T, D) in fp32.
@@ -90,7 +98,9 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k:
     over queries of KL(target || p), the target putting on each block its log-mass
     logsumexp_b(scale q . rows) in place of the landmark logit: at zero the grouped softmax is
     exactly one softmax over the local keys and every row. q' = score_q (q before RoPE, with
-    landmark keys before RoPE: `unrotate`), q when not given."""
+    landmark keys before RoPE: `unrotate`), q when not given. rank_error, a list, gets the mean over
+    queries of KL(softmax over blocks of their log-masses || softmax over blocks of the landmark
+    logits): the blocks ranked against each other alone."""
     b, hq, t, d = q.shape
     hkv, s, nb, r = k.shape[1], k.shape[2], block_k.shape[2], block_k.shape[3]
     g = hq // hkv
@@ -112,6 +122,10 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, lm_keys: Tensor, block_k:
         target = torch.log_softmax(torch.cat([local.detach(), log_mass], -1), -1)
         mass_error.append((target.exp() * (target - torch.log_softmax(torch.cat([local, lm], -1), -1)))
                           .nan_to_num(0.0, 0.0, 0.0).sum(-1).mean())
+    if rank_error is not None and nb > 1:  # the blocks' split among themselves, the local keys left out
+        log_mass = torch.logsumexp(rows, -1).view(b, hq, t, nb).detach()
+        target = torch.log_softmax(log_mass, -1)
+        rank_error.append((target.exp() * (target - torch.log_softmax(lm, -1))).nan_to_num(0.0, 0.0, 0.0).sum(-1).mean())
     per_block = torch.einsum("bhqnr,bhnrd->bhqnd", within, block_v.float())  # (B, Hkv, G*T, nB, D)
     out = (p[..., :s].reshape(b, hkv, g * t, s) @ v.float()).view(b, hq, t, d)
     return out + torch.einsum("bhqn,bhqnd->bhqd", p[..., s:].reshape(b, hkv, g * t, nb), per_block).view(b, hq, t, d)
@@ -125,6 +139,7 @@ class _Memory:
                  positions: Tensor):
         self.layers, self.valid, self.model, self.positions = layers, valid, model, positions  # the queries' RoPE positions
         self.mass_errors: list[Tensor] = []  # per memory layer, while training (the distillation loss)
+        self.rank_errors: list[Tensor] = []  # per memory layer, while training (the block-ranking loss)
 
 
 class LandmarkBackend(nn.Module):
@@ -146,9 +161,10 @@ class LandmarkBackend(nn.Module):
             raise NotImplementedError("trained landmark attention reads a whole window (no cache mask)")
         lm, bk, bv = memory.layers[self.layer]
         errors = memory.mass_errors if adapter.training and adapter.config.distill > 0 else None
+        ranks = memory.rank_errors if adapter.training and adapter.config.rank_distill > 0 else None
         score_q = unrotate(memory.model, q, memory.positions)
         return grouped_attention(q, k, v, lm, bk, bv, memory.valid, self.scale, adapter.gate_bias[self.index],
-                                 errors, score_q).to(q.dtype)
+                                 errors, score_q, ranks).to(q.dtype)
 
 
 class LandmarkAdapter(Adapter):
@@ -251,10 +267,13 @@ class LandmarkAdapter(Adapter):
         memory.valid[:, 0, : cfg.min_memory_position] = False  # the window's first rows, as served
         inputs, targets = tokens[:, m:seq], tokens[:, m + 1 :]
         errors: list[Tensor] = []
-        logits = self.read(model, memory, inputs, errors)
+        ranks: list[Tensor] = []
+        logits = self.read(model, memory, inputs, errors, ranks)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
         if errors:  # training only: each landmark logit pulled towards its block's log-mass
             loss = loss + cfg.distill * torch.stack(errors).mean()
+        if ranks:  # training only: the blocks ranked among themselves as their log-masses rank them
+            loss = loss + cfg.rank_distill * torch.stack(ranks).mean()
         return loss
 
     @torch.no_grad()
@@ -273,10 +292,11 @@ class LandmarkAdapter(Adapter):
         return {"local_only": float(F.cross_entropy(only.float().flatten(0, 1), target)),
                 "full_context": float(F.cross_entropy(full.float().flatten(0, 1), target))}
 
-    def read(self, model: Llama, memory: "WindowMemory", inputs: Tensor, mass_errors: Optional[list] = None) -> Tensor:
+    def read(self, model: Llama, memory: "WindowMemory", inputs: Tensor, mass_errors: Optional[list] = None,
+             rank_errors: Optional[list] = None) -> Tensor:
         """Logits (B, T, V) of `inputs` (B, T) read after `memory`'s blocks through the landmarks
         (the adapter attached); the local tokens sit at positions R .. R + T - 1. mass_errors gets
-        the memory layers' distillation errors (training)."""
+        the memory layers' distillation errors, rank_errors their block-ranking errors (training)."""
         nb, r = memory.num_blocks, self.config.block
         keys = self.landmark_keys(model, _per_block(memory.block_k), _per_block(memory.block_v),
                                   memory.valid.flatten(0, 1))  # {layer: (B*nB, Hkv, D)}
@@ -288,6 +308,8 @@ class LandmarkAdapter(Adapter):
         self.memory, model.rope_offset = _Memory(layers, memory.valid, model, positions), r
         if mass_errors is not None:
             self.memory.mass_errors = mass_errors
+        if rank_errors is not None:
+            self.memory.rank_errors = rank_errors
         try:
             x = model.forward_embeds(model.embed(inputs), torch.arange(inputs.shape[1], device=inputs.device))
             return model.output(x)

@@ -72,7 +72,8 @@ class BlockKV(TensorKV):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, representation: str = "minmax",
                  group: Optional[int] = None, candidates: int = 0, faiss_from_rows: int = FAISS_FROM_ROWS,
-                 landmarks: Optional[torch.Tensor] = None, gate_bias: Optional[torch.Tensor] = None):
+                 landmarks: Optional[torch.Tensor] = None, gate_bias: Optional[torch.Tensor] = None,
+                 grouped_softmax: bool = True):
         super().__init__(keys, values)
         if representation not in REPRESENTATIONS:
             raise ValueError(f"representation={representation!r} is not one of {REPRESENTATIONS}")
@@ -88,6 +89,10 @@ class BlockKV(TensorKV):
         # the kernel's representation arguments: entries (Hkv, nB*S, D), block -> its S entries (-1: none)
         self.reps: dict[str, torch.Tensor] = {}
         self.gate_bias = gate_bias  # "trained": (Hq,) added to the landmark logits
+        # "trained": True, the paper's grouped softmax (a block's share = its landmark logit); False,
+        # the landmarks only choose the blocks and their rows enter the one softmax (a block's share =
+        # its rows' own attention, as for the other representations)
+        self.grouped = grouped_softmax
         # "trained": (q (B, H, T, D), RoPE positions (T,)) -> q before RoPE, and the local context's
         # first RoPE position: landmark logits are position-free (memlm.modes.landmark.adapter.unrotate)
         self.unrotate, self.query_offset = None, 0
@@ -213,8 +218,12 @@ class BlockKV(TensorKV):
             score_q = self.unrotate(q, positions) if self.unrotate is not None else q
         if self.representation == "trained" and not shared_per_kv_head:
             out, reads = landmark_attention(q, k_cache, v_cache, self.keys, self.values, self.rows, top_k,
-                                            grouped=True, gate_bias=self.gate_bias, score_q=score_q, scale=scale,
-                                            **self.reps)
+                                            grouped=self.grouped, gate_bias=self.gate_bias if self.grouped else None,
+                                            score_q=score_q, scale=scale, **self.reps)
+        elif self.representation == "trained" and not self.grouped:  # one choice per KV group, rows read
+            top_scores, top = self.select_blocks(score_q, top_k, shared_per_kv_head=True)
+            out, reads, _ = read_blocks_ref(q, k_cache, v_cache, self.keys, self.values, self.rows, top, top_scores,
+                                            scale=scale)
         elif self.representation == "trained":  # one choice per KV group, then the grouped softmax
             top_scores, top = self.select_blocks(score_q, top_k, shared_per_kv_head=True)
             scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -239,12 +248,13 @@ class BlockKV(TensorKV):
 
 def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, representation: str, positions: str,
                         min_memory_position: int = 4, group: Optional[int] = None, candidates: int = 0,
-                        landmarks=None) -> tuple[LayerMemories, np.ndarray, int]:
+                        landmarks=None, grouped: bool = True) -> tuple[LayerMemories, np.ndarray, int]:
     """Every live row of `memory` at `layers` as `BlockKV` stores, blocks = chunks -> (layer
     memories, the chunk id of each block, the local context's first position). representation
     "trained": `landmarks` (a `memlm.modes.landmark.adapter.LandmarkAdapter`) computes each block's
     landmark key from its rows at its memory layers, which are then the layers read (positions
-    in_block, as trained)."""
+    in_block, as trained); grouped: read them by the grouped softmax (True) or only choose the
+    blocks by them and read the chosen rows in the one softmax (False; `BlockKV`)."""
     if representation == "trained":
         if landmarks is None:
             raise ValueError("representation 'trained' needs the trained landmarks (memlm train landmark)")
@@ -277,7 +287,8 @@ def load_block_memories(model, memory: KVMemory, *, layers, top_k: int, represen
     for l in layers:
         extra = {}
         if representation == "trained":
-            extra = dict(landmarks=keys[l], gate_bias=landmarks.gate_bias[landmarks.config.layers.index(l)].detach())
+            extra = dict(landmarks=keys[l], gate_bias=landmarks.gate_bias[landmarks.config.layers.index(l)].detach(),
+                         grouped_softmax=grouped)
         store = BlockKV(*kv[l], rows_t, representation, group=group, candidates=candidates, **extra)
         if representation == "trained":
             from memlm.modes.landmark.adapter import unrotate
