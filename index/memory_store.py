@@ -982,8 +982,9 @@ class MemoryStore:
                 out.append(hits)
         return out
 
-    def get(self, name: str, ids: Sequence[str]) -> list[StoredDocument]:
-        """The stored documents, in the order asked. Raises NotFound naming every missing id."""
+    def get(self, name: str, ids: Sequence[str], missing_ok: bool = False) -> list[StoredDocument]:
+        """The stored documents, in the order asked. Raises NotFound naming every missing id, or
+        with `missing_ok` leaves them out."""
         self._collection(name, usable=False)
         ids = self._check_ids(ids, "get")
         found: list[StoredDocument] = []
@@ -996,7 +997,7 @@ class MemoryStore:
                     continue
                 text, header = rec
                 found.append(StoredDocument(doc_id, text, header.metadata, header.chunk_ids, header.updated_at))
-        if missing:
+        if missing and not missing_ok:
             some = f"{len(missing)} of the ids asked" if len(missing) > 1 else "the id"
             raise NotFound(f"collection {name!r} has no document with {some}: {quoted_items(missing)}")
         return found

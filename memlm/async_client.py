@@ -26,12 +26,12 @@ import numpy as np
 
 from memlm import wire
 from memlm.client import (
-    DEFAULT_ADDRESS, _MISSING_DOCUMENT, DocumentHit, DocumentLike, FilterLike, IngestReport, _auth_metadata,
+    DEFAULT_ADDRESS, DocumentHit, DocumentLike, FilterLike, IngestReport, _auth_metadata,
     _by_document, _channel_options, _create_collection_request, _credentials, _document_hits, _generate_request,
     _generation_event, _ids, _IngestRun, _raise_from, _search_request, _wants_more,
 )
 from memlm.engine import GenerationResult
-from memlm.errors import InvalidArgument, NotFound
+from memlm.errors import InvalidArgument
 from memlm.index.types import CollectionConfig, CollectionStats, SearchHit, StoredDocument
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
@@ -288,24 +288,8 @@ class AsyncClient:
         timeout: Optional[float] = None,
     ) -> list[StoredDocument]:
         """`Client.get`: documents in the order asked; `missing_ok` leaves out ids not stored."""
-        ids = _ids(ids)
-        try:
-            reply = await self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=ids), timeout)
-        except NotFound:
-            if not missing_ok:
-                raise
-            found = await asyncio.gather(*(self._get_one(i, collection, timeout) for i in ids))
-            return [d for docs in found for d in docs]
-        return [wire.stored_from_pb(d) for d in reply.documents]
-
-    async def _get_one(self, doc_id: str, collection: str, timeout: Optional[float]) -> list[StoredDocument]:
-        try:
-            reply = await self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=[doc_id]), timeout)
-        except NotFound as exc:
-            if _MISSING_DOCUMENT not in str(exc):  # the collection itself is unknown
-                raise
-            return []
-        return [wire.stored_from_pb(d) for d in reply.documents]
+        request = pb.GetRequest(collection=collection, ids=_ids(ids), missing_ok=missing_ok)
+        return [wire.stored_from_pb(d) for d in (await self._call(self._memory.Get, request, timeout)).documents]
 
     async def delete(self, ids: Union[str, Sequence[str]], *, collection: str,
                      timeout: Optional[float] = None) -> list[str]:

@@ -126,7 +126,6 @@ def _search_request(query, collection: str, k: int, filter: FilterLike, mode: Op
 
 # How the store's NotFound for Get names missing documents (index/memory_store.py), as against an
 # unknown collection ("collection 'x' does not exist"): the wire has no field that tells them apart.
-_MISSING_DOCUMENT = "has no document with"
 
 
 def _ids(ids: Union[str, Sequence[str]]) -> list[str]:
@@ -560,24 +559,9 @@ class Client:
         timeout: Optional[float] = None,
     ) -> list[StoredDocument]:
         """Documents by id, in the order asked. An id not stored: NotFound naming it, or with
-        `missing_ok` it is left out of the answer (then the ids are asked one by one)."""
-        ids = _ids(ids)
-        try:
-            reply = self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=ids), timeout)
-        except NotFound:
-            if not missing_ok:
-                raise
-            return [d for i in ids for d in self._get_one(i, collection, timeout)]
-        return [wire.stored_from_pb(d) for d in reply.documents]
-
-    def _get_one(self, doc_id: str, collection: str, timeout: Optional[float]) -> list[StoredDocument]:
-        try:
-            reply = self._call(self._memory.Get, pb.GetRequest(collection=collection, ids=[doc_id]), timeout)
-        except NotFound as exc:
-            if _MISSING_DOCUMENT not in str(exc):  # the collection itself is unknown
-                raise
-            return []
-        return [wire.stored_from_pb(d) for d in reply.documents]
+        `missing_ok` it is left out of the answer (the server skips it: one call either way)."""
+        request = pb.GetRequest(collection=collection, ids=_ids(ids), missing_ok=missing_ok)
+        return [wire.stored_from_pb(d) for d in self._call(self._memory.Get, request, timeout).documents]
 
     def delete(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[str]:
         """Delete documents; returns the ids that existed and are now gone."""

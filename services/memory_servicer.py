@@ -119,7 +119,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @unary
     async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
-        docs = await self._run(self._store.get, request.collection, list(request.ids))
+        docs = await self._run(self._store.get, request.collection, list(request.ids), request.missing_ok)
         return pb.GetResponse(documents=[wire.stored_to_pb(d) for d in docs])
 
     @unary

@@ -74,6 +74,10 @@ def test_ingest_search_get_delete(client, collection):
     assert "volcano" not in {h.doc_id for h in hits}
     with pytest.raises(NotFound, match="volcano"):
         client.get(["volcano"], collection=collection)
+    # missing_ok: the server leaves the missing ids out, in one call; an unknown collection still fails
+    assert [d.id for d in client.get(["volcano", "bread", "orbit"], collection=collection, missing_ok=True)] == ["bread", "orbit"]
+    with pytest.raises(NotFound, match="no-such-collection"):
+        client.get(["bread"], collection="no-such-collection", missing_ok=True)
     stats = client.describe_collection(collection)
     assert stats.documents == 3 and stats.index_vectors == stats.chunks
 
