@@ -764,6 +764,35 @@ done:
     return rc ? -1 : 0;
 }
 
+/* ---- RETRO's chunked cross-attention at one new position, on its layer's own projections ----
+
+   memlm.modes.retro.model.ChunkedCrossAttention at a decode step (one query reading the neighbour
+   rows of the chunk it is aligned with) in one call, as the layer above does its attention half:
+     h = rms_norm(x) * attn_norm;  q = the query rows of wqkv times h (its first H * hd outputs:
+     the keys and values of x are not needed);  q rotated at cos, sin (the query's position in the
+     neighbours' frame);  per query head h, softmax(q . k_l / sqrt(hd)) over the L rows of KV head
+     h / (H / KV) times v_l;  head h's output times gate[h] (tanh of its learned gate);  x += wo o.
+   w: wqkv then wo, four int64 each (see q4_1_mm). k, v (KV, L, hd) fp32, the chunk's valid rows
+   only (L >= 1). x (D,) is updated in place. Returns 0, or -1 when out of memory. */
+int q4_1_cross_attention_step(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, float eps,
+                              const float *attn_norm, const int64_t *w, const float *cos, const float *sin,
+                              const float *k, const float *v, int64_t L, const float *gate) {
+    const int64_t Q = H * hd;
+    float *buf = malloc(sizeof(float) * (size_t)(D + Q + Q + D + H * L));
+    if (buf == NULL) return -1;
+    float *h = buf, *q = h + D, *attn = q + Q, *y = attn + Q, *scores = y + D;  /* scores (H, L) */
+    rms_norm(x, attn_norm, D, eps, h);
+    int rc = q4_1_mm(h, 1, D, w + 0, Q, q);
+    for (int64_t j = 0; j < H; j++) rope(q + j * hd, cos, sin, hd);
+    attend(q, k, v, L, L, H, KV, hd, scores, attn);
+    for (int64_t j = 0; j < H; j++)
+        for (int64_t i = 0; i < hd; i++) attn[j * hd + i] *= gate[j];
+    rc |= q4_1_mm(attn, 1, Q, w + 4, D, y);
+    for (int64_t i = 0; i < D; i++) x[i] += y[i];
+    free(buf);
+    return rc ? -1 : 0;
+}
+
 /* ---- The same layer for B sequences, each at its own new position in its own cache ---------
 
    q4_1_decode_layer over B rows at once (the batch scheduler's decode step): the projections

@@ -100,6 +100,8 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     lib.q4_1_decode_layer.restype = ctypes.c_int
     lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p] + [p] * 6
     lib.q4_1_decode_layer_batch.restype = ctypes.c_int
+    lib.q4_1_cross_attention_step.argtypes = [p, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, i64, p]
+    lib.q4_1_cross_attention_step.restype = ctypes.c_int
     lib.qmatmul_isa.argtypes = [ctypes.c_int]
     lib.qmatmul_isa.restype = ctypes.c_int
     lib.qmatmul_has_vnni.argtypes = []
@@ -326,6 +328,40 @@ def q4_1_decode_layer(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ff
                                 ffn_norm.data_ptr(), weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                 k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a decode layer's buffers")
+    return out
+
+
+class ProjectionPair:
+    """Two Q4_1 projections of a layer (RETRO's cross-attention: wqkv, wo) as
+    `q4_1_cross_attention_step` reads them; holds the tensors, so the pointers stay valid."""
+
+    def __init__(self, *projections: tuple[Tensor, ...]):
+        if len(projections) != 2 or any(len(p) not in (2, 4) for p in projections):
+            raise ValueError("expected two projections, each (qs, dm) or (qs, dm, codes, scales)")
+        self.projections = projections
+        self.ptrs = torch.tensor([ptr for p in projections for ptr in ([t.data_ptr() for t in p] + [0, 0])[:4]],
+                                 dtype=torch.int64)
+
+
+def q4_1_cross_attention_step(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, weights: ProjectionPair,
+                              cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, gate: Tensor) -> Tensor:
+    """RETRO's chunked cross-attention for one query in one C call (`q4_1_cross_attention_step` in
+    the .c file): x (D,) fp32 -> x + wo(gate * attention of the rotated query over k, v) (x is not
+    modified). The query is wqkv's first n_heads * hd outputs of rms_norm(x) * attn_norm, rotated at
+    cos, sin (hd,); k, v (KV, L, hd) fp32 contiguous, every row read (L >= 1); gate (n_heads,) the
+    per-head factor (tanh of the learned gate). hd must be a multiple of 8."""
+    KV, L, hd = k.shape
+    if L < 1 or v.shape != k.shape or hd % 8 or n_heads % KV:
+        raise ValueError(f"cross-attention over k {tuple(k.shape)}, v {tuple(v.shape)} with {n_heads} heads")
+    for t in (k, v, cos, sin, gate, attn_norm):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"cross-attention step: every tensor fp32 and contiguous, got {t.dtype} {tuple(t.shape)} {t.stride()}")
+    D = x.shape[-1]
+    out = x.to(torch.float32, copy=True).contiguous()
+    if _lib().q4_1_cross_attention_step(out.data_ptr(), D, n_heads, KV, hd, eps, attn_norm.data_ptr(),
+                                        weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                                        v.data_ptr(), L, gate.data_ptr()) != 0:
+        raise MemoryError("qmatmul_cpu: no memory for a cross-attention step's buffers")
     return out
 
 

@@ -142,6 +142,12 @@ def test_inputs_are_checked():
         q.pack_q8_0(torch.randn(4, 40))
     y = q.q4_1_matmul(torch.randn(2, 64, dtype=torch.float64).t().contiguous().t(), qs, dm)  # fp64, strided
     assert y.dtype == torch.float32 and y.shape == (2, 8)
+    pair = q.ProjectionPair(q.pack_q4_1(torch.randn(192, 64)), q.pack_q4_1(torch.randn(64, 64)))
+    ones, k = torch.ones(64), torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"k \(2, 0, 16\)"):  # no rows to read
+        q.q4_1_cross_attention_step(torch.randn(64), 4, 1e-5, ones, pair, ones[:16], ones[:16], k[:, :0], k[:, :0], ones[:4])
+    with pytest.raises(ValueError, match="contiguous"):
+        q.q4_1_cross_attention_step(torch.randn(64), 4, 1e-5, ones, pair, ones[:16], ones[:16], k.transpose(0, 1).contiguous().transpose(0, 1), k, ones[:4])
 
 
 def test_quantization_error_is_within_half_a_step():

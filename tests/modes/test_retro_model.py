@@ -242,3 +242,55 @@ def test_the_cache_evicts_the_least_recently_used_past_its_size():
     assert len(off) == 0 and off.bytes == 0
     for layer, s in compute(ids).items():
         torch.testing.assert_close(got[layer], s)
+
+
+def test_the_c_decode_step_equals_the_module_path_on_q4_1_layers(qmatmul_isa, monkeypatch):
+    """On a q4_1 model a decode step's cross-attention runs in one C call (query rows of wqkv only,
+    the chunk's valid rows compacted); token by token it gives the module path's logits."""
+    from memlm.kernels import qmatmul_cpu
+    from memlm.model.quantize import quantize_model
+    from memlm.modes.retro import model as retro_model
+
+    model = quantize_model(tiny_model(), "q4_1")
+    adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
+    adapter.attach(model)
+    n, prompt = 6, M - 3  # the first steps read nothing, the rest one chunk each
+    tokens = torch.randint(0, TINY.vocab_size, (1, n * M), generator=torch.Generator().manual_seed(6))
+    ids, valid = random_neighbours(n, seed=7)  # short neighbours and a missing one: rows left out
+    calls = []
+    step = qmatmul_cpu.q4_1_cross_attention_step
+    monkeypatch.setattr(qmatmul_cpu, "q4_1_cross_attention_step", lambda *a: calls.append(a[7].shape[1]) or step(*a))
+
+    def decode(c_step: bool) -> torch.Tensor:
+        monkeypatch.setattr(retro_model, "C_CROSS_ATTENTION", c_step)
+        state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
+        got = []
+        with adapter.reading(state), torch.no_grad():
+            for u in range(prompt // M):
+                state.set_neighbours(u, ids[:, u], valid[:, u])
+            got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
+            for p in range(prompt, tokens.shape[1]):
+                if (p + 1) % M == 0:
+                    state.set_neighbours((p + 1) // M - 1, ids[:, p // M], valid[:, p // M])
+                got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
+        return torch.cat(got, 1)
+
+    module_path = decode(False)
+    assert not calls
+    c_path = decode(True)
+    steps = tokens.shape[1] - prompt
+    reading = [p for p in range(prompt, tokens.shape[1]) if chunk_read_by(p, M) >= 0]
+    assert len(calls) == len(reading) * len(RETRO.layers) and steps > len(reading) > 0
+    rows = {int(valid[0, chunk_read_by(p, M)].sum()) for p in reading}
+    assert set(calls) == rows and max(rows) < RETRO.neighbours * RETRO.neighbour_length  # compacted rows
+    torch.testing.assert_close(c_path, module_path, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(module_path, decode_without_neighbours(model, adapter, tokens, prompt), atol=1e-3)
+
+
+def decode_without_neighbours(model, adapter, tokens, prompt):
+    """The same token-by-token pass with the adapter reading no state: the base model."""
+    cache = model.new_cache(1, tokens.shape[1])
+    with torch.no_grad():
+        got = [model(tokens[:, :prompt], torch.arange(prompt), cache)]
+        got += [model(tokens[:, p : p + 1], torch.tensor([p]), cache) for p in range(prompt, tokens.shape[1])]
+    return torch.cat(got, 1)

@@ -59,6 +59,11 @@ from memlm.modes.retro.settings import DEFAULT_LAYERS
 from memlm.modes.retro.state_cache import NeighbourStateCache
 
 
+# The decode step's cross-attention in one C call where the layer is q4_1 on CPU
+# (`ChunkedCrossAttention._c_step`); False keeps the PyTorch ops (tests and benchmarks compare).
+C_CROSS_ATTENTION = True
+
+
 @dataclass
 class RetroConfig:
     chunk_tokens: int = 64  # m
@@ -228,6 +233,7 @@ class RetroState:
         self.neighbours: dict[int, tuple[Tensor, Tensor]] = {}
         self.encoded: dict[int, _Chunk] = {}
         self._kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (layer, u) -> k, v (B, KV, L, hd)
+        self._rows: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (layer, u) -> valid k, v (KV, L', hd), B = 1
         self._context: Optional[Tensor] = None  # (B, n, D): decoder states from grid position _context_start on
         self._context_start = 0
         self.encode_s = 0.0  # seconds spent encoding (base states of the neighbours and the encoder)
@@ -309,6 +315,20 @@ class RetroState:
         return (*self._kv[key], c.valid)
 
 
+    def chunk_rows(self, cca: "ChunkedCrossAttention", chunk: int) -> tuple[Tensor, Tensor]:
+        """Chunk's valid rows at `cca`'s layer for the one sequence of a batch of 1: keys, values
+        (KV, L, hd) contiguous (what the C decode step reads; kept while the chunk is read)."""
+        key = (cca.layer, chunk)
+        rows = self._rows.get(key)
+        if rows is None:
+            k, v, valid = self.chunk_kv(cca, chunk)
+            ok = valid[0]
+            rows = (k[0].contiguous(), v[0].contiguous()) if bool(ok.all()) else (k[0][:, ok].contiguous(), v[0][:, ok].contiguous())
+            self._rows = {kk: r for kk, r in self._rows.items() if kk[0] != cca.layer or kk[1] >= chunk - 1}
+            self._rows[key] = rows
+        return rows
+
+
 class StateSlot:
     """Where the CCA layers find the current `RetroState` (a plain holder, not a module: the
     layers share it without it becoming part of their parameters)."""
@@ -345,12 +365,45 @@ class ChunkedCrossAttention(nn.Module):
             kv = state.chunk_kv(self, hi) if hi >= 0 else None
             if kv is None or not bool(kv[2].any(-1).all()):
                 return x if kv is None else self._padded(model, x, {hi: kv}, start)
+            if C_CROSS_ATTENTION and self._c_step_applies(model, x):
+                return self._c_step(model, x, start, state.chunk_rows(self, hi))
             q = self._query(model, x, start)  # (B, H, 1, hd)
             y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=kv[2][:, None, None, :], enable_gqa=True)
             return self._out(model, x, y)
         kvs = {u: state.chunk_kv(self, u) for u in range(lo, hi + 1)}
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
         return self._padded(model, x, kvs, start) if kvs else x
+
+    def _c_step_applies(self, model: Llama, x: Tensor) -> bool:
+        """One fp32 token on CPU, no gradient wanted, and this layer's norm and projections what
+        `qmatmul_cpu.q4_1_cross_attention_step` computes (RMSNorm, bias-free Q4_1 wqkv and wo)."""
+        from memlm.model.quantize import Q4_1Linear
+
+        block = model.layers[self.layer]
+        att = block.attention
+        return (x.shape[:2] == (1, 1) and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and self.gate.requires_grad)
+                and type(block.attention_norm) is RMSNorm and self.head_dim % 8 == 0
+                and all(type(m) is Q4_1Linear and m.kernel_ready and m.bias is None for m in (att.wqkv, att.wo)))
+
+    def _c_step(self, model: Llama, x: Tensor, start: int, rows: tuple[Tensor, Tensor]) -> Tensor:
+        """The decode step of `forward` in one C call: the same query, rotation, attention over the
+        chunk's valid rows, gates and output projection."""
+        from memlm.kernels import qmatmul_cpu
+
+        block = model.layers[self.layer]
+        att = block.attention
+        cached = self.__dict__.get("_c_weights")  # made once while the layer holds the same projections
+        if cached is None or cached[0] is not att.wqkv or cached[1] is not att.wo:
+            cached = self.__dict__["_c_weights"] = (att.wqkv, att.wo, qmatmul_cpu.ProjectionPair(
+                att.wqkv.kernel_weights(), att.wo.kernel_weights()))
+        m = self.config.chunk_tokens
+        pos = self.config.neighbour_length + (start - (m - 1)) % m
+        out = qmatmul_cpu.q4_1_cross_attention_step(
+            x.view(-1), self.n_heads, block.attention_norm.eps, block.attention_norm.weight, cached[2],
+            model.rope_cos[pos].float().contiguous(), model.rope_sin[pos].float().contiguous(), *rows,
+            torch.tanh(self.gate.float()).contiguous())
+        return out.view_as(x)
 
     def _query(self, model: Llama, x: Tensor, start: int) -> Tensor:
         """Layer queries (B, H, T, hd) of x at grid positions start.., each rotated to r + its
