@@ -69,8 +69,16 @@ def main() -> None:
     p.add_argument("--passkey-trials", type=int, default=5)
     p.add_argument("--passkey-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", choices=("avx2", "avx512-vnni"), default=None,
+                   help="instruction set of the block formats' kernels (default: the best this CPU has; with "
+                   "avx512-vnni the x16 integer kernel runs at every row count, prefill included)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from memlm.kernels import qmatmul_cpu
+
+    if args.isa:
+        qmatmul_cpu.set_isa(args.isa)
+    print(f"block formats (q4_1, q8_0) on the {qmatmul_cpu.isa()} kernels, {torch.get_num_threads()} threads")
     folder = bundled_model_dir()
     tok = load_tokenizer(folder)
     dense = load_llama(folder)
