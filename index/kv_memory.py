@@ -79,7 +79,7 @@ class KVMemoryManifest:
     applied_seq: int = -1
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -87,7 +87,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_npy_durably(path: Path, array: np.ndarray) -> None:
+def save_npy_durably(path: Path, array: np.ndarray) -> None:
     """np.save, then flush + fsync the file (the caller fsyncs the folder / renames)."""
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
@@ -95,13 +95,13 @@ def _save_npy_durably(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _to_disk(t: torch.Tensor, dtype: str) -> np.ndarray:
+def to_disk(t: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return t.to(torch.float16).contiguous().numpy()
     return t.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()  # numpy has no bf16
 
 
-def _from_disk(a: np.ndarray, dtype: str) -> torch.Tensor:
+def from_disk(a: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.array(a))  # a copy: memmaps are read-only
     return t if dtype == "float16" else t.view(torch.bfloat16)
 
@@ -220,7 +220,7 @@ class KVMemory:
         v = np.load(d / f"v_L{layer:02d}.npy", mmap_mode="r")
         if rows is not None and not rows.all():
             k, v = k[:, rows], v[:, rows]
-        return _from_disk(k, self.manifest.dtype), _from_disk(v, self.manifest.dtype)
+        return from_disk(k, self.manifest.dtype), from_disk(v, self.manifest.dtype)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Live (keys, values) of one stored layer: two (Hkv, N, D) tensors in the on-disk dtype.
@@ -251,7 +251,7 @@ class KVMemory:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / MANIFEST)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def add(
         self,
@@ -280,13 +280,13 @@ class KVMemory:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for l in m.layers:
-            _save_npy_durably(tmp / f"k_L{l:02d}.npy", _to_disk(keys[l], m.dtype))
-            _save_npy_durably(tmp / f"v_L{l:02d}.npy", _to_disk(values[l], m.dtype))
-        _save_npy_durably(tmp / "chunk_ids.npy", chunk_ids)
-        _save_npy_durably(tmp / "positions.npy", positions)
-        _fsync_dir(tmp)
+            save_npy_durably(tmp / f"k_L{l:02d}.npy", to_disk(keys[l], m.dtype))
+            save_npy_durably(tmp / f"v_L{l:02d}.npy", to_disk(values[l], m.dtype))
+        save_npy_durably(tmp / "chunk_ids.npy", chunk_ids)
+        save_npy_durably(tmp / "positions.npy", positions)
+        fsync_dir(tmp)
         os.replace(tmp, self.path / name)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         m.segments.append(name)
         m.next_segment += 1
         self._write_manifest()  # the commit point
@@ -381,10 +381,10 @@ class KVMemory:
             tmp.mkdir(parents=True)
             sample = self._sample_live_rows(min(n, train_rows), seed)
             for layer in mf.layers:
-                _save_npy_durably(tmp / f"codebooks_L{layer:02d}.npy", self._train_layer_pq(layer, m, sample, seed))
-            _fsync_dir(tmp)
+                save_npy_durably(tmp / f"codebooks_L{layer:02d}.npy", self._train_layer_pq(layer, m, sample, seed))
+            fsync_dir(tmp)
             os.replace(tmp, gen_dir)
-            _fsync_dir(gen_dir.parent)
+            fsync_dir(gen_dir.parent)
         gen_dir = self._pq_dir(m) / f"gen-{int(state['generation']):06d}"
         coded = [s for s in state["segments"] if s in mf.segments]
         todo = [s for s in mf.segments if s not in coded]
@@ -454,10 +454,10 @@ class KVMemory:
             k, v = self.segment_layer(segment, layer)  # (Hkv, n, D), every row (tombstones masked at read)
             for name, x, cent in (("k", k, book[0]), ("v", v, book[1])):
                 codes = np.stack([encode_pq(x[h], cent[h]) for h in range(x.shape[0])])  # (Hkv, n, M)
-                _save_npy_durably(tmp / f"{name}_L{layer:02d}.npy", codes)
-        _fsync_dir(tmp)
+                save_npy_durably(tmp / f"{name}_L{layer:02d}.npy", codes)
+        fsync_dir(tmp)
         os.replace(tmp, gen_dir / segment)
-        _fsync_dir(gen_dir)
+        fsync_dir(gen_dir)
 
     def _write_pq_state(self, m: int, state: dict) -> None:
         """tmp + fsync + os.replace + fsync(folder), as the manifest."""
@@ -467,7 +467,7 @@ class KVMemory:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._pq_dir(m) / PQ_MANIFEST)
-        _fsync_dir(self._pq_dir(m))
+        fsync_dir(self._pq_dir(m))
 
 def product_quantizer(d: int, m: int, centroids: Optional[np.ndarray] = None, seed: int = 0):
     """A faiss.ProductQuantizer(d, m, 8), with centroids (M, 256, D/M) set when given."""

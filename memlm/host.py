@@ -396,7 +396,7 @@ class ModelHost(EngineClient):
                                       + (f" ({mode.k_means})" if mode.k_means else ""))
             if registry.collection_options_class(mode.name) is not None:  # the mode derives memory per collection
                 collection = self.memory.collection_config(request.collection)  # NotFound
-                if mode.name not in collection.memory:
+                if mode.name not in collection.memory and mode.memory_required:
                     raise FailedPrecondition(
                         f"collection {request.collection!r} has no {mode.name} memory; create one with it on "
                         f"(CLI: memlm create-collection NAME --memory {mode.name}) to use memory mode {mode.name!r}")

@@ -148,6 +148,9 @@ class MemoryModeBase(abc.ABC):
     summary: ClassVar[str]  # one line for `memlm modes`
     reads_collection: ClassVar[bool] = True  # requests must name a collection
     derives: ClassVar[str] = ""  # what it keeps per collection, in words ("" : nothing)
+    # Whether its reads need the collection to have its memory on (a mode with `CollectionOptions`);
+    # False: the memory only makes reads cheaper (retro's stored neighbour states).
+    memory_required: ClassVar[bool] = True
     max_k: ClassVar[int] = 100
     k_means: ClassVar[str] = ""  # what a request's `k` counts, for errors and docs
     # Its requests may share the running batch (memlm.scheduler): the mode reads memory only into

@@ -18,31 +18,27 @@ It runs on Llama models: memlm's own `Llama` (the default for a Llama folder) or
 """
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from memlm.errors import InvalidArgument
-from memlm.modes.base import GenerationHooks, MemoryModeBase, ModeRuntime, ReadPlan, search_for_prompt
+from memlm.modes.base import GenerationHooks, ModeRuntime, ReadPlan, search_for_prompt
+from memlm.modes.derived_memory import DerivedMemoryModeBase
 from memlm.modes.knn.settings import Settings
 
-log = logging.getLogger(__name__)
 
-
-class KVMemoryModeBase(MemoryModeBase):
+class KVMemoryModeBase(DerivedMemoryModeBase):
     """A mode that reads a per-collection KV memory (`memories.KVMemoryManager` for `self.name`):
-    the memory kept in step with the store (after writes, at start-up, on drop) and the checks
-    that the served model can build it. knn's `Mode`; landmark's."""
+    the memory kept in step with the store (after writes, at start-up, on drop: the lifecycle of
+    `memlm.modes.derived_memory`) and the checks that the served model can build it. knn's `Mode`;
+    landmark's."""
 
-    def __init__(self, runtime: ModeRuntime, settings):
-        super().__init__(runtime, settings)
-        self.memories = None
-        if runtime.store is not None and hasattr(runtime.store, "memory_folder"):
-            from memlm.modes.knn.memories import KVMemoryManager
+    def make_manager(self):
+        from memlm.modes.knn.memories import KVMemoryManager
 
-            self.memories = KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name,
-                                            mode=self.name)
+        runtime = self.runtime
+        return KVMemoryManager(runtime.store, runtime.model, self.settings, model_name=runtime.model_name, mode=self.name)
 
     def unavailable(self) -> Optional[str]:
         from memlm.models.loading import model_facts
@@ -55,39 +51,6 @@ class KVMemoryModeBase(MemoryModeBase):
                 f"memory mode {self.name!r} needs a store view with a place for its KV memory (a MemoryStore in this "
                 "process, or memlm.remote_store.RemoteStore), and this model host has another")
         return None
-
-    def start(self) -> None:
-        if self.memories is None:
-            return
-        for config in self.runtime.store.list_collections():  # repair what a crash left behind, in the background
-            if self.name in config.memory:
-                self._schedule(config.name)
-
-    def _schedule(self, name: str) -> None:
-        """Catch the collection's memory up on the model worker, one segment per turn: a long
-        build goes to the back of the queue after each segment, so generations interleave."""
-        def step() -> None:
-            try:
-                report = self.memories.catch_up(name, max_segments=1)
-            except Exception:  # noqa: BLE001 - logged; the next write or read retries
-                log.exception("collection %r: building its %s KV memory failed", name, self.name)
-                return
-            if not report.done and not getattr(self.runtime.store, "stopping", False):
-                self.runtime.run_on_model(step)
-
-        self.runtime.run_on_model(step)
-
-    def after_write(self, collection: str) -> None:
-        if self.memories is None:
-            return
-        if self.settings.ingest_waits_for_memory:  # Ingest answers once the memory holds the write
-            self.runtime.run_on_model(lambda: self.memories.catch_up(collection)).result()
-        else:  # Ingest answers after LMDB; the next read of the collection waits for the memory
-            self._schedule(collection)
-
-    def after_drop(self, collection: str) -> None:
-        if self.memories is not None:
-            self.runtime.run_on_model(lambda: self.memories.drop(collection))
 
 
 class Mode(KVMemoryModeBase):

@@ -13,6 +13,10 @@ starts. Citations: every neighbour chunk read. Deleting a document removes it fr
 
 The base model's states of each neighbour are kept across generations by their token ids
 (`state_cache.NeighbourStateCache`, `retro.state_cache_mb`): a chunk read again skips its base pass.
+A collection made with retro memory on (`--memory retro`) also keeps every chunk's states on disk
+(`memory.NeighbourStateMemory`, built after each acknowledged write on the model worker, in step
+by the lifecycle of `memlm.modes.derived_memory`): a retrieval then reads them instead of running
+the base pass (`memory.StoredFirst`). A chunk not built yet is computed as without them.
 
 Store reads run on a thread of the mode's own: the model worker's thread keeps one FAISS thread.
 """
@@ -28,7 +32,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from memlm.errors import FailedPrecondition, InvalidArgument
-from memlm.modes.base import GenerationHooks, MemoryModeBase, ModeRuntime, ReadPlan
+from memlm.modes.base import GenerationHooks, ModeRuntime, ReadPlan
+from memlm.modes.derived_memory import DerivedMemoryModeBase
 from memlm.modes.retro.settings import Settings
 from memlm.modes.retro.state_cache import NeighbourStateCache
 
@@ -37,18 +42,38 @@ log = logging.getLogger(__name__)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "train" / "trained" / "retro-smollm2-cpu"
 
 
-class Mode(MemoryModeBase):
+class Mode(DerivedMemoryModeBase):
     name = "retro"
     summary = "each completed 64-token chunk's neighbours from the collection, read through chunked cross-attention (RETRO)"
+    derives = "neighbour states: the base model's states of every stored chunk and its continuation at the CCA layers"
+    memory_required = False  # without them, a read computes the states
     k_means = "neighbours per chunk"
     max_k = 16
 
     def __init__(self, runtime: ModeRuntime, settings: Optional[Settings]):
-        super().__init__(runtime, settings or Settings())
         self._adapter = None
         self._why_not: Optional[str] = None
+        super().__init__(runtime, settings or Settings())
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="memlm-retro-read")
         self.state_cache = NeighbourStateCache(self.settings.state_cache_mb << 20)
+
+    def make_manager(self):
+        from memlm.modes.retro.memory import NeighbourStateManager
+
+        r = self.runtime
+        return NeighbourStateManager(r.store, r.model, self.settings, lambda: self.adapter().config, model_name=r.model_name)
+
+    def state_source(self, collection: str):
+        """Where a generation over `collection` finds its neighbours' base states: the cache, in
+        front of the collection's stored states when it has retro memory on (model worker only)."""
+        if self.memories is None or not collection:
+            return self.state_cache
+        config = self.runtime.store.collection_config(collection)
+        if self.name not in config.memory:
+            return self.state_cache
+        from memlm.modes.retro.memory import StoredFirst
+
+        return StoredFirst(self.state_cache, self.memories.memory(collection, config))
 
     @property
     def weights_folder(self) -> Path:
@@ -142,7 +167,7 @@ class _RetroHooks(GenerationHooks):
     def chunk_phase(self, prompt_ids: Sequence[int]) -> int:
         m = self.chunk_tokens
         phase = (-len(prompt_ids)) % m if self.mode.settings.align_prompt_end else 0
-        self.state = self.adapter.new_state(self.mode.runtime.model, phase, self.mode.state_cache)
+        self.state = self.adapter.new_state(self.mode.runtime.model, phase, self.mode.state_source(self.request.collection))
         self.adapter.slot.state = self.state
         return phase
 

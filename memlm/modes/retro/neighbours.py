@@ -28,11 +28,19 @@ def neighbour_rows(store: Any, collection: str, hits: Sequence[SearchHit], confi
         rec = records.get(hit.chunk_id)
         if rec is None:  # deleted between the search and the read
             continue
-        toks = np.asarray(rec.token_ids, np.int64)[: config.neighbour_tokens]
-        if nxt and nxt[0] in records:
-            toks = np.concatenate([toks, np.asarray(records[nxt[0]].token_ids, np.int64)[: config.continuation_tokens]])
+        toks = neighbour_tokens(rec, records.get(nxt[0]) if nxt else None, config)
         ids[j, : len(toks)], valid[j, : len(toks)] = toks, True
     return ids, valid, [h for h, f in zip(used, following) if h.chunk_id in records]
+
+
+def neighbour_tokens(record: Any, following: Any, config: RetroConfig) -> np.ndarray:
+    """A stored chunk as a neighbour: its first `neighbour_tokens` token ids, then the first
+    `continuation_tokens` of the chunk after it in its document (`following`, None at the end).
+    A neighbour row is these, zero-padded to r (what the stored neighbour states are keyed by)."""
+    toks = np.asarray(record.token_ids, np.int64)[: config.neighbour_tokens]
+    if following is not None and config.continuation_tokens:
+        toks = np.concatenate([toks, np.asarray(following.token_ids, np.int64)[: config.continuation_tokens]])
+    return toks
 
 
 def search_neighbours(store: Any, collection: str, texts: Sequence[str], config: RetroConfig, *,

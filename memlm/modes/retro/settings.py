@@ -1,11 +1,14 @@
-"""`retro` settings. RETRO keeps nothing per collection beyond what the store already has (its
-64-token chunks, their embeddings and index): a collection it reads needs chunks of the adapter's
-chunk size, checked per request. So there is no `CollectionOptions`, only the server's section."""
+"""`retro` settings. `CollectionOptions`: a collection made with retro memory on
+(`--memory retro`) keeps every chunk's neighbour states (the frozen base's states of the chunk and
+its continuation at the CCA layers, `memlm.modes.retro.memory`), so that a retrieval skips its
+base pass; retro also reads a collection without them (computing them per read), as long as its
+chunks are the adapter's size, checked per request. `Settings`: the server's section.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # The layers with CCA by default (after their attention). Megatron's rule for a deep
 # model (from layer 9, 1-based, every 3rd: 0-based 8, 11, ..., 29 of 30) was the starting point;
@@ -14,6 +17,15 @@ from pydantic import BaseModel, Field
 # Megatron's 8; alone, 18 and 20 copy and 4, 8, 12, 16, 19, 21, 22 do not; /tmp scan in
 # session 11) and cost less: neighbours run through 23 layers, not 29.
 DEFAULT_LAYERS = (14, 17, 18, 20, 23)
+
+
+class CollectionOptions(BaseModel):
+    """What a collection's neighbour states store (fixed when it is created with `--memory retro`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="on-disk dtype of the stored states "
+                                                  "(738 KB per chunk in fp16 for the bundled model's 5 CCA layers)")
 
 
 class Settings(BaseModel):
@@ -30,3 +42,11 @@ class Settings(BaseModel):
         True, description="lay the chunk grid so that the prompt's last token ends a chunk: the prompt's last "
         "chunk (the question) has its neighbours from the first new token on; False: chunks from position 0, as "
         "in training (a prompt shorter than a chunk then reads nothing until its first 64 tokens are done)")
+    build_batch_chunks: int = Field(16, gt=0, description="chunks whose neighbour states are built into one segment "
+                                    "at a time: one turn of a queued build on the model worker")
+    max_segments: int = Field(64, gt=0, description="compact a collection's neighbour states once they have more "
+                              "segments than this")
+    ingest_waits_for_memory: bool = Field(
+        False, description="True: an Ingest into a collection with retro memory answers once its neighbour states "
+        "are built; False: right after LMDB commits, the build queued on the model worker (a retro read computes "
+        "the states of a chunk not built yet, so nothing waits for it)")

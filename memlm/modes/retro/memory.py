@@ -1,0 +1,339 @@
+"""RETRO's neighbour states of a collection, on disk: for every stored chunk, the frozen base's
+states of it as a neighbour (the chunk and its continuation, r tokens, run alone:
+`model.neighbour_states`) at the layers the CCA layers read, computed once at ingest, so that a
+retrieval skips its base pass (README, retro: decode speed). Derived data on the lifecycle of
+`memlm.modes.derived_memory` (`NeighbourStateManager` below keeps it in step; `StoredFirst` reads it).
+
+Layout (`collections/<name>/retro/`):
+    manifest.json        the commit point: layers, r, width, dtype, live segments, deleted chunk ids,
+                         the watermark (applied_seq)
+    seg-000001/
+        chunk_ids.npy    (n,) int64
+        tokens.npy       (n, r) int64: the neighbour's token ids as `neighbours.neighbour_rows` lays
+                         them out for a search hit (zeros past a short continuation)
+        states_L14.npy   (n, r, D) fp16: the residual stream entering layer 14, and so on per layer
+
+Durability as `memlm.index.kv_memory.KVMemory`'s: a segment is written under a temporary name
+(files fsynced), renamed into place, and is part of the memory only once the manifest (tmp + fsync
++ os.replace + fsync of the folder) lists it; what the manifest does not list is removed on open.
+Deletes are tombstones in the manifest; `compact` rewrites the live rows.
+
+Reads go by content (`lookup`): a neighbour row's token ids find the stored states of exactly those
+ids, so a read never gets another text's states whatever changed since (as the in-memory
+`NeighbourStateCache`, which this sits behind). Size: layers x r x D x 2 bytes per chunk plus r x 8
+for its ids: 738 KB for the bundled model's 5 CCA layers and r = 128 (`bytes_per_chunk`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memlm.index.kv_memory import DTYPES, MANIFEST, fsync_dir, from_disk, save_npy_durably, to_disk
+from memlm.modes.derived_memory import DerivedMemoryManager
+from memlm.modes.retro.model import RetroConfig, neighbour_states
+from memlm.modes.retro.neighbours import neighbour_tokens
+
+FOLDER = "retro"
+BATCH = 8  # neighbours per base pass while building
+
+
+@dataclass
+class StateManifest:
+    layers: list[int]  # the layers whose input states are stored (the CCA layers)
+    length: int  # r: tokens per neighbour row
+    dim: int  # D: the model's width
+    dtype: str = "float16"
+    segments: list[str] = field(default_factory=list)
+    deleted_chunks: list[int] = field(default_factory=list)
+    next_segment: int = 1
+    version: int = 1
+    applied_seq: int = -1  # the store's oplog seq up to which every write is held; -1: unknown
+
+
+class NeighbourStateMemory:
+    """The stored neighbour states of one collection's chunks."""
+
+    def __init__(self, path: Path, manifest: StateManifest):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._deleted = set(manifest.deleted_chunks)
+        self._known: Optional[set[int]] = None  # every chunk id ever added (live or tombstoned)
+        self._index: Optional[dict[bytes, tuple[str, int]]] = None  # live rows' token ids -> (segment, row)
+
+    @classmethod
+    def create(cls, path: "str | os.PathLike", layers: Sequence[int], length: int, dim: int,
+               dtype: str = "float16") -> "NeighbourStateMemory":
+        if dtype not in DTYPES:
+            raise ValueError(f"neighbour states dtype {dtype!r} is not one of {DTYPES}")
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise FileExistsError(f"neighbour states already exist at {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        mem = cls(path, StateManifest(sorted(int(l) for l in set(layers)), int(length), int(dim), dtype))
+        mem._write_manifest()
+        return mem
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike") -> "NeighbourStateMemory":
+        path = Path(path)
+        try:
+            raw = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no neighbour states at {path} (expected {path / MANIFEST})") from None
+        mem = cls(path, StateManifest(**raw))
+        live = set(mem.manifest.segments)
+        for p in path.iterdir():  # never committed (a crash mid-write): removed
+            if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("seg-") and p.name not in live)):
+                shutil.rmtree(p, ignore_errors=True)
+        return mem
+
+    # --- facts ----------------------------------------------------------------------------
+
+    @property
+    def bytes_per_chunk(self) -> int:
+        m = self.manifest
+        return len(m.layers) * m.length * m.dim * 2 + m.length * 8 + 8
+
+    def _chunk_ids_of(self, segment: str) -> np.ndarray:
+        return np.asarray(np.load(self.path / segment / "chunk_ids.npy", mmap_mode="r"))
+
+    def _live(self, chunk_ids: np.ndarray) -> np.ndarray:
+        if not self._deleted:
+            return np.ones(len(chunk_ids), dtype=bool)
+        return ~np.isin(chunk_ids, np.fromiter(self._deleted, dtype=np.int64))
+
+    def chunk_ids(self) -> np.ndarray:
+        """(N,) int64: the chunk of every live row, segment by segment."""
+        parts = [c[self._live(c)] for c in map(self._chunk_ids_of, self.manifest.segments)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids())
+
+    def known_chunks(self) -> set[int]:
+        """Every chunk id with rows here or tombstoned (ids are never reused: never built twice)."""
+        if self._known is None:
+            self._known = set(self._deleted)
+            for seg in self.manifest.segments:
+                self._known.update(self._chunk_ids_of(seg).tolist())
+        return self._known
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _lookup_index(self) -> dict[bytes, tuple[str, int]]:
+        if self._index is None:
+            index: dict[bytes, tuple[str, int]] = {}
+            for seg in self.manifest.segments:
+                tokens = np.load(self.path / seg / "tokens.npy", mmap_mode="r")
+                for row in np.flatnonzero(self._live(self._chunk_ids_of(seg))):
+                    index.setdefault(np.asarray(tokens[row], dtype=np.int64).tobytes(), (seg, int(row)))
+            self._index = index
+        return self._index
+
+    def lookup(self, ids: Tensor) -> dict[int, dict[int, Tensor]]:
+        """ids (N, r) int64 neighbour rows -> {i: {layer: (r, D) fp32}} for the rows whose states are
+        stored (the others are left out)."""
+        m = self.manifest
+        if ids.dim() != 2 or ids.shape[1] != m.length or not m.segments:
+            return {}
+        index = self._lookup_index()
+        found = {i: index[k] for i, row in enumerate(ids.cpu()) if (k := row.numpy().astype(np.int64).tobytes()) in index}
+        out: dict[int, dict[int, Tensor]] = {i: {} for i in found}
+        by_segment: dict[str, list[tuple[int, int]]] = {}
+        for i, (seg, row) in found.items():
+            by_segment.setdefault(seg, []).append((i, row))
+        for seg, pairs in by_segment.items():
+            rows = np.asarray([r for _, r in pairs])
+            for layer in m.layers:
+                states = np.load(self.path / seg / f"states_L{layer:02d}.npy", mmap_mode="r")
+                block = from_disk(states[rows], m.dtype).float()
+                for j, (i, _) in enumerate(pairs):
+                    out[i][layer] = block[j]
+        return out
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _write_manifest(self) -> None:
+        self.manifest.deleted_chunks = sorted(self._deleted)
+        tmp = self.path / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self.manifest), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        fsync_dir(self.path)
+
+    def add(self, chunk_ids: Sequence[int] | np.ndarray, tokens: np.ndarray, states: dict[int, Tensor]) -> int:
+        """Append n chunks' rows as one segment (durable when this returns): tokens (n, r) int64,
+        states {layer: (n, r, D)} for every stored layer. Returns n."""
+        m = self.manifest
+        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(chunk_ids)
+        if tokens.shape != (n, m.length):
+            raise ValueError(f"tokens of shape {tokens.shape} for {n} chunks of {m.length} tokens")
+        if set(states) != set(m.layers):
+            raise ValueError(f"expected states of layers {m.layers}, got {sorted(states)}")
+        for layer, t in states.items():
+            if tuple(t.shape) != (n, m.length, m.dim):
+                raise ValueError(f"states of layer {layer} have shape {tuple(t.shape)}, expected {(n, m.length, m.dim)}")
+        if n == 0:
+            return 0
+        name = f"seg-{m.next_segment:06d}"
+        tmp = self.path / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for layer in m.layers:
+            save_npy_durably(tmp / f"states_L{layer:02d}.npy", to_disk(states[layer], m.dtype))
+        save_npy_durably(tmp / "tokens.npy", tokens)
+        save_npy_durably(tmp / "chunk_ids.npy", chunk_ids)
+        fsync_dir(tmp)
+        os.replace(tmp, self.path / name)
+        fsync_dir(self.path)
+        m.segments.append(name)
+        m.next_segment += 1
+        self._write_manifest()  # the commit point
+        if self._known is not None:
+            self._known.update(chunk_ids.tolist())
+        if self._index is not None:
+            for row, ids in enumerate(tokens):
+                self._index.setdefault(ids.tobytes(), (name, row))
+        return n
+
+    def set_applied_seq(self, seq: int) -> None:
+        if self.manifest.applied_seq != seq:
+            self.manifest.applied_seq = int(seq)
+            self._write_manifest()
+
+    def delete(self, chunk_ids: Iterable[int]) -> int:
+        """Tombstone these chunks' rows (durable when this returns). Returns rows removed."""
+        new = {int(c) for c in chunk_ids} - self._deleted
+        if not new:
+            return 0
+        removed = int(np.isin(self.chunk_ids(), np.fromiter(new, dtype=np.int64)).sum())
+        self._deleted |= new
+        self._write_manifest()
+        self._index = None
+        return removed
+
+    def compact(self) -> None:
+        """Rewrite the live rows as one segment and forget the tombstones."""
+        m = self.manifest
+        old = list(m.segments)
+        chunk_ids, tokens, states = [], [], {layer: [] for layer in m.layers}
+        for seg in old:
+            live = self._live(self._chunk_ids_of(seg))
+            chunk_ids.append(self._chunk_ids_of(seg)[live])
+            tokens.append(np.asarray(np.load(self.path / seg / "tokens.npy", mmap_mode="r"))[live])
+            for layer in m.layers:
+                a = np.load(self.path / seg / f"states_L{layer:02d}.npy", mmap_mode="r")
+                states[layer].append(from_disk(a[live], m.dtype))
+        m.segments = []
+        self._deleted = set()
+        self._index = None
+        ids = np.concatenate(chunk_ids) if chunk_ids else np.zeros(0, dtype=np.int64)
+        if len(ids):
+            self.add(ids, np.concatenate(tokens), {layer: torch.cat(s) for layer, s in states.items()})
+        else:
+            self._write_manifest()
+        for seg in old:
+            shutil.rmtree(self.path / seg, ignore_errors=True)
+
+
+class NeighbourStateManager(DerivedMemoryManager):
+    """Keeps the neighbour states of every collection with retro memory on in step with the store.
+    `retro_config()` is the served adapter's `RetroConfig` (its CCA layers and r shape the memory;
+    a memory of other layers or length is rebuilt)."""
+
+    what = "neighbour states"
+
+    def __init__(self, store, model, settings, retro_config: Callable[[], RetroConfig], model_name: str = ""):
+        super().__init__(store, model, settings, model_name, mode="retro", folder=FOLDER)
+        self.retro_config = retro_config
+
+    def fits(self, mem: NeighbourStateMemory) -> bool:
+        rc, m = self.retro_config(), mem.manifest
+        return (tuple(m.layers), m.length, m.dim) == (tuple(rc.layers), rc.neighbour_length, self.model.config.dim)
+
+    def open_memory(self, path: Path) -> NeighbourStateMemory:
+        mem = NeighbourStateMemory.open(path)
+        if not self.fits(mem):
+            rc, m = self.retro_config(), mem.manifest
+            raise ValueError(f"it holds layers {m.layers}, r {m.length}, width {m.dim}; the served adapter reads layers "
+                             f"{list(rc.layers)}, r {rc.neighbour_length}, width {self.model.config.dim}")
+        return mem
+
+    def create_memory(self, path: Path, config) -> NeighbourStateMemory:
+        from memlm.modes.retro.settings import CollectionOptions
+
+        rc, options = self.retro_config(), CollectionOptions(**config.memory[self.mode])
+        mem = NeighbourStateMemory.create(path, rc.layers, rc.neighbour_length, self.model.config.dim, options.dtype)
+        mem.set_applied_seq(0)  # empty: every write up to seq 0
+        return mem
+
+    def build(self, name: str, config, mem: NeighbourStateMemory, chunk_ids: Sequence[int],
+              max_segments: Optional[int]) -> tuple[int, int, bool]:
+        """Each chunk as a neighbour (it and its continuation, as a search hit reads it) through the
+        base layers, `retro.build_batch_chunks` chunks per segment: (chunks added, documents, done)."""
+        rc, store = self.retro_config(), self.store
+        records = store.read_chunks(name, list(chunk_ids), missing_ok=True)
+        live = [(int(c), rec) for c, rec in zip(chunk_ids, records) if rec is not None]
+        documents = len({rec.doc_id for _, rec in live})
+        step, added, segments = self.settings.build_batch_chunks, 0, 0
+        for first in range(0, len(live), step):
+            if getattr(store, "stopping", False) or (max_segments is not None and segments >= max_segments):
+                return added, documents, False
+            part = live[first : first + step]
+            following = [store.following_chunks(name, c, 1) if rc.continuation_tokens else [] for c, _ in part]
+            nxt = dict(zip((f[0] for f in following if f), store.read_chunks(name, [f[0] for f in following if f], missing_ok=True)))
+            tokens = np.zeros((len(part), rc.neighbour_length), np.int64)
+            for j, ((_c, rec), f) in enumerate(zip(part, following)):
+                toks = neighbour_tokens(rec, nxt.get(f[0]) if f else None, rc)
+                tokens[j, : len(toks)] = toks
+            with torch.inference_mode():
+                ids = torch.from_numpy(tokens)
+                parts = [neighbour_states(self.model, ids[i : i + BATCH], rc.layers) for i in range(0, len(ids), BATCH)]
+            states = {layer: torch.cat([p[layer] for p in parts]) for layer in rc.layers}
+            added += mem.add([c for c, _ in part], tokens, states)
+            segments += 1
+        return added, documents, True
+
+
+class StoredFirst:
+    """The state source a generation's `RetroState` reads: the in-memory LRU cache first, then the
+    collection's stored states, then the base pass for what neither has (`NeighbourStateCache.states`'s
+    contract). What comes from disk enters the cache too."""
+
+    def __init__(self, cache, memory: NeighbourStateMemory):
+        self.cache, self.memory = cache, memory
+        self.stored_rows = 0  # rows read from the stored states
+        self.computed_rows = 0  # rows neither held: run through the base layers
+
+    def states(self, ids: Tensor, compute: Callable[[Tensor], dict[int, Tensor]]) -> dict[int, Tensor]:
+        def from_disk_or_compute(some: Tensor) -> dict[int, Tensor]:
+            found = self.memory.lookup(some)
+            self.stored_rows += len(found)
+            rest = [i for i in range(len(some)) if i not in found]
+            self.computed_rows += len(rest)
+            fresh = compute(some[rest]) if rest else {}
+            layers = next(iter(found.values())).keys() if found else fresh.keys()
+            out = {}
+            for layer in layers:
+                rows = [None] * len(some)
+                for i, s in found.items():
+                    rows[i] = s[layer]
+                for j, i in enumerate(rest):
+                    rows[i] = fresh[layer][j]
+                dtype = fresh[layer].dtype if rest else rows[0].dtype
+                out[layer] = torch.stack([r.to(dtype) for r in rows])
+            return out
+
+        return self.cache.states(ids, from_disk_or_compute)

@@ -1,0 +1,214 @@
+"""RETRO's stored neighbour states (`memlm.modes.retro.memory`) on a real store: a tiny random Llama
+(the bundled tokenizer's vocabulary) with a RETRO adapter saved as `memlm train` saves one, a real
+MemoryStore (LMDB, FAISS, MiniLM). Checked: every chunk's states are the base pass of exactly the
+neighbour row a search hit makes of it, a generation reads them instead of running the base pass
+(and writes what it would have written without them), and they stay in step with deletes,
+re-ingests, restarts and a crash mid-write, like every derived memory."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from memlm.engine import GenerationRequest, SamplingParams
+from memlm.generation import generate_tokens
+from memlm.index.types import Document
+from memlm.modes.base import ModeRuntime
+from memlm.modes.retro.adapter import RetroAdapter
+from memlm.modes.retro.memory import NeighbourStateManager, NeighbourStateMemory, StoredFirst
+from memlm.modes.retro.model import RetroConfig, neighbour_states
+from memlm.modes.retro.mode import Mode
+from memlm.modes.retro.neighbours import search_neighbours
+from memlm.modes.retro.settings import Settings
+
+M = 16
+RETRO = RetroConfig(chunk_tokens=M, neighbours=2, neighbour_tokens=M, continuation_tokens=M, layers=(1, 3),
+                    encoder_layers=1, encoder_dim=32, heads=2, encoder_ffn=64)
+TOPICS = ["lighthouse keepers trim the lamp wick every evening before the fog rolls in over the bay",
+          "the bakery opens at five and sells rye bread, seed rolls and a dark honey cake on Sundays",
+          "glaciers carve valleys slowly, dragging boulders that are left behind when the ice retreats"]
+
+
+def documents(texts=TOPICS):
+    return [Document(f"doc{i}", (t + ". ") * 3, {"n": i}) for i, t in enumerate(texts)]
+
+
+@pytest.fixture()
+def setup(tmp_path, bundled_model_dir, run_now):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memlm.config import StoreSettings
+    from memlm.index.memory_store import MemoryStore
+    from memlm.model import load_llama
+    from memlm.models.loading import load_tokenizer
+    from memlm.train.weights import folder_fingerprint, save_adapter
+
+    tokenizer = load_tokenizer(bundled_model_dir)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512)).eval()
+    folder = tmp_path / "tiny-llama"
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = load_llama(folder)
+    adapter = RetroAdapter(model.config, RETRO, seed=1)
+    with torch.no_grad():
+        for m in adapter.cca.values():
+            m.gate.fill_(0.5)  # as if trained: the neighbours change the logits
+    weights = tmp_path / "retro-weights"
+    save_adapter(adapter, weights, folder.name, folder_fingerprint(folder), {"steps": 0})
+    settings = StoreSettings(min_chunk_tokens=8, default_chunk_tokens=M)
+    data = tmp_path / "data"
+    store = MemoryStore.open(data, settings, tokenizer=tokenizer)
+    store.create_collection("s", memory={"retro": {}})
+    store.create_collection("plain")
+    for name in ("s", "plain"):
+        store.ingest(name, documents())
+
+    def mode_on(store):
+        runtime = ModeRuntime(model=model, tokenizer=tokenizer, model_name=store.tokenizer_name, store=store,
+                              run_on_model=run_now, model_dir=folder)
+        return Mode(runtime, Settings(weights=str(weights), build_batch_chunks=4))
+
+    mode = mode_on(store)
+    box = {"store": store, "mode": mode}
+
+    def reopen():  # a restart: the store and the mode opened again on the same folder
+        box["mode"].close()
+        box["store"].close()
+        box["store"] = MemoryStore.open(data, settings, tokenizer=tokenizer)
+        box["mode"] = mode_on(box["store"])
+        return box["mode"], box["store"]
+
+    yield mode, model, tokenizer, store, reopen
+    box["mode"].close()
+    box["store"].close()
+
+
+def generate(mode, model, tokenizer, prompt, n, collection="s"):
+    r = GenerationRequest(prompt=prompt, collection=collection, memory="retro", sampling=SamplingParams(max_new_tokens=n))
+    mode.validate(r, mode.runtime.store.collection_config(collection))
+    ids = tokenizer(prompt).input_ids
+    with mode.generation(r, None) as hooks:
+        *_, outcome = generate_tokens(model, tokenizer, ids, r.sampling, threading.Event(), eos_ids=(), hooks=hooks)
+        state = hooks.state
+    return outcome, state
+
+
+def test_each_chunk_keeps_the_base_pass_of_the_neighbour_row_a_search_hit_makes_of_it(setup):
+    mode, model, tokenizer, store, _ = setup
+    report = mode.memories.catch_up("s")
+    stored = store.chunk_ids("s")
+    assert report.done and report.added_rows == len(stored) and report.built_documents == 3
+    assert mode.memories.catch_up("s").added_rows == 0  # in step: nothing built twice
+    mem = mode.memories.memory("s")
+    assert sorted(mem.chunk_ids().tolist()) == sorted(stored.tolist())
+    assert len(mem.manifest.segments) == -(-len(stored) // 4)  # build_batch_chunks=4 per segment
+    assert (mode.runtime.store.memory_folder("s") / "retro" / "manifest.json").is_file()
+    # the rows a search makes of its hits (chunk + continuation, zero-padded) are found, with their base pass
+    found = search_neighbours(store, "s", [t for t in TOPICS], RETRO)
+    ids = torch.from_numpy(np.concatenate([f[0] for f in found]))
+    stored_states = mem.lookup(ids)
+    assert sorted(stored_states) == list(range(len(ids)))
+    with torch.inference_mode():
+        computed = neighbour_states(model, ids, RETRO.layers)
+    for i, layers in stored_states.items():
+        for layer, s in layers.items():
+            torch.testing.assert_close(s, computed[layer][i].float(), rtol=2e-3, atol=2e-3)  # fp16 on disk
+    other = ids.clone()
+    other[0, 3] += 1  # any other text: not found
+    assert 0 not in mem.lookup(other)
+
+
+def test_a_generation_reads_the_stored_states_and_writes_what_it_would_without_them(setup):
+    mode, model, tokenizer, store, _ = setup
+    mode.memories.catch_up("s")
+    prompt = "Tell me about " + TOPICS[0] + " and then about " + TOPICS[2]
+    mode.state_cache.clear()
+    with_states, state = generate(mode, model, tokenizer, prompt, 2 * M + 3)
+    source = state.cache
+    assert isinstance(source, StoredFirst)
+    rows = {}  # every distinct neighbour row encoded -> whether it is a real neighbour (not a missing one)
+    for u in state.encoded:
+        ids, valid = state.neighbours[u]
+        for row, ok in zip(ids.reshape(-1, ids.shape[-1]), valid.reshape(-1, ids.shape[-1])):
+            rows[row.numpy().tobytes()] = bool(ok.any())
+    assert sum(rows.values()) >= 4
+    assert source.stored_rows == sum(rows.values())  # every real neighbour's states came from disk
+    assert source.computed_rows == len(rows) - sum(rows.values())  # only a missing neighbour's zeros ran
+    mode.state_cache.clear()
+    plain, plain_state = generate(mode, model, tokenizer, prompt, 2 * M + 3, collection="plain")
+    assert plain_state.cache is mode.state_cache  # no retro memory: the cache alone
+    assert with_states.token_ids == plain.token_ids  # same documents, same neighbours: the same text
+
+
+def test_stored_states_follow_deletes_and_reingests_and_survive_a_restart(setup):
+    mode, model, tokenizer, store, reopen = setup
+    mode.memories.catch_up("s")
+    doc1 = [c for c, rec in zip(store.chunk_ids("s"), store.read_chunks("s", store.chunk_ids("s"))) if rec.doc_id == "doc1"]
+    store.delete("s", ["doc1"])
+    report = mode.memories.catch_up("s")
+    assert report.removed_chunks == len(doc1)
+    mem = mode.memories.memory("s")
+    assert not set(doc1) & set(mem.chunk_ids().tolist())
+    store.ingest("s", [Document("doc1", "an entirely new text about tide pools, anemones and small crabs. " * 3, {})])
+    assert mode.memories.catch_up("s").added_rows > 0
+    assert sorted(mem.chunk_ids().tolist()) == sorted(store.chunk_ids("s").tolist())
+    mode, store = reopen()  # the watermark is durable: a restart finds the memory in step
+    assert mode.memories.catch_up("s").added_rows == 0
+    assert sorted(mode.memories.memory("s").chunk_ids().tolist()) == sorted(store.chunk_ids("s").tolist())
+
+
+def test_a_crash_mid_write_and_a_lost_or_unreadable_folder_are_repaired_from_the_store(setup):
+    mode, model, tokenizer, store, reopen = setup
+    mode.memories.catch_up("s")
+    folder = store.memory_folder("s") / "retro"
+    (folder / "seg-999999").mkdir()  # a segment written but never committed by the manifest
+    (folder / ".tmp-seg-000123").mkdir()
+    mode, store = reopen()
+    mem = mode.memories.memory("s")
+    assert not (folder / "seg-999999").exists() and not (folder / ".tmp-seg-000123").exists()
+    assert mode.memories.catch_up("s").added_rows == 0
+    (folder / "manifest.json").write_text("{not json")  # unreadable: rebuilt from LMDB
+    mode, store = reopen()
+    report = mode.memories.catch_up("s")
+    assert report.added_rows == len(store.chunk_ids("s"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["applied_seq"] == store.last_seq("s") and manifest["layers"] == list(RETRO.layers)
+    assert isinstance(mem, NeighbourStateMemory)
+
+
+def test_the_stored_rows_are_checked_and_compaction_keeps_the_live_ones(tmp_path):
+    mem = NeighbourStateMemory.create(tmp_path / "m", layers=(2, 1), length=4, dim=3)
+    assert mem.manifest.layers == [1, 2]
+    tokens = np.arange(12, dtype=np.int64).reshape(3, 4)
+    states = {l: torch.randn(3, 4, 3) for l in (1, 2)}
+    with pytest.raises(ValueError, match="layers"):
+        mem.add([1, 2, 3], tokens, {1: states[1]})
+    with pytest.raises(ValueError, match="shape"):
+        mem.add([1, 2, 3], tokens, {1: states[1], 2: states[2][:, :2]})
+    assert mem.add([1, 2, 3], tokens, states) == 3
+    mem.add([4], tokens[:1] + 100, {l: s[:1] for l, s in states.items()})
+    assert mem.delete([2]) == 1 and len(mem) == 3
+    mem.compact()
+    assert mem.manifest.segments == ["seg-000003"] and sorted(mem.chunk_ids().tolist()) == [1, 3, 4]
+    again = NeighbourStateMemory.open(tmp_path / "m")
+    got = again.lookup(torch.from_numpy(tokens))
+    assert sorted(got) == [0, 2]  # chunk 2's row is gone
+    torch.testing.assert_close(got[2][1], states[1][2].half().float())
+    with pytest.raises(FileExistsError):
+        NeighbourStateMemory.create(tmp_path / "m", layers=(1,), length=4, dim=3)
+
+
+def test_a_manager_for_other_cca_layers_rebuilds_the_memory(setup):
+    mode, model, tokenizer, store, _ = setup
+    mode.memories.catch_up("s")
+    other = NeighbourStateManager(store, model, mode.settings, lambda: RetroConfig(
+        chunk_tokens=M, neighbours=2, neighbour_tokens=M, continuation_tokens=M, layers=(2,)))
+    report = other.catch_up("s")  # the layers on disk are not the adapter's: rebuilt, not misread
+    assert report.added_rows == len(store.chunk_ids("s"))
+    assert json.loads((store.memory_folder("s") / "retro" / "manifest.json").read_text())["layers"] == [2]
