@@ -18,6 +18,7 @@ from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from memlm.errors import InvalidArgument
+from memlm.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +113,32 @@ class SentenceTransformerEmbedder:
         kinds = [type(m).__name__ for m in self._model]
         pooling = getattr(self._model[1], "pooling_mode", None) if len(kinds) > 1 else None
         self._direct = kinds == ["Transformer", "Pooling", "Normalize"] and pooling == "mean"
+        release_thread_pool()  # loading ran torch ops on this thread
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         """One forward pass over (n,) texts -> (n, dim) float32 unit rows."""
         import torch
 
-        if not self._direct:
-            with self._tokenizer_lock:  # encode() tokenizes inside
-                out = self._model.encode(
-                    texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        try:
+            if not self._direct:
+                with self._tokenizer_lock:  # encode() tokenizes inside
+                    out = self._model.encode(
+                        texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+                    )
+                return np.ascontiguousarray(out, dtype=np.float32)
+            with self._tokenizer_lock:
+                batch = self._model.tokenizer(
+                    texts, padding=True, truncation=True, max_length=self._model.max_seq_length, return_tensors="pt"
                 )
-            return np.ascontiguousarray(out, dtype=np.float32)
-        with self._tokenizer_lock:
-            batch = self._model.tokenizer(
-                texts, padding=True, truncation=True, max_length=self._model.max_seq_length, return_tensors="pt"
-            )
-        with torch.inference_mode():
-            hidden = self._model[0].auto_model(**batch).last_hidden_state  # (n, T, dim)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (n, dim)
-            return np.ascontiguousarray(torch.nn.functional.normalize(pooled, dim=-1).numpy(), dtype=np.float32)
+            with torch.inference_mode():
+                hidden = self._model[0].auto_model(**batch).last_hidden_state  # (n, T, dim)
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (n, dim)
+                return np.ascontiguousarray(torch.nn.functional.normalize(pooled, dim=-1).numpy(), dtype=np.float32)
+        finally:
+            # This thread's OpenMP team would stay alive beside the model worker's and slow every
+            # decode step (memlm.openmp): give it back; the next call starts a new one.
+            release_thread_pool()
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:

@@ -66,6 +66,7 @@ from memlm.scheduler import BatchRequest, BatchScheduler
 from memlm.models.loading import BUNDLED_MODEL_NAME, load_model, load_tokenizer, model_facts, resolve_model_dir
 from memlm.modes.base import MemoryModeBase, ModeRuntime, ReadPlan
 from memlm.prompts import BuiltPrompt, build_prompt, prompt_budget, query_text
+from memlm.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,9 @@ class ModelHost(EngineClient):
         for mode in self.modes.values():
             if mode.unavailable() is None:
                 mode.start()
+        # Loading the model and the modes' weights ran torch on this thread: its OpenMP team would
+        # stay beside the model worker's and slow every decode step (memlm.openmp).
+        release_thread_pool()
 
     def _after_write(self, collection: str, memory: Mapping[str, Any], dropped: bool = False) -> None:
         """The store's write listener: each mode whose memory `collection` has brings it in step
