@@ -60,8 +60,10 @@ def load(args):
     windows = TokenWindows(corpus.heldout.tokens, args.seq)
     idx = np.arange(len(windows)) if not args.windows else np.linspace(0, len(windows) - 1, args.windows).round().astype(int)
     root = Path(args.data or default_cache_dir() / "retro")
-    tables = prepare(corpus, adapter.config, tokenizer, root, args.seq, np.zeros(0, np.int64), idx, corpus_key,
-                     log=print)
+    tables = None  # the facts part builds its own store: the corpus store and tables only for the others
+    if set(args.parts) & {"perplexity", "copy", "speed"}:
+        tables = prepare(corpus, adapter.config, tokenizer, root, args.seq, np.zeros(0, np.int64), idx, corpus_key,
+                         log=print)
     return folder, tokenizer, corpus, model, adapter, windows, idx, tables, root
 
 
@@ -224,7 +226,9 @@ def facts(args, folder, tokenizer, corpus, model, adapter, root) -> None:
                 coll = f"facts{rnd}"
                 store.ensure_collection(coll)
                 store.ingest(coll, docs)
-                request = GenerationRequest(prompt="x", collection=coll, memory="retro", sampling=sampling)
+                torch.set_num_threads(args.threads)  # the ingest's FAISS calls set this thread's OpenMP count to 1
+                request = GenerationRequest(prompt="x", collection=coll, memory="retro", sampling=sampling,
+                                            search_mode=args.search_mode)
                 for name, key in zip(names, keys):
                     question = f"What is the pass key of {name}? The pass key of {name} is"
                     ids = tokenizer(question).input_ids
@@ -244,7 +248,8 @@ def facts(args, folder, tokenizer, corpus, model, adapter, root) -> None:
             mode.close()
             store.close()
     print(f"\nfacts: {n} pass keys, each stated once in one of {len(texts)} stored held-out documents "
-          f"({args.fact_rounds} rounds), 8 tokens greedy after the question:")
+          f"({args.fact_rounds} rounds), 8 tokens greedy after the question, neighbours by "
+          f"{args.search_mode or 'the store default (hybrid)'} search:")
     for method, k in hits.items():
         print(f"  {method}: {k}/{n} ({100 * k / n:.0f}%)")
 
@@ -328,6 +333,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--search-mode", default=None, choices=("dense", "lexical", "hybrid"),
+                   help="facts: how retro's neighbours are searched (default: the store's, hybrid)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     folder, tokenizer, corpus, model, adapter, windows, idx, tables, root = load(args)

@@ -3,7 +3,7 @@ each chunk's neighbours searched in a real collection, and what stored neighbour
 collection made with retro memory on, `memlm.modes.retro.memory`) save against computing them.
 
     .venv/bin/python benchmarks/retro_store.py [--files 6] [--prompt-tokens 256] [--new-tokens 128]
-        [--runs 3] [--threads 2] [--model-weights q4_1]
+        [--runs 3] [--threads 2] [--model-weights q4_1] [--search-mode dense|lexical|hybrid]
 
 The collection: --files Python standard-library modules (one document each), ingested twice into
 a MemoryStore in a temporary folder (LMDB, FAISS, BM25, MiniLM): "plain" without retro memory and
@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-weights", default="q4_1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search-mode", default=None, choices=("dense", "lexical", "hybrid"),
+                   help="the requests' search mode for neighbours (default: the store's, hybrid)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -111,7 +113,8 @@ def main() -> None:
             if name != "retro, warm":
                 mode.state_cache.clear()
             collection = "states" if name == "retro, stored" else "plain"
-            request = GenerationRequest(prompt=prompt, collection=collection, memory="retro", sampling=sampling)
+            request = GenerationRequest(prompt=prompt, collection=collection, memory="retro", sampling=sampling,
+                                        search_mode=args.search_mode)
             mode.validate(request, store.collection_config(collection))
             t0 = time.perf_counter()
             with mode.generation(request, None) as hooks:
@@ -132,7 +135,8 @@ def main() -> None:
 
     base = statistics.median(rates["none"])
     print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens greedy, weights {args.model_weights}, "
-          f"threads {torch.get_num_threads()}, medians of {args.runs}:")
+          f"threads {torch.get_num_threads()}, neighbours by {args.search_mode or 'the store default (hybrid)'} search, "
+          f"medians of {args.runs}:")
     print("| method | tok/s | vs none | search per chunk | search + encode per chunk |")
     print("| --- | --- | --- | --- | --- |")
     for name in columns:

@@ -212,3 +212,16 @@ def test_a_manager_for_other_cca_layers_rebuilds_the_memory(setup):
     report = other.catch_up("s")  # the layers on disk are not the adapter's: rebuilt, not misread
     assert report.added_rows == len(store.chunk_ids("s"))
     assert json.loads((store.memory_folder("s") / "retro" / "manifest.json").read_text())["layers"] == [2]
+
+
+def test_retro_search_mode_sets_how_neighbours_are_searched_unless_the_request_names_one(setup):
+    mode, model, tokenizer, store, _ = setup
+    prompt = "zebra quokka xylophone " * 8  # no word of it is stored: BM25 finds nothing, embeddings always k chunks
+    _, state = generate(mode, model, tokenizer, prompt, 2)
+    assert state.neighbours and all(bool(valid.any()) for _, valid in state.neighbours.values())  # hybrid: every chunk has neighbours
+    mode.settings.search_mode = "lexical"
+    try:
+        _, state = generate(mode, model, tokenizer, prompt, 2)
+        assert all(not bool(valid.any()) for _, valid in state.neighbours.values())  # lexical: no neighbour at all
+    finally:
+        mode.settings.search_mode = None

@@ -191,7 +191,7 @@ class _RetroHooks(GenerationHooks):
         config = dataclasses.replace(self.config, neighbours=self.k)
         found = self.mode._reader.submit(
             search_neighbours, self.mode.runtime.store, r.collection, [texts[u] for u in chunks], config,
-            filter=r.filter, mode=r.search_mode or None).result()
+            filter=r.filter, mode=r.search_mode or self.mode.settings.search_mode or None).result()
         for u, (ids, valid, hits) in zip(chunks, found):
             state.set_neighbours(u, torch.from_numpy(ids)[None], torch.from_numpy(valid)[None])
             for h in hits:
