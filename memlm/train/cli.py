@@ -120,6 +120,10 @@ def landmark(
     rank_distill: float = typer.Option(0.0, help="weight of the auxiliary loss ranking the blocks among themselves "
                                        "(softmax over blocks of the landmark logits against that of the blocks' "
                                        "log-masses): what top-k selection needs"),
+    plant_facts: float = typer.Option(0.0, help="fraction of training windows with a planted fact (a named "
+                                      "person's pass key in a memory block, asked for and answered at the start "
+                                      "of the local tokens: memlm.modes.landmark.facts); held-out evaluations "
+                                      "then also report eval_loss_facts (every window planted)"),
     layers: str = typer.Option("", help="memory layers (comma-separated; empty: every layer but the first)"),
     min_memory_position: int = typer.Option(4, help="the memory's first rows left out, as the service leaves out "
                                             "each build window's first rows (landmark.min_memory_position)"),
@@ -160,6 +164,14 @@ def _prepare_landmark(trainer, corpus, folder: Path, opts: dict) -> None:
     window in context: the floor and the ceiling the landmarks' eval_loss sits between."""
     import torch
 
+    if opts.get("plant_facts"):
+        from memlm.models.loading import load_tokenizer
+        from memlm.modes.landmark.facts import FactPlanter, planted_batches
+
+        cfg = trainer.adapter.config
+        planter = FactPlanter(load_tokenizer(folder), cfg.local, cfg.min_memory_position)
+        trainer.batch_data = planted_batches(planter, {"train": opts["plant_facts"], "heldout_facts": 1.0}, trainer.config.seed)
+        trainer.extra_evals["eval_loss_facts"] = "heldout_facts"
     if opts["resume"] and (trainer.checkpoint_dir / "state.json").is_file():
         return  # the checkpoint's history has them
     losses: dict[str, float] = {}

@@ -256,6 +256,17 @@ class LandmarkAdapter(Adapter):
 
     # --- training ---------------------------------------------------------------------------
 
+    def make_batch(self, tokens: Tensor, hidden: Optional[Tensor], extra: dict[str, Any]) -> TrainBatch:
+        """extra "plant": (planter, fraction, generator) from `facts.planted_batches`: facts written
+        into the windows (`--plant-facts`)."""
+        unknown = set(extra) - {"plant"}
+        if unknown:
+            raise ValueError(f"LandmarkAdapter takes only 'plant' as extra batch data, got {sorted(unknown)}")
+        if "plant" in extra:
+            planter, fraction, rng = extra["plant"]
+            tokens = planter.plant(tokens, fraction, rng)
+        return TrainBatch(tokens, hidden)
+
     def loss(self, model: Llama, batch: TrainBatch) -> Tensor:
         tokens = batch.tokens  # (B, seq + 1)
         cfg = self.config
