@@ -95,6 +95,38 @@ def save_npy_durably(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def write_manifest(folder: Path, data: dict) -> None:
+    """folder/manifest.json, durably: tmp + fsync + os.replace + fsync(folder) (old or new, never torn)."""
+    tmp = folder / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    fsync_dir(folder)
+
+
+def write_segment(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """folder/name/ holding one .npy file per array, durably, under a temporary name until every
+    file is written and fsynced; the caller's manifest makes it part of the memory."""
+    tmp = folder / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for file, array in arrays.items():
+        save_npy_durably(tmp / f"{file}.npy", array)
+    fsync_dir(tmp)
+    os.replace(tmp, folder / name)
+    fsync_dir(folder)
+
+
+def remove_uncommitted(folder: Path, live: Iterable[str]) -> None:
+    """Segments a manifest does not list never committed (a crash mid-write): remove them."""
+    live = set(live)
+    for p in folder.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("seg-") and p.name not in live)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def to_disk(t: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return t.to(torch.float16).contiguous().numpy()
@@ -149,11 +181,7 @@ class KVMemory:
         except FileNotFoundError:
             raise FileNotFoundError(f"no KV memory at {path} (expected {path / MANIFEST})") from None
         mem = cls(path, KVMemoryManifest(**raw))
-        # Segments the manifest does not list never committed (a crash mid-write): remove them.
-        live = set(mem.manifest.segments)
-        for p in path.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("seg-") and p.name not in live)):
-                shutil.rmtree(p, ignore_errors=True)
+        remove_uncommitted(path, mem.manifest.segments)
         return mem
 
     # --- facts ----------------------------------------------------------------------------
@@ -245,13 +273,7 @@ class KVMemory:
     def _write_manifest(self) -> None:
         """tmp + fsync + os.replace + fsync(folder): the manifest is either old or new, never torn."""
         self.manifest.deleted_chunks = sorted(self._deleted)
-        tmp = self.path / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self.manifest), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / MANIFEST)
-        fsync_dir(self.path)
+        write_manifest(self.path, asdict(self.manifest))
 
     def add(
         self,
@@ -276,17 +298,10 @@ class KVMemory:
         if n == 0:
             return 0
         name = f"seg-{m.next_segment:06d}"
-        tmp = self.path / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        arrays = {}
         for l in m.layers:
-            save_npy_durably(tmp / f"k_L{l:02d}.npy", to_disk(keys[l], m.dtype))
-            save_npy_durably(tmp / f"v_L{l:02d}.npy", to_disk(values[l], m.dtype))
-        save_npy_durably(tmp / "chunk_ids.npy", chunk_ids)
-        save_npy_durably(tmp / "positions.npy", positions)
-        fsync_dir(tmp)
-        os.replace(tmp, self.path / name)
-        fsync_dir(self.path)
+            arrays[f"k_L{l:02d}"], arrays[f"v_L{l:02d}"] = to_disk(keys[l], m.dtype), to_disk(values[l], m.dtype)
+        write_segment(self.path, name, {**arrays, "chunk_ids": chunk_ids, "positions": positions})
         m.segments.append(name)
         m.next_segment += 1
         self._write_manifest()  # the commit point

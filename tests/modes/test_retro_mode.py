@@ -30,30 +30,13 @@ TOPICS = ["lighthouse keepers trim the lamp wick every evening before the fog ro
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, bundled_model_dir, run_now):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def setup(tmp_path_factory, bundled_model_dir, run_now, tiny_retro_llama):
     from memlm.config import StoreSettings
     from memlm.index.memory_store import MemoryStore
-    from memlm.model import load_llama
     from memlm.models.loading import load_tokenizer
-    from memlm.train.weights import folder_fingerprint, save_adapter
 
     tokenizer = load_tokenizer(bundled_model_dir)
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512)).eval()
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    model = load_llama(folder)
-    adapter = RetroAdapter(model.config, RETRO, seed=1)
-    with torch.no_grad():
-        for m in adapter.cca.values():
-            m.gate.fill_(0.5)  # as if trained: the neighbours change the logits
-    weights = tmp_path_factory.mktemp("retro-weights")
-    save_adapter(adapter, weights, folder.name, folder_fingerprint(folder), {"steps": 0})
+    model, folder, weights = tiny_retro_llama(tmp_path_factory.mktemp("tiny"), tokenizer, RETRO)
     store = MemoryStore.open(tmp_path_factory.mktemp("data"), StoreSettings(min_chunk_tokens=8, default_chunk_tokens=M),
                              tokenizer=tokenizer)
     store.create_collection("c")

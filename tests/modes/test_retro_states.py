@@ -17,7 +17,6 @@ from memlm.engine import GenerationRequest, SamplingParams
 from memlm.generation import generate_tokens
 from memlm.index.types import Document
 from memlm.modes.base import ModeRuntime
-from memlm.modes.retro.adapter import RetroAdapter
 from memlm.modes.retro.memory import NeighbourStateManager, NeighbourStateMemory, StoredFirst
 from memlm.modes.retro.model import RetroConfig, neighbour_states
 from memlm.modes.retro.mode import Mode
@@ -37,30 +36,13 @@ def documents(texts=TOPICS):
 
 
 @pytest.fixture()
-def setup(tmp_path, bundled_model_dir, run_now):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def setup(tmp_path, bundled_model_dir, run_now, tiny_retro_llama):
     from memlm.config import StoreSettings
     from memlm.index.memory_store import MemoryStore
-    from memlm.model import load_llama
     from memlm.models.loading import load_tokenizer
-    from memlm.train.weights import folder_fingerprint, save_adapter
 
     tokenizer = load_tokenizer(bundled_model_dir)
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512)).eval()
-    folder = tmp_path / "tiny-llama"
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    model = load_llama(folder)
-    adapter = RetroAdapter(model.config, RETRO, seed=1)
-    with torch.no_grad():
-        for m in adapter.cca.values():
-            m.gate.fill_(0.5)  # as if trained: the neighbours change the logits
-    weights = tmp_path / "retro-weights"
-    save_adapter(adapter, weights, folder.name, folder_fingerprint(folder), {"steps": 0})
+    model, folder, weights = tiny_retro_llama(tmp_path, tokenizer, RETRO)
     settings = StoreSettings(min_chunk_tokens=8, default_chunk_tokens=M)
     data = tmp_path / "data"
     store = MemoryStore.open(data, settings, tokenizer=tokenizer)

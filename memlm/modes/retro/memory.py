@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memlm.index.kv_memory import DTYPES, MANIFEST, fsync_dir, from_disk, save_npy_durably, to_disk
+from memlm.index.kv_memory import DTYPES, MANIFEST, from_disk, remove_uncommitted, to_disk, write_manifest, write_segment
 from memlm.modes.derived_memory import DerivedMemoryManager
 from memlm.modes.retro.model import RetroConfig, neighbour_states
 from memlm.modes.retro.neighbours import neighbour_tokens
@@ -89,10 +89,7 @@ class NeighbourStateMemory:
         except FileNotFoundError:
             raise FileNotFoundError(f"no neighbour states at {path} (expected {path / MANIFEST})") from None
         mem = cls(path, StateManifest(**raw))
-        live = set(mem.manifest.segments)
-        for p in path.iterdir():  # never committed (a crash mid-write): removed
-            if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("seg-") and p.name not in live)):
-                shutil.rmtree(p, ignore_errors=True)
+        remove_uncommitted(path, mem.manifest.segments)
         return mem
 
     # --- facts ----------------------------------------------------------------------------
@@ -163,13 +160,7 @@ class NeighbourStateMemory:
 
     def _write_manifest(self) -> None:
         self.manifest.deleted_chunks = sorted(self._deleted)
-        tmp = self.path / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self.manifest), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / MANIFEST)
-        fsync_dir(self.path)
+        write_manifest(self.path, asdict(self.manifest))
 
     def add(self, chunk_ids: Sequence[int] | np.ndarray, tokens: np.ndarray, states: dict[int, Tensor]) -> int:
         """Append n chunks' rows as one segment (durable when this returns): tokens (n, r) int64,
@@ -188,16 +179,8 @@ class NeighbourStateMemory:
         if n == 0:
             return 0
         name = f"seg-{m.next_segment:06d}"
-        tmp = self.path / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for layer in m.layers:
-            save_npy_durably(tmp / f"states_L{layer:02d}.npy", to_disk(states[layer], m.dtype))
-        save_npy_durably(tmp / "tokens.npy", tokens)
-        save_npy_durably(tmp / "chunk_ids.npy", chunk_ids)
-        fsync_dir(tmp)
-        os.replace(tmp, self.path / name)
-        fsync_dir(self.path)
+        arrays = {f"states_L{layer:02d}": to_disk(states[layer], m.dtype) for layer in m.layers}
+        write_segment(self.path, name, {**arrays, "tokens": tokens, "chunk_ids": chunk_ids})
         m.segments.append(name)
         m.next_segment += 1
         self._write_manifest()  # the commit point
