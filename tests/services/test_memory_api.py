@@ -1,5 +1,6 @@
 """The Memory service end to end: the real server on a loopback port, the real client."""
 import math
+import time
 
 import grpc
 import numpy as np
@@ -299,10 +300,19 @@ def test_prometheus_metrics(server, client, collection):
     client.search("anything", collection=collection, k=1)
     with pytest.raises(NotFound):
         client.search("anything", collection="no-such-collection-metrics", k=1)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+
+    # A call leaves the in-flight gauge once its handler has returned, a moment after the client has
+    # its reply (on a loaded machine the scrape can come first): wait for it, a few seconds at most.
+    deadline = time.monotonic() + 5
+    body = scrape()
+    while "memlm_calls_in_flight 0.0" not in body and time.monotonic() < deadline:
+        time.sleep(0.05)
+        body = scrape()
+    assert "memlm_calls_in_flight 0.0" in body
     assert f'memlm_collection_documents{{collection="{collection}"}} 4.0' in body
     assert f'memlm_collection_available{{collection="{collection}"}} 1.0' in body
-    assert "memlm_calls_in_flight 0.0" in body
     assert 'memlm_rpc_calls_total{code="OK",method="Search"}' in body
     assert 'memlm_rpc_calls_total{code="NOT_FOUND",method="Search"}' in body
     assert "memlm_rpc_duration_seconds_bucket" in body
