@@ -119,6 +119,17 @@ def write_segment(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> Non
     fsync_dir(folder)
 
 
+def open_committed(folder: Path, what: str) -> dict:
+    """The manifest of the memory at folder (FileNotFoundError naming `what` when there is none),
+    after removing the segments it does not list (a crash mid-write)."""
+    try:
+        raw = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {folder} (expected {folder / MANIFEST})") from None
+    remove_uncommitted(folder, raw.get("segments", []))
+    return raw
+
+
 def remove_uncommitted(folder: Path, live: Iterable[str]) -> None:
     """Segments a manifest does not list never committed (a crash mid-write): remove them."""
     live = set(live)
@@ -176,13 +187,7 @@ class KVMemory:
     @classmethod
     def open(cls, path: "str | os.PathLike") -> "KVMemory":
         path = Path(path)
-        try:
-            raw = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no KV memory at {path} (expected {path / MANIFEST})") from None
-        mem = cls(path, KVMemoryManifest(**raw))
-        remove_uncommitted(path, mem.manifest.segments)
-        return mem
+        return cls(path, KVMemoryManifest(**open_committed(path, "KV memory")))
 
     # --- facts ----------------------------------------------------------------------------
 

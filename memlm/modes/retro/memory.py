@@ -25,7 +25,6 @@ for its ids: 738 KB for the bundled model's 5 CCA layers and r = 128 (`bytes_per
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memlm.index.kv_memory import DTYPES, MANIFEST, from_disk, remove_uncommitted, to_disk, write_manifest, write_segment
+from memlm.index.kv_memory import DTYPES, MANIFEST, from_disk, open_committed, to_disk, write_manifest, write_segment
 from memlm.modes.derived_memory import DerivedMemoryManager
 from memlm.modes.retro.model import RetroConfig, neighbour_states
 from memlm.modes.retro.neighbours import neighbour_tokens
@@ -84,13 +83,7 @@ class NeighbourStateMemory:
     @classmethod
     def open(cls, path: "str | os.PathLike") -> "NeighbourStateMemory":
         path = Path(path)
-        try:
-            raw = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no neighbour states at {path} (expected {path / MANIFEST})") from None
-        mem = cls(path, StateManifest(**raw))
-        remove_uncommitted(path, mem.manifest.segments)
-        return mem
+        return cls(path, StateManifest(**open_committed(path, "neighbour states")))
 
     # --- facts ----------------------------------------------------------------------------
 
