@@ -100,6 +100,8 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     lib.q4_1_decode_layer.restype = ctypes.c_int
     lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p] + [p] * 6
     lib.q4_1_decode_layer_batch.restype = ctypes.c_int
+    lib.q4_1_decode_stack_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p] + [p] * 6
+    lib.q4_1_decode_stack_batch.restype = ctypes.c_int
     lib.q4_1_cross_attention_step.argtypes = [p, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, i64, p]
     lib.q4_1_cross_attention_step.restype = ctypes.c_int
     lib.qmatmul_isa.argtypes = [ctypes.c_int]
@@ -311,6 +313,24 @@ class LayerWeights:
         self.intermediate = projections[3][0].shape[1] * 2  # w2's in_features
 
 
+class StackWeights:
+    """Every decoder layer of a model as `q4_1_decode_stack_batch` reads them: each layer's
+    `LayerWeights` and its two norm weights (fp32 contiguous). Holds them all, so the pointers stay
+    valid."""
+
+    def __init__(self, layers: list[tuple[LayerWeights, Tensor, Tensor]]):
+        if not layers or len({w.intermediate for w, _, _ in layers}) != 1:
+            raise ValueError("expected one or more layers of one intermediate size")
+        for _, *norms in layers:
+            if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
+                raise ValueError("norm weights must be fp32 contiguous")
+        self.layers = layers
+        self.n_layers, self.intermediate = len(layers), layers[0][0].intermediate
+        self.attn_norms = torch.tensor([a.data_ptr() for _, a, _ in layers], dtype=torch.int64)
+        self.ffn_norms = torch.tensor([f.data_ptr() for _, _, f in layers], dtype=torch.int64)
+        self.ptrs = torch.cat([w.ptrs for w, _, _ in layers])
+
+
 def q4_1_decode_layer(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
                       weights: LayerWeights, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                       pos: int, parts: int = 3) -> Tensor:
@@ -389,6 +409,11 @@ class BatchCaches:
             raise IndexError(f"layer {i} of {self.n_layers}")
         return self._k + i * self._layer_bytes, self._v + i * self._layer_bytes
 
+    def all_layers(self) -> tuple[Tensor, Tensor]:
+        """Pointers to every layer's caches, (n_layers, B) for k and for v (layer-major)."""
+        offsets = torch.arange(self.n_layers, dtype=torch.int64)[:, None] * self._layer_bytes
+        return (self._k + offsets).contiguous(), (self._v + offsets).contiguous()
+
 
 def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
                             weights: LayerWeights, cos: Tensor, sin: Tensor, caches: BatchCaches,
@@ -406,6 +431,25 @@ def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tens
             out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, weights.intermediate, eps,
             attn_norm.data_ptr(), ffn_norm.data_ptr(), weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(),
             caches.positions.data_ptr()) != 0:
+        raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
+    return out
+
+
+def q4_1_decode_stack_batch(x: Tensor, n_heads: int, eps: float, stack: StackWeights, cos: Tensor, sin: Tensor,
+                            caches: BatchCaches) -> Tensor:
+    """`q4_1_decode_layer_batch` through every layer of `stack` in one call: x (B, D) the step's
+    input embeddings -> the last layer's output (B, D) (x is not modified); cos, sin (B, hd) the
+    rows' RoPE rows (the same at every layer)."""
+    B, D = x.shape
+    if B != len(caches.seqs) or stack.n_layers != caches.n_layers:
+        raise ValueError(f"{B} rows and {stack.n_layers} layers for {len(caches.seqs)} caches of {caches.n_layers} layers")
+    out = x.to(torch.float32, copy=True).contiguous()
+    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    k_ptrs, v_ptrs = caches.all_layers()
+    if _lib().q4_1_decode_stack_batch(
+            out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, stack.intermediate, eps, stack.n_layers,
+            stack.attn_norms.data_ptr(), stack.ffn_norms.data_ptr(), stack.ptrs.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(), caches.positions.data_ptr()) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
     return out
 

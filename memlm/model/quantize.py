@@ -291,6 +291,55 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     return run(x, 2)
 
 
+def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], cache, kv_len: int) -> Tensor | None:
+    """`Llama.decode_stack` for models in q4_1: a decode step's whole decoder stack in one C call
+    (`qmatmul_cpu.q4_1_decode_stack_batch`), for one sequence feeding one token or a RaggedBatch
+    of sequences each feeding one; the same arithmetic as `q4_1_decode_step` layer by layer,
+    without returning to Python between layers. None (each layer then takes its own path) unless
+    every layer is the plain q4_1 case with nothing after its attention."""
+    from memlm.model.llama import RaggedBatch  # llama imports this module lazily
+
+    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if isinstance(cache, RaggedBatch):
+        if any(n != 1 for n in cache.lengths) or any(c.k.dtype != torch.float32 for c in cache.caches):
+            return None
+        caches = cache.__dict__.get("_q4_1_caches")
+        if caches is None:
+            caches = cache.__dict__["_q4_1_caches"] = qmatmul_cpu.BatchCaches(
+                [c.k[:, 0] for c in cache.caches], [c.v[:, 0] for c in cache.caches], cache.starts)
+    elif x.shape[:2] == (1, 1) and cache.k.shape[1] == 1 and cache.k.dtype == torch.float32:
+        caches = qmatmul_cpu.BatchCaches([cache.k[:, 0]], [cache.v[:, 0]], [kv_len - 1])
+    else:
+        return None
+    stack = _stack_weights(model)
+    if stack is None:
+        return None
+    first = model.layers[0]
+    cos, sin = rope  # each (N, 1, hd)
+    out = qmatmul_cpu.q4_1_decode_stack_batch(
+        x.reshape(-1, x.shape[-1]), first.attention.n_heads, first.attention_norm.eps, stack,
+        cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), caches)
+    return out.view_as(x)
+
+
+def _stack_weights(model: nn.Module) -> qmatmul_cpu.StackWeights | None:
+    """Every layer's weights for `q4_1_decode_stack` (kept on the model while its layers hold the
+    same modules), or None when a layer is not the plain q4_1 case."""
+    layers = []
+    for block in model.layers:
+        att, ff = block.attention, block.feed_forward
+        linears = (att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None))
+        if block.decode_fast is not q4_1_decode_step or block.after_attention or not _plain_q4_1_layer(block, linears):
+            return None
+        layers.append((_layer_weights(block, linears), block.attention_norm.weight, block.ffn_norm.weight))
+    cached = model.__dict__.get("_q4_1_stack")
+    if cached is None or len(cached.layers) != len(layers) or any(
+            a is not b for old, new in zip(cached.layers, layers) for a, b in zip(old, new)):
+        cached = model.__dict__["_q4_1_stack"] = qmatmul_cpu.StackWeights(layers)
+    return cached
+
+
 def _layer_weights(block: nn.Module, linears) -> qmatmul_cpu.LayerWeights:
     """The layer's four projections as the C layers take them (with their x16 copies where VNNI
     runs), made once and kept on the block while it holds the same modules."""
@@ -364,4 +413,5 @@ def quantize_model(model: nn.Module, weights: WeightFormat = "int4", head: Weigh
     if weights == "q4_1":
         for block in model.layers:
             block.decode_fast = q4_1_decode_step
+        model.decode_stack = q4_1_decode_stack
     return model

@@ -286,3 +286,52 @@ def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qma
     mixed = RaggedBatch([model.new_cache(1, 32), model.new_cache(1, 32)], [0, 4], [3, 1])
     rope = (model.rope_cos[mixed.input_pos, None], model.rope_sin[mixed.input_pos, None])
     assert q4_1_decode_step(block, torch.randn(1, 4, 64), rope, mixed, 0) is None
+
+
+def test_the_one_call_decoder_stack_equals_the_fused_layers_one_by_one(tmp_path, qmatmul_isa, monkeypatch):
+    """Llama.decode_stack for q4_1 (every layer in one C call) gives the logits and caches of the
+    fused layers called one by one, bit for bit, for one sequence and for a RaggedBatch; it steps
+    aside (the layers run their own paths) for a prefill, a layer with a module after its
+    attention, or a layer whose attention backend was swapped."""
+    from memlm.model.generate import ragged_step
+    from memlm.model.llama import RaggedBatch
+    from memlm.model.quantize import q4_1_decode_stack
+
+    model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    assert model.decode_stack is q4_1_decode_stack
+    calls = []
+    real = qmatmul_cpu.q4_1_decode_stack_batch
+    monkeypatch.setattr(qmatmul_cpu, "q4_1_decode_stack_batch", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    torch.manual_seed(5)
+    starts = [6, 13, 9]
+    prompts = [torch.randint(0, 101, (1, n)) for n in starts]
+    token = torch.randint(0, 101, (3,))
+
+    def step(stack):
+        """Prefill each prompt, then one decode step alone (sequence 0) and one batched (all)."""
+        model.decode_stack = stack
+        caches = [model.new_cache(1, 32) for _ in starts]
+        for p, c in zip(prompts, caches):
+            model(p, torch.arange(p.shape[1]), c)
+        alone = model(token[:1, None], torch.tensor([starts[0]]), caches[0])[0, -1]
+        batch = RaggedBatch(caches[1:], starts[1:], [1, 1])
+        batched = ragged_step(model, token[1:], batch)
+        return alone, batched, [c.k.clone() for c in caches], [c.v.clone() for c in caches]
+
+    layered = step(None)
+    assert calls == []
+    stacked = step(q4_1_decode_stack)
+    assert calls == [1, 2]  # the prefills stepped aside; the two decode steps took it
+    assert torch.equal(stacked[0], layered[0]) and torch.equal(stacked[1], layered[1])
+    for a, b in zip(stacked[2] + stacked[3], layered[2] + layered[3]):
+        assert torch.equal(a, b)
+
+    cache = model.new_cache(1, 32)
+    x, pos = torch.randn(1, 1, 64), torch.tensor([0])
+    rope = (model.rope_cos[pos, None], model.rope_sin[pos, None])
+    assert q4_1_decode_stack(model, x, rope, cache, 1) is not None
+    model.layers[1].after_attention = torch.nn.ModuleList([torch.nn.Identity()])
+    assert q4_1_decode_stack(model, x, rope, cache, 1) is None
+    model.layers[1].after_attention = torch.nn.ModuleList()
+    model.layers[0].attention.backend = type("Other", (torch.nn.Module,), {"forward": lambda self, q, k, v, m: q})()
+    assert q4_1_decode_stack(model, x, rope, cache, 1) is None
