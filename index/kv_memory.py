@@ -13,12 +13,12 @@ Keys are kept un-rotated with their positions so that the position strategy (see
 `memlm.modes.knn.reading`) is chosen at read time: "original" re-rotates each key to its stored position,
 "fixed" gives all of them one position, without rebuilding the memory.
 
-Durability: a segment is written under a temporary folder (each file flushed and fsynced), renamed
-into place, and only becomes part of the memory when manifest.json, written tmp + fsync +
-os.replace + fsync of the folder, lists it. A crash leaves either the old manifest (the new segment
-is garbage, removed on open) or the new one. Deleting chunks writes their ids into the manifest
-(tombstones); `compact()` rewrites live rows into one segment. The store (LMDB) stays the source
-of truth: this folder can be rebuilt from its token ids at any time.
+Segments, durability, tombstones and compaction: `memlm.index.segments.SegmentedRows` (shared with
+RETRO's neighbour states). A segment is written under a temporary folder (files fsynced), renamed into
+place, and part of the memory only once manifest.json (tmp + fsync + os.replace + fsync of the
+folder) lists it; deleting chunks writes their ids into the manifest (tombstones); `compact()`
+rewrites live rows into one segment. The store (LMDB) stays the source of truth: this folder can
+be rebuilt from its token ids at any time.
 
 Size: 2 (K, V) x Hkv x D x 2 bytes per stored layer and token, plus 12 bytes of row metadata;
 `bytes_per_token`. For SmolLM2-135M with all 30 layers: 23,052 bytes/token (a 16k-token memory is
@@ -47,15 +47,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
-DTYPES = ("float16", "bfloat16")
+from memlm.index.segments import DTYPES, SegmentedRows, from_disk, fsync_dir, save_npy_durably, to_disk, write_manifest
+
 PQ_MANIFEST = "pq.json"
 PQ_BITS = 8  # bits per PQ sub-code: 256 centroids per sub-quantizer, one byte
 PQ_MIN_TRAIN_ROWS = 10 * (1 << PQ_BITS)  # fewer rows per head: k-means of 256 centroids is noise
@@ -79,84 +79,13 @@ class KVMemoryManifest:
     applied_seq: int = -1
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class KVMemory(SegmentedRows):
+    """Per-layer keys (pre-RoPE) and values of every memory token of one collection, on disk; one
+    row per token (segments, tombstones, compaction: `SegmentedRows`)."""
 
-
-def save_npy_durably(path: Path, array: np.ndarray) -> None:
-    """np.save, then flush + fsync the file (the caller fsyncs the folder / renames)."""
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_manifest(folder: Path, data: dict) -> None:
-    """folder/manifest.json, durably: tmp + fsync + os.replace + fsync(folder) (old or new, never torn)."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
-    fsync_dir(folder)
-
-
-def write_segment(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
-    """folder/name/ holding one .npy file per array, durably, under a temporary name until every
-    file is written and fsynced; the caller's manifest makes it part of the memory."""
-    tmp = folder / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for file, array in arrays.items():
-        save_npy_durably(tmp / f"{file}.npy", array)
-    fsync_dir(tmp)
-    os.replace(tmp, folder / name)
-    fsync_dir(folder)
-
-
-def open_committed(folder: Path, what: str) -> dict:
-    """The manifest of the memory at folder (FileNotFoundError naming `what` when there is none),
-    after removing the segments it does not list (a crash mid-write)."""
-    try:
-        raw = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {what} at {folder} (expected {folder / MANIFEST})") from None
-    remove_uncommitted(folder, raw.get("segments", []))
-    return raw
-
-
-def remove_uncommitted(folder: Path, live: Iterable[str]) -> None:
-    """Segments a manifest does not list never committed (a crash mid-write): remove them."""
-    live = set(live)
-    for p in folder.iterdir():
-        if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("seg-") and p.name not in live)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def to_disk(t: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "float16":
-        return t.to(torch.float16).contiguous().numpy()
-    return t.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()  # numpy has no bf16
-
-
-def from_disk(a: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.array(a))  # a copy: memmaps are read-only
-    return t if dtype == "float16" else t.view(torch.bfloat16)
-
-
-class KVMemory:
-    """Per-layer keys (pre-RoPE) and values of every memory token of one collection, on disk."""
-
-    def __init__(self, path: Path, manifest: KVMemoryManifest):
-        self.path = Path(path)
-        self.manifest = manifest
-        self._deleted = set(manifest.deleted_chunks)
-        self._known: Optional[set[int]] = None  # every chunk id ever added (live or tombstoned), read once
+    what = "KV memory"
+    manifest_type = KVMemoryManifest
+    manifest: KVMemoryManifest
 
     # --- opening --------------------------------------------------------------------------
 
@@ -176,18 +105,12 @@ class KVMemory:
             raise ValueError(f"KV memory dtype {dtype!r} is not one of {DTYPES}")
         if not 0 <= overlap < window:
             raise ValueError(f"overlap={overlap} must lie in [0, window={window})")
-        path = Path(path)
-        if (path / MANIFEST).exists():
-            raise FileExistsError(f"a KV memory already exists at {path}")
-        path.mkdir(parents=True, exist_ok=True)
-        mem = cls(path, KVMemoryManifest(sorted(set(int(l) for l in layers)), num_kv_heads, head_dim, dtype, window, overlap))
-        mem._write_manifest()
-        return mem
+        return cls._create(path, KVMemoryManifest(sorted(set(int(l) for l in layers)), num_kv_heads, head_dim, dtype, window, overlap))
 
-    @classmethod
-    def open(cls, path: "str | os.PathLike") -> "KVMemory":
-        path = Path(path)
-        return cls(path, KVMemoryManifest(**open_committed(path, "KV memory")))
+    def row_files(self) -> dict[str, int]:
+        """K and V (Hkv, n, D) of every stored layer hold rows along axis 1; the row metadata along 0."""
+        kv = {f"{kind}_L{l:02d}": 1 for l in self.manifest.layers for kind in ("k", "v")}
+        return {**kv, "chunk_ids": 0, "positions": 0}
 
     # --- facts ----------------------------------------------------------------------------
 
@@ -201,56 +124,28 @@ class KVMemory:
         m = self.manifest
         return 2 * len(m.layers) * m.num_kv_heads * m.head_dim * 2 + 8 + 4
 
-    def _segment_meta(self, seg: str) -> tuple[np.ndarray, np.ndarray]:
-        d = self.path / seg
-        return np.load(d / "chunk_ids.npy", mmap_mode="r"), np.load(d / "positions.npy", mmap_mode="r")
-
-    def live_mask(self, chunk_ids: np.ndarray) -> np.ndarray:
-        """(n,) bool: which of these rows' chunks are not tombstoned."""
-        if not self._deleted:
-            return np.ones(len(chunk_ids), dtype=bool)
-        return ~np.isin(chunk_ids, np.fromiter(self._deleted, dtype=np.int64))
-
-    _live_mask = live_mask
-
-    def __len__(self) -> int:
-        """Live rows (tokens) across segments."""
-        return int(sum(self._live_mask(np.asarray(self._segment_meta(s)[0])).sum() for s in self.manifest.segments))
-
-    def chunk_ids(self) -> np.ndarray:
-        """(N,) int64 chunk id of every live row, in the order `layer()` returns rows."""
-        parts = []
-        for s in self.manifest.segments:
-            c = np.asarray(self._segment_meta(s)[0])
-            parts.append(c[self._live_mask(c)])
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
     def positions(self) -> np.ndarray:
         """(N,) int32 position each live row had when its K/V were computed."""
         parts = []
         for s in self.manifest.segments:
-            c, p = self._segment_meta(s)
-            parts.append(np.asarray(p)[self._live_mask(np.asarray(c))])
+            c, p = self.segment_rows(s)
+            parts.append(p[self.live_mask(c)])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
     def segment_rows(self, segment: str) -> tuple[np.ndarray, np.ndarray]:
         """(chunk_ids (n,) int64, positions (n,) int32) of EVERY row of one live segment, tombstoned
         rows included (mask them with `live_mask`): for readers that load segment by segment."""
-        if segment not in self.manifest.segments:
-            raise KeyError(f"segment {segment!r} is not live in this KV memory (live: {self.manifest.segments})")
-        c, p = self._segment_meta(segment)
-        return np.asarray(c), np.asarray(p)
+        self._check_live(segment)
+        return self.segment_chunk_ids(segment), np.asarray(self._segment_file(segment, "positions"))
 
     def segment_layer(self, segment: str, layer: int, rows: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) (Hkv, n, D) of one segment and layer in the on-disk dtype; rows: an
         optional (n_segment,) bool mask (e.g. `live_mask`), applied before anything is copied."""
         if layer not in self.manifest.layers:
             raise KeyError(f"layer {layer} is not in this KV memory (stored layers: {self.manifest.layers})")
-        if segment not in self.manifest.segments:
-            raise KeyError(f"segment {segment!r} is not live in this KV memory (live: {self.manifest.segments})")
-        d = self.path / segment
-        k = np.load(d / f"k_L{layer:02d}.npy", mmap_mode="r")
-        v = np.load(d / f"v_L{layer:02d}.npy", mmap_mode="r")
+        self._check_live(segment)
+        k = self._segment_file(segment, f"k_L{layer:02d}")
+        v = self._segment_file(segment, f"v_L{layer:02d}")
         if rows is not None and not rows.all():
             k, v = k[:, rows], v[:, rows]
         return from_disk(k, self.manifest.dtype), from_disk(v, self.manifest.dtype)
@@ -265,7 +160,7 @@ class KVMemory:
         m = self.manifest
         ks, vs = [], []
         for s in m.segments:
-            k, v = self.segment_layer(s, layer, self._live_mask(np.asarray(self._segment_meta(s)[0])))
+            k, v = self.segment_layer(s, layer, self.live_mask(self.segment_chunk_ids(s)))
             ks.append(k)
             vs.append(v)
         if not ks:
@@ -274,11 +169,6 @@ class KVMemory:
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
     # --- writing --------------------------------------------------------------------------
-
-    def _write_manifest(self) -> None:
-        """tmp + fsync + os.replace + fsync(folder): the manifest is either old or new, never torn."""
-        self.manifest.deleted_chunks = sorted(self._deleted)
-        write_manifest(self.path, asdict(self.manifest))
 
     def add(
         self,
@@ -302,61 +192,11 @@ class KVMemory:
                     raise ValueError(f"{name} of layer {l} have shape {tuple(t.shape)}, expected {(m.num_kv_heads, n, m.head_dim)}")
         if n == 0:
             return 0
-        name = f"seg-{m.next_segment:06d}"
         arrays = {}
         for l in m.layers:
             arrays[f"k_L{l:02d}"], arrays[f"v_L{l:02d}"] = to_disk(keys[l], m.dtype), to_disk(values[l], m.dtype)
-        write_segment(self.path, name, {**arrays, "chunk_ids": chunk_ids, "positions": positions})
-        m.segments.append(name)
-        m.next_segment += 1
-        self._write_manifest()  # the commit point
-        if self._known is not None:
-            self._known.update(chunk_ids.tolist())
+        self._append_segment({**arrays, "chunk_ids": chunk_ids, "positions": positions})
         return n
-
-    def known_chunks(self) -> set[int]:
-        """Every chunk id this memory has rows for or has tombstoned: read from the segments once per
-        open, then kept up to date (chunk ids are never reused, so an id in here is never built again)."""
-        if self._known is None:
-            self._known = set(self._deleted)
-            for seg in self.manifest.segments:
-                self._known.update(np.unique(np.asarray(self._segment_meta(seg)[0])).tolist())
-        return self._known
-
-    def set_applied_seq(self, seq: int) -> None:
-        """Record the watermark (durable when this returns)."""
-        if self.manifest.applied_seq != seq:
-            self.manifest.applied_seq = int(seq)
-            self._write_manifest()
-
-    def delete(self, chunk_ids: Iterable[int]) -> int:
-        """Tombstone the rows of these chunks (durable when this returns). Returns rows removed."""
-        new = {int(c) for c in chunk_ids} - self._deleted
-        if not new:
-            return 0
-        removed = int(np.isin(self.chunk_ids(), np.fromiter(new, dtype=np.int64)).sum())
-        self._deleted |= new
-        self._write_manifest()
-        return removed
-
-    def compact(self) -> None:
-        """Rewrite all live rows as one segment and forget the tombstones."""
-        m = self.manifest
-        old = list(m.segments)
-        if not old and not self._deleted:
-            return
-        keys, values = {}, {}
-        for l in m.layers:
-            keys[l], values[l] = self.layer(l)
-        chunk_ids, positions = self.chunk_ids(), self.positions()
-        m.segments = []
-        self._deleted = set()
-        if len(chunk_ids):
-            self.add(keys, values, chunk_ids, positions)  # writes the manifest: the commit point
-        else:
-            self._write_manifest()
-        for s in old:
-            shutil.rmtree(self.path / s, ignore_errors=True)
 
     # --- product quantization (a derived cache, see the module docstring) -------------------
 
@@ -449,7 +289,7 @@ class KVMemory:
 
     def _sample_live_rows(self, size: int, seed: int) -> dict[str, np.ndarray]:
         """`size` live rows drawn uniformly without replacement: {segment: (n_segment,) bool mask}."""
-        masks = [self._live_mask(self.segment_rows(s)[0]) for s in self.manifest.segments]
+        masks = [self.live_mask(self.segment_rows(s)[0]) for s in self.manifest.segments]
         live_at = np.flatnonzero(np.concatenate(masks))  # global row ids of live rows
         pick = np.zeros(sum(len(mk) for mk in masks), dtype=bool)
         pick[np.random.default_rng(seed).choice(live_at, size=size, replace=False)] = True
@@ -480,14 +320,8 @@ class KVMemory:
         fsync_dir(gen_dir)
 
     def _write_pq_state(self, m: int, state: dict) -> None:
-        """tmp + fsync + os.replace + fsync(folder), as the manifest."""
-        tmp = self._pq_dir(m) / f".{PQ_MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._pq_dir(m) / PQ_MANIFEST)
-        fsync_dir(self._pq_dir(m))
+        """pq.json, the PQ cache's commit point, durably as the manifest (old or new, never torn)."""
+        write_manifest(self._pq_dir(m), state, PQ_MANIFEST)
 
 def product_quantizer(d: int, m: int, centroids: Optional[np.ndarray] = None, seed: int = 0):
     """A faiss.ProductQuantizer(d, m, 8), with centroids (M, 256, D/M) set when given."""

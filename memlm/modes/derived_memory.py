@@ -5,8 +5,9 @@ no longer reaches back, the watermark reported to the store).
 
 `DerivedMemoryManager` holds the lifecycle; a subclass says what the memory is: how a folder is
 opened (`open_memory`) and created (`create_memory`) and how chunks are built into it (`build`).
-A memory object has a `path` (its folder, committed by its `manifest.json`) and offers `manifest.applied_seq`, `manifest.segments`, `set_applied_seq`,
-`known_chunks`, `chunk_ids`, `delete` and `compact` (`memlm.index.kv_memory.KVMemory`,
+A memory object is a `memlm.index.segments.SegmentedRows`: a `path` (its folder, committed by its
+`manifest.json`), `manifest.applied_seq`, `manifest.segments`, `set_applied_seq`, `known_chunks`,
+`chunk_ids`, `delete` and `compact` (`memlm.index.kv_memory.KVMemory`,
 `memlm.modes.retro.memory.NeighbourStateMemory`).
 
 `DerivedMemoryModeBase` is the mode's side: the manager made at start, crash repair at start-up,
@@ -28,7 +29,7 @@ import numpy as np
 
 from memlm.errors import FailedPrecondition, NotFound
 from memlm.index.derived import Change, bring_up_to_date
-from memlm.index.kv_memory import MANIFEST
+from memlm.index.segments import MANIFEST
 from memlm.modes.base import MemoryModeBase, ModeRuntime
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,11 @@ Layout (`collections/<name>/retro/`):
                          them out for a search hit (zeros past a short continuation)
         states_L14.npy   (n, r, D) fp16: the residual stream entering layer 14, and so on per layer
 
-Durability as `memlm.index.kv_memory.KVMemory`'s: a segment is written under a temporary name
-(files fsynced), renamed into place, and is part of the memory only once the manifest (tmp + fsync
-+ os.replace + fsync of the folder) lists it; what the manifest does not list is removed on open.
-Deletes are tombstones in the manifest; `compact` rewrites the live rows.
+Segments, durability, tombstones and compaction: `memlm.index.segments.SegmentedRows` (as for
+`memlm.index.kv_memory.KVMemory`). A segment is written under a temporary name (files fsynced),
+renamed into place, and is part of the memory only once the manifest (tmp + fsync + os.replace +
+fsync of the folder) lists it; what the manifest does not list is removed on open. Deletes are
+tombstones in the manifest; `compact` rewrites the live rows.
 
 Reads go by content (`lookup`): a neighbour row's token ids find the stored states of exactly those
 ids, so a read never gets another text's states whatever changed since (as the in-memory
@@ -26,16 +27,15 @@ for its ids: 738 KB for the bundled model's 5 CCA layers and r = 128 (`bytes_per
 from __future__ import annotations
 
 import os
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from memlm.index.kv_memory import DTYPES, MANIFEST, from_disk, open_committed, to_disk, write_manifest, write_segment
+from memlm.index.segments import DTYPES, SegmentedRows, from_disk, to_disk
 from memlm.modes.derived_memory import DerivedMemoryManager
 from memlm.modes.retro.model import RetroConfig, neighbour_states
 from memlm.modes.retro.neighbours import neighbour_tokens
@@ -57,14 +57,16 @@ class StateManifest:
     applied_seq: int = -1  # the store's oplog seq up to which every write is held; -1: unknown
 
 
-class NeighbourStateMemory:
-    """The stored neighbour states of one collection's chunks."""
+class NeighbourStateMemory(SegmentedRows):
+    """The stored neighbour states of one collection's chunks; one row per chunk (segments,
+    tombstones, compaction: `SegmentedRows`)."""
+
+    what = "neighbour states"
+    manifest_type = StateManifest
+    manifest: StateManifest
 
     def __init__(self, path: Path, manifest: StateManifest):
-        self.path = Path(path)
-        self.manifest = manifest
-        self._deleted = set(manifest.deleted_chunks)
-        self._known: Optional[set[int]] = None  # every chunk id ever added (live or tombstoned)
+        super().__init__(path, manifest)
         self._index: Optional[dict[bytes, tuple[str, int]]] = None  # live rows' token ids -> (segment, row)
 
     @classmethod
@@ -72,18 +74,14 @@ class NeighbourStateMemory:
                dtype: str = "float16") -> "NeighbourStateMemory":
         if dtype not in DTYPES:
             raise ValueError(f"neighbour states dtype {dtype!r} is not one of {DTYPES}")
-        path = Path(path)
-        if (path / MANIFEST).exists():
-            raise FileExistsError(f"neighbour states already exist at {path}")
-        path.mkdir(parents=True, exist_ok=True)
-        mem = cls(path, StateManifest(sorted(int(l) for l in set(layers)), int(length), int(dim), dtype))
-        mem._write_manifest()
-        return mem
+        return cls._create(path, StateManifest(sorted(int(l) for l in set(layers)), int(length), int(dim), dtype))
 
-    @classmethod
-    def open(cls, path: "str | os.PathLike") -> "NeighbourStateMemory":
-        path = Path(path)
-        return cls(path, StateManifest(**open_committed(path, "neighbour states")))
+    def row_files(self) -> dict[str, int]:
+        """Every file holds rows along its first axis."""
+        return {**{f"states_L{layer:02d}": 0 for layer in self.manifest.layers}, "tokens": 0, "chunk_ids": 0}
+
+    def _live_rows_changed(self) -> None:
+        self._index = None
 
     # --- facts ----------------------------------------------------------------------------
 
@@ -92,38 +90,14 @@ class NeighbourStateMemory:
         m = self.manifest
         return len(m.layers) * m.length * m.dim * 2 + m.length * 8 + 8
 
-    def _chunk_ids_of(self, segment: str) -> np.ndarray:
-        return np.asarray(np.load(self.path / segment / "chunk_ids.npy", mmap_mode="r"))
-
-    def _live(self, chunk_ids: np.ndarray) -> np.ndarray:
-        if not self._deleted:
-            return np.ones(len(chunk_ids), dtype=bool)
-        return ~np.isin(chunk_ids, np.fromiter(self._deleted, dtype=np.int64))
-
-    def chunk_ids(self) -> np.ndarray:
-        """(N,) int64: the chunk of every live row, segment by segment."""
-        parts = [c[self._live(c)] for c in map(self._chunk_ids_of, self.manifest.segments)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.chunk_ids())
-
-    def known_chunks(self) -> set[int]:
-        """Every chunk id with rows here or tombstoned (ids are never reused: never built twice)."""
-        if self._known is None:
-            self._known = set(self._deleted)
-            for seg in self.manifest.segments:
-                self._known.update(self._chunk_ids_of(seg).tolist())
-        return self._known
-
     # --- reading --------------------------------------------------------------------------
 
     def _lookup_index(self) -> dict[bytes, tuple[str, int]]:
         if self._index is None:
             index: dict[bytes, tuple[str, int]] = {}
             for seg in self.manifest.segments:
-                tokens = np.load(self.path / seg / "tokens.npy", mmap_mode="r")
-                for row in np.flatnonzero(self._live(self._chunk_ids_of(seg))):
+                tokens = self._segment_file(seg, "tokens")
+                for row in np.flatnonzero(self.live_mask(self.segment_chunk_ids(seg))):
                     index.setdefault(np.asarray(tokens[row], dtype=np.int64).tobytes(), (seg, int(row)))
             self._index = index
         return self._index
@@ -143,17 +117,12 @@ class NeighbourStateMemory:
         for seg, pairs in by_segment.items():
             rows = np.asarray([r for _, r in pairs])
             for layer in m.layers:
-                states = np.load(self.path / seg / f"states_L{layer:02d}.npy", mmap_mode="r")
-                block = from_disk(states[rows], m.dtype).float()
+                block = from_disk(self._segment_file(seg, f"states_L{layer:02d}")[rows], m.dtype).float()
                 for j, (i, _) in enumerate(pairs):
                     out[i][layer] = block[j]
         return out
 
     # --- writing --------------------------------------------------------------------------
-
-    def _write_manifest(self) -> None:
-        self.manifest.deleted_chunks = sorted(self._deleted)
-        write_manifest(self.path, asdict(self.manifest))
 
     def add(self, chunk_ids: Sequence[int] | np.ndarray, tokens: np.ndarray, states: dict[int, Tensor]) -> int:
         """Append n chunks' rows as one segment (durable when this returns): tokens (n, r) int64,
@@ -171,57 +140,12 @@ class NeighbourStateMemory:
                 raise ValueError(f"states of layer {layer} have shape {tuple(t.shape)}, expected {(n, m.length, m.dim)}")
         if n == 0:
             return 0
-        name = f"seg-{m.next_segment:06d}"
         arrays = {f"states_L{layer:02d}": to_disk(states[layer], m.dtype) for layer in m.layers}
-        write_segment(self.path, name, {**arrays, "tokens": tokens, "chunk_ids": chunk_ids})
-        m.segments.append(name)
-        m.next_segment += 1
-        self._write_manifest()  # the commit point
-        if self._known is not None:
-            self._known.update(chunk_ids.tolist())
+        name = self._append_segment({**arrays, "tokens": tokens, "chunk_ids": chunk_ids})
         if self._index is not None:
             for row, ids in enumerate(tokens):
                 self._index.setdefault(ids.tobytes(), (name, row))
         return n
-
-    def set_applied_seq(self, seq: int) -> None:
-        if self.manifest.applied_seq != seq:
-            self.manifest.applied_seq = int(seq)
-            self._write_manifest()
-
-    def delete(self, chunk_ids: Iterable[int]) -> int:
-        """Tombstone these chunks' rows (durable when this returns). Returns rows removed."""
-        new = {int(c) for c in chunk_ids} - self._deleted
-        if not new:
-            return 0
-        removed = int(np.isin(self.chunk_ids(), np.fromiter(new, dtype=np.int64)).sum())
-        self._deleted |= new
-        self._write_manifest()
-        self._index = None
-        return removed
-
-    def compact(self) -> None:
-        """Rewrite the live rows as one segment and forget the tombstones."""
-        m = self.manifest
-        old = list(m.segments)
-        chunk_ids, tokens, states = [], [], {layer: [] for layer in m.layers}
-        for seg in old:
-            live = self._live(self._chunk_ids_of(seg))
-            chunk_ids.append(self._chunk_ids_of(seg)[live])
-            tokens.append(np.asarray(np.load(self.path / seg / "tokens.npy", mmap_mode="r"))[live])
-            for layer in m.layers:
-                a = np.load(self.path / seg / f"states_L{layer:02d}.npy", mmap_mode="r")
-                states[layer].append(from_disk(a[live], m.dtype))
-        m.segments = []
-        self._deleted = set()
-        self._index = None
-        ids = np.concatenate(chunk_ids) if chunk_ids else np.zeros(0, dtype=np.int64)
-        if len(ids):
-            self.add(ids, np.concatenate(tokens), {layer: torch.cat(s) for layer, s in states.items()})
-        else:
-            self._write_manifest()
-        for seg in old:
-            shutil.rmtree(self.path / seg, ignore_errors=True)
 
 
 class NeighbourStateManager(DerivedMemoryManager):
