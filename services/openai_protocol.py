@@ -57,10 +57,14 @@ class MemoryOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """Accepted on a request that does not stream too (OpenAI and vLLM refuse that; it changes
+    nothing, and a client that sets it once for all its calls should not fail the others)."""
+
     model_config = ConfigDict(extra="forbid")
 
     include_usage: Optional[StrictBool] = None
     include_obfuscation: Optional[StrictBool] = None  # padding against length side channels; nothing to pad here
+    continuous_usage_stats: Optional[StrictBool] = None  # vLLM's: usage on every chunk; only false is served
 
 
 class TextPart(BaseModel):
@@ -144,8 +148,9 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "audio": (_is_off, "only text is produced"),
     "prediction": (_is_off, "predicted outputs are not supported"),
     "web_search_options": (_is_off, "memlm searches its own collections: use the `memlm` field"),
-    "reasoning_effort": (_is_off, "the served model does not reason"),
-    "verbosity": (_is_off, "the served model has no verbosity control"),
+    "reasoning_effort": (lambda v: v in (None, "none"), "the served model does not reason; send \"none\" or leave it out"),
+    "verbosity": (lambda v: v in (None, "medium"), "the served model has no verbosity control; send \"medium\" "
+                  "(OpenAI's default) or leave it out"),
     "moderation": (_is_off, "no moderation is run"),
     "echo": (_is_off, "the prompt is not echoed"),
     "best_of": (lambda v: v in (None, 1), "one completion is generated per request"),
@@ -153,12 +158,21 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_extra_fields(body: BaseModel, where: str = "") -> None:
+# /v1/completions' own meanings: `logprobs` is a count there, and 0 still asks for the log-probability
+# of each sampled token (OpenAI's legacy API and vLLM return it), so only null is neutral.
+_NEUTRAL_COMPLETIONS = {
+    **_NEUTRAL,
+    "logprobs": (lambda v: v is None or v is False, "log-probabilities are not returned; leave logprobs out"),
+}
+
+
+def check_extra_fields(body: BaseModel, where: str = "",
+                       neutral_values: dict[str, tuple[Callable[[Any], bool], str]] = _NEUTRAL) -> None:
     """400 for a field that is neither supported nor harmless to ignore (ParamError naming it)."""
     for name, value in (body.model_extra or {}).items():
         if name in _IGNORED:
             continue
-        rule = _NEUTRAL.get(name)
+        rule = neutral_values.get(name)
         if rule is None:
             raise ParamError(where + name, f"unknown field {where + name!r}; memlm's OpenAI-compatible API does not "
                              "define it (see README, \"OpenAI-compatible HTTP API\")")
@@ -263,15 +277,23 @@ class ModelNotFound(NotFound):
     openai_code = "model_not_found"
 
 
+def _check_stream_options(body: _GenerationBody) -> None:
+    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+        raise ParamError("stream_options.continuous_usage_stats", "stream_options.continuous_usage_stats=true is not "
+                         "supported: usage comes once, in the last chunk (stream_options.include_usage)")
+
+
 def chat_request(body: ChatCompletionBody, limits: Limits, request_id: str) -> GenerationRequest:
     check_extra_fields(body)
+    _check_stream_options(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return GenerationRequest(messages=_messages(body), sampling=_sampling(body, max_tokens, limits),
                              request_id=request_id, **_memory_fields(body.memlm))
 
 
 def completion_request(body: CompletionBody, limits: Limits, request_id: str) -> GenerationRequest:
-    check_extra_fields(body)
+    check_extra_fields(body, neutral_values=_NEUTRAL_COMPLETIONS)
+    _check_stream_options(body)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):

@@ -81,6 +81,44 @@ def test_refused_fields_are_named(fields, param):
     assert info.value.param == param and oa.error_reply(info.value, str(info.value))[0] == 400
 
 
+# What LangChain's ChatOpenAI and LlamaIndex's OpenAILike send when a user sets a field to its
+# default (ChatOpenAI(n=1, logprobs=False, seed=...), model_kwargs={...}), and the defaults other
+# servers' clients send: each is accepted and changes nothing.
+NEUTRAL_FIELDS = dict(n=1, logprobs=False, top_logprobs=0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias={},
+                      parallel_tool_calls=False, user="u1", service_tier="auto", store=False, seed=7, top_p=1.0,
+                      response_format={"type": "text"}, tools=None, tool_choice="none", reasoning_effort="none",
+                      verbosity="medium", stream_options={"include_usage": True, "continuous_usage_stats": False})
+
+
+def test_neutral_values_are_accepted_and_change_nothing():
+    req = oa.chat_request(_chat(**NEUTRAL_FIELDS), LIMITS, "id")
+    plain = oa.chat_request(_chat(seed=7), LIMITS, "id")
+    assert req.sampling == plain.sampling and req.messages == plain.messages and req.memory == "none"
+    text = oa.completion_request(oa.CompletionBody(prompt="p", logprobs=None, echo=False, best_of=1, suffix=None, n=1,
+                                                   user="u"), LIMITS, "id")
+    assert text.prompt == "p"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tool_choice": "auto"}, "tool_choice"),  # without tools, as vLLM: "When using `tool_choice`, `tools` must be set"
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"verbosity": "low"}, "verbosity"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
+])
+def test_values_that_would_change_the_reply_are_refused(fields, param):
+    with pytest.raises(oa.ParamError) as info:
+        oa.chat_request(_chat(**fields), LIMITS, "id")
+    assert info.value.param == param
+
+
+def test_completions_logprobs_zero_is_refused():
+    """/v1/completions' logprobs is a count; 0 still returns each sampled token's log-probability."""
+    with pytest.raises(oa.ParamError) as info:
+        oa.completion_request(oa.CompletionBody(prompt="p", logprobs=0), LIMITS, "id")
+    assert info.value.param == "logprobs"
+    assert oa.chat_request(_chat(logprobs=False), LIMITS, "id").memory == "none"  # chat's is a boolean
+
+
 def test_completion_prompt_must_be_one_text():
     assert oa.completion_request(oa.CompletionBody(prompt=["one"]), LIMITS, "id").prompt == "one"
     for prompt in (["a", "b"], [1, 2, 3]):
