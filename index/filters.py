@@ -5,7 +5,8 @@ Semantics are the `Condition` docstring's: booleans, numbers and strings never e
 `1` equals `1.0`, and a list-valued metadata field matches a value it contains. `null` metadata
 values are stored but never match anything. The index lives in memory only: the store rebuilds it
 from LMDB at open and updates it after each committed write. Its cost is one Python set entry per
-(chunk, metadata value); fine for millions of chunks, not for billions.
+(chunk, metadata value); fine for millions of chunks, not for billions. `matches` evaluates a
+filter on one document's metadata (listing and deleting by filter scan LMDB with it).
 """
 from __future__ import annotations
 
@@ -165,8 +166,10 @@ def _metadata_keys(value: Any) -> Iterable[tuple[str, Any]]:
 
 
 def matches(metadata: Metadata, f: Optional[Filter]) -> bool:
-    """Reference evaluator of a filter on one metadata dict (used by tests; the index is exact
-    with respect to it)."""
+    """Whether one document's metadata matches a filter: what `MemoryStore.list_documents` and a
+    delete by filter test each stored document with. The index (`MetadataIndex.select`, what a
+    search filters with) is exact with respect to it (tests/index/test_filters.py checks both
+    against a brute force)."""
     if f is None:
         return True
 

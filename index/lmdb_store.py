@@ -320,27 +320,42 @@ class LmdbStore:
         return commit
 
     def write_delete(
-        self, name: str, doc_ids: Sequence[str], should_stop: Callable[[], bool] = lambda: False
+        self, name: str, doc_ids: Optional[Sequence[str]], should_stop: Callable[[], bool] = lambda: False,
+        matching: Optional[Callable[[Metadata], bool]] = None,
     ) -> Commit:  # WRITE
-        """Delete documents with their chunks and vectors, plus one oplog entry, in ONE transaction.
-        Unknown ids are skipped; when none is known nothing is written (seq is then 0). When
-        `should_stop()` turns true (checked every 256 ids and before the commit) the transaction is
-        aborted and Unavailable raised: nothing is deleted."""
+        """Delete documents with their chunks and vectors, plus one oplog entry, in ONE transaction:
+        those of `doc_ids` that are stored (unknown ids are skipped), or with `doc_ids` None every
+        document, read in this transaction; with `matching`, only those whose metadata it accepts.
+        When none goes nothing is written (seq is then 0). When `should_stop()` turns true
+        (checked every 256 documents and before the commit) the transaction is aborted and
+        Unavailable raised: nothing is deleted."""
         dbs = self.dbs(name)
+
+        def stored(txn: lmdb.Transaction) -> Iterator[tuple[str, DocHeader]]:
+            if doc_ids is None:
+                for key, raw in txn.cursor(db=dbs.docs):
+                    yield bytes(key).decode(), decode_doc_header(raw)
+                return
+            for doc_id in dict.fromkeys(doc_ids):  # de-duplicated, order kept
+                raw = txn.get(doc_id.encode(), db=dbs.docs)
+                if raw is not None:
+                    yield doc_id, decode_doc_header(raw)
+
         with self.env.begin(write=True) as txn:  # an exception inside aborts the transaction
             rec = self.record(name, txn)
             commit = Commit(seq=0)
-            removed: list[int] = []
-            for n, doc_id in enumerate(dict.fromkeys(doc_ids)):  # de-duplicated, order kept
+            doomed: list[tuple[str, DocHeader]] = []  # found first: no cursor walks what is being deleted
+            for n, (doc_id, header) in enumerate(stored(txn)):
                 if n % 256 == 0 and should_stop():
                     raise Unavailable(STOPPED)
-                key = doc_id.encode()
-                old_raw = txn.get(key, db=dbs.docs)
-                if old_raw is None:
-                    continue
-                old = decode_doc_header(old_raw)
+                if matching is None or matching(header.metadata):
+                    doomed.append((doc_id, header))
+            removed: list[int] = []
+            for n, (doc_id, old) in enumerate(doomed):
+                if n % 256 == 0 and should_stop():
+                    raise Unavailable(STOPPED)
                 self._delete_chunks(txn, dbs, old.chunk_ids)
-                txn.delete(key, db=dbs.docs)
+                txn.delete(doc_id.encode(), db=dbs.docs)
                 removed.extend(old.chunk_ids)
                 commit.removed.append((doc_id, old))
             if not commit.removed:
@@ -417,6 +432,25 @@ class LmdbStore:
         with self.env.begin() as txn:
             for k, v in txn.cursor(db=self.dbs(name).docs):
                 yield bytes(k).decode(), decode_doc_header(v)
+
+    def iter_docs(
+        self, name: str, txn: lmdb.Transaction, after: Optional[str] = None, with_text: bool = True
+    ) -> Iterator[tuple[str, Optional[str], DocHeader]]:
+        """(doc id, text or None, header) of the documents with ids after `after` (None: from the
+        first), in id order (LMDB's byte order of the UTF-8 ids, which is code point order), in `txn`."""
+        cur = txn.cursor(db=self.dbs(name).docs)
+        if after is None:
+            positioned = cur.first()
+        else:
+            start = after.encode()
+            positioned = cur.set_range(start)
+            if positioned and cur.key() == start:
+                positioned = cur.next()
+        while positioned:
+            raw = cur.value()
+            text, header = decode_doc(raw) if with_text else (None, decode_doc_header(raw))
+            yield bytes(cur.key()).decode(), text, header
+            positioned = cur.next()
 
     def read_chunk(self, name: str, chunk_id: int, txn: lmdb.Transaction) -> Optional[ChunkRecord]:
         raw = txn.get(u64(chunk_id), db=self.dbs(name).chunks)

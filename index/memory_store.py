@@ -50,7 +50,7 @@ from memlm.index.derived import DerivedStructure, bring_up_to_date
 from memlm.index.derived_indexes import StoreIndexes, commit_change
 from memlm.index.factory_check import check_factory, factory_problem
 from memlm.index.embedding import Embedder, embedder_dim, load_embedder
-from memlm.index.filters import parse_filter
+from memlm.index.filters import matches, parse_filter
 from memlm.index.fusion import fuse, fusion_depth
 from memlm.index.lexical_index import query_terms
 from memlm.index.locks import ReadWriteLock
@@ -59,6 +59,7 @@ from memlm.index.types import (
     CollectionConfig,
     CollectionStats,
     Document,
+    DocumentPage,
     DocumentResult,
     Filter,
     SearchHit,
@@ -79,6 +80,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_DOC_ID_BYTES = 256  # LMDB keys stop at 511 bytes; leave room
 DEFAULT_TOKENIZER_NAME = "SmolLM2-135M-Instruct"
 SEARCH_MODES = ("dense", "lexical", "hybrid")
+DEFAULT_LIST_LIMIT = 100  # documents a list_documents page holds unless asked (capped by store.max_ids_per_call)
 
 
 @dataclass
@@ -1050,22 +1052,88 @@ class MemoryStore:
 
     # ---------------------------------------------------------------- delete
 
-    def delete(self, name: str, ids: Sequence[str]) -> list[str]:
-        """Delete documents everywhere (LMDB, index, filters). Unknown ids are ignored; returns the
-        ids actually deleted. Durable when it returns."""
+    def delete(
+        self, name: str, ids: Optional[Sequence[str]] = None, *, filter: Optional[Filter | Mapping[str, Any]] = None,
+        all: bool = False,
+    ) -> list[str]:
+        """Delete documents everywhere (LMDB, index, filters) in ONE durable LMDB transaction; returns
+        the ids actually deleted. Durable when it returns; a call that raises deletes nothing.
+
+        ids: those of them that are stored (unknown ids are ignored). filter: every document whose
+        metadata matches it, as a search's filter does (with ids: those of the ids that match).
+        all=True: every document (the collection and its settings stay). Deleting everything takes
+        all=True: an empty filter, which would match every document, is refused, and so is a call
+        with neither ids nor a filter."""
         col = self._collection(name)
-        ids = self._check_ids(ids, "delete")
+        matching = self._delete_selection(ids, filter, all)
+        ids = None if ids is None else self._check_ids(ids, "delete")
         with col.lock:
             if col.dropped:
                 raise NotFound(f"collection {name!r} does not exist")
             self._check_usable(col)
             self._check_writes_allowed()
-            commit = self._lmdb.write_delete(name, list(ids), should_stop=self._stopping.is_set)  # durable from here
+            commit = self._lmdb.write_delete(name, ids, self._stopping.is_set, matching)  # durable from here
             if not commit.removed:
                 return []
             self._after_commit(col, commit)
         self._notify_write(col)
         return [doc_id for doc_id, _ in commit.removed]
+
+    def _delete_selection(self, ids: Any, filter: Any, everything: Any) -> Optional[Callable[[Mapping[str, Any]], bool]]:
+        """What a delete's metadata must match (None: anything), or InvalidArgument for a call that
+        says too little (nothing, or an empty filter) or contradicts itself (all with ids or a filter)."""
+        if not isinstance(everything, bool):
+            raise InvalidArgument(f"delete's all must be true or false, got {quoted(everything)}")
+        f = self._check_filter(parse_filter(filter)) if filter is not None else None
+        if everything:
+            if ids is not None or filter is not None:
+                raise InvalidArgument("delete with all=True deletes every document; it takes no ids or filter")
+            return None
+        if filter is not None and f is None:
+            raise InvalidArgument(
+                "delete's filter is empty, which matches every document; pass all=True to delete them all"
+            )
+        if ids is None and f is None:
+            raise InvalidArgument("delete needs ids, a filter, or all=True (to delete every document)")
+        return None if f is None else lambda metadata: matches(metadata, f)
+
+    # ---------------------------------------------------------------- listing
+
+    def list_documents(
+        self, name: str, *, filter: Optional[Filter | Mapping[str, Any]] = None, after: Optional[str] = None,
+        limit: Optional[int] = None, with_text: bool = True,
+    ) -> DocumentPage:
+        """Up to `limit` documents whose metadata matches `filter` (None: all; a search's filter,
+        evaluated the same way), in id order, with ids strictly after `after` (None: from the
+        first), and the cursor of the next page (None: none is left). `limit` None:
+        DEFAULT_LIST_LIMIT, or store.max_ids_per_call where that is lower. `with_text=False` leaves
+        the texts out (""). One LMDB snapshot under the collection's shared lock: a page sees every
+        write acknowledged before it and none of one that commits during it. Works on an
+        unavailable collection (it reads LMDB only).
+        A filter is tested on each document's stored metadata from the cursor on, so a page of a
+        filter that matches few documents reads many; paging through all reads each at most twice."""
+        col = self._collection(name, usable=False)
+        f = self._check_filter(parse_filter(filter))
+        most = self.settings.max_ids_per_call
+        limit = min(DEFAULT_LIST_LIMIT, most) if limit is None else limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= most:
+            raise InvalidArgument(
+                f"list_documents' limit must be an integer in [1, {most}] (store.max_ids_per_call), got {quoted(limit)}"
+            )
+        if after is not None:
+            _check_doc_id(after, "list_documents' after")
+        found: list[StoredDocument] = []
+        with col.lock.shared():  # no drop closes the LMDB handles while the cursor reads
+            if col.dropped:
+                raise NotFound(f"collection {name!r} does not exist")
+            with self._lmdb.begin() as txn:
+                for doc_id, text, header in self._lmdb.iter_docs(name, txn, after, with_text):
+                    if f is not None and not matches(header.metadata, f):
+                        continue
+                    if len(found) == limit:  # one more matches: the page is not the last
+                        return DocumentPage(found, found[-1].id)
+                    found.append(StoredDocument(doc_id, text or "", header.metadata, header.chunk_ids, header.updated_at))
+        return DocumentPage(found, None)
 
     # ---------------------------------------------------------------- shutdown
 

@@ -88,6 +88,15 @@ class StoredDocument:
 
 
 @dataclass(frozen=True)
+class DocumentPage:
+    """One page of `MemoryStore.list_documents`: documents in id order (their text "" when listed
+    without it), and the cursor that continues after them."""
+
+    documents: list[StoredDocument]
+    next_after: Optional[str]  # pass as `after` for the next page; None: this page is the last
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A span of one document: [start, end) in characters and its language-model token ids."""
 

@@ -63,7 +63,9 @@ class StoreSettings(BaseModel):
     )
     max_filter_conditions: int = Field(64, gt=0, description="conditions one filter may hold (must + should + must_not)")
     max_filter_values: int = Field(1024, gt=0, description="values one filter may test (each equals 1, each any_of its length)")
-    max_ids_per_call: int = Field(1000, gt=0, description="document ids one Get or Delete may name")
+    max_ids_per_call: int = Field(
+        1000, gt=0, description="document ids one Get or Delete may name, and documents one ListDocuments page may hold"
+    )
     max_ivf_lists: int = Field(
         65536, gt=0, description="inverted lists an index factory may ask for (IVF<n>; IMI2x<b> counts 2^(2b)): "
         "FAISS allocates them at creation, ~150 bytes each before any vector (IVF4000000 ~610 MB)",
