@@ -186,6 +186,33 @@ def test_the_stored_rows_are_checked_and_compaction_keeps_the_live_ones(tmp_path
         NeighbourStateMemory.create(tmp_path / "m", layers=(1,), length=4, dim=3)
 
 
+def test_rows_are_found_by_digest_in_segments_with_and_without_a_keys_file_and_a_collision_reads_nothing_else(
+        tmp_path, monkeypatch):
+    tokens = np.arange(12, dtype=np.int64).reshape(3, 4)
+    states = {1: torch.randn(3, 4, 3)}
+    mem = NeighbourStateMemory.create(tmp_path / "m", layers=(1,), length=4, dim=3)
+    mem.add([1, 2, 3], tokens, states)
+    seg = tmp_path / "m" / mem.manifest.segments[0]
+    (seg / "token_keys.npy").unlink()  # a segment written before token_keys.npy existed
+    old = NeighbourStateMemory.open(tmp_path / "m")
+    got = old.lookup(torch.from_numpy(tokens))
+    assert sorted(got) == [0, 1, 2]
+    torch.testing.assert_close(got[1][1], states[1][1].half().float())
+    old.add([4], tokens[:1] + 50, {1: states[1][:1]})
+    old.compact()  # the compacted segment has its keys file again
+    assert (tmp_path / "m" / old.manifest.segments[0] / "token_keys.npy").is_file()
+    both = torch.from_numpy(np.concatenate([tokens, tokens[:1] + 50]))
+    assert sorted(NeighbourStateMemory.open(tmp_path / "m").lookup(both)) == [0, 1, 2, 3]
+
+    # Every digest equal: each row asked for finds the first row; only the row with those ids is read.
+    monkeypatch.setattr("memlm.modes.retro.memory.token_keys", lambda t: np.zeros(len(t), dtype=np.uint64))
+    collided = NeighbourStateMemory.create(tmp_path / "c", layers=(1,), length=4, dim=3)
+    collided.add([1, 2, 3], tokens, states)
+    got = NeighbourStateMemory.open(tmp_path / "c").lookup(torch.from_numpy(tokens[::-1].copy()))
+    assert sorted(got) == [2]  # tokens[0], asked third
+    torch.testing.assert_close(got[2][1], states[1][0].half().float())
+
+
 def test_a_manager_for_other_cca_layers_rebuilds_the_memory(setup):
     mode, model, tokenizer, store, _ = setup
     mode.memories.catch_up("s")

@@ -11,6 +11,9 @@ Layout (`collections/<name>/retro/`):
         chunk_ids.npy    (n,) int64
         tokens.npy       (n, r) int64: the neighbour's token ids as `neighbours.neighbour_rows` lays
                          them out for a search hit (zeros past a short continuation)
+        token_keys.npy   (n,) uint64: each row's `token_keys` digest, what `lookup`'s index is
+                         built from at open (8 bytes a row read, not tokens.npy's r x 8); a segment
+                         written before this file existed is hashed from tokens.npy instead
         states_L14.npy   (n, r, D) fp16: the residual stream entering layer 14, and so on per layer
 
 Segments, durability, tombstones and compaction: `memlm.index.segments.SegmentedRows` (as for
@@ -20,12 +23,14 @@ fsync of the folder) lists it; what the manifest does not list is removed on ope
 tombstones in the manifest; `compact` rewrites the live rows.
 
 Reads go by content (`lookup`): a neighbour row's token ids find the stored states of exactly those
-ids, so a read never gets another text's states whatever changed since (as the in-memory
-`NeighbourStateCache`, which this sits behind). Size: layers x r x D x 2 bytes per chunk plus r x 8
-for its ids: 738 KB for the bundled model's 5 CCA layers and r = 128 (`bytes_per_chunk`).
+ids (the digest finds the row, the stored ids are compared), so a read never gets another text's
+states whatever changed since (as the in-memory `NeighbourStateCache`, which this sits behind).
+Size: layers x r x D x 2 bytes per chunk plus r x 8 for its ids and 16 for its chunk id and digest:
+738 KB for the bundled model's 5 CCA layers and r = 128 (`bytes_per_chunk`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +47,14 @@ from memlm.modes.retro.neighbours import neighbour_tokens
 
 FOLDER = "retro"
 BATCH = 8  # neighbours per base pass while building
+
+
+def token_keys(tokens: np.ndarray) -> np.ndarray:
+    """(n, r) token ids -> (n,) uint64: each row's 8-byte blake2b digest (the same in every process,
+    unlike `hash`), the key `NeighbourStateMemory.lookup` finds a row by."""
+    rows = np.ascontiguousarray(tokens, dtype="<i8")
+    return np.frombuffer(b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows),
+                         dtype="<u8").astype(np.uint64)
 
 
 @dataclass
@@ -67,7 +80,7 @@ class NeighbourStateMemory(SegmentedRows):
 
     def __init__(self, path: Path, manifest: StateManifest):
         super().__init__(path, manifest)
-        self._index: Optional[dict[bytes, tuple[str, int]]] = None  # live rows' token ids -> (segment, row)
+        self._index: Optional[dict[int, tuple[str, int]]] = None  # live rows' token_keys -> (segment, row)
 
     @classmethod
     def create(cls, path: "str | os.PathLike", layers: Sequence[int], length: int, dim: int,
@@ -80,6 +93,9 @@ class NeighbourStateMemory(SegmentedRows):
         """Every file holds rows along its first axis."""
         return {**{f"states_L{layer:02d}": 0 for layer in self.manifest.layers}, "tokens": 0, "chunk_ids": 0}
 
+    def derived_files(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"token_keys": token_keys(arrays["tokens"])}
+
     def _live_rows_changed(self) -> None:
         self._index = None
 
@@ -87,18 +103,28 @@ class NeighbourStateMemory(SegmentedRows):
 
     @property
     def bytes_per_chunk(self) -> int:
+        """On-disk bytes per chunk: its states at every stored layer, its token ids, chunk id and digest."""
         m = self.manifest
-        return len(m.layers) * m.length * m.dim * 2 + m.length * 8 + 8
+        return len(m.layers) * m.length * m.dim * 2 + m.length * 8 + 8 + 8
 
     # --- reading --------------------------------------------------------------------------
 
-    def _lookup_index(self) -> dict[bytes, tuple[str, int]]:
+    def _segment_keys(self, segment: str) -> np.ndarray:
+        """(n,) uint64 `token_keys` of one segment's rows: its token_keys.npy, or, for a segment
+        written before that file existed, hashed from its tokens.npy (it goes at the next compaction)."""
+        try:
+            return np.asarray(self._segment_file(segment, "token_keys"))
+        except FileNotFoundError:
+            return token_keys(self._segment_file(segment, "tokens"))
+
+    def _lookup_index(self) -> dict[int, tuple[str, int]]:
+        """{token_keys digest: (segment, row)} of the live rows; where rows share a digest, the first."""
         if self._index is None:
-            index: dict[bytes, tuple[str, int]] = {}
+            index: dict[int, tuple[str, int]] = {}
             for seg in self.manifest.segments:
-                tokens = self._segment_file(seg, "tokens")
-                for row in np.flatnonzero(self.live_mask(self.segment_chunk_ids(seg))):
-                    index.setdefault(np.asarray(tokens[row], dtype=np.int64).tobytes(), (seg, int(row)))
+                live = np.flatnonzero(self.live_mask(self.segment_chunk_ids(seg)))
+                for row, key in zip(live.tolist(), self._segment_keys(seg)[live].tolist()):
+                    index.setdefault(key, (seg, row))
             self._index = index
         return self._index
 
@@ -109,18 +135,26 @@ class NeighbourStateMemory(SegmentedRows):
         if ids.dim() != 2 or ids.shape[1] != m.length or not m.segments:
             return {}
         index = self._lookup_index()
-        found = {i: index[k] for i, row in enumerate(ids.cpu()) if (k := row.numpy().astype(np.int64).tobytes()) in index}
-        out: dict[int, dict[int, Tensor]] = {i: {} for i in found}
+        query = ids.cpu().numpy().astype(np.int64)  # (N, r)
         by_segment: dict[str, list[tuple[int, int]]] = {}
-        for i, (seg, row) in found.items():
-            by_segment.setdefault(seg, []).append((i, row))
+        for i, key in enumerate(token_keys(query).tolist()):
+            if key in index:
+                seg, row = index[key]
+                by_segment.setdefault(seg, []).append((i, row))
+        out: dict[int, dict[int, Tensor]] = {}
         for seg, pairs in by_segment.items():
+            # A digest can collide: only rows whose stored ids are the asked ones are read.
+            stored = np.asarray(self._segment_file(seg, "tokens")[np.asarray([r for _, r in pairs])])
+            pairs = [p for p, same in zip(pairs, (stored == query[[i for i, _ in pairs]]).all(axis=1)) if same]
+            if not pairs:
+                continue
             rows = np.asarray([r for _, r in pairs])
+            out.update({i: {} for i, _ in pairs})
             for layer in m.layers:
                 block = from_disk(self._segment_file(seg, f"states_L{layer:02d}")[rows], m.dtype).float()
                 for j, (i, _) in enumerate(pairs):
                     out[i][layer] = block[j]
-        return out
+        return dict(sorted(out.items()))  # in the order asked
 
     # --- writing --------------------------------------------------------------------------
 
@@ -143,8 +177,8 @@ class NeighbourStateMemory(SegmentedRows):
         arrays = {f"states_L{layer:02d}": to_disk(states[layer], m.dtype) for layer in m.layers}
         name = self._append_segment({**arrays, "tokens": tokens, "chunk_ids": chunk_ids})
         if self._index is not None:
-            for row, ids in enumerate(tokens):
-                self._index.setdefault(ids.tobytes(), (name, row))
+            for row, key in enumerate(self._segment_keys(name).tolist()):
+                self._index.setdefault(key, (name, row))
         return n
 
 
