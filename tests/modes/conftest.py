@@ -1,6 +1,39 @@
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+
+# Three unrelated texts: a search for one of them finds its own document first.
+RETRO_TOPICS = (
+    "lighthouse keepers trim the lamp wick every evening before the fog rolls in over the bay",
+    "the bakery opens at five and sells rye bread, seed rolls and a dark honey cake on Sundays",
+    "glaciers carve valleys slowly, dragging boulders that are left behind when the ice retreats",
+)
+
+
+@dataclass(frozen=True)
+class TinyRetro:
+    """What the retro mode and stored-states tests share: the adapter's shape and the documents."""
+
+    config: Any  # RetroConfig: 16-token chunks, 2 neighbours of 16 + 16 tokens, CCA at layers 1 and 3
+    topics: tuple[str, ...] = RETRO_TOPICS
+
+    @property
+    def chunk_tokens(self) -> int:  # m
+        return self.config.chunk_tokens
+
+    def store_settings(self):
+        """StoreSettings chunking documents at m tokens (RETRO's grid)."""
+        from memlm.config import StoreSettings
+
+        return StoreSettings(min_chunk_tokens=8, default_chunk_tokens=self.chunk_tokens)
+
+    def documents(self) -> list:
+        """doc0, doc1, doc2: each topic three times (several chunks), metadata {"n": i}."""
+        from memlm.index.types import Document
+
+        return [Document(f"doc{i}", (t + ". ") * 3, {"n": i}) for i, t in enumerate(self.topics)]
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +46,15 @@ def run_now():
         return f
 
     return run_on_model
+
+
+@pytest.fixture(scope="session")
+def tiny_retro() -> TinyRetro:
+    from memlm.modes.retro.model import RetroConfig
+
+    m = 16
+    return TinyRetro(RetroConfig(chunk_tokens=m, neighbours=2, neighbour_tokens=m, continuation_tokens=m, layers=(1, 3),
+                                 encoder_layers=1, encoder_dim=32, heads=2, encoder_ffn=64))
 
 
 @pytest.fixture(scope="session")

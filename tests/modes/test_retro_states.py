@@ -6,6 +6,7 @@ neighbour row a search hit makes of it, a generation reads them instead of runni
 re-ingests, restarts and a crash mid-write, like every derived memory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -18,38 +19,26 @@ from memlm.generation import generate_tokens
 from memlm.index.types import Document
 from memlm.modes.base import ModeRuntime
 from memlm.modes.retro.memory import NeighbourStateManager, NeighbourStateMemory, StoredFirst
-from memlm.modes.retro.model import RetroConfig, neighbour_states
+from memlm.modes.retro.model import neighbour_states
 from memlm.modes.retro.mode import Mode
 from memlm.modes.retro.neighbours import search_neighbours
 from memlm.modes.retro.settings import Settings
 
-M = 16
-RETRO = RetroConfig(chunk_tokens=M, neighbours=2, neighbour_tokens=M, continuation_tokens=M, layers=(1, 3),
-                    encoder_layers=1, encoder_dim=32, heads=2, encoder_ffn=64)
-TOPICS = ["lighthouse keepers trim the lamp wick every evening before the fog rolls in over the bay",
-          "the bakery opens at five and sells rye bread, seed rolls and a dark honey cake on Sundays",
-          "glaciers carve valleys slowly, dragging boulders that are left behind when the ice retreats"]
-
-
-def documents(texts=TOPICS):
-    return [Document(f"doc{i}", (t + ". ") * 3, {"n": i}) for i, t in enumerate(texts)]
-
 
 @pytest.fixture()
-def setup(tmp_path, bundled_model_dir, run_now, tiny_retro_llama):
-    from memlm.config import StoreSettings
+def setup(tmp_path, bundled_model_dir, run_now, tiny_retro, tiny_retro_llama):
     from memlm.index.memory_store import MemoryStore
     from memlm.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(bundled_model_dir)
-    model, folder, weights = tiny_retro_llama(tmp_path, tokenizer, RETRO)
-    settings = StoreSettings(min_chunk_tokens=8, default_chunk_tokens=M)
+    model, folder, weights = tiny_retro_llama(tmp_path, tokenizer, tiny_retro.config)
+    settings = tiny_retro.store_settings()
     data = tmp_path / "data"
     store = MemoryStore.open(data, settings, tokenizer=tokenizer)
     store.create_collection("s", memory={"retro": {}})
     store.create_collection("plain")
     for name in ("s", "plain"):
-        store.ingest(name, documents())
+        store.ingest(name, tiny_retro.documents())
 
     def mode_on(store):
         runtime = ModeRuntime(model=model, tokenizer=tokenizer, model_name=store.tokenizer_name, store=store,
@@ -81,8 +70,9 @@ def generate(mode, model, tokenizer, prompt, n, collection="s"):
     return outcome, state
 
 
-def test_each_chunk_keeps_the_base_pass_of_the_neighbour_row_a_search_hit_makes_of_it(setup):
+def test_each_chunk_keeps_the_base_pass_of_the_neighbour_row_a_search_hit_makes_of_it(setup, tiny_retro):
     mode, model, tokenizer, store, _ = setup
+    retro = tiny_retro.config
     report = mode.memories.catch_up("s")
     stored = store.chunk_ids("s")
     assert report.done and report.added_rows == len(stored) and report.built_documents == 3
@@ -92,12 +82,12 @@ def test_each_chunk_keeps_the_base_pass_of_the_neighbour_row_a_search_hit_makes_
     assert len(mem.manifest.segments) == -(-len(stored) // 4)  # build_batch_chunks=4 per segment
     assert (mode.runtime.store.memory_folder("s") / "retro" / "manifest.json").is_file()
     # the rows a search makes of its hits (chunk + continuation, zero-padded) are found, with their base pass
-    found = search_neighbours(store, "s", [t for t in TOPICS], RETRO)
+    found = search_neighbours(store, "s", list(tiny_retro.topics), retro)
     ids = torch.from_numpy(np.concatenate([f[0] for f in found]))
     stored_states = mem.lookup(ids)
     assert sorted(stored_states) == list(range(len(ids)))
     with torch.inference_mode():
-        computed = neighbour_states(model, ids, RETRO.layers)
+        computed = neighbour_states(model, ids, retro.layers)
     for i, layers in stored_states.items():
         for layer, s in layers.items():
             torch.testing.assert_close(s, computed[layer][i].float(), rtol=2e-3, atol=2e-3)  # fp16 on disk
@@ -106,12 +96,13 @@ def test_each_chunk_keeps_the_base_pass_of_the_neighbour_row_a_search_hit_makes_
     assert 0 not in mem.lookup(other)
 
 
-def test_a_generation_reads_the_stored_states_and_writes_what_it_would_without_them(setup):
+def test_a_generation_reads_the_stored_states_and_writes_what_it_would_without_them(setup, tiny_retro):
     mode, model, tokenizer, store, _ = setup
     mode.memories.catch_up("s")
-    prompt = "Tell me about " + TOPICS[0] + " and then about " + TOPICS[2]
+    topics, m = tiny_retro.topics, tiny_retro.chunk_tokens
+    prompt = "Tell me about " + topics[0] + " and then about " + topics[2]
     mode.state_cache.clear()
-    with_states, state = generate(mode, model, tokenizer, prompt, 2 * M + 3)
+    with_states, state = generate(mode, model, tokenizer, prompt, 2 * m + 3)
     source = state.cache
     assert isinstance(source, StoredFirst)
     rows = {}  # every distinct neighbour row encoded -> whether it is a real neighbour (not a missing one)
@@ -123,7 +114,7 @@ def test_a_generation_reads_the_stored_states_and_writes_what_it_would_without_t
     assert source.stored_rows == sum(rows.values())  # every real neighbour's states came from disk
     assert source.computed_rows == len(rows) - sum(rows.values())  # only a missing neighbour's zeros ran
     mode.state_cache.clear()
-    plain, plain_state = generate(mode, model, tokenizer, prompt, 2 * M + 3, collection="plain")
+    plain, plain_state = generate(mode, model, tokenizer, prompt, 2 * m + 3, collection="plain")
     assert plain_state.cache is mode.state_cache  # no retro memory: the cache alone
     assert with_states.token_ids == plain.token_ids  # same documents, same neighbours: the same text
 
@@ -145,7 +136,7 @@ def test_stored_states_follow_deletes_and_reingests_and_survive_a_restart(setup)
     assert sorted(mode.memories.memory("s").chunk_ids().tolist()) == sorted(store.chunk_ids("s").tolist())
 
 
-def test_a_crash_mid_write_and_a_lost_or_unreadable_folder_are_repaired_from_the_store(setup):
+def test_a_crash_mid_write_and_a_lost_or_unreadable_folder_are_repaired_from_the_store(setup, tiny_retro):
     mode, model, tokenizer, store, reopen = setup
     mode.memories.catch_up("s")
     folder = store.memory_folder("s") / "retro"
@@ -160,7 +151,7 @@ def test_a_crash_mid_write_and_a_lost_or_unreadable_folder_are_repaired_from_the
     report = mode.memories.catch_up("s")
     assert report.added_rows == len(store.chunk_ids("s"))
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["applied_seq"] == store.last_seq("s") and manifest["layers"] == list(RETRO.layers)
+    assert manifest["applied_seq"] == store.last_seq("s") and manifest["layers"] == list(tiny_retro.config.layers)
     assert isinstance(mem, NeighbourStateMemory)
 
 
@@ -213,11 +204,10 @@ def test_rows_are_found_by_digest_in_segments_with_and_without_a_keys_file_and_a
     torch.testing.assert_close(got[2][1], states[1][0].half().float())
 
 
-def test_a_manager_for_other_cca_layers_rebuilds_the_memory(setup):
+def test_a_manager_for_other_cca_layers_rebuilds_the_memory(setup, tiny_retro):
     mode, model, tokenizer, store, _ = setup
     mode.memories.catch_up("s")
-    other = NeighbourStateManager(store, model, mode.settings, lambda: RetroConfig(
-        chunk_tokens=M, neighbours=2, neighbour_tokens=M, continuation_tokens=M, layers=(2,)))
+    other = NeighbourStateManager(store, model, mode.settings, lambda: dataclasses.replace(tiny_retro.config, layers=(2,)))
     report = other.catch_up("s")  # the layers on disk are not the adapter's: rebuilt, not misread
     assert report.added_rows == len(store.chunk_ids("s"))
     assert json.loads((store.memory_folder("s") / "retro" / "manifest.json").read_text())["layers"] == [2]
