@@ -18,7 +18,7 @@ own. Errors are the same `memlm.errors` exceptions as the blocking client's.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -27,12 +27,13 @@ import numpy as np
 from memlm import wire
 from memlm.client import (
     DEFAULT_ADDRESS, DocumentHit, DocumentLike, FilterLike, IngestReport, _auth_metadata,
-    _by_document, _channel_options, _create_collection_request, _credentials, _document_hits, _generate_request,
-    _generation_event, _ids, _IngestRun, _raise_from, _search_request, _wants_more,
+    _by_document, _channel_options, _create_collection_request, _credentials, _delete_request, _document_hits,
+    _document_page, _generate_request, _generation_event, _ids, _IngestRun, _list_documents_request, _raise_from,
+    _search_request, _wants_more,
 )
 from memlm.engine import GenerationResult
 from memlm.errors import InvalidArgument
-from memlm.index.types import CollectionConfig, CollectionStats, SearchHit, StoredDocument
+from memlm.index.types import CollectionConfig, CollectionStats, DocumentPage, SearchHit, StoredDocument
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
 
@@ -291,10 +292,36 @@ class AsyncClient:
         request = pb.GetRequest(collection=collection, ids=_ids(ids), missing_ok=missing_ok)
         return [wire.stored_from_pb(d) for d in (await self._call(self._memory.Get, request, timeout)).documents]
 
-    async def delete(self, ids: Union[str, Sequence[str]], *, collection: str,
-                     timeout: Optional[float] = None) -> list[str]:
-        """Delete documents; returns the ids that existed and are now gone."""
-        reply = await self._call(self._memory.Delete, pb.DeleteRequest(collection=collection, ids=_ids(ids)), timeout)
+    async def list_documents(
+        self, *, collection: str, filter: FilterLike = None, with_text: bool = True, page_size: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> AsyncIterator[StoredDocument]:
+        """`Client.list_documents`: `async for doc in client.list_documents(collection=...)`, a page
+        per ListDocuments call as the loop asks for more."""
+        after = None
+        while True:
+            page = await self.list_documents_page(collection=collection, filter=filter, after=after, limit=page_size,
+                                                  with_text=with_text, timeout=timeout)
+            for doc in page.documents:
+                yield doc
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    async def list_documents_page(
+        self, *, collection: str, filter: FilterLike = None, after: Optional[str] = None, limit: Optional[int] = None,
+        with_text: bool = True, timeout: Optional[float] = None,
+    ) -> DocumentPage:
+        """`Client.list_documents_page`: one page, and the `after` of the next (None: the last)."""
+        request = _list_documents_request(collection, filter, after, limit, with_text)
+        return _document_page(await self._call(self._memory.ListDocuments, request, timeout))
+
+    async def delete(
+        self, ids: Union[None, str, Sequence[str]] = None, *, collection: str, filter: FilterLike = None,
+        all: bool = False, timeout: Optional[float] = None,
+    ) -> list[str]:
+        """`Client.delete`: by id, by filter, or `all=True`; returns the ids that existed and are now gone."""
+        reply = await self._call(self._memory.Delete, _delete_request(ids, collection, filter, all), timeout)
         return list(reply.deleted)
 
     # --- generation ---

@@ -30,7 +30,9 @@ import numpy as np
 from memlm import wire
 from memlm.engine import GenerationResult
 from memlm.errors import InvalidArgument, NotFound, error_for_code
-from memlm.index.types import CollectionConfig, CollectionStats, DocumentResult, Filter, SearchHit, StoredDocument
+from memlm.index.types import (
+    CollectionConfig, CollectionStats, DocumentPage, DocumentResult, Filter, SearchHit, StoredDocument,
+)
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
 
@@ -130,6 +132,32 @@ def _search_request(query, collection: str, k: int, filter: FilterLike, mode: Op
 
 def _ids(ids: Union[str, Sequence[str]]) -> list[str]:
     return [ids] if isinstance(ids, str) else list(ids)
+
+
+def _delete_request(ids: Union[None, str, Sequence[str]], collection: str, filter: FilterLike,
+                    all: bool) -> pb.DeleteRequest:
+    """A filter given but empty goes as a set, empty filter, which the server refuses (it would match
+    every document): deleting everything takes `all`, so no empty dict can do it by mistake."""
+    request = pb.DeleteRequest(collection=collection, ids=_ids(ids) if ids is not None else [], all=all)
+    if filter is not None:
+        request.filter.SetInParent()
+        if (f := _to_filter(filter)) is not None:
+            request.filter.CopyFrom(f)
+    return request
+
+
+def _list_documents_request(collection: str, filter: FilterLike, after: Optional[str], limit: Optional[int],
+                            with_text: bool) -> pb.ListDocumentsRequest:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidArgument(f"limit must be a positive integer (or None: the server's page size), got {limit!r}")
+    request = pb.ListDocumentsRequest(collection=collection, after=after or "", limit=limit or 0, with_text=with_text)
+    if (f := _to_filter(filter)) is not None:
+        request.filter.CopyFrom(f)
+    return request
+
+
+def _document_page(reply: pb.ListDocumentsResponse) -> DocumentPage:
+    return DocumentPage([wire.stored_from_pb(d) for d in reply.documents], reply.next_after or None)
 
 
 def _create_collection_request(
@@ -563,9 +591,43 @@ class Client:
         request = pb.GetRequest(collection=collection, ids=_ids(ids), missing_ok=missing_ok)
         return [wire.stored_from_pb(d) for d in self._call(self._memory.Get, request, timeout).documents]
 
-    def delete(self, ids: Union[str, Sequence[str]], *, collection: str, timeout: Optional[float] = None) -> list[str]:
-        """Delete documents; returns the ids that existed and are now gone."""
-        reply = self._call(self._memory.Delete, pb.DeleteRequest(collection=collection, ids=_ids(ids)), timeout)
+    def list_documents(
+        self, *, collection: str, filter: FilterLike = None, with_text: bool = True, page_size: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> Iterator[StoredDocument]:
+        """Every document (or every one whose metadata matches `filter`, as in `search`), in id
+        order, read a page at a time as the iterator is consumed (`page_size` per ListDocuments
+        call; None: the server's, 100). Each page is one consistent snapshot; a write between pages
+        shows in the pages after it. `with_text=False`: ids, metadata and chunk ids only (text "")."""
+        after = None
+        while True:
+            page = self.list_documents_page(collection=collection, filter=filter, after=after, limit=page_size,
+                                            with_text=with_text, timeout=timeout)
+            yield from page.documents
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    def list_documents_page(
+        self, *, collection: str, filter: FilterLike = None, after: Optional[str] = None, limit: Optional[int] = None,
+        with_text: bool = True, timeout: Optional[float] = None,
+    ) -> DocumentPage:
+        """One ListDocuments call: up to `limit` documents (None: the server's page size, 100) with
+        ids after `after` (None: from the first), in id order, and `next_after`, the `after` of the
+        next page (None: this is the last)."""
+        request = _list_documents_request(collection, filter, after, limit, with_text)
+        return _document_page(self._call(self._memory.ListDocuments, request, timeout))
+
+    def delete(
+        self, ids: Union[None, str, Sequence[str]] = None, *, collection: str, filter: FilterLike = None,
+        all: bool = False, timeout: Optional[float] = None,
+    ) -> list[str]:
+        """Delete documents by id, by metadata filter (`{"source": "a.pdf"}`, as in `search`; with ids
+        too: those of the ids that match), or every one of the collection with `all=True` (the
+        collection and its settings stay); returns the ids that existed and are now gone. One
+        durable transaction on the server: all of them go, or (an error) none. An empty filter is
+        refused (InvalidArgument) rather than deleting everything."""
+        reply = self._call(self._memory.Delete, _delete_request(ids, collection, filter, all), timeout)
         return list(reply.deleted)
 
     # --- what a model host in another process reads (memlm.remote_store.RemoteStore) ---

@@ -14,7 +14,7 @@ import grpc
 
 from memlm import wire
 from memlm.errors import InvalidArgument, ResourceExhausted
-from memlm.index.types import Document
+from memlm.index.types import Document, Filter
 from memlm.services.rpc import unary
 from memlm.v1 import memlm_pb2 as pb
 from memlm.v1 import memlm_pb2_grpc as pb_grpc
@@ -123,8 +123,23 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         return pb.GetResponse(documents=[wire.stored_to_pb(d) for d in docs])
 
     @unary
+    async def ListDocuments(self, request: pb.ListDocumentsRequest, context) -> pb.ListDocumentsResponse:
+        page = await self._run(
+            self._store.list_documents, request.collection,
+            filter=wire.filter_from_pb(request.filter, request.HasField("filter")),
+            after=request.after or None, limit=request.limit or None, with_text=request.with_text,
+        )
+        return pb.ListDocumentsResponse(documents=[wire.stored_to_pb(d) for d in page.documents],
+                                        next_after=page.next_after or "")
+
+    @unary
     async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
-        deleted = await self._run(self._store.delete, request.collection, list(request.ids))
+        by_filter = request.HasField("filter")
+        # A filter set but empty stays a filter, for the store to refuse: it would match every document.
+        filter = (wire.filter_from_pb(request.filter) or Filter()) if by_filter else None
+        # No ids on the wire is "no ids" when a filter or all says what to delete, else "these none".
+        ids = list(request.ids) if request.ids or not (by_filter or request.all) else None
+        deleted = await self._run(self._store.delete, request.collection, ids, filter=filter, all=request.all)
         gone = set(deleted)
         return pb.DeleteResponse(deleted=deleted, not_found=[i for i in request.ids if i not in gone])
 

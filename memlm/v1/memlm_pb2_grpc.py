@@ -78,6 +78,11 @@ class MemoryStub:
                 request_serializer=memlm_dot_v1_dot_memlm__pb2.GetRequest.SerializeToString,
                 response_deserializer=memlm_dot_v1_dot_memlm__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/memlm.v1.Memory/ListDocuments',
+                request_serializer=memlm_dot_v1_dot_memlm__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=memlm_dot_v1_dot_memlm__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/memlm.v1.Memory/Delete',
                 request_serializer=memlm_dot_v1_dot_memlm__pb2.DeleteRequest.SerializeToString,
@@ -181,8 +186,18 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDocuments(self, request, context):
+        """Documents in id order, a page at a time, optionally filtered by metadata (the same exact
+        filter as Search's): Qdrant's scroll, Chroma's get(where=...). Works on an unavailable collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
-        """Delete documents by id, everywhere they went (chunks, vectors, index). Durable on return.
+        """Delete documents by id, by metadata filter, or all of them, everywhere they went (chunks,
+        vectors, index), in one durable transaction: on return every one is gone for good; a call that
+        fails deletes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -271,6 +286,11 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=memlm_dot_v1_dot_memlm__pb2.GetRequest.FromString,
                     response_serializer=memlm_dot_v1_dot_memlm__pb2.GetResponse.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=memlm_dot_v1_dot_memlm__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=memlm_dot_v1_dot_memlm__pb2.ListDocumentsResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -528,6 +548,33 @@ class Memory:
             '/memlm.v1.Memory/Get',
             memlm_dot_v1_dot_memlm__pb2.GetRequest.SerializeToString,
             memlm_dot_v1_dot_memlm__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlm.v1.Memory/ListDocuments',
+            memlm_dot_v1_dot_memlm__pb2.ListDocumentsRequest.SerializeToString,
+            memlm_dot_v1_dot_memlm__pb2.ListDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,15 @@ async def test_collections_documents_and_search(server, client):
 
         assert await aio.delete(["ocean-1", "nope"], collection=name) == ["ocean-1"]
         assert (await aio.describe_collection(name)).documents == 3
+        listed = [d async for d in aio.list_documents(collection=name, page_size=2)]  # two pages
+        assert [d.id for d in listed] == ["ocean-0", "ocean-2", "ocean-3"] and listed[1].text == OCEAN[2]
+        page = await aio.list_documents_page(collection=name, filter={"n": [2, 3]}, limit=1, with_text=False)
+        assert [d.id for d in page.documents] == ["ocean-2"] and page.next_after == "ocean-2" and page.documents[0].text == ""
+        assert await aio.delete(filter={"n": 3}, collection=name) == ["ocean-3"]
+        with pytest.raises(InvalidArgument, match="filter is empty"):
+            await aio.delete(filter={}, collection=name)
+        await aio.ingest([{"id": "ocean-3", "text": OCEAN[3], "metadata": {"n": 3}}], collection=name)
+        assert (await aio.describe_collection(name)).documents == 3
         with pytest.raises(InvalidArgument, match="k must be"):
             await aio.search("x", collection=name, k=0)
         assert (await aio.reindex_collection(name)).name == name

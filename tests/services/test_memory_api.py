@@ -113,6 +113,63 @@ def test_filters_are_exact(client, collection):
     assert client.search(q, collection=collection, k=10, filter={"nope": "x"}) == []
 
 
+def test_list_documents_pages_through_everything_or_a_filter(client, collection):
+    client.ingest(DOCS + [{"id": f"note-{i:03d}", "text": f"Note {i} about tides.", "metadata": {"n": i, "lang": "en"}}
+                          for i in range(25)], collection=collection)
+    every = list(client.list_documents(collection=collection, page_size=7))  # 29 documents: 5 calls
+    assert [d.id for d in every] == sorted([d["id"] for d in DOCS] + [f"note-{i:03d}" for i in range(25)])
+    assert [d.id for d in every][:4] == ["bread", "brot", "note-000", "note-001"]
+    volcano = next(d for d in every if d.id == "volcano")
+    assert volcano.text == DOCS[0]["text"] and volcano.metadata == DOCS[0]["metadata"] and volcano.chunk_ids
+
+    page = client.list_documents_page(collection=collection, limit=2, filter={"lang": "en"}, with_text=False)
+    assert [d.id for d in page.documents] == ["bread", "note-000"] and page.next_after == "note-000"
+    assert page.documents[0].text == "" and page.documents[0].metadata["topic"] == "cooking"
+    after = client.list_documents_page(collection=collection, after=page.next_after, limit=2, filter={"lang": "en"})
+    assert [d.id for d in after.documents] == ["note-001", "note-002"]
+    last = client.list_documents_page(collection=collection, after="note-023", filter={"lang": "en"})
+    assert [d.id for d in last.documents] == ["note-024", "orbit", "volcano"] and last.next_after is None
+
+    # The search's filter forms: a list-valued field, any of, OR, NOT, booleans not numbers.
+    def ids(f):
+        return [d.id for d in client.list_documents(collection=collection, filter=f, with_text=False)]
+
+    assert ids({"tags": "history"}) == ["orbit", "volcano"]
+    assert ids({"n": [3, 24, 99]}) == ["note-003", "note-024"]
+    assert ids({"should": [{"key": "topic", "equals": "cooking"}, {"key": "year", "equals": 1854}]}) == ["bread", "brot", "volcano"]
+    assert ids({"must": [{"key": "topic", "equals": "cooking"}], "must_not": [{"key": "lang", "equals": "en"}]}) == ["brot"]
+    assert ids({"verified": True}) == ["brot"] and ids({"verified": 1}) == []
+    with pytest.raises(NotFound, match="no-such-collection"):
+        list(client.list_documents(collection="no-such-collection"))
+    with pytest.raises(InvalidArgument, match="limit"):
+        client.list_documents_page(collection=collection, limit=0)
+
+
+def test_delete_by_filter_and_delete_all(client):
+    client.create_collection("kept-settings", chunk_tokens=32)
+    try:
+        client.ingest(DOCS, collection="kept-settings")
+        assert client.delete(filter={"topic": "cooking"}, collection="kept-settings") == ["bread", "brot"]
+        assert [d.id for d in client.list_documents(collection="kept-settings")] == ["orbit", "volcano"]
+        hits = client.search("Sourdough bread wild yeast", collection="kept-settings", k=5)
+        assert {h.doc_id for h in hits} == {"orbit", "volcano"}  # a deleted document is no longer searchable
+        assert client.delete(["volcano", "orbit"], filter={"tags": "space"}, collection="kept-settings") == ["orbit"]
+        for empty in ({}, {"must": []}):
+            with pytest.raises(InvalidArgument, match="filter is empty.*all=True"):
+                client.delete(filter=empty, collection="kept-settings")
+        with pytest.raises(InvalidArgument, match="no ids or filter"):
+            client.delete(["volcano"], all=True, collection="kept-settings")
+        assert client.describe_collection("kept-settings").documents == 1  # the refusals deleted nothing
+        client.ingest(DOCS[1:], collection="kept-settings")
+        assert sorted(client.delete(all=True, collection="kept-settings")) == sorted(d["id"] for d in DOCS)
+        stats = client.describe_collection("kept-settings")
+        assert (stats.documents, stats.chunks, stats.index_vectors) == (0, 0, 0)
+        assert stats.config.chunk_tokens == 32  # the collection stays, with its settings
+        assert client.search("volcano", collection="kept-settings", k=5) == []
+    finally:
+        client.drop_collection("kept-settings")
+
+
 def test_vector_search(client, collection):
     client.ingest(DOCS, collection=collection)
     from memlm.index.embedding import load_embedder

@@ -226,6 +226,58 @@ def test_ids_per_call_limit(memory, docs):
         assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "101", "100", "store.max_ids_per_call")
 
 
+def test_list_documents_statuses(memory, docs):
+    listed = memory.ListDocuments(pb.ListDocumentsRequest(collection=docs), timeout=30)  # limit 0: the default page
+    assert [d.id for d in listed.documents] == sorted(d.id for d in DOCS) and listed.next_after == ""
+    assert all(d.text == "" and d.chunk_ids for d in listed.documents)  # with_text unset: ids and metadata
+    page = memory.ListDocuments(pb.ListDocumentsRequest(collection=docs, limit=1, with_text=True), timeout=30)
+    assert [d.id for d in page.documents] == ["bread"] and page.next_after == "bread" and page.documents[0].text
+    assert_status(rpc_error(memory.ListDocuments, pb.ListDocumentsRequest(collection="no-such")),
+                  grpc.StatusCode.NOT_FOUND, "no-such")
+    assert_status(rpc_error(memory.ListDocuments, pb.ListDocumentsRequest(collection=docs, limit=101)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "limit", "101", "[1, 100]", "store.max_ids_per_call")
+    assert_status(rpc_error(memory.ListDocuments, pb.ListDocumentsRequest(collection=docs, after="x" * 300)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "after", "300")
+    no_key = pb.Filter(must=[pb.Condition(equals=struct_pb2.Value(string_value="en"))])
+    assert_status(rpc_error(memory.ListDocuments, pb.ListDocumentsRequest(collection=docs, filter=no_key)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "filter.must[0].key")
+    many = pb.Filter(must=[_cond(f"k{i}", 1) for i in range(9)])
+    assert_status(rpc_error(memory.ListDocuments, pb.ListDocumentsRequest(collection=docs, filter=many)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "9", "8", "store.max_filter_conditions")
+
+
+def test_delete_by_filter_statuses_and_what_is_refused(memory, docs):
+    everything = {d.id for d in DOCS}
+    empty = pb.DeleteRequest(collection=docs, filter=pb.Filter())  # set, but matching every document
+    assert_status(rpc_error(memory.Delete, empty), grpc.StatusCode.INVALID_ARGUMENT, "filter is empty", "all")
+    for request in (pb.DeleteRequest(collection=docs, all=True, ids=["bread"]),
+                    pb.DeleteRequest(collection=docs, all=True, filter=pb.Filter(must=[_cond("year", 1854)]))):
+        assert_status(rpc_error(memory.Delete, request), grpc.StatusCode.INVALID_ARGUMENT, "all", "no ids or filter")
+    no_key = pb.Filter(must=[pb.Condition(equals=struct_pb2.Value(string_value="en"))])
+    assert_status(rpc_error(memory.Delete, pb.DeleteRequest(collection=docs, filter=no_key)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "filter.must[0].key")
+    assert_status(rpc_error(memory.Delete, pb.DeleteRequest(collection="no-such", all=True)),
+                  grpc.StatusCode.NOT_FOUND, "no-such")
+    assert stored_ids(memory, docs) == everything  # none of the refused calls deleted anything
+    nothing = memory.Delete(pb.DeleteRequest(collection=docs), timeout=30)  # neither ids, filter nor all
+    assert list(nothing.deleted) == [] and stored_ids(memory, docs) == everything
+
+    ingest = [pb.Document(id=f"tagged-{i}", text=f"note {i}", metadata=struct_pb2.Struct(
+        fields={"n": struct_pb2.Value(number_value=i)})) for i in range(3)]
+    memory.Ingest(iter([pb.IngestRequest(collection=docs, documents=ingest)]), timeout=120)
+    both = memory.Delete(pb.DeleteRequest(collection=docs, ids=["tagged-0", "tagged-1", "volcano"],
+                                          filter=pb.Filter(should=[_cond("n", 0), _cond("n", 2)])), timeout=30)
+    assert list(both.deleted) == ["tagged-0"] and list(both.not_found) == ["tagged-1", "volcano"]
+    by_filter = memory.Delete(pb.DeleteRequest(collection=docs, filter=pb.Filter(must=[_cond("n", any_of=[1, 2])])),
+                              timeout=30)
+    assert sorted(by_filter.deleted) == ["tagged-1", "tagged-2"] and not by_filter.not_found
+    assert stored_ids(memory, docs) == everything
+    gone = memory.Delete(pb.DeleteRequest(collection=docs, all=True), timeout=30)
+    assert sorted(gone.deleted) == sorted(everything)
+    info = memory.DescribeCollection(pb.DescribeCollectionRequest(collection=docs), timeout=30)
+    assert (info.documents, info.chunks, info.index_vectors) == (0, 0, 0)
+
+
 # --- item 9: CreateCollection says what it did -----------------------------------------------
 
 def test_create_collection_semantics(memory):
