@@ -113,6 +113,13 @@ def _connected(address: str, api_key: Optional[str], timeout: float, tls_ca: Opt
 def _parse_filter(text: Optional[str]):
     if not text:
         return None
+    return _filter_arg(text)
+
+
+def _filter_arg(text: Optional[str]):
+    """--filter's JSON as given (None when the option is absent; `{}` stays `{}`, for the server to refuse on delete)."""
+    if text is None:
+        return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -661,15 +668,20 @@ def get(
 
 @app.command()
 def delete(
-    ids: List[str] = typer.Argument(...),
+    ids: Optional[List[str]] = typer.Argument(None, help="document ids (with --filter: those of them that match)"),
     collection: str = typer.Option(..., "--collection", "-c"),
+    filter: Optional[str] = typer.Option(None, "--filter", help='JSON, e.g. \'{"source": "old.pdf"}\': the documents that match'),
     as_json: bool = JsonOpt,
     address: str = AddressOpt, api_key: Optional[str] = ApiKeyOpt, tls_ca: Optional[Path] = TlsCaOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
-    """Delete documents everywhere they went."""
+    """Delete documents everywhere they went: by id, or every one matching --filter, in one
+    durable transaction. An empty filter is refused (it would match every document)."""
+    if not ids and filter is None:
+        _usage_error("delete needs document ids or --filter")
     with _connected(address, api_key, timeout, tls_ca) as client:
-        deleted = client.delete(ids, collection=collection)
+        deleted = client.delete(ids or None, collection=collection, filter=_filter_arg(filter))
+    ids = ids or []
     missing = [i for i in ids if i not in set(deleted)]
     if as_json:
         _print_json({"deleted": deleted, "not_found": missing})

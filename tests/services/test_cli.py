@@ -66,6 +66,21 @@ def test_cli_errors_are_clear(server):
     assert proc.returncode == 1 and ("UNAVAILABLE" in proc.stderr or "DEADLINE_EXCEEDED" in proc.stderr)
 
 
+def test_delete_by_id_or_filter(server, client, collection):
+    addr = ("--address", server.address, "--collection", collection)
+    client.ingest([{"id": f"n{i}", "text": f"note {i}", "metadata": {"src": "a" if i < 3 else "b", "k": i}}
+                   for i in range(5)], collection=collection)
+    gone = json.loads(memlm("delete", "--filter", '{"src": "a"}', "--json", *addr).stdout)
+    assert gone == {"deleted": ["n0", "n1", "n2"], "not_found": []}
+    both = memlm("delete", "n3", "n4", "--filter", '{"k": 3}', *addr).stdout  # ids and a filter: the ids that match
+    assert "deleted 1; not found: n4" in both
+    proc = memlm("delete", "--filter", "{}", *addr, check=False)
+    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stderr and "filter is empty" in proc.stderr
+    proc = memlm("delete", *addr, check=False)
+    assert proc.returncode == 2 and "ids or --filter" in proc.stderr
+    assert [d.id for d in client.list_documents(collection=collection)] == ["n4"]
+
+
 def test_ingest_ids_do_not_depend_on_how_the_path_is_typed(server, tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
