@@ -21,6 +21,8 @@ in. memlm embeds on the server with the collection's embedding model: an `embedd
 the constructor or `from_texts` is not used (a warning says so), and `embeddings` is None.
 Filters: LangChain dicts with equality, $eq, $ne, $in, $nin, $and, $or, $not (see
 memlm/integrations/filters.py for what one memlm filter can hold), or memlm's must/should/must_not.
+`delete(ids)` deletes by id; `delete()` (ids=None, LangChain's "delete all") every document of the
+collection, which stays with its settings; `delete(filter=...)` the documents that match.
 
 ChatMemlm: memlm's Generate, streamed, over the chat template of the served model; with a
 collection it reads memory (`memory="rag"` by default then, or "knn", "retro", ...). No tool
@@ -161,13 +163,15 @@ class MemlmVectorStore(VectorStore):
         return [d["id"] for d in docs]
 
     def delete(self, ids: Optional[list[str]] = None, **kwargs: Any) -> Optional[bool]:
-        """Delete by id; ids not stored are ignored. Without ids: InvalidArgument (drop the
-        collection with the client to empty it: it would take its settings with it)."""
-        self.client.delete(_ids_to_delete(ids), collection=self.collection, **kwargs)
+        """Delete by id (ids not stored are ignored), or with `ids=None` every document, as
+        LangChain's contract says (the collection and its settings stay). `filter=` (a LangChain
+        or memlm filter) deletes the documents that match it instead (with ids: the ids that do).
+        One durable transaction on the server either way."""
+        self.client.delete(**_delete_args(ids, kwargs), collection=self.collection)
         return True
 
     async def adelete(self, ids: Optional[list[str]] = None, **kwargs: Any) -> Optional[bool]:
-        await self.async_client.delete(_ids_to_delete(ids), collection=self.collection, **kwargs)
+        await self.async_client.delete(**_delete_args(ids, kwargs), collection=self.collection)
         return True
 
     # --- reading ---
@@ -243,10 +247,17 @@ class MemlmVectorStore(VectorStore):
         return store
 
 
-def _ids_to_delete(ids: Optional[Sequence[str]]) -> list[str]:
-    if ids is None:
-        raise InvalidArgument("MemlmVectorStore.delete needs the ids to delete (None would mean all of them)")
-    return list(ids)
+def _delete_args(ids: Optional[Sequence[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Client.delete's arguments for VectorStore.delete(ids, **kwargs): ids None without a filter
+    is every document (all=True); `filter` and the client's `timeout` pass through."""
+    unknown = sorted(set(kwargs) - {"filter", "timeout"})
+    if unknown:
+        raise InvalidArgument(f"MemlmVectorStore.delete got {', '.join(unknown)}; it takes ids, filter and timeout")
+    f = from_langchain(kwargs.get("filter"))
+    if kwargs.get("filter") is not None and f is None:
+        raise InvalidArgument("MemlmVectorStore.delete got an empty filter; pass ids=None without a filter to delete all")
+    ids = None if ids is None else list(ids)
+    return {"ids": ids, "filter": f, "all": ids is None and f is None, "timeout": kwargs.get("timeout")}
 
 
 # ---------------------------------------------------------------- the chat model

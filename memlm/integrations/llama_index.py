@@ -19,12 +19,18 @@ embedding from elsewhere gets a warning: it is not used either).
 MemlmVectorStore: one memlm document per node (the node id kept), the node's text as the
 document text (what the server embeds; LlamaIndex's metadata is not embedded) and the node
 rebuilt from `_node_content` as LlamaIndex's own stores keep it. `add` replaces what was stored
-for each ref_doc_id it is given (`replace_ref_docs`), so inserting the same Document again, or
-re-running an IngestionPipeline, upserts instead of duplicating: nodes of an unchanged text keep
-their ids only when the splitter makes the same ids, else they are re-embedded. All nodes of one
-ref_doc_id must come in one `add` call (VectorStoreIndex sends up to 2048 nodes per call).
-MetadataFilters: EQ, NE, IN, NIN, ANY, CONTAINS under AND/OR/NOT (memlm/integrations/filters.py);
-`doc_ids` filters on ref_doc_id. Needs llama-index-core (`pip install memlm[llama-index]`).
+for each ref_doc_id it is given (`replace_ref_docs`): it lists the ref doc's stored nodes (every
+page of a ListDocuments filtered on ref_doc_id) and deletes those not among the new ones, so
+inserting the same Document again, or re-running an IngestionPipeline, upserts instead of
+duplicating, and a node stored with the same id, text and metadata is left as it is (not
+re-embedded, however many nodes the ref doc has). Node ids stay the same only when the splitter
+makes the same ids (`id_func`, or a docstore); new ids are new documents, embedded. All nodes of
+one ref_doc_id must come in one `add` call (VectorStoreIndex sends up to 2048 nodes per call).
+`delete(ref_doc_id)` is one delete by filter; `delete_nodes` / `get_nodes` take node ids,
+MetadataFilters, or both (the ids that match); `clear()` deletes every node (the collection and
+its settings stay). MetadataFilters: EQ, NE, IN, NIN, ANY, CONTAINS under AND/OR/NOT
+(memlm/integrations/filters.py); `doc_ids` filters on ref_doc_id. Needs llama-index-core
+(`pip install memlm[llama-index]`).
 
 MemlmLLM: memlm's Generate; chat goes over the served model's chat template (not a prompt made
 by LlamaIndex), completion is plain text in and out. With a collection it reads memory itself.
@@ -54,14 +60,12 @@ from memlm.async_client import AsyncClient
 from memlm.client import Client, DocumentHit
 from memlm.engine import GenerationResult
 from memlm.errors import InvalidArgument
-from memlm.index.types import Condition, Filter, SearchHit
+from memlm.index.filters import matches
+from memlm.index.types import Condition, Filter, SearchHit, StoredDocument
 from memlm.integrations.filters import from_llama_index
 
 # Keys LlamaIndex's node_to_metadata_dict adds beside the node's own metadata.
 _NODE_KEYS = ("_node_content", "_node_type", "document_id", "doc_id", "ref_doc_id")
-# add() and delete() find a ref doc's stored nodes by a filtered search, this many chunks a page
-# (below any sane store.max_k: the default is 1000).
-_REF_DOC_PAGE = 32
 
 
 class ServerSideEmbedding(BaseEmbedding):
@@ -152,23 +156,15 @@ class MemlmVectorStore(BasePydanticVectorStore):
                          "metadata": metadata})
         return docs
 
-    def _stale(self, hits: Sequence[SearchHit], keep: set[str]) -> list[str]:
-        return sorted({h.doc_id for h in hits} - keep)
-
     def add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
-        """Store the nodes (an id already stored is replaced); with `replace_ref_docs`, first remove
-        the nodes stored before for each of their ref_doc_ids that are not among them."""
+        """Store the nodes (an id already stored is replaced; one stored with the same text and
+        metadata is left as it is); with `replace_ref_docs`, first delete the nodes stored before
+        for each of their ref_doc_ids that are not among them."""
         docs = self._documents(nodes)
         if kwargs.pop("replace_ref_docs", self.replace_ref_docs):
             keep = {d["id"] for d in docs}
             for ref in sorted({n.ref_doc_id for n in nodes if n.ref_doc_id}):
-                hits = self._client.search(ref, collection=self.collection, k=_REF_DOC_PAGE,
-                                           filter=_ref_doc_filter(ref), mode="dense")
-                if len(hits) < _REF_DOC_PAGE:  # all of them: only the stale ones go
-                    if stale := self._stale(hits, keep):
-                        self._client.delete(stale, collection=self.collection)
-                else:  # more than a page: all go, and the new nodes are embedded again
-                    self.delete(ref)
+                self._delete_stale(ref, keep)
         self._client.ingest(docs, collection=self.collection, **kwargs)
         return [d["id"] for d in docs]
 
@@ -177,47 +173,80 @@ class MemlmVectorStore(BasePydanticVectorStore):
         if kwargs.pop("replace_ref_docs", self.replace_ref_docs):
             keep = {d["id"] for d in docs}
             for ref in sorted({n.ref_doc_id for n in nodes if n.ref_doc_id}):
-                hits = await self._aclient.search(ref, collection=self.collection, k=_REF_DOC_PAGE,
-                                                  filter=_ref_doc_filter(ref), mode="dense")
-                if len(hits) < _REF_DOC_PAGE:
-                    if stale := self._stale(hits, keep):
-                        await self._aclient.delete(stale, collection=self.collection)
-                else:
-                    await self.adelete(ref)
+                await self._adelete_stale(ref, keep)
         await self._aclient.ingest(docs, collection=self.collection, **kwargs)
         return [d["id"] for d in docs]
 
+    def _delete_stale(self, ref_doc_id: str, keep: set[str]) -> None:
+        """Delete the ref doc's stored nodes whose ids are not in `keep`, a page of its listing at a
+        time (a page's ids fit one Delete; later pages start after it, so deleting does not move them)."""
+        after = None
+        while True:
+            page = self._client.list_documents_page(collection=self.collection, filter=_ref_doc_filter(ref_doc_id),
+                                                    after=after, with_text=False)
+            if stale := [d.id for d in page.documents if d.id not in keep]:
+                self._client.delete(stale, collection=self.collection)
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    async def _adelete_stale(self, ref_doc_id: str, keep: set[str]) -> None:
+        after = None
+        while True:
+            page = await self._aclient.list_documents_page(
+                collection=self.collection, filter=_ref_doc_filter(ref_doc_id), after=after, with_text=False)
+            if stale := [d.id for d in page.documents if d.id not in keep]:
+                await self._aclient.delete(stale, collection=self.collection)
+            if page.next_after is None:
+                return
+            after = page.next_after
+
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
-        """Delete every node of the ref doc, a page of a filtered search at a time."""
-        while hits := self._client.search(ref_doc_id, collection=self.collection, k=_REF_DOC_PAGE,
-                                          filter=_ref_doc_filter(ref_doc_id), mode="dense"):
-            if not self._client.delete(sorted({h.doc_id for h in hits}), collection=self.collection):
-                break  # nothing went (a concurrent delete): what is left is someone else's to see
+        """Delete every node of the ref doc (one delete by filter: all of them, or none)."""
+        self._client.delete(filter=_ref_doc_filter(ref_doc_id), collection=self.collection)
 
     async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
-        while hits := await self._aclient.search(ref_doc_id, collection=self.collection, k=_REF_DOC_PAGE,
-                                                 filter=_ref_doc_filter(ref_doc_id), mode="dense"):
-            if not await self._aclient.delete(sorted({h.doc_id for h in hits}), collection=self.collection):
-                break
+        await self._aclient.delete(filter=_ref_doc_filter(ref_doc_id), collection=self.collection)
 
     def delete_nodes(self, node_ids: Optional[list[str]] = None, filters: Optional[MetadataFilters] = None,
                      **delete_kwargs: Any) -> None:
-        self._client.delete(_node_ids(node_ids, filters), collection=self.collection)
+        """Delete the nodes with these ids, the nodes matching `filters`, or with both the ids that
+        match (in one transaction). Neither: InvalidArgument (`clear()` deletes every node)."""
+        self._client.delete(**_selection(node_ids, from_llama_index(filters)), collection=self.collection)
 
     async def adelete_nodes(self, node_ids: Optional[list[str]] = None, filters: Optional[MetadataFilters] = None,
                             **delete_kwargs: Any) -> None:
-        await self._aclient.delete(_node_ids(node_ids, filters), collection=self.collection)
+        await self._aclient.delete(**_selection(node_ids, from_llama_index(filters)), collection=self.collection)
+
+    def clear(self) -> None:
+        """Delete every node of the collection (it stays, with its settings)."""
+        self._client.delete(all=True, collection=self.collection)
+
+    async def aclear(self) -> None:
+        await self._aclient.delete(all=True, collection=self.collection)
 
     # --- reading ---
 
     def get_nodes(self, node_ids: Optional[list[str]] = None, filters: Optional[MetadataFilters] = None) -> list[BaseNode]:
-        found = self._client.get(_node_ids(node_ids, filters), collection=self.collection, missing_ok=True)
-        return [_node_from_hit(DocumentHit(d.id, d.text, dict(d.metadata), 0.0, ())) for d in found]
+        """The nodes with these ids (those stored, in the order asked), the nodes matching `filters`
+        (every page, in id order), or with both the ids that match."""
+        f = from_llama_index(filters)
+        _selection(node_ids, f)  # neither: InvalidArgument
+        if node_ids:
+            found = self._client.get(list(node_ids), collection=self.collection, missing_ok=True)
+        else:
+            found = list(self._client.list_documents(collection=self.collection, filter=f))
+        return _nodes(found, f if node_ids else None)
 
     async def aget_nodes(self, node_ids: Optional[list[str]] = None,
                          filters: Optional[MetadataFilters] = None) -> list[BaseNode]:
-        found = await self._aclient.get(_node_ids(node_ids, filters), collection=self.collection, missing_ok=True)
-        return [_node_from_hit(DocumentHit(d.id, d.text, dict(d.metadata), 0.0, ())) for d in found]
+        f = from_llama_index(filters)
+        _selection(node_ids, f)
+        if node_ids:
+            found = await self._aclient.get(list(node_ids), collection=self.collection, missing_ok=True)
+        else:
+            found = [d async for d in self._aclient.list_documents(collection=self.collection, filter=f)]
+        return _nodes(found, f if node_ids else None)
 
     def _search_args(self, query: VectorStoreQuery) -> dict[str, Any]:
         if query.node_ids:
@@ -255,12 +284,19 @@ class MemlmVectorStore(BasePydanticVectorStore):
         return self._result(await self._aclient.search_documents(args.pop("query"), **args))
 
 
-def _node_ids(node_ids: Optional[list[str]], filters: Optional[MetadataFilters]) -> list[str]:
-    if filters is not None and filters.filters:
-        raise InvalidArgument("MemlmVectorStore gets and deletes nodes by id only, not by filters")
-    if not node_ids:
-        raise InvalidArgument("pass node_ids (memlm reads and deletes documents by id)")
-    return list(node_ids)
+def _selection(node_ids: Optional[list[str]], f: Optional[Filter]) -> dict[str, Any]:
+    """The ids and filter of a get_nodes / delete_nodes call; InvalidArgument when it has neither
+    (LlamaIndex callers mean "these nodes": an empty selection is a bug, not "all of them")."""
+    if not node_ids and f is None:
+        raise InvalidArgument("pass node_ids or filters (MemlmVectorStore.clear() deletes every node)")
+    return {"ids": list(node_ids) if node_ids else None, "filter": f}
+
+
+def _nodes(found: Sequence[StoredDocument], f: Optional[Filter]) -> list[BaseNode]:
+    """Stored documents as nodes; with `f`, only those whose metadata matches it (the store's own
+    evaluation, memlm.index.filters.matches: ids and filters together)."""
+    return [_node_from_hit(DocumentHit(d.id, d.text, dict(d.metadata), 0.0, ()))
+            for d in found if f is None or matches(d.metadata, f)]
 
 
 # ---------------------------------------------------------------- the retriever

@@ -176,6 +176,37 @@ async def test_async_store_calls_go_over_grpc_aio(store):
     await store.async_client.close()
 
 
+def test_delete_without_ids_deletes_all_and_keeps_the_collection(store, client):
+    from langchain_core.documents import Document
+
+    from memlm.errors import InvalidArgument
+
+    docs = [Document(id=k, page_content=t, metadata={"topic": k}) for k, t in LONG.items()]
+    store.add_documents(docs)
+    store.delete(filter={"topic": {"$in": ["moon", "salt"]}})  # memlm's extra: a filter, translated
+    assert [d.id for d in store.get_by_ids(list(LONG))] == ["reef"]
+    with pytest.raises(InvalidArgument, match="empty filter"):
+        store.delete(filter={})
+    store.delete([])  # no ids: nothing, as LangChain means it
+    assert [d.id for d in store.get_by_ids(list(LONG))] == ["reef"]
+    store.add_documents(docs)
+    assert store.delete() is True  # ids=None: LangChain's "delete all"
+    stats = client.describe_collection(store.collection)
+    assert (stats.documents, stats.chunks, stats.index_vectors) == (0, 0, 0)
+    assert stats.config.chunk_tokens == 16  # the collection stays, with its settings
+    assert store.similarity_search("Why are there tides?", k=3) == []
+    assert store.add_documents(docs[:1]) == ["moon"]  # and takes documents again
+
+
+async def test_adelete_without_ids_deletes_all(store, client):
+    from langchain_core.documents import Document
+
+    await store.aadd_documents([Document(id=k, page_content=t) for k, t in LONG.items()])
+    assert await store.adelete() is True
+    assert (await store.aget_by_ids(list(LONG))) == [] and client.describe_collection(store.collection).documents == 0
+    await store.async_client.close()
+
+
 def test_from_texts_and_the_unused_embedding_is_said(client):
     from langchain_core.embeddings import DeterministicFakeEmbedding
 

@@ -110,6 +110,115 @@ def test_ingestion_pipeline_run_twice_upserts(client, store):
     assert store.get_nodes([first[0].node_id]) == []
 
 
+def _stored(client, store) -> dict:
+    """{node id: (chunk ids, updated_at)} of every stored node: what an unchanged node keeps."""
+    return {d.id: (d.chunk_ids, d.updated_at) for d in client.list_documents(collection=store.collection, with_text=False)}
+
+
+def _last_seq(client, store) -> int:
+    """The collection's newest change-log entry: every committed write (ingest or delete) adds one."""
+    return client.read_changes(collection=store.collection, after_seq=0).last_seq
+
+
+def _sentences(n: int, changed: int = -1) -> str:
+    return "\n\n\n".join(f"Paragraph {i}: the harbour log of day {i} notes {'a storm' if i == changed else 'calm seas'} "
+                         f"and {i % 7} ships at anchor." for i in range(n))
+
+
+def test_reinserting_a_ref_doc_of_many_nodes_embeds_nothing_again(client, store):
+    """More nodes than the old 32-chunk search page: re-inserting the same Document writes nothing
+    (no delete, no re-embedding); a shorter, changed one deletes the nodes it no longer has."""
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.node_parser import SentenceSplitter
+
+    from memlm.integrations.llama_index import ServerSideEmbedding
+
+    splitter = SentenceSplitter(chunk_size=40, chunk_overlap=0, id_func=lambda i, doc: f"{doc.doc_id}#{i}")
+    index = VectorStoreIndex.from_vector_store(store, embed_model=ServerSideEmbedding(), transformations=[splitter])
+    index.insert(Document(text=_sentences(90), id_="log.txt"))
+    first, seq = _stored(client, store), _last_seq(client, store)
+    assert len(first) > 40 and all(i.startswith("log.txt#") for i in first)
+
+    index.insert(Document(text=_sentences(90), id_="log.txt"))
+    assert _stored(client, store) == first  # same chunk ids and updated_at: not re-embedded, not rewritten
+    assert _last_seq(client, store) == seq  # and nothing deleted: no write at all
+
+    # One paragraph changed, ten gone. Every node is replaced: LlamaIndex records the Document's hash
+    # in each node's relationships, so each node's stored metadata changed with the Document.
+    changed = Document(text=_sentences(80, changed=41), id_="log.txt")
+    new_ids = {n.node_id for n in splitter.get_nodes_from_documents([changed])}
+    index.insert(changed)
+    after = _stored(client, store)
+    assert set(after) == new_ids and new_ids < set(first)  # the nodes of the last paragraphs are deleted
+    (storm,) = [n for n in store.get_nodes(filters=_only("ref_doc_id", "log.txt")) if "a storm" in n.text]
+    assert storm.ref_doc_id == "log.txt"
+    assert _last_seq(client, store) == seq + 1 + 2  # one delete of the stale nodes, the ingest's two batches of 64
+
+    index.delete_ref_doc("log.txt")
+    assert _stored(client, store) == {} and _last_seq(client, store) == seq + 4  # every node in one delete
+
+
+def _only(key, value, operator=None):
+    from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
+
+    return MetadataFilters(filters=[MetadataFilter(key=key, value=value, operator=operator or FilterOperator.EQ)])
+
+
+def test_get_delete_nodes_by_filters_and_clear(client, store, index):
+    from llama_index.core import Document
+    from llama_index.core.vector_stores.types import FilterOperator
+
+    for i, t in enumerate(OCEAN):
+        index.insert(Document(text=t, id_=f"ocean-{i}", metadata={"n": i, "kind": "reef" if i == 2 else "sea"}))
+    by_ref = {n.ref_doc_id: n for n in store.get_nodes(filters=_only("kind", "sea"))}
+    assert sorted(by_ref) == ["ocean-0", "ocean-1", "ocean-3"] and by_ref["ocean-3"].text == OCEAN[3]
+    assert by_ref["ocean-3"].metadata == {"n": 3, "kind": "sea"}
+    ids = [by_ref["ocean-0"].node_id, by_ref["ocean-1"].node_id]
+    both = store.get_nodes(ids, filters=_only("n", [1, 2], FilterOperator.IN))  # ids and filters: the ids that match
+    assert [n.ref_doc_id for n in both] == ["ocean-1"]
+    with pytest.raises(ValueError, match="node_ids or filters"):
+        store.get_nodes()
+
+    store.delete_nodes(ids, filters=_only("n", 0))
+    assert sorted(n.ref_doc_id for n in store.get_nodes(filters=_only("kind", "sea"))) == ["ocean-1", "ocean-3"]
+    store.delete_nodes(filters=_only("n", [1, 2], FilterOperator.NIN))  # NOT: ocean-3 goes
+    assert sorted(n.ref_doc_id for n in store.get_nodes(filters=_only("n", [0, 1, 2, 3], FilterOperator.IN))) == ["ocean-1", "ocean-2"]
+    with pytest.raises(ValueError, match="node_ids or filters"):
+        store.delete_nodes()
+    assert _documents(client, store) == 2
+
+    store.clear()
+    stats = client.describe_collection(store.collection)
+    assert (stats.documents, stats.chunks, stats.index_vectors) == (0, 0, 0)  # the collection stays
+    assert index.as_retriever(similarity_top_k=2).retrieve("coral reefs") == []
+
+
+async def test_async_upsert_filters_and_clear(client, store):
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.node_parser import SentenceSplitter
+
+    from memlm.integrations.llama_index import ServerSideEmbedding
+
+    splitter = SentenceSplitter(chunk_size=40, chunk_overlap=0, id_func=lambda i, doc: f"{doc.doc_id}#{i}")
+    index = VectorStoreIndex.from_vector_store(store, embed_model=ServerSideEmbedding(), transformations=[splitter],
+                                               use_async=True)
+    await index.ainsert(Document(text=_sentences(80), id_="log.txt", metadata={"src": "log"}))
+    first, seq = _stored(client, store), _last_seq(client, store)
+    assert len(first) > 32
+    await index.ainsert(Document(text=_sentences(80), id_="log.txt", metadata={"src": "log"}))
+    assert _stored(client, store) == first and _last_seq(client, store) == seq
+    nodes = await store.aget_nodes(filters=_only("src", "log"))
+    assert sorted(n.node_id for n in nodes) == sorted(first)
+    await store.adelete_nodes(filters=_only("ref_doc_id", "nope"))
+    assert len(_stored(client, store)) == len(first)
+    await index.ainsert(Document(text=OCEAN[0], id_="ocean-0"))
+    await store.adelete("log.txt")
+    assert list(_stored(client, store)) == [n.node_id for n in await store.aget_nodes(filters=_only("ref_doc_id", "ocean-0"))]
+    await store.aclear()
+    assert _stored(client, store) == {}
+    await client.aclose()
+
+
 def test_query_engine_answers_with_memlm_llm_from_the_store(client, index):
     from llama_index.core import Document
 
