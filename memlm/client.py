@@ -138,6 +138,8 @@ def _delete_request(ids: Union[None, str, Sequence[str]], collection: str, filte
                     all: bool) -> pb.DeleteRequest:
     """A filter given but empty goes as a set, empty filter, which the server refuses (it would match
     every document): deleting everything takes `all`, so no empty dict can do it by mistake."""
+    if ids is None and filter is None and not all:
+        raise InvalidArgument("delete needs ids, a filter, or all=True (to delete every document)")
     request = pb.DeleteRequest(collection=collection, ids=_ids(ids) if ids is not None else [], all=all)
     if filter is not None:
         request.filter.SetInParent()

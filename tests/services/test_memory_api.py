@@ -159,6 +159,9 @@ def test_delete_by_filter_and_delete_all(client):
                 client.delete(filter=empty, collection="kept-settings")
         with pytest.raises(InvalidArgument, match="no ids or filter"):
             client.delete(["volcano"], all=True, collection="kept-settings")
+        with pytest.raises(InvalidArgument, match="needs ids, a filter, or all=True"):
+            client.delete(collection="kept-settings")
+        assert client.delete([], collection="kept-settings") == []  # no ids: nothing
         assert client.describe_collection("kept-settings").documents == 1  # the refusals deleted nothing
         client.ingest(DOCS[1:], collection="kept-settings")
         assert sorted(client.delete(all=True, collection="kept-settings")) == sorted(d["id"] for d in DOCS)
