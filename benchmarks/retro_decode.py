@@ -17,22 +17,17 @@ Per chunk: the time encoding neighbours (their base pass and the encoder).
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
-import sysconfig
+import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-
-def stdlib_tokens(tokenizer, files: int, seed: int) -> list[list[int]]:
-    """Token ids of `files` standard-library modules (sorted by name, then shuffled by seed)."""
-    paths = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.stat().st_size > 8000)
-    random.Random(seed).shuffle(paths)
-    return [tokenizer.encode(p.read_text(errors="replace")) for p in paths[:files]]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _retro_common import generation_arguments, load_served_model, print_rates, run_summary, stdlib_modules  # noqa: E402
 
 
 class TextNeighbours:
@@ -75,31 +70,21 @@ class TextNeighbours:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = generation_arguments(__doc__)
     p.add_argument("--weights", default=None, help="RETRO adapter folder (default: the shipped one)")
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model-weights", default="q4_1")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
 
     from memlm.engine import SamplingParams
     from memlm.generation import generate_tokens
-    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
     from memlm.modes.retro import model as retro_model
     from memlm.modes.retro.mode import SHIPPED_WEIGHTS
     from memlm.modes.retro.state_cache import NeighbourStateCache
     from memlm.train.weights import folder_fingerprint, load_adapter
 
-    folder = resolve_model_dir(None)
-    tokenizer = load_tokenizer(folder)
-    model = load_model(folder, weights=args.model_weights)
+    folder, tokenizer, model = load_served_model(args)
     adapter = load_adapter(args.weights or SHIPPED_WEIGHTS, model, folder_fingerprint(folder), attach=False)
     adapter.eval().requires_grad_(False)
-    texts = stdlib_tokens(tokenizer, 40, args.seed)
+    texts = [tokenizer.encode(text) for _, text in stdlib_modules(40, args.seed)]
     prompt = texts[0][: args.prompt_tokens]
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     cache = NeighbourStateCache(256 << 20)
@@ -138,15 +123,8 @@ def main() -> None:
                     rates[name].append(rate)
                     if name == "retro cold":
                         encode_ms.append(encode)
-    base = statistics.median(rates["none"])
-    print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens greedy, weights {args.model_weights}, "
-          f"threads {torch.get_num_threads()}, medians of {args.runs} (CCA at layers {list(adapter.config.layers)}, "
-          f"k {adapter.config.neighbours}):")
-    print("| method | tok/s | vs none |")
-    print("| --- | --- | --- |")
-    for name in columns:
-        rate = statistics.median(rates[name])
-        print(f"| {name} | {rate:.2f} | {rate / base:.2f}x |")
+    print_rates(f"{run_summary(args)}, medians of {args.runs} (CCA at layers {list(adapter.config.layers)}, "
+                f"k {adapter.config.neighbours}):", rates)
     a, b = outputs["retro warm"], outputs["retro, CCA module path, warm"]
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     print(f"encode per chunk, cold: {statistics.median(encode_ms):.1f} ms; the C step's greedy tokens equal the "

@@ -20,10 +20,8 @@ search, and search + encode (`hooks.memory_s`), in ms.
 """
 from __future__ import annotations
 
-import argparse
-import random
 import statistics
-import sysconfig
+import sys
 import tempfile
 import threading
 import time
@@ -32,11 +30,8 @@ from pathlib import Path
 
 import torch
 
-
-def stdlib_texts(files: int, seed: int) -> list[tuple[str, str]]:
-    paths = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.stat().st_size > 8000)
-    random.Random(seed).shuffle(paths)
-    return [(p.stem, p.read_text(errors="replace")) for p in paths[: files + 1]]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _retro_common import generation_arguments, load_served_model, print_rates, run_summary, stdlib_modules  # noqa: E402
 
 
 def run_now(fn) -> Future:
@@ -50,18 +45,11 @@ def folder_bytes(path: Path) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--files", type=int, default=6)
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model-weights", default="q4_1")
-    p.add_argument("--seed", type=int, default=0)
+    p = generation_arguments(__doc__)
+    p.add_argument("--files", type=int, default=6, help="standard-library modules in the collection")
     p.add_argument("--search-mode", default=None, choices=("dense", "lexical", "hybrid"),
                    help="the requests' search mode for neighbours (default: the store's, hybrid)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
 
     from memlm.config import StoreSettings
     from memlm.engine import GenerationRequest, SamplingParams
@@ -69,14 +57,11 @@ def main() -> None:
     from memlm.index.memory_store import MemoryStore
     from memlm.index.types import Document
     from memlm.modes.base import ModeRuntime
-    from memlm.models.loading import load_model, load_tokenizer, resolve_model_dir
     from memlm.modes.retro.mode import Mode
     from memlm.modes.retro.settings import Settings
 
-    folder = resolve_model_dir(None)
-    tokenizer = load_tokenizer(folder)
-    model = load_model(folder, weights=args.model_weights)
-    texts = stdlib_texts(args.files, args.seed)
+    folder, tokenizer, model = load_served_model(args)
+    texts = stdlib_modules(args.files + 1, args.seed)  # the first is the prompt's
     prompt = tokenizer.decode(tokenizer.encode(texts[0][1])[: args.prompt_tokens])
     ids = tokenizer(prompt).input_ids
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
@@ -133,17 +118,10 @@ def main() -> None:
         mode.close()
         store.close()
 
-    base = statistics.median(rates["none"])
-    print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens greedy, weights {args.model_weights}, "
-          f"threads {torch.get_num_threads()}, neighbours by {args.search_mode or 'the store default (hybrid)'} search, "
-          f"medians of {args.runs}:")
-    print("| method | tok/s | vs none | search per chunk | search + encode per chunk |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in columns:
-        rate = statistics.median(rates[name])
-        extra = ("", "") if name == "none" else (f"{statistics.median(search_ms[name]):.1f} ms",
-                                                 f"{statistics.median(memory_ms[name]):.1f} ms")
-        print(f"| {name} | {rate:.2f} | {rate / base:.2f}x | {extra[0]} | {extra[1]} |")
+    per_chunk = {column: {name: f"{statistics.median(ms):.1f} ms" for name, ms in times.items()}
+                 for column, times in (("search per chunk", search_ms), ("search + encode per chunk", memory_ms))}
+    print_rates(f"{run_summary(args)}, neighbours by {args.search_mode or 'the store default (hybrid)'} search, "
+                f"medians of {args.runs}:", rates, per_chunk)
 
 
 if __name__ == "__main__":
