@@ -1,16 +1,19 @@
 """What each weight format of the owned Llama costs in quality, on the bundled SmolLM2-135M.
 
-Three measures per format (memlm.model.quantize; "int4+head4" is int4 with the head int4 too):
+Three measures per format (memlm.model.quantize; "int4+head4" is int4 with the head int4 too; a
+"+kv16" suffix keeps the format's KV caches in fp16, `Llama.kv_dtype`, as the server does for q4_1):
 - perplexity on real held-out text: the "stdlib" corpus stream (benchmarks/corpus.py: docstring
   paragraphs of Python's standard library), from paragraph --text-offset on, --windows windows of
-  --window tokens, each scored on its own (no context carried over);
+  --window tokens, each scored on its own (no context carried over); with --kv-chunk N, each
+  window goes through a KV cache N tokens a pass, so every position reads the earlier ones from the
+  cache in its dtype (what a KV dtype changes);
 - greedy continuations of a few prompts (--new-tokens), and how many leading tokens equal fp32's;
 - pass key in plain `none` mode: the leading stdlib documents (~1,000 tokens each) that add up
   to ~--passkey-tokens tokens, all in the prompt, with the needle at a seeded random depth (as benchmarks/passkey.py builds them), the question after them, 10 greedy
   tokens; a trial counts when the key is in them. The same seeded trials for every format.
 
     .venv/bin/python benchmarks/owned_quality.py [--formats dense q4_1 int4 int8 int4+head4] [--windows 4]
-        [--window 1024] [--passkey-trials 5] [--passkey-tokens 2048] [--threads 2]
+        [--window 1024] [--kv-chunk 0] [--passkey-trials 5] [--passkey-tokens 2048] [--threads 2]
 """
 from __future__ import annotations
 
@@ -42,17 +45,27 @@ PROMPTS = [
 
 
 def build(fmt: str, dense: Llama) -> Llama:
-    if fmt == "dense":
+    fmt, kv16 = fmt.removesuffix("+kv16"), fmt.endswith("+kv16")
+    if fmt == "dense" and not kv16:
         return dense
     weights, head = ("int4", "int4") if fmt == "int4+head4" else (fmt, None)
-    return quantize_model(copy.deepcopy(dense), weights, head=head)
+    model = copy.deepcopy(dense) if weights == "dense" else quantize_model(copy.deepcopy(dense), weights, head=head)
+    if kv16:
+        model.kv_dtype = torch.float16
+    return model
 
 
 @torch.inference_mode()
-def perplexity(model: Llama, windows: list[torch.Tensor]) -> float:
+def perplexity(model: Llama, windows: list[torch.Tensor], kv_chunk: int = 0) -> float:
     nll, n = 0.0, 0
     for ids in windows:  # (1, W)
-        logits = model(ids, torch.arange(ids.shape[1]))[0, :-1]  # (W - 1, V)
+        W = ids.shape[1]
+        if kv_chunk:
+            cache = model.new_cache(1, W)
+            logits = torch.cat([model(ids[:, i:i + kv_chunk], torch.arange(i, min(i + kv_chunk, W)), cache)[0]
+                                for i in range(0, W, kv_chunk)])[:-1]
+        else:
+            logits = model(ids, torch.arange(W))[0, :-1]  # (W - 1, V)
         nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         n += ids.shape[1] - 1
     return math.exp(nll / n)
@@ -63,6 +76,8 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["dense", "q4_1", "int4", "int8", "int4+head4"])
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--kv-chunk", type=int, default=0, help="score each window through a KV cache this many tokens "
+                   "a pass (0: the whole window in one pass, no cache)")
     p.add_argument("--text-offset", type=int, default=20000, help="first stdlib paragraph used (held out from "
                    "the passkey haystacks, which start at 0)")
     p.add_argument("--new-tokens", type=int, default=24)
@@ -88,10 +103,11 @@ def main() -> None:
     while len(ids) < args.windows * args.window:
         ids += tok(next(stream) + "\n\n").input_ids
     windows = [torch.tensor([ids[i * args.window:(i + 1) * args.window]]) for i in range(args.windows)]
-    print(f"perplexity on {args.windows} x {args.window} tokens of stdlib docstrings (from paragraph {args.text_offset}):")
+    how = f", through the KV cache {args.kv_chunk} tokens a pass" if args.kv_chunk else ""
+    print(f"perplexity on {args.windows} x {args.window} tokens of stdlib docstrings (from paragraph {args.text_offset}{how}):")
     for fmt, model in models.items():
         t0 = time.perf_counter()
-        print(f"  {fmt:11s} {perplexity(model, windows):.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"  {fmt:11s} {perplexity(model, windows, args.kv_chunk):.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     print(f"\ngreedy, {args.new_tokens} tokens:")
     for prompt in PROMPTS:

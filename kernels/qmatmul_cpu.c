@@ -616,7 +616,7 @@ static int q4_1_mm(const float *x, int64_t M, int64_t K, const int64_t *w, int64
    memlm.model.llama.Block (the tests hold it to that module path):
      h = rms_norm(x) * attn_norm;  [q; k; v] = wqkv h;  q, k rotated (half-split RoPE, sin's first
      half negated: out = v * cos + roll(v, hd/2) * sin);  k, v written at `pos` in the layer's
-     cache (KV, S_max, hd);  per query head, softmax(q . k_l / sqrt(hd)) over l in [0, pos] times
+     cache (KV, S_max, hd; fp32, or fp16 where half);  per query head, softmax(q . k_l / sqrt(hd)) over l in [0, pos] times
      v_l (GQA: head h reads KV head h / (H / KV));  x += wo o;
      h = rms_norm(x) * ffn_norm;  [g; u] = w13 h;  x += w2 (silu(g) * u).
    w: the four projections wqkv, wo, w13, w2, four int64 each (see q4_1_mm).
@@ -678,18 +678,6 @@ static void silu_mul(const float *g, const float *u, int64_t n, float *act) {
     for (; i < n; i++) act[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* hd is a multiple of 8 (checked by the caller). */
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return hsum(acc);
-}
-
-static inline void axpy_f32(float a, const float *x, float *y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-}
-
 static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
     float tmp[hd];
     const int64_t half = hd / 2;
@@ -697,46 +685,62 @@ static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
     for (int64_t i = 0; i < hd; i++) v[i] = tmp[i];
 }
 
+/* Eight cache values from element i of a cache row: fp32, or fp16 (half) widened exactly. */
+static inline __attribute__((always_inline)) __m256 kv_load(const void *row, int64_t i, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+                : _mm256_loadu_ps((const float *)row + i);
+}
+
 /* s[l] = q . k_l * scale for l < L (keys hd apart): four keys at a time, each its own chain of FMAs,
-   so the adds do not all wait on one accumulator (one chain ran at the FMA latency, ~4x slower). */
-static void scores_f32(const float *q, const float *k, int64_t L, int64_t hd, float scale, float *s) {
+   so the adds do not all wait on one accumulator (one chain ran at the FMA latency). */
+static inline __attribute__((always_inline)) void cache_scores(const float *q, const void *k, int64_t L, int64_t hd,
+                                                               float scale, int half, float *s) {
+    const int64_t row = hd * (half ? 2 : 4);  /* bytes */
+    const char *kb = (const char *)k;
     int64_t l = 0;
     for (; l + 4 <= L; l += 4) {
-        const float *k0 = k + l * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+        const char *k0 = kb + l * row, *k1 = k0 + row, *k2 = k1 + row, *k3 = k2 + row;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         for (int64_t i = 0; i < hd; i += 8) {
             const __m256 vq = _mm256_loadu_ps(q + i);
-            a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + i), a0);
-            a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k1 + i), a1);
-            a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k2 + i), a2);
-            a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k3 + i), a3);
+            a0 = _mm256_fmadd_ps(vq, kv_load(k0, i, half), a0);
+            a1 = _mm256_fmadd_ps(vq, kv_load(k1, i, half), a1);
+            a2 = _mm256_fmadd_ps(vq, kv_load(k2, i, half), a2);
+            a3 = _mm256_fmadd_ps(vq, kv_load(k3, i, half), a3);
         }
         s[l] = hsum(a0) * scale;
         s[l + 1] = hsum(a1) * scale;
         s[l + 2] = hsum(a2) * scale;
         s[l + 3] = hsum(a3) * scale;
     }
-    for (; l < L; l++) s[l] = dot_f32(q, k + l * hd, hd) * scale;
+    for (; l < L; l++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load(kb + l * row, i, half), a);
+        s[l] = hsum(a) * scale;
+    }
 }
 
 /* o = sum_l p[l] v_l / sum, v_l hd apart. hd = 64 (SmolLM2's): the output stays in eight
    registers across the keys, instead of a load and a store per key. */
-static void weighted_sum_f32(const float *p, const float *v, int64_t L, int64_t hd, float sum, float *o) {
+static inline __attribute__((always_inline)) void cache_weighted_sum(const float *p, const void *v, int64_t L,
+                                                                     int64_t hd, float sum, int half, float *o) {
     const float r = 1.0f / sum;
+    const int64_t row = hd * (half ? 2 : 4);
+    const char *vb = (const char *)v;
     if (hd == 64) {
         __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
         __m256 o4 = _mm256_setzero_ps(), o5 = _mm256_setzero_ps(), o6 = _mm256_setzero_ps(), o7 = _mm256_setzero_ps();
         for (int64_t l = 0; l < L; l++) {
-            const float *vl = v + l * 64;
+            const char *vl = vb + l * row;
             const __m256 a = _mm256_set1_ps(p[l] * r);
-            o0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl), o0);
-            o1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 8), o1);
-            o2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 16), o2);
-            o3 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 24), o3);
-            o4 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 32), o4);
-            o5 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 40), o5);
-            o6 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 48), o6);
-            o7 = _mm256_fmadd_ps(a, _mm256_loadu_ps(vl + 56), o7);
+            o0 = _mm256_fmadd_ps(a, kv_load(vl, 0, half), o0);
+            o1 = _mm256_fmadd_ps(a, kv_load(vl, 8, half), o1);
+            o2 = _mm256_fmadd_ps(a, kv_load(vl, 16, half), o2);
+            o3 = _mm256_fmadd_ps(a, kv_load(vl, 24, half), o3);
+            o4 = _mm256_fmadd_ps(a, kv_load(vl, 32, half), o4);
+            o5 = _mm256_fmadd_ps(a, kv_load(vl, 40, half), o5);
+            o6 = _mm256_fmadd_ps(a, kv_load(vl, 48, half), o6);
+            o7 = _mm256_fmadd_ps(a, kv_load(vl, 56, half), o7);
         }
         _mm256_storeu_ps(o, o0);
         _mm256_storeu_ps(o + 8, o1);
@@ -748,47 +752,72 @@ static void weighted_sum_f32(const float *p, const float *v, int64_t L, int64_t 
         _mm256_storeu_ps(o + 56, o7);
         return;
     }
-    for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-    for (int64_t l = 0; l < L; l++) axpy_f32(p[l] * r, v + l * hd, o, hd);
+    for (int64_t i = 0; i < hd; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; l++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[l] * r), kv_load(vb + l * row, i, half), acc);
+        _mm256_storeu_ps(o + i, acc);
+    }
+}
+
+static inline __attribute__((always_inline)) void attend_impl(
+        const float *q_heads, const void *k_cache, const void *v_cache, int64_t S, int64_t L, int64_t H, int64_t KV,
+        int64_t hd, int half, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t group = H / KV, plane = S * hd * (half ? 2 : 4);
+#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
+    for (int64_t hh = 0; hh < H; hh++) {
+        const float *q = q_heads + hh * hd;
+        const char *kc = (const char *)k_cache + (hh / group) * plane, *vc = (const char *)v_cache + (hh / group) * plane;
+        float *s = scores + hh * L;
+        cache_scores(q, kc, L, hd, scale, half, s);
+        float m = -INFINITY;
+        for (int64_t l = 0; l < L; l++) m = s[l] > m ? s[l] : m;
+        cache_weighted_sum(s, vc, L, hd, exp_sub_sum(s, L, m), half, out + hh * hd);
+    }
 }
 
 /* Single-query attention of one sequence's new position: per query head h (of q (H, hd)), softmax
    of q . k_l / sqrt(hd) over the L cached positions of KV head h / (H / KV) times v_l, into
-   out (H, hd). Caches (KV, S, hd); scores (H, L) scratch. */
-static void attend(const float *q_heads, const float *k_cache, const float *v_cache, int64_t S, int64_t L, int64_t H,
-                   int64_t KV, int64_t hd, float *scores, float *out) {
-    const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t group = H / KV;
-#pragma omp parallel for schedule(static) if (H * L * hd >= (1 << 16))
-    for (int64_t hh = 0; hh < H; hh++) {
-        const float *q = q_heads + hh * hd, *kc = k_cache + (hh / group) * S * hd, *vc = v_cache + (hh / group) * S * hd;
-        float *s = scores + hh * L;
-        scores_f32(q, kc, L, hd, scale, s);
-        float m = -INFINITY;
-        for (int64_t l = 0; l < L; l++) m = s[l] > m ? s[l] : m;
-        weighted_sum_f32(s, vc, L, hd, exp_sub_sum(s, L, m), out + hh * hd);
-    }
+   out (H, hd). Caches (KV, S, hd), fp32 or (half) fp16; scores (H, L) scratch. */
+static void attend(const float *q_heads, const void *k_cache, const void *v_cache, int64_t S, int64_t L, int64_t H,
+                   int64_t KV, int64_t hd, int half, float *scores, float *out) {
+    if (half)
+        attend_impl(q_heads, k_cache, v_cache, S, L, H, KV, hd, 1, scores, out);
+    else
+        attend_impl(q_heads, k_cache, v_cache, S, L, H, KV, hd, 0, scores, out);
 }
 
 /* One sequence's new position: q and k of qkv (H + 2 KV heads of hd: queries, keys, values) rotated,
-   k and v written at `pos` of the caches (KV, S, hd), then `attend` over [0, pos] into out (H, hd). */
-static void rope_cache_attend(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                              int64_t S, int64_t pos, int64_t H, int64_t KV, int64_t hd, float *scores, float *out) {
+   k and v written at `pos` of the caches (KV, S, hd; fp16 where half, rounded to nearest even as
+   torch's cast does), then `attend` over [0, pos] into out (H, hd). */
+static void rope_cache_attend(float *qkv, const float *cos, const float *sin, void *k_cache, void *v_cache,
+                              int64_t S, int64_t pos, int64_t H, int64_t KV, int64_t hd, int half, float *scores,
+                              float *out) {
     const int64_t Q = H * hd, KVD = KV * hd;
     for (int64_t j = 0; j < H + KV; j++) rope(qkv + j * hd, cos, sin, hd);  /* queries and keys */
     for (int64_t g = 0; g < KV; g++) {
-        for (int64_t i = 0; i < hd; i++) {
-            k_cache[(g * S + pos) * hd + i] = qkv[Q + g * hd + i];
-            v_cache[(g * S + pos) * hd + i] = qkv[Q + KVD + g * hd + i];
+        const float *k = qkv + Q + g * hd, *v = qkv + Q + KVD + g * hd;
+        const int64_t at = (g * S + pos) * hd;
+        if (half) {
+            uint16_t *kh = (uint16_t *)k_cache + at, *vh = (uint16_t *)v_cache + at;
+            for (int64_t i = 0; i < hd; i += 8) {
+                _mm_storeu_si128((__m128i *)(kh + i), _mm256_cvtps_ph(_mm256_loadu_ps(k + i), _MM_FROUND_TO_NEAREST_INT));
+                _mm_storeu_si128((__m128i *)(vh + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+            }
+        } else {
+            for (int64_t i = 0; i < hd; i++) {
+                ((float *)k_cache)[at + i] = k[i];
+                ((float *)v_cache)[at + i] = v[i];
+            }
         }
     }
-    attend(qkv, k_cache, v_cache, S, pos + 1, H, KV, hd, scores, out);
+    attend(qkv, k_cache, v_cache, S, pos + 1, H, KV, hd, half, scores, out);
 }
 
 int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
                       const float *attn_norm, const float *ffn_norm, const int64_t *w,
-                      const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_seq, int64_t pos,
-                      int64_t parts) {
+                      const float *cos, const float *sin, void *k_cache, void *v_cache, int64_t max_seq, int64_t pos,
+                      int64_t parts, int64_t half) {
     const int64_t Q = H * hd, KVD = KV * hd, L = pos + 1;
     float *buf = malloc(sizeof(float) * (size_t)(D + Q + 2 * KVD + Q + D + 2 * I + I + H * L));
     if (buf == NULL) return -1;
@@ -799,7 +828,7 @@ int q4_1_decode_layer(float *x, int64_t D, int64_t H, int64_t KV, int64_t hd, in
     if (!(parts & 1)) goto mlp;
     rms_norm(x, attn_norm, D, eps, h);
     rc |= q4_1_mm(h, 1, D, w + 0, Q + 2 * KVD, qkv);
-    rope_cache_attend(qkv, cos, sin, k_cache, v_cache, max_seq, pos, H, KV, hd, scores, attn);
+    rope_cache_attend(qkv, cos, sin, k_cache, v_cache, max_seq, pos, H, KV, hd, (int)half, scores, attn);
     rc |= q4_1_mm(attn, 1, Q, w + 4, D, y);
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
 
@@ -835,7 +864,7 @@ int q4_1_cross_attention_step(float *x, int64_t D, int64_t H, int64_t KV, int64_
     rms_norm(x, attn_norm, D, eps, h);
     int rc = q4_1_mm(h, 1, D, w + 0, Q, q);
     for (int64_t j = 0; j < H; j++) rope(q + j * hd, cos, sin, hd);
-    attend(q, k, v, L, L, H, KV, hd, scores, attn);
+    attend(q, k, v, L, L, H, KV, hd, 0, scores, attn);
     for (int64_t j = 0; j < H; j++)
         for (int64_t i = 0; i < hd; i++) attn[j * hd + i] *= gate[j];
     rc |= q4_1_mm(attn, 1, Q, w + 4, D, y);
@@ -849,12 +878,12 @@ int q4_1_cross_attention_step(float *x, int64_t D, int64_t H, int64_t KV, int64_
    q4_1_decode_layer over B rows at once (the batch scheduler's decode step): the projections
    take the B rows in one matmul each (whose blocks of rows share the weight's unpacking), RoPE,
    the cache write and attention run per row on that row's cache. x (B, D) is updated in place;
-   cos, sin (B, hd) the rows' RoPE rows; k_caches[b], v_caches[b] (KV, max_seqs[b], hd) fp32,
-   written at positions[b] and read over [0, positions[b]]. Returns 0, or -1 when out of memory. */
+   cos, sin (B, hd) the rows' RoPE rows; k_caches[b], v_caches[b] (KV, max_seqs[b], hd) fp32 (fp16
+   where half), written at positions[b] and read over [0, positions[b]]. Returns 0, or -1 when out of memory. */
 int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
                             const float *attn_norm, const float *ffn_norm, const int64_t *w,
-                            const float *cos, const float *sin, float *const *k_caches, float *const *v_caches,
-                            const int64_t *max_seqs, const int64_t *positions) {
+                            const float *cos, const float *sin, void *const *k_caches, void *const *v_caches,
+                            const int64_t *max_seqs, const int64_t *positions, int64_t half) {
     const int64_t Q = H * hd, KVD = KV * hd, QKV = Q + 2 * KVD;
     int64_t L_max = 0;
     for (int64_t b = 0; b < B; b++) L_max = positions[b] + 1 > L_max ? positions[b] + 1 : L_max;
@@ -870,7 +899,7 @@ int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t K
        nest by default); each row's arithmetic is the same wherever it runs. One row: attend's
        loop over heads is the parallel one (a region nested in an inactive one builds a new team). */
 #define ROW_ATTENTION(b) rope_cache_attend(qkv + (b) * QKV, cos + (b) * hd, sin + (b) * hd, k_caches[b], v_caches[b], \
-                                           max_seqs[b], positions[b], H, KV, hd, scores + (b) * H * L_max, attn + (b) * Q)
+                                           max_seqs[b], positions[b], H, KV, hd, (int)half, scores + (b) * H * L_max, attn + (b) * Q)
     if (B == 1) {
         ROW_ATTENTION(0);
     } else {
@@ -898,11 +927,11 @@ int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t K
    layer l. cos, sin, max_seqs, positions as for one layer (the same at every layer). */
 int q4_1_decode_stack_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
                             int64_t n_layers, const int64_t *attn_norms, const int64_t *ffn_norms, const int64_t *w,
-                            const float *cos, const float *sin, float *const *k_caches, float *const *v_caches,
-                            const int64_t *max_seqs, const int64_t *positions) {
+                            const float *cos, const float *sin, void *const *k_caches, void *const *v_caches,
+                            const int64_t *max_seqs, const int64_t *positions, int64_t half) {
     for (int64_t l = 0; l < n_layers; l++) {
         if (q4_1_decode_layer_batch(x, B, D, H, KV, hd, I, eps, (const float *)attn_norms[l], (const float *)ffn_norms[l],
-                                    w + 16 * l, cos, sin, k_caches + l * B, v_caches + l * B, max_seqs, positions) != 0)
+                                    w + 16 * l, cos, sin, k_caches + l * B, v_caches + l * B, max_seqs, positions, half) != 0)
             return -1;
     }
     return 0;

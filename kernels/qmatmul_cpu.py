@@ -96,11 +96,11 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     for fn in (lib.q4_1_dequantize, lib.q8_0_dequantize):
         fn.argtypes = [p, p, i64, i64, p]
         fn.restype = None
-    lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, p, i64, i64, i64]
+    lib.q4_1_decode_layer.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, p, i64, i64, i64, i64]
     lib.q4_1_decode_layer.restype = ctypes.c_int
-    lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p] + [p] * 6
+    lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p] + [p] * 6 + [i64]
     lib.q4_1_decode_layer_batch.restype = ctypes.c_int
-    lib.q4_1_decode_stack_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p] + [p] * 6
+    lib.q4_1_decode_stack_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p] + [p] * 6 + [i64]
     lib.q4_1_decode_stack_batch.restype = ctypes.c_int
     lib.q4_1_cross_attention_step.argtypes = [p, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, i64, p]
     lib.q4_1_cross_attention_step.restype = ctypes.c_int
@@ -338,15 +338,16 @@ def q4_1_decode_layer(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ff
     one sequence at one new position, in one C call (see `q4_1_decode_layer` in the .c file).
 
     x (D,) fp32 -> the layer's output (D,) (x is not modified); cos, sin (hd,) the position's RoPE
-    rows; k_cache, v_cache (KV, S_max, hd) fp32 contiguous, written at `pos` and read over
-    [0, pos]. hd must be a multiple of 8. parts: 1 only x + attention, 2 only x + MLP, 3 the
-    whole layer."""
+    rows; k_cache, v_cache (KV, S_max, hd) fp32 or fp16 (`KV_DTYPES`) contiguous, written at `pos`
+    and read over [0, pos]. hd must be a multiple of 8. parts: 1 only x + attention, 2 only x +
+    MLP, 3 the whole layer."""
     KV, S, hd = k_cache.shape
     D = x.shape[-1]
+    half = _cache_is_half([k_cache], [v_cache])
     out = x.to(torch.float32, copy=True).contiguous()
     if _lib().q4_1_decode_layer(out.data_ptr(), D, n_heads, KV, hd, weights.intermediate, eps, attn_norm.data_ptr(),
                                 ffn_norm.data_ptr(), weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts) != 0:
+                                k_cache.data_ptr(), v_cache.data_ptr(), S, pos, parts, half) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a decode layer's buffers")
     return out
 
@@ -385,16 +386,30 @@ def q4_1_cross_attention_step(x: Tensor, n_heads: int, eps: float, attn_norm: Te
     return out
 
 
+KV_DTYPES = (torch.float32, torch.float16)  # what the decode layers' KV caches may hold
+
+
+def _cache_is_half(k: list[Tensor], v: list[Tensor]) -> bool:
+    """Whether the caches are fp16 (else fp32): all of one of `KV_DTYPES`, contiguous."""
+    dtype = k[0].dtype
+    for t in (*k, *v):
+        if t.dtype != dtype or dtype not in KV_DTYPES or not t.is_contiguous():
+            raise ValueError(f"expected contiguous KV caches all fp32 or all fp16, got {t.dtype} "
+                             f"({'' if t.is_contiguous() else 'not '}contiguous) beside {dtype}")
+    return dtype == torch.float16
+
+
 class BatchCaches:
     """The KV caches of the B sequences of a batched decode step, as `q4_1_decode_layer_batch`
-    reads them: k[b], v[b] (n_layers, KV, S_b, hd) fp32 contiguous, each written this step at
-    positions[b]. Built once a step; each layer then costs two small adds, not B tensor lookups."""
+    reads them: k[b], v[b] (n_layers, KV, S_b, hd) contiguous, all fp32 or all fp16, each written
+    this step at positions[b]. Built once a step; each layer then costs two small adds, not B
+    tensor lookups."""
 
     def __init__(self, k: list[Tensor], v: list[Tensor], positions: list[int]):
+        self.half = _cache_is_half(k, v)
         for t in (*k, *v):
-            if t.dim() != 4 or t.dtype != torch.float32 or not t.is_contiguous() or t.shape[::3] != k[0].shape[::3]:
-                raise ValueError(f"expected fp32 contiguous caches (n_layers, KV, S, hd) like {tuple(k[0].shape)}, "
-                                 f"got {tuple(t.shape)} {t.dtype}")
+            if t.dim() != 4 or t.shape[::3] != k[0].shape[::3]:
+                raise ValueError(f"expected caches (n_layers, KV, S, hd) like {tuple(k[0].shape)}, got {tuple(t.shape)}")
         self.n_layers, self.kv_heads, _, self.head_dim = k[0].shape
         self._keep = (k, v)  # the pointers below stay valid while these live
         self._k = torch.tensor([t.data_ptr() for t in k], dtype=torch.int64)
@@ -430,7 +445,7 @@ def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tens
     if _lib().q4_1_decode_layer_batch(
             out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, weights.intermediate, eps,
             attn_norm.data_ptr(), ffn_norm.data_ptr(), weights.ptrs.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(),
-            caches.positions.data_ptr()) != 0:
+            caches.positions.data_ptr(), caches.half) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
     return out
 
@@ -449,7 +464,8 @@ def q4_1_decode_stack_batch(x: Tensor, n_heads: int, eps: float, stack: StackWei
     if _lib().q4_1_decode_stack_batch(
             out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, stack.intermediate, eps, stack.n_layers,
             stack.attn_norms.data_ptr(), stack.ffn_norms.data_ptr(), stack.ptrs.data_ptr(), cos.data_ptr(),
-            sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(), caches.positions.data_ptr()) != 0:
+            sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(), caches.positions.data_ptr(),
+            caches.half) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
     return out
 

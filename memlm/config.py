@@ -118,6 +118,10 @@ class ModelSettings(BaseModel):
         "on the bundled SmolLM2 (README 'The owned model'): q4_1 decodes at 0.71x llama.cpp's tokens/s on 2 "
         "threads, 0.86x on 1 (int4 0.29x/0.38x, dense 0.11x/0.17x), at +0.48% perplexity. Without a C compiler or AVX2 the block formats serve dense",
     )
+    kv_cache_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="the owned model's KV caches: 'auto' = float16 with q4_1 weights (as llama.cpp keeps "
+        "its cache: half the bytes each decode step reads per cached position; the C decode layers read and write "
+        "it), else the model's dtype; 'float32' / 'float16' = that dtype")
     batching: bool = Field(True, description="decode concurrent requests together (memlm.scheduler: continuous "
                            "batching, chunked prefill) where the model is memlm's own and the memory mode allows "
                            "(none, rag); False: one request at a time")

@@ -359,7 +359,7 @@ class ModelHost(EngineClient):
             torch.set_num_threads(settings.torch_threads)
         model_dir = resolve_model_dir(settings.path, cache_dir)
         t0 = time.perf_counter()
-        model = load_model(model_dir, settings.dtype, settings.model_impl, settings.weights)
+        model = load_model(model_dir, settings.dtype, settings.model_impl, settings.weights, settings.kv_cache_dtype)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         name = BUNDLED_MODEL_NAME if settings.path in (None, "", "bundled") else Path(model_dir).name
         log.info("loaded %s from %s in %.1f s (%s)", name, model_dir, time.perf_counter() - t0,

@@ -148,11 +148,13 @@ class KVCache(nn.Module):
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, KV, T, hd) at input_pos (T,); return the layer's keys and values at
-        positions [0, kv_len), each (B, KV, kv_len, hd)."""
+        positions [0, kv_len), each (B, KV, kv_len, hd), in k's dtype (a cache kept in a narrower
+        dtype, fp16 for a q4_1 model, is stored rounded and read back widened)."""
         k_cache, v_cache = self.k[layer], self.v[layer]  # (B, KV, S_max, hd)
-        k_cache.index_copy_(2, input_pos, k)
-        v_cache.index_copy_(2, input_pos, v)
-        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        ks, vs = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        return (ks, vs) if ks.dtype == k.dtype else (ks.to(k.dtype), vs.to(k.dtype))
 
 
 class RaggedBatch:
@@ -325,13 +327,18 @@ class Llama(nn.Module):
         # through every layer at once (memlm.model.quantize sets it for q4_1), tried before the
         # layers' own `decode_fast` when the whole stack runs.
         self.decode_stack: Optional[Callable[..., Optional[Tensor]]] = None
+        # The dtype of the KV caches `new_cache` makes (None: the model's): memlm.model.load_llama
+        # sets fp16 for q4_1 on CPU, as llama.cpp keeps its cache (half the bytes a decode step
+        # reads per position; the C decode layers read and write it).
+        self.kv_dtype: Optional[torch.dtype] = None
 
     def new_cache(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for `batch` sequences of up to `max_seq` positions (in the model's dtype)."""
+        """A KV cache for `batch` sequences of up to `max_seq` positions, in `dtype`, else
+        `self.kv_dtype`, else the model's dtype."""
         if max_seq > self.config.max_position_embeddings:
             raise ValueError(f"max_seq={max_seq} exceeds max_position_embeddings={self.config.max_position_embeddings}")
         c, w = self.config, self.tok_embeddings.weight
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_seq, c.head_dim, dtype or w.dtype, w.device)
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_seq, c.head_dim, dtype or self.kv_dtype or w.dtype, w.device)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) -> embeddings (B, T, D)."""

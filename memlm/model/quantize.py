@@ -272,7 +272,7 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     if isinstance(cache, RaggedBatch):
         return _q4_1_decode_batch(block, x, rope, cache, linears)
     if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
-            or cache.k.dtype != torch.float32 or not _plain_q4_1_layer(block, linears)):
+            or cache.k.dtype not in qmatmul_cpu.KV_DTYPES or not _plain_q4_1_layer(block, linears)):
         return None
     cos, sin = rope
 
@@ -302,13 +302,13 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
     if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     if isinstance(cache, RaggedBatch):
-        if any(n != 1 for n in cache.lengths) or any(c.k.dtype != torch.float32 for c in cache.caches):
+        if any(n != 1 for n in cache.lengths) or not _c_caches(cache.caches):
             return None
         caches = cache.__dict__.get("_q4_1_caches")
         if caches is None:
             caches = cache.__dict__["_q4_1_caches"] = qmatmul_cpu.BatchCaches(
                 [c.k[:, 0] for c in cache.caches], [c.v[:, 0] for c in cache.caches], cache.starts)
-    elif x.shape[:2] == (1, 1) and cache.k.shape[1] == 1 and cache.k.dtype == torch.float32:
+    elif x.shape[:2] == (1, 1) and cache.k.shape[1] == 1 and cache.k.dtype in qmatmul_cpu.KV_DTYPES:
         caches = qmatmul_cpu.BatchCaches([cache.k[:, 0]], [cache.v[:, 0]], [kv_len - 1])
     else:
         return None
@@ -321,6 +321,12 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
         x.reshape(-1, x.shape[-1]), first.attention.n_heads, first.attention_norm.eps, stack,
         cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), caches)
     return out.view_as(x)
+
+
+def _c_caches(caches) -> bool:
+    """Whether the C layers read these KV caches: all of one dtype of `qmatmul_cpu.KV_DTYPES`."""
+    dtypes = {c.k.dtype for c in caches}
+    return len(dtypes) == 1 and dtypes <= set(qmatmul_cpu.KV_DTYPES)
 
 
 def _stack_weights(model: nn.Module) -> qmatmul_cpu.StackWeights | None:
@@ -368,7 +374,7 @@ def _q4_1_decode_batch(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor],
     a prefill chunk in the batch, modules after the attention, another weight format."""
     att = block.attention
     if (any(n != 1 for n in batch.lengths) or block.after_attention or x.dtype != torch.float32
-            or x.device.type != "cpu" or any(c.k.dtype != torch.float32 for c in batch.caches)
+            or x.device.type != "cpu" or not _c_caches(batch.caches)
             or not _plain_q4_1_layer(block, linears)):
         return None
     cos, sin = rope  # each (N, 1, hd)

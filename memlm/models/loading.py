@@ -115,7 +115,8 @@ def load_causal_lm(model_dir: Path, dtype: "str | None" = None):
 
 
 def load_model(model_dir: Path, dtype: "str | None" = None,
-               model_impl: Literal["auto", "memlm", "transformers"] = "auto", weights: str = "dense"):
+               model_impl: Literal["auto", "memlm", "transformers"] = "auto", weights: str = "dense",
+               kv_cache_dtype: str = "auto"):
     """The model to serve from `model_dir`, in `dtype` (None: float32), for inference on CPU.
 
     model_impl "auto": memlm's own `Llama` when memlm.model supports the folder (a Llama
@@ -125,6 +126,8 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
     format ("q4_1", "q8_0") whose CPU kernel cannot run here (no C compiler, no AVX2) falls back to
     "dense" with a warning: without its kernel it would run slower than dense; so does any
     quantized format with a dtype other than float32.
+    kv_cache_dtype: the own model's KV caches (`Llama.kv_dtype`): "auto" = float16 with q4_1
+    weights, else the model's dtype; "float32" / "float16".
     """
     import torch
 
@@ -149,6 +152,8 @@ def load_model(model_dir: Path, dtype: "str | None" = None,
             raise ValueError(f"model folder {model_dir} cannot run on memlm.model: {e}") from e
         log.info("model folder %s: %s; serving it with transformers", model_dir, e)
         return load_causal_lm(model_dir, dtype)
+    if kv_cache_dtype != "auto" or weights == "q4_1":
+        model.kv_dtype = getattr(torch, "float16" if kv_cache_dtype == "auto" else kv_cache_dtype)
     # transformers stops at the generation config's EOS ids too; keep them with the model's own.
     eos = list(model.config.eos_token_ids) + _ids(_read_json(Path(model_dir) / "generation_config.json").get("eos_token_id"))
     model.config = replace(model.config, eos_token_ids=tuple(dict.fromkeys(eos)))

@@ -182,7 +182,8 @@ def test_the_bundled_head_is_per_row_int8_of_the_fp32_embeddings(bundled_formats
 
 @pytest.mark.skipif(qmatmul_cpu.available() is not None, reason=f"qmatmul_cpu: {qmatmul_cpu.available()}")
 @torch.inference_mode()
-def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path, qmatmul_isa):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path, qmatmul_isa, kv_dtype):
     """q4_1's one-call decode layer (Block.decode_fast) against the module path of the same
     quantized layer: output, and the keys and values written to the cache. The two round the
     activations to int8 from norms computed in a different order, so an int8 code may differ by
@@ -191,6 +192,7 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path, qmatmul_isa):
     from memlm.model.quantize import q4_1_decode_step
 
     model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    model.kv_dtype = kv_dtype  # the caches the C layers read and write: fp32, or fp16 as served
     assert all(b.decode_fast is q4_1_decode_step for b in model.layers)
     torch.manual_seed(1)
     prompt = torch.randint(0, 101, (1, 20))
@@ -242,7 +244,8 @@ def test_the_fused_q4_1_decode_step_computes_the_layer(tmp_path, qmatmul_isa):
     assert q4_1_decode_step(block, torch.randn(1, 1, 64), rope, cache, 1) is None
 
 
-def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qmatmul_isa):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qmatmul_isa, kv_dtype):
     """The one-call decode layer over a RaggedBatch of decoding sequences (each at its own position
     in its own cache) against the module path of the same quantized layer, per sequence: output
     and the keys and values written, within the fused one-sequence step's bound above. A batch
@@ -251,6 +254,7 @@ def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qma
     from memlm.model.quantize import q4_1_decode_step
 
     model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    model.kv_dtype = kv_dtype  # the caches the C layers read and write: fp32, or fp16 as served
     torch.manual_seed(3)
     starts = [5, 17, 11]
     prompts = [torch.randint(0, 101, (1, n)) for n in starts]
@@ -288,7 +292,8 @@ def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qma
     assert q4_1_decode_step(block, torch.randn(1, 4, 64), rope, mixed, 0) is None
 
 
-def test_the_one_call_decoder_stack_equals_the_fused_layers_one_by_one(tmp_path, qmatmul_isa, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_the_one_call_decoder_stack_equals_the_fused_layers_one_by_one(tmp_path, qmatmul_isa, monkeypatch, kv_dtype):
     """Llama.decode_stack for q4_1 (every layer in one C call) gives the logits and caches of the
     fused layers called one by one, bit for bit, for one sequence and for a RaggedBatch; it steps
     aside (the layers run their own paths) for a prefill, a layer with a module after its
@@ -298,6 +303,7 @@ def test_the_one_call_decoder_stack_equals_the_fused_layers_one_by_one(tmp_path,
     from memlm.model.quantize import q4_1_decode_stack
 
     model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    model.kv_dtype = kv_dtype  # the caches the C layers read and write: fp32, or fp16 as served
     assert model.decode_stack is q4_1_decode_stack
     calls = []
     real = qmatmul_cpu.q4_1_decode_stack_batch

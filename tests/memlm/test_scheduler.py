@@ -125,3 +125,52 @@ def test_a_failing_step_answers_every_request_and_the_next_runs(model):
 def test_max_batched_tokens_below_the_batch_size_is_refused(model):
     with pytest.raises(ValueError, match="every running sequence"):
         BatchScheduler(model, Tok(), frozenset(), max_batch_size=8, max_batched_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def q4_1_model() -> Llama:
+    from memlm.kernels import qmatmul_cpu
+    from memlm.model.quantize import quantize_model
+
+    if (why := qmatmul_cpu.available()) is not None:
+        pytest.skip(f"qmatmul_cpu kernel unavailable: {why}")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, dim=64, intermediate_size=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=16, max_position_embeddings=256)
+    model = Llama(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return quantize_model(model.eval(), "q4_1")
+
+
+def test_a_step_mixing_decoders_and_prompts_runs_them_apart_and_changes_no_text(q4_1_model, qmatmul_isa, monkeypatch):
+    """With a fused decode stack (q4_1), a step whose decoders share it with prompt chunks runs
+    two passes, the decoders' C step then the prompts, and every request gets the tokens it gets
+    alone."""
+    prompts = [[1, 2, 3, 4, 5], [7] * 12, [3, 1, 4, 1, 5, 9, 2, 6]]
+    alone = []
+    for ids in prompts:
+        scheduler, rec = BatchScheduler(q4_1_model, Tok(), frozenset()), Recorder("alone", [])
+        scheduler.submit(rec.request(ids, 10))
+        run_until_idle(scheduler)
+        alone.append(rec.outcome.token_ids)
+    assert len({tuple(t) for t in alone}) == 3
+
+    passes = []
+    real = BatchScheduler._pass
+    monkeypatch.setattr(BatchScheduler, "_pass", lambda self, pieces: passes.append([len(t) for _, t in pieces]) or real(self, pieces))
+    scheduler, events = BatchScheduler(q4_1_model, Tok(), frozenset()), []
+    recs = [Recorder(str(i), events) for i in range(3)]
+    scheduler.submit(recs[0].request(prompts[0], 10))
+    scheduler.step()  # its prompt
+    scheduler.step()  # its first decode step
+    scheduler.submit(recs[1].request(prompts[1], 10))
+    scheduler.submit(recs[2].request(prompts[2], 10))
+    passes.clear()
+    scheduler.step()  # one decoder beside two prompts: two passes
+    assert passes == [[1], [12, 8]]
+    passes.clear()
+    scheduler.step()  # three decoders: one pass
+    assert passes == [[1, 1, 1]]
+    run_until_idle(scheduler)
+    assert [r.outcome.token_ids for r in recs] == alone
