@@ -58,10 +58,23 @@ def _cpu_lacks(cpuinfo: Path = Path("/proc/cpuinfo"), machine: Optional[str] = N
         text = cpuinfo.read_text()
     except OSError as e:
         return f"cannot read the CPU's flags from /proc/cpuinfo ({e.strerror})"
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.partition(":")[2].split())
-    missing = [f for f in _NEEDED_FLAGS if f not in flags]
+    missing = [f for f in _NEEDED_FLAGS if f not in _flags(text)]
     return f"this CPU lacks {', '.join(missing).upper()}" if missing else None
+
+
+def _flags(cpuinfo_text: str) -> set[str]:
+    line = next((ln for ln in cpuinfo_text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def has_amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (Sapphire Rapids and later), which oneDNN's bf16
+    GEMM runs on: from about 64 rows it beats the x16 integer kernel (memlm.model.quantize)."""
+    try:
+        return {"amx_tile", "amx_bf16"} <= _flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
 
 
 @functools.cache

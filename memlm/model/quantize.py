@@ -169,21 +169,31 @@ class _BlockLinear(_WeightOnlyLinear):
     # numbers stay those of the one-at-a-time engine.
     BATCH_ROWS: "int | None" = 8 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
+    # With AVX512-VNNI and AMX: from AMX_ROWS rows (a prompt's prefill) the bf16 copy on oneDNN's
+    # AMX GEMM, every pass, batched or not. 30 layers' projections of the bundled model on a
+    # Sapphire Rapids, 2 threads (x16 against bf16): 64 rows 35.4 / 35.6 ms, 128 rows 68.9 / 50.2,
+    # 256 131.2 / 78.6, 512 258.1 / 120.8; below 64 the bf16 GEMM stays at ~23 ms (its weight bytes).
+    AMX_ROWS: "int | None" = 96 if BATCH_ROWS is not None and qmatmul_cpu.has_amx_bf16() else None
+
     def _kernel(self, x: Tensor) -> Tensor:
-        # With AVX512-VNNI the x16 integer kernel is the fastest at every row count measured, 1 to
-        # 384 (a 384-token prefill: 411 ms against 428 on the bf16 copy and 746 unpacked to fp32),
-        # so neither threshold applies (benchmarks/qmatmul_cpu.py "prefill").
-        if self._x16_in_force():
-            return self._matmul(x)
+        # With AVX512-VNNI (no AMX) the x16 integer kernel is the fastest at every row count measured,
+        # 1 to 384 (a 384-token prefill on a Zen 4: 411 ms against 428 on the bf16 copy and 746
+        # unpacked to fp32), so neither threshold below applies (benchmarks/qmatmul_cpu.py "prefill").
         rows = x.shape[0]
+        if self._x16_in_force():
+            amx = self.AMX_ROWS is not None and rows >= self.AMX_ROWS
+            return self._bf16_matmul(x) if amx else self._matmul(x)
         if rows >= self.PREFILL_ROWS:
             return F.linear(x, self._unpack())
         if self.BATCH_ROWS is not None and rows >= self.BATCH_ROWS and getattr(_batched, "on", False):
-            weight = self.__dict__.get("_bf16_weight")
-            if weight is None:
-                weight = self.__dict__["_bf16_weight"] = self._unpack().to(torch.bfloat16)
-            return F.linear(x.to(torch.bfloat16), weight).float()
+            return self._bf16_matmul(x)
         return self._matmul(x)
+
+    def _bf16_matmul(self, x: Tensor) -> Tensor:
+        weight = self.__dict__.get("_bf16_weight")
+        if weight is None:
+            weight = self.__dict__["_bf16_weight"] = self._unpack().to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), weight).float()
 
     def _x16_in_force(self) -> bool:
         return self.x16() is not None and qmatmul_cpu.isa() == "avx512-vnni"

@@ -64,6 +64,8 @@ def test_block_format_layer_runs_its_kernel_on_the_dequantized_weights(cls, M, K
     x = torch.randn(2, M, K)
     out = layer(x)
     assert out.shape == (2, M, N) and out.dtype == torch.float32
+    if layer._x16_in_force() and layer.AMX_ROWS is not None and 2 * M >= layer.AMX_ROWS:
+        pytest.skip("this many rows take the bf16 GEMM on this CPU (AMX): see the test below")
     if 2 * M >= layer.PREFILL_ROWS and not layer._x16_in_force():
         torch.testing.assert_close(out, layer.forward_native(x), rtol=1e-5, atol=1e-5)
         return
@@ -72,6 +74,26 @@ def test_block_format_layer_runs_its_kernel_on_the_dequantized_weights(cls, M, K
     assert (out.view(-1, N).double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     native = layer.forward_native(x)  # fp32 activations: the int8 rounding is what separates them
     assert (out - native).abs().max().item() <= 0.02 * native.abs().max().item()
+
+
+@pytest.mark.parametrize("cls", [Q4_1Linear, Q8_0Linear])
+@torch.inference_mode()
+def test_from_amx_rows_the_x16_layer_runs_the_bf16_gemm(cls, monkeypatch):
+    """Where AMX runs oneDNN's bf16 GEMM, a pass of AMX_ROWS rows or more (a prompt's prefill)
+    takes the bf16 copy of the dequantized weight; fewer rows keep the x16 integer kernel. (The
+    threshold is lowered here; the bf16 GEMM gives the same numbers on any CPU.)"""
+    if not qmatmul_cpu.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI: the x16 kernel does not run")
+    torch.manual_seed(7)
+    linear = nn.Linear(128, 48, bias=False)
+    layer = cls(linear.weight, None)
+    assert layer._x16_in_force()
+    monkeypatch.setattr(cls, "AMX_ROWS", 16)
+    x = torch.randn(16, 128)
+    bf16 = torch.nn.functional.linear(x.bfloat16(), layer.dequantize().bfloat16()).float()
+    assert torch.equal(layer(x), bf16)
+    assert torch.equal(layer(x[:15]), layer._matmul(x[:15]))
+    assert not torch.equal(layer(x[:15]), bf16[:15])
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
