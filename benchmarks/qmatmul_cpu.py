@@ -9,13 +9,15 @@ decode step rather than sitting in cache; "head": the 576 -> 49152 output projec
 and run the BLAS GEMM (`PREFILL_ROWS`), shown beside their integer kernel alone. Random weights
 (speed does not depend on their values). Rounds interleave the kernels; medians of --rounds.
 "bundled prefill": the bundled SmolLM2-135M in q4_1, one forward pass over --prompt-tokens
-tokens, with the GEMM path against the integer kernel for every row count, and dense fp32.
+tokens, with the GEMM path against the integer kernel for every row count, where the CPU has AMX
+the bf16 GEMM from `AMX_ROWS` rows (the served path there), and dense fp32.
 "batched decode": the bundled model in q4_1, one decode step of B sequences (128 tokens in each
 cache) as the batch scheduler runs it (memlm.model.RaggedBatch; B = 1 is the fused one-sequence
 layer): with the AVX2 kernels, the module path on the integer kernel and on the bf16 weight copy
 and the fused C layer over B rows (`qmatmul_cpu.q4_1_decode_layer_batch`); and, where the CPU has
-AVX512-VNNI, the fused layer on the x16 kernels (the served path there): ms per step and
-aggregate tokens/s.
+AVX512-VNNI, the fused layers on the x16 kernels, a C call per layer, then the whole stack in one
+call (`Llama.decode_stack`) with fp32 and with fp16 KV caches (the served path there): ms per
+step and aggregate tokens/s.
 Each part runs its kernels under each instruction set the CPU has (`qmatmul_cpu.set_isa`): AVX2,
 and AVX512-VNNI, where the block formats use their x16 copies at every row count.
 
@@ -135,14 +137,19 @@ def batched_decode(args) -> None:
     batch_rows = Q4_1Linear.BATCH_ROWS
     if batch_rows is None:
         print("\nbatched decode: this CPU has no native bf16; the integer kernel serves every row count")
-    # (fused C layers?, BATCH_ROWS, instruction set): with AVX2, the module path on the integer
-    # kernel and on the bf16 copy at every row count, and the fused path (one C call per layer for
-    # B sequences); with VNNI, the fused path on the x16 kernels
-    variants = {"avx2: module path, integer kernel": (False, None, "avx2")} | (
-        {"avx2: module path, bf16 weights": (False, 2, "avx2")} if batch_rows else {}) | {
-        "avx2: fused C layer over B rows": (True, batch_rows, "avx2")} | (
-        {"avx512-vnni: fused C layer, x16 kernels": (True, batch_rows, "avx512-vnni")} if "avx512-vnni" in ISAS else {})
-    fused = [b.decode_fast for b in model.layers]
+    # (fused C layers?, BATCH_ROWS, instruction set, one-call stack?, KV dtype): with AVX2, the module
+    # path on the integer kernel and on the bf16 copy at every row count, and the fused path; with
+    # VNNI, the fused layers on the x16 kernels one C call per layer, then the whole stack in one
+    # call (`Llama.decode_stack`) with fp32 and with fp16 KV caches (the served path)
+    f32, f16 = torch.float32, torch.float16
+    variants = {"avx2: module path, integer kernel": (False, None, "avx2", False, f32)} | (
+        {"avx2: module path, bf16 weights": (False, 2, "avx2", False, f32)} if batch_rows else {}) | {
+        "avx2: fused C layer over B rows": (True, batch_rows, "avx2", True, f32)} | ({
+            "avx512-vnni: fused C layers, x16, a call per layer": (True, batch_rows, "avx512-vnni", False, f32),
+            "avx512-vnni: one-call stack, fp32 KV": (True, batch_rows, "avx512-vnni", True, f32),
+            "avx512-vnni: one-call stack, fp16 KV (served)": (True, batch_rows, "avx512-vnni", True, f16),
+        } if "avx512-vnni" in ISAS else {})
+    fused, stack = [b.decode_fast for b in model.layers], model.decode_stack
     gen = torch.Generator().manual_seed(0)
     print(f"\nbundled SmolLM2-135M in q4_1, one decode step of B sequences at position 128, "
           f"medians of {args.rounds} rounds of 4 steps:")
@@ -150,23 +157,27 @@ def batched_decode(args) -> None:
     print("| --- |" + " --- |" * len(variants))
     try:
         for B in args.batch_sizes:
-            caches = [model.new_cache(1, 160) for _ in range(B)]
-            for c in caches:
-                prefill(model, torch.randint(0, VOCAB, (1, 128), generator=gen), c)
+            caches = {}
+            for dtype in (f32, f16):
+                caches[dtype] = [model.new_cache(1, 160, dtype) for _ in range(B)]
+                for c in caches[dtype]:
+                    prefill(model, torch.randint(0, VOCAB, (1, 128), generator=gen), c)
             tokens = torch.randint(0, VOCAB, (B,), generator=gen)
             times = {v: [] for v in variants}
             for r in range(args.rounds + 1):
-                for v, (use_fused, rows, isa) in variants.items():
+                for v, (use_fused, rows, isa, use_stack, dtype) in variants.items():
                     Q4_1Linear.BATCH_ROWS = Q8_0Linear.BATCH_ROWS = rows
                     qmatmul_cpu.set_isa(isa)
                     for b, f in zip(model.layers, fused):
                         b.decode_fast = f if use_fused else None
+                    model.decode_stack = stack if use_stack else None
+                    cs = caches[dtype]
                     t0 = time.perf_counter()
                     for _ in range(4):  # the same positions again: the cost is the same
                         if B == 1:
-                            decode_one_token(model, tokens[:1, None], torch.tensor([128]), caches[0])
+                            decode_one_token(model, tokens[:1, None], torch.tensor([128]), cs[0])
                         else:
-                            ragged_step(model, tokens, RaggedBatch(caches, [128] * B, [1] * B))
+                            ragged_step(model, tokens, RaggedBatch(cs, [128] * B, [1] * B))
                     if r:
                         times[v].append((time.perf_counter() - t0) / 4 * 1e3)
             cells = [f"{statistics.median(t):.1f}, {B / statistics.median(t) * 1e3:.1f}" for t in times.values()]
@@ -176,6 +187,7 @@ def batched_decode(args) -> None:
         qmatmul_cpu.set_isa(ISAS[-1])
         for b, f in zip(model.layers, fused):
             b.decode_fast = f
+        model.decode_stack = stack
 
 
 @torch.inference_mode()
@@ -188,24 +200,29 @@ def bundled_prefill(args) -> None:
     tokens = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(T)
     q4, dense = load_llama(folder, weights="q4_1"), load_llama(folder, weights="dense")
-    gemm_rows = Q4_1Linear.PREFILL_ROWS
-    runs = {"q4_1 avx2, GEMM from PREFILL_ROWS": (q4, gemm_rows, "avx2"),
-            "q4_1 avx2, integer kernel only": (q4, 1 << 30, "avx2")} | (
-        {"q4_1 avx512-vnni, x16 integer kernel (every row count)": (q4, gemm_rows, "avx512-vnni")}
-        if "avx512-vnni" in ISAS else {}) | {"dense fp32": (dense, gemm_rows, None)}
+    gemm_rows, amx_rows = Q4_1Linear.PREFILL_ROWS, Q4_1Linear.AMX_ROWS
+    # (model, PREFILL_ROWS, instruction set, AMX_ROWS)
+    runs = {"q4_1 avx2, GEMM from PREFILL_ROWS": (q4, gemm_rows, "avx2", None),
+            "q4_1 avx2, integer kernel only": (q4, 1 << 30, "avx2", None)} | (
+        {"q4_1 avx512-vnni, x16 integer kernel (every row count)": (q4, gemm_rows, "avx512-vnni", None)}
+        if "avx512-vnni" in ISAS else {}) | (
+        {"q4_1 avx512-vnni, AMX bf16 GEMM from AMX_ROWS (served)": (q4, gemm_rows, "avx512-vnni", amx_rows)}
+        if "avx512-vnni" in ISAS and amx_rows else {}) | {"dense fp32": (dense, gemm_rows, None, None)}
     times = {name: [] for name in runs}
     try:
         for r in range(args.rounds + 1):
-            for name, (model, rows, isa) in runs.items():
+            for name, (model, rows, isa, amx) in runs.items():
                 if isa is not None:
                     qmatmul_cpu.set_isa(isa)
                 Q4_1Linear.PREFILL_ROWS = Q8_0Linear.PREFILL_ROWS = rows
+                Q4_1Linear.AMX_ROWS = Q8_0Linear.AMX_ROWS = amx
                 t0 = time.perf_counter()
                 model(tokens, pos)
                 if r:  # the first round warms up
                     times[name].append((time.perf_counter() - t0) * 1e3)
     finally:
         Q4_1Linear.PREFILL_ROWS = Q8_0Linear.PREFILL_ROWS = gemm_rows
+        Q4_1Linear.AMX_ROWS = Q8_0Linear.AMX_ROWS = amx_rows
         qmatmul_cpu.set_isa(ISAS[-1])
     base = next(iter(runs))
     print(f"\nbundled SmolLM2-135M, one forward pass over {T} tokens (logits for all), medians of {args.rounds} (ms):")
