@@ -327,11 +327,12 @@ class LayerWeights:
 
 
 class StackWeights:
-    """Every decoder layer of a model as `q4_1_decode_stack_batch` reads them: each layer's
-    `LayerWeights` and its two norm weights (fp32 contiguous). Holds them all, so the pointers stay
-    valid."""
+    """Consecutive decoder layers of a model, from layer `start` on, as `q4_1_decode_stack_batch`
+    reads them: each layer's `LayerWeights` and its two norm weights (fp32 contiguous). Holds them
+    all, so the pointers stay valid."""
 
-    def __init__(self, layers: list[tuple[LayerWeights, Tensor, Tensor]]):
+    def __init__(self, layers: list[tuple[LayerWeights, Tensor, Tensor]], start: int = 0):
+        self.start = start
         if not layers or len({w.intermediate for w, _, _ in layers}) != 1:
             raise ValueError("expected one or more layers of one intermediate size")
         for _, *norms in layers:
@@ -438,9 +439,11 @@ class BatchCaches:
         return self._k + i * self._layer_bytes, self._v + i * self._layer_bytes
 
     def all_layers(self) -> tuple[Tensor, Tensor]:
-        """Pointers to every layer's caches, (n_layers, B) for k and for v (layer-major)."""
-        offsets = torch.arange(self.n_layers, dtype=torch.int64)[:, None] * self._layer_bytes
-        return (self._k + offsets).contiguous(), (self._v + offsets).contiguous()
+        """Pointers to every layer's caches, (n_layers, B) for k and for v (layer-major); made once."""
+        if "_all" not in self.__dict__:
+            offsets = torch.arange(self.n_layers, dtype=torch.int64)[:, None] * self._layer_bytes
+            self._all = (self._k + offsets).contiguous(), (self._v + offsets).contiguous()
+        return self._all
 
 
 def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tensor, ffn_norm: Tensor,
@@ -465,15 +468,17 @@ def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tens
 
 def q4_1_decode_stack_batch(x: Tensor, n_heads: int, eps: float, stack: StackWeights, cos: Tensor, sin: Tensor,
                             caches: BatchCaches) -> Tensor:
-    """`q4_1_decode_layer_batch` through every layer of `stack` in one call: x (B, D) the step's
-    input embeddings -> the last layer's output (B, D) (x is not modified); cos, sin (B, hd) the
-    rows' RoPE rows (the same at every layer)."""
+    """`q4_1_decode_layer_batch` through every layer of `stack` in one call: x (B, D) the states
+    entering layer `stack.start` -> those leaving its last layer (B, D) (x is not modified);
+    cos, sin (B, hd) the rows' RoPE rows (the same at every layer)."""
     B, D = x.shape
-    if B != len(caches.seqs) or stack.n_layers != caches.n_layers:
-        raise ValueError(f"{B} rows and {stack.n_layers} layers for {len(caches.seqs)} caches of {caches.n_layers} layers")
+    end = stack.start + stack.n_layers
+    if B != len(caches.seqs) or end > caches.n_layers:
+        raise ValueError(f"{B} rows and layers [{stack.start}, {end}) for {len(caches.seqs)} caches of "
+                         f"{caches.n_layers} layers")
     out = x.to(torch.float32, copy=True).contiguous()
     cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
-    k_ptrs, v_ptrs = caches.all_layers()
+    k_ptrs, v_ptrs = (t[stack.start:end] for t in caches.all_layers())
     if _lib().q4_1_decode_stack_batch(
             out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, stack.intermediate, eps, stack.n_layers,
             stack.attn_norms.data_ptr(), stack.ffn_norms.data_ptr(), stack.ptrs.data_ptr(), cos.data_ptr(),

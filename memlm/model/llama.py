@@ -323,9 +323,9 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.rope_offset = 0  # RoPE position = input_pos + rope_offset; cache slots stay input_pos
-        # (model, x, rope, cache, kv_len) -> the last layer's output, or None: a fused decode step
-        # through every layer at once (memlm.model.quantize sets it for q4_1), tried before the
-        # layers' own `decode_fast` when the whole stack runs.
+        # (model, x, rope, input_pos, cache, kv_len) -> the last layer's output, or None: a fused
+        # decode step through the layers in as few calls as they allow (memlm.model.quantize sets
+        # it for q4_1), tried before the layers' own `decode_fast` when the whole stack runs.
         self.decode_stack: Optional[Callable[..., Optional[Tensor]]] = None
         # The dtype of the KV caches `new_cache` makes (None: the model's): memlm.model.load_llama
         # sets fp16 for q4_1 on CPU, as llama.cpp keeps its cache (half the bytes a decode step
@@ -373,7 +373,7 @@ class Llama(nn.Module):
         rope_pos = input_pos + self.rope_offset if self.rope_offset else input_pos
         rope = (self.rope_cos[rope_pos, None].to(x.dtype), self.rope_sin[rope_pos, None].to(x.dtype))  # (T, 1, hd)
         if self.decode_stack is not None and mask is None and layers == slice(None):
-            out = self.decode_stack(self, x, rope, cache, kv_len)
+            out = self.decode_stack(self, x, rope, input_pos, cache, kv_len)
             if out is not None:
                 return self.norm(out) if norm else out
         for layer in self.layers[layers]:

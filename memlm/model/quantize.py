@@ -301,12 +301,15 @@ def q4_1_decode_step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], c
     return run(x, 2)
 
 
-def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], cache, kv_len: int) -> Tensor | None:
-    """`Llama.decode_stack` for models in q4_1: a decode step's whole decoder stack in one C call
-    (`qmatmul_cpu.q4_1_decode_stack_batch`), for one sequence feeding one token or a RaggedBatch
-    of sequences each feeding one; the same arithmetic as `q4_1_decode_step` layer by layer,
-    without returning to Python between layers. None (each layer then takes its own path) unless
-    every layer is the plain q4_1 case with nothing after its attention."""
+def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, cache,
+                      kv_len: int) -> Tensor | None:
+    """`Llama.decode_stack` for models in q4_1: a decode step's decoder stack in as few C calls as
+    its layers allow (`qmatmul_cpu.q4_1_decode_stack_batch`), for one sequence feeding one token
+    or a RaggedBatch of sequences each feeding one; the same arithmetic as `q4_1_decode_step`
+    layer by layer, without returning to Python between layers. Each run of plain q4_1 layers
+    is one call; a layer that is not plain (modules after its attention, as RETRO's cross-attention;
+    a swapped attention backend, as knn's) runs its own path between two runs. None (each layer
+    then takes its own path) when no layer is plain or the step is not a decode step."""
     from memlm.model.llama import RaggedBatch  # llama imports this module lazily
 
     if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
@@ -322,15 +325,20 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
         caches = qmatmul_cpu.BatchCaches([cache.k[:, 0]], [cache.v[:, 0]], [kv_len - 1])
     else:
         return None
-    stack = _stack_weights(model)
-    if stack is None:
+    plan = _stack_plan(model)
+    if plan is None:
         return None
     first = model.layers[0]
     cos, sin = rope  # each (N, 1, hd)
-    out = qmatmul_cpu.q4_1_decode_stack_batch(
-        x.reshape(-1, x.shape[-1]), first.attention.n_heads, first.attention_norm.eps, stack,
-        cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), caches)
-    return out.view_as(x)
+    cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+    for item in plan:
+        if isinstance(item, qmatmul_cpu.StackWeights):
+            x = qmatmul_cpu.q4_1_decode_stack_batch(
+                x.reshape(-1, x.shape[-1]), first.attention.n_heads, first.attention_norm.eps, item, cos, sin,
+                caches).view_as(x)
+        else:
+            x = item(x, rope, input_pos, None, cache, kv_len)
+    return x
 
 
 def _c_caches(caches) -> bool:
@@ -339,21 +347,38 @@ def _c_caches(caches) -> bool:
     return len(dtypes) == 1 and dtypes <= set(qmatmul_cpu.KV_DTYPES)
 
 
-def _stack_weights(model: nn.Module) -> qmatmul_cpu.StackWeights | None:
-    """Every layer's weights for `q4_1_decode_stack` (kept on the model while its layers hold the
-    same modules), or None when a layer is not the plain q4_1 case."""
-    layers = []
+def _stack_plan(model: nn.Module) -> "list[qmatmul_cpu.StackWeights | nn.Module] | None":
+    """How `q4_1_decode_stack` runs the layers: each run of plain q4_1 layers as one
+    `StackWeights` (its first layer's index in `.start`), every other layer as itself; None when
+    no layer is plain. Kept on the model while its layers hold the same modules."""
+    entries = []  # per layer: (block, LayerWeights, attn_norm, ffn_norm) when plain, else (block,)
     for block in model.layers:
         att, ff = block.attention, block.feed_forward
         linears = (att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None))
-        if block.decode_fast is not q4_1_decode_step or block.after_attention or not _plain_q4_1_layer(block, linears):
-            return None
-        layers.append((_layer_weights(block, linears), block.attention_norm.weight, block.ffn_norm.weight))
-    cached = model.__dict__.get("_q4_1_stack")
-    if cached is None or len(cached.layers) != len(layers) or any(
-            a is not b for old, new in zip(cached.layers, layers) for a, b in zip(old, new)):
-        cached = model.__dict__["_q4_1_stack"] = qmatmul_cpu.StackWeights(layers)
-    return cached
+        plain = (block.decode_fast is q4_1_decode_step and not block.after_attention
+                 and _plain_q4_1_layer(block, linears))
+        entries.append((block, _layer_weights(block, linears), block.attention_norm.weight, block.ffn_norm.weight)
+                       if plain else (block,))
+    cached = model.__dict__.get("_q4_1_plan")
+    if cached is not None and len(cached[0]) == len(entries) and all(
+            len(a) == len(b) and all(u is v for u, v in zip(a, b)) for a, b in zip(cached[0], entries)):
+        return cached[1]
+    plan: list = []
+    i = 0
+    while i < len(entries):
+        if len(entries[i]) == 1:
+            plan.append(entries[i][0])
+            i += 1
+            continue
+        j = i
+        while j < len(entries) and len(entries[j]) > 1:
+            j += 1
+        plan.append(qmatmul_cpu.StackWeights([e[1:] for e in entries[i:j]], start=i))
+        i = j
+    if not any(isinstance(item, qmatmul_cpu.StackWeights) for item in plan):
+        plan = None
+    model.__dict__["_q4_1_plan"] = (entries, plan)
+    return plan
 
 
 def _layer_weights(block: nn.Module, linears) -> qmatmul_cpu.LayerWeights:

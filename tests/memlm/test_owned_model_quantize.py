@@ -126,12 +126,12 @@ def test_int4_finds_the_codes_of_weights_already_on_a_q4_1_grid():
     assert torch.equal(layer.codes.view(N, K // 32, 32).long(), q)
 
 
-def _tiny_folder(path):
-    """A random 2-layer Llama saved as an HF folder; widths multiples of the int4 group."""
+def _tiny_folder(path, layers: int = 2):
+    """A random Llama (2 layers by default) saved as an HF folder; widths multiples of the int4 group."""
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = HFLlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = HFLlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -316,15 +316,15 @@ def test_the_batched_q4_1_decode_step_computes_each_sequence_layer(tmp_path, qma
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_the_one_call_decoder_stack_equals_the_fused_layers_one_by_one(tmp_path, qmatmul_isa, monkeypatch, kv_dtype):
-    """Llama.decode_stack for q4_1 (every layer in one C call) gives the logits and caches of the
-    fused layers called one by one, bit for bit, for one sequence and for a RaggedBatch; it steps
-    aside (the layers run their own paths) for a prefill, a layer with a module after its
-    attention, or a layer whose attention backend was swapped."""
+    """Llama.decode_stack for q4_1 (runs of plain layers in one C call each) gives the logits and
+    caches of the fused layers called one by one, bit for bit, for one sequence and for a
+    RaggedBatch; a prefill steps aside, and a layer with a module after its attention or a
+    swapped attention backend runs its own path between the runs."""
     from memlm.model.generate import ragged_step
     from memlm.model.llama import RaggedBatch
     from memlm.model.quantize import q4_1_decode_stack
 
-    model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32")), "q4_1")
+    model = quantize_model(load_llama(_tiny_folder(tmp_path / "fp32", layers=4)), "q4_1")
     model.kv_dtype = kv_dtype  # the caches the C layers read and write: fp32, or fp16 as served
     assert model.decode_stack is q4_1_decode_stack
     calls = []
@@ -354,12 +354,33 @@ def test_the_one_call_decoder_stack_equals_the_fused_layers_one_by_one(tmp_path,
     for a, b in zip(stacked[2] + stacked[3], layered[2] + layered[3]):
         assert torch.equal(a, b)
 
+    # A layer that is not plain runs its own path between runs of the others, with the same numbers.
+    class Shift(torch.nn.Module):  # a module after the attention, as RETRO's cross-attention
+        def forward(self, x, input_pos):
+            return x + 0.05 * x.roll(1, -1) + 0.001 * input_pos.float()[:, None]
+
+    other = type("Other", (torch.nn.Module,), {"forward": lambda self, q, k, v, m: q})()
+
+    def decode(stack):
+        model.decode_stack = stack
+        cache = model.new_cache(1, 32)
+        model(prompts[0], torch.arange(starts[0]), cache)
+        return model(token[:1, None], torch.tensor([starts[0]]), cache)[0, -1], cache.k.clone(), cache.v.clone()
+
+    for layer, change, runs in ((1, "after_attention", [1, 1]), (2, "backend", [1, 1]), (0, "backend", [1, 1])):
+        block = model.layers[layer]
+        if change == "after_attention":
+            block.after_attention = torch.nn.ModuleList([Shift()])
+        else:
+            block.attention.backend = other
+        calls.clear()
+        got, want = decode(q4_1_decode_stack), decode(None)
+        assert calls == runs  # runs of plain layers: [0] and [2, 3]; [0, 1] and [3]; [1] and [3] (2 keeps its backend)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        block.after_attention = torch.nn.ModuleList()
+    for block in model.layers:
+        block.attention.backend = other
     cache = model.new_cache(1, 32)
     x, pos = torch.randn(1, 1, 64), torch.tensor([0])
     rope = (model.rope_cos[pos, None], model.rope_sin[pos, None])
-    assert q4_1_decode_stack(model, x, rope, cache, 1) is not None
-    model.layers[1].after_attention = torch.nn.ModuleList([torch.nn.Identity()])
-    assert q4_1_decode_stack(model, x, rope, cache, 1) is None
-    model.layers[1].after_attention = torch.nn.ModuleList()
-    model.layers[0].attention.backend = type("Other", (torch.nn.Module,), {"forward": lambda self, q, k, v, m: q})()
-    assert q4_1_decode_stack(model, x, rope, cache, 1) is None
+    assert q4_1_decode_stack(model, x, rope, pos, cache, 1) is None  # no plain layer left
