@@ -351,6 +351,10 @@ def _stack_plan(model: nn.Module) -> "list[qmatmul_cpu.StackWeights | nn.Module]
     """How `q4_1_decode_stack` runs the layers: each run of plain q4_1 layers as one
     `StackWeights` (its first layer's index in `.start`), every other layer as itself; None when
     no layer is plain. Kept on the model while its layers hold the same modules."""
+    keys = [_layer_key(block) for block in model.layers]
+    cached = model.__dict__.get("_q4_1_plan")
+    if cached is not None and len(cached[0]) == len(keys) and all(map(_same, cached[0], keys)):
+        return cached[1]
     entries = []  # per layer: (block, LayerWeights, attn_norm, ffn_norm) when plain, else (block,)
     for block in model.layers:
         att, ff = block.attention, block.feed_forward
@@ -359,10 +363,6 @@ def _stack_plan(model: nn.Module) -> "list[qmatmul_cpu.StackWeights | nn.Module]
                  and _plain_q4_1_layer(block, linears))
         entries.append((block, _layer_weights(block, linears), block.attention_norm.weight, block.ffn_norm.weight)
                        if plain else (block,))
-    cached = model.__dict__.get("_q4_1_plan")
-    if cached is not None and len(cached[0]) == len(entries) and all(
-            len(a) == len(b) and all(u is v for u, v in zip(a, b)) for a, b in zip(cached[0], entries)):
-        return cached[1]
     plan: list = []
     i = 0
     while i < len(entries):
@@ -377,8 +377,24 @@ def _stack_plan(model: nn.Module) -> "list[qmatmul_cpu.StackWeights | nn.Module]
         i = j
     if not any(isinstance(item, qmatmul_cpu.StackWeights) for item in plan):
         plan = None
-    model.__dict__["_q4_1_plan"] = (entries, plan)
+    model.__dict__["_q4_1_plan"] = (keys, plan)
     return plan
+
+
+def _layer_key(block: nn.Module) -> tuple:
+    """What `_stack_plan`'s choice for a layer depends on, read from the modules' own dicts (a
+    decode step reads it for every layer: nn.Module attribute lookups would cost ~1 ms a step)."""
+    m = block._modules
+    att, ff = m["attention"], m["feed_forward"]
+    after = m["after_attention"]
+    return (block, block.__dict__.get("decode_fast"), after, len(after), att, ff, att._modules.get("backend"),
+            att.__dict__.get("backend"), att._modules.get("wqkv"), att._modules.get("wo"), ff._modules.get("w13"),
+            ff._modules.get("w2"), m["attention_norm"], m["ffn_norm"], m["attention_norm"]._parameters.get("weight"),
+            m["ffn_norm"]._parameters.get("weight"))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y or (type(x) is int and x == y) for x, y in zip(a, b))
 
 
 def _layer_weights(block: nn.Module, linears) -> qmatmul_cpu.LayerWeights:
