@@ -924,14 +924,42 @@ int q4_1_decode_layer_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t K
    that many calls, without a trip through Python between layers (~40 us each, a fifth of a
    batched step at B = 8). attn_norms[l], ffn_norms[l]: layer l's norm weights (pointers);
    w[16 l ..]: its four projections; k_caches[l B + b], v_caches[l B + b]: sequence b's caches of
-   layer l. cos, sin, max_seqs, positions as for one layer (the same at every layer). */
+   layer l. cos, sin, max_seqs, positions as for one layer (the same at every layer).
+
+   cross: NULL, or STACK_CROSS int64 per layer for one sequence (B = 1) whose layers carry a
+   module after their attention that this call runs (RETRO's chunked cross-attention):
+     [0] 0 a plain layer; 1 the layer's attention half, then `q4_1_cross_attention_step`, then its
+         MLP half; 2 the two halves with nothing between (the module reads nothing this token);
+     [1] the cross step's ProjectionPair pointers; [2], [3] its k, v rows; [4] their count L;
+     [5] its gates (tanh'd); [6], [7] its RoPE rows cos, sin;
+     [8] 0, or where to copy x after the attention half (the module's input, D floats).
+   Halves run as `q4_1_decode_layer`'s parts 1 and 2, which together equal part 3 bit for bit. */
+#define STACK_CROSS 10
 int q4_1_decode_stack_batch(float *x, int64_t B, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
                             int64_t n_layers, const int64_t *attn_norms, const int64_t *ffn_norms, const int64_t *w,
                             const float *cos, const float *sin, void *const *k_caches, void *const *v_caches,
-                            const int64_t *max_seqs, const int64_t *positions, int64_t half) {
+                            const int64_t *max_seqs, const int64_t *positions, int64_t half, const int64_t *cross) {
     for (int64_t l = 0; l < n_layers; l++) {
-        if (q4_1_decode_layer_batch(x, B, D, H, KV, hd, I, eps, (const float *)attn_norms[l], (const float *)ffn_norms[l],
-                                    w + 16 * l, cos, sin, k_caches + l * B, v_caches + l * B, max_seqs, positions, half) != 0)
+        const int64_t *c = cross ? cross + STACK_CROSS * l : NULL;
+        const float *an = (const float *)attn_norms[l], *fn = (const float *)ffn_norms[l];
+        if (c == NULL || c[0] == 0) {
+            if (q4_1_decode_layer_batch(x, B, D, H, KV, hd, I, eps, an, fn, w + 16 * l, cos, sin, k_caches + l * B,
+                                        v_caches + l * B, max_seqs, positions, half) != 0)
+                return -1;
+            continue;
+        }
+        if (B != 1) return -1;
+        if (q4_1_decode_layer(x, D, H, KV, hd, I, eps, an, fn, w + 16 * l, cos, sin, k_caches[l], v_caches[l],
+                              max_seqs[0], positions[0], 1, half) != 0)
+            return -1;
+        if (c[8] != 0)
+            for (int64_t i = 0; i < D; i++) ((float *)c[8])[i] = x[i];
+        if (c[0] == 1 && q4_1_cross_attention_step(x, D, H, KV, hd, eps, an, (const int64_t *)c[1], (const float *)c[6],
+                                                   (const float *)c[7], (const float *)c[2], (const float *)c[3],
+                                                   c[4], (const float *)c[5]) != 0)
+            return -1;
+        if (q4_1_decode_layer(x, D, H, KV, hd, I, eps, an, fn, w + 16 * l, cos, sin, k_caches[l], v_caches[l],
+                              max_seqs[0], positions[0], 2, half) != 0)
             return -1;
     }
     return 0;

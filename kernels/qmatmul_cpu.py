@@ -113,7 +113,7 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     lib.q4_1_decode_layer.restype = ctypes.c_int
     lib.q4_1_decode_layer_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, p, p] + [p] * 6 + [i64]
     lib.q4_1_decode_layer_batch.restype = ctypes.c_int
-    lib.q4_1_decode_stack_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p] + [p] * 6 + [i64]
+    lib.q4_1_decode_stack_batch.argtypes = [p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p] + [p] * 6 + [i64, p]
     lib.q4_1_decode_stack_batch.restype = ctypes.c_int
     lib.q4_1_cross_attention_step.argtypes = [p, i64, i64, i64, i64, ctypes.c_float, p, p, p, p, p, p, i64, p]
     lib.q4_1_cross_attention_step.restype = ctypes.c_int
@@ -466,16 +466,25 @@ def q4_1_decode_layer_batch(x: Tensor, n_heads: int, eps: float, attn_norm: Tens
     return out
 
 
+STACK_CROSS = 10  # int64 per layer of `q4_1_decode_stack_batch`'s cross table (see the .c file)
+
+
 def q4_1_decode_stack_batch(x: Tensor, n_heads: int, eps: float, stack: StackWeights, cos: Tensor, sin: Tensor,
-                            caches: BatchCaches) -> Tensor:
+                            caches: BatchCaches, cross: Optional[Tensor] = None) -> Tensor:
     """`q4_1_decode_layer_batch` through every layer of `stack` in one call: x (B, D) the states
     entering layer `stack.start` -> those leaving its last layer (B, D) (x is not modified);
-    cos, sin (B, hd) the rows' RoPE rows (the same at every layer)."""
+    cos, sin (B, hd) the rows' RoPE rows (the same at every layer). cross: None, or for one
+    sequence an int64 (n_layers, STACK_CROSS) table of the cross-attention steps to run after
+    layers' attention halves (its pointers must stay valid for the call)."""
     B, D = x.shape
     end = stack.start + stack.n_layers
     if B != len(caches.seqs) or end > caches.n_layers:
         raise ValueError(f"{B} rows and layers [{stack.start}, {end}) for {len(caches.seqs)} caches of "
                          f"{caches.n_layers} layers")
+    if cross is not None and (B != 1 or cross.shape != (stack.n_layers, STACK_CROSS) or cross.dtype != torch.int64
+                              or not cross.is_contiguous()):
+        raise ValueError(f"a cross table is (n_layers, {STACK_CROSS}) int64 for one sequence, got {tuple(cross.shape)} "
+                         f"{cross.dtype} for {B} rows")
     out = x.to(torch.float32, copy=True).contiguous()
     cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
     k_ptrs, v_ptrs = (t[stack.start:end] for t in caches.all_layers())
@@ -483,7 +492,7 @@ def q4_1_decode_stack_batch(x: Tensor, n_heads: int, eps: float, stack: StackWei
             out.data_ptr(), B, D, n_heads, caches.kv_heads, caches.head_dim, stack.intermediate, eps, stack.n_layers,
             stack.attn_norms.data_ptr(), stack.ffn_norms.data_ptr(), stack.ptrs.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), caches.seqs.data_ptr(), caches.positions.data_ptr(),
-            caches.half) != 0:
+            caches.half, None if cross is None else cross.data_ptr()) != 0:
         raise MemoryError("qmatmul_cpu: no memory for a batched decode layer's buffers")
     return out
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -307,9 +308,11 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
     its layers allow (`qmatmul_cpu.q4_1_decode_stack_batch`), for one sequence feeding one token
     or a RaggedBatch of sequences each feeding one; the same arithmetic as `q4_1_decode_step`
     layer by layer, without returning to Python between layers. Each run of plain q4_1 layers
-    is one call; a layer that is not plain (modules after its attention, as RETRO's cross-attention;
-    a swapped attention backend, as knn's) runs its own path between two runs. None (each layer
-    then takes its own path) when no layer is plain or the step is not a decode step."""
+    is one call, and so is a plain layer whose one module after its attention can run inside it
+    (it has `stack_step`: RETRO's cross-attention, for one sequence); any other layer (other
+    modules after its attention; a swapped attention backend, as knn's) runs its own path between
+    two runs. None (each layer then takes its own path) when no layer is plain, the step is not a
+    decode step, or a module inside a run cannot run there this token."""
     from memlm.model.llama import RaggedBatch  # llama imports this module lazily
 
     if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
@@ -328,14 +331,28 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
     plan = _stack_plan(model)
     if plan is None:
         return None
+    tables = {}  # run -> (cross table, its steps): asked of every module first, so a refusal changes nothing
+    for item in plan:
+        if isinstance(item, _Run) and any(m is not None for m in item.modules):
+            if isinstance(cache, RaggedBatch):
+                return None  # modules inside a run: one sequence only
+            steps = [None if m is None else m.stack_step(model, x, input_pos) for m in item.modules]
+            if any(st is None for st, m in zip(steps, item.modules) if m is not None):
+                return None  # a module cannot run inside the C call this token: every layer its own path
+            rows = [st.values if st is not None else (0,) * qmatmul_cpu.STACK_CROSS for st in steps]
+            tables[id(item)] = (torch.tensor(rows, dtype=torch.int64), [st for st in steps if st is not None])
     first = model.layers[0]
     cos, sin = rope  # each (N, 1, hd)
     cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
     for item in plan:
-        if isinstance(item, qmatmul_cpu.StackWeights):
+        if isinstance(item, _Run):
+            table, steps = tables.get(id(item), (None, ()))
             x = qmatmul_cpu.q4_1_decode_stack_batch(
-                x.reshape(-1, x.shape[-1]), first.attention.n_heads, first.attention_norm.eps, item, cos, sin,
-                caches).view_as(x)
+                x.reshape(-1, x.shape[-1]), first.attention.n_heads, first.attention_norm.eps, item.weights, cos, sin,
+                caches, table).view_as(x)
+            for st in steps:
+                if st.after is not None:
+                    st.after()
         else:
             x = item(x, rope, input_pos, None, cache, kv_len)
     return x
@@ -347,22 +364,46 @@ def _c_caches(caches) -> bool:
     return len(dtypes) == 1 and dtypes <= set(qmatmul_cpu.KV_DTYPES)
 
 
-def _stack_plan(model: nn.Module) -> "list[qmatmul_cpu.StackWeights | nn.Module] | None":
-    """How `q4_1_decode_stack` runs the layers: each run of plain q4_1 layers as one
-    `StackWeights` (its first layer's index in `.start`), every other layer as itself; None when
-    no layer is plain. Kept on the model while its layers hold the same modules."""
+@dataclass
+class StackStep:
+    """What a module after a layer's attention asks of one C decode step that runs it
+    (`stack_step(model, x, input_pos)`, see `q4_1_decode_stack`): `values`, its STACK_CROSS-long
+    row of `qmatmul_cpu.q4_1_decode_stack_batch`'s cross table; `keep`, what its pointers point
+    into; `after`, called once the step has run (the module's bookkeeping of the token)."""
+
+    values: tuple[int, ...]
+    keep: tuple = ()
+    after: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class _Run:
+    """Consecutive layers run in one C call: their weights, and per layer the module after its
+    attention that the call runs too (`stack_step`), or None."""
+
+    weights: qmatmul_cpu.StackWeights
+    modules: tuple
+
+
+def _stack_plan(model: nn.Module) -> "list[_Run | nn.Module] | None":
+    """How `q4_1_decode_stack` runs the layers: each run of plain q4_1 layers as one `_Run` (a
+    plain layer may carry one module after its attention that can run inside the C call: it has
+    `stack_step`), every other layer as itself; None when no layer is plain. Kept on the model
+    while its layers hold the same modules."""
     keys = [_layer_key(block) for block in model.layers]
     cached = model.__dict__.get("_q4_1_plan")
     if cached is not None and len(cached[0]) == len(keys) and all(map(_same, cached[0], keys)):
         return cached[1]
-    entries = []  # per layer: (block, LayerWeights, attn_norm, ffn_norm) when plain, else (block,)
+    entries = []  # per layer: (block, module or None, LayerWeights, attn_norm, ffn_norm) when plain, else (block,)
     for block in model.layers:
         att, ff = block.attention, block.feed_forward
         linears = (att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None))
-        plain = (block.decode_fast is q4_1_decode_step and not block.after_attention
+        after = list(block.after_attention)
+        inside = after[0] if len(after) == 1 and hasattr(after[0], "stack_step") else None
+        plain = (block.decode_fast is q4_1_decode_step and (not after or inside is not None)
                  and _plain_q4_1_layer(block, linears))
-        entries.append((block, _layer_weights(block, linears), block.attention_norm.weight, block.ffn_norm.weight)
-                       if plain else (block,))
+        entries.append((block, inside, _layer_weights(block, linears), block.attention_norm.weight,
+                        block.ffn_norm.weight) if plain else (block,))
     plan: list = []
     i = 0
     while i < len(entries):
@@ -373,9 +414,10 @@ def _stack_plan(model: nn.Module) -> "list[qmatmul_cpu.StackWeights | nn.Module]
         j = i
         while j < len(entries) and len(entries[j]) > 1:
             j += 1
-        plan.append(qmatmul_cpu.StackWeights([e[1:] for e in entries[i:j]], start=i))
+        plan.append(_Run(qmatmul_cpu.StackWeights([e[2:] for e in entries[i:j]], start=i),
+                         tuple(e[1] for e in entries[i:j])))
         i = j
-    if not any(isinstance(item, qmatmul_cpu.StackWeights) for item in plan):
+    if not any(isinstance(item, _Run) for item in plan):
         plan = None
     model.__dict__["_q4_1_plan"] = (keys, plan)
     return plan
@@ -387,7 +429,8 @@ def _layer_key(block: nn.Module) -> tuple:
     m = block._modules
     att, ff = m["attention"], m["feed_forward"]
     after = m["after_attention"]
-    return (block, block.__dict__.get("decode_fast"), after, len(after), att, ff, att._modules.get("backend"),
+    return (block, block.__dict__.get("decode_fast"), after, len(after), *after._modules.values(), att, ff,
+            att._modules.get("backend"),
             att.__dict__.get("backend"), att._modules.get("wqkv"), att._modules.get("wo"), ff._modules.get("w13"),
             ff._modules.get("w2"), m["attention_norm"], m["ffn_norm"], m["attention_norm"]._parameters.get("weight"),
             m["ffn_norm"]._parameters.get("weight"))

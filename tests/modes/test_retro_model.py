@@ -252,6 +252,7 @@ def test_the_c_decode_step_equals_the_module_path_on_q4_1_layers(qmatmul_isa, mo
     from memlm.modes.retro import model as retro_model
 
     model = quantize_model(tiny_model(), "q4_1")
+    model.decode_stack = None  # each layer its own path (the one-call stack is the next test's)
     adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
     adapter.attach(model)
     n, prompt = 6, M - 3  # the first steps read nothing, the rest one chunk each
@@ -285,6 +286,51 @@ def test_the_c_decode_step_equals_the_module_path_on_q4_1_layers(qmatmul_isa, mo
     assert set(calls) == rows and max(rows) < RETRO.neighbours * RETRO.neighbour_length  # compacted rows
     torch.testing.assert_close(c_path, module_path, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(module_path, decode_without_neighbours(model, adapter, tokens, prompt), atol=1e-3)
+
+
+def test_the_one_call_decode_stack_runs_the_cross_attention_and_changes_no_logit(qmatmul_isa, monkeypatch):
+    """With the q4_1 decode stack, a decode step runs the CCA layers inside its one C call
+    (`ChunkedCrossAttention.stack_step`), the first one keeping the decoder states for the
+    encoder; a token whose chunk completes (the encoder runs between layers) or that reads a
+    neighbour with no valid row takes every layer's own path. Either way the logits are the
+    per-layer C path's, bit for bit."""
+    from memlm.kernels import qmatmul_cpu
+    from memlm.model.quantize import q4_1_decode_stack, quantize_model
+
+    model = quantize_model(tiny_model(), "q4_1")
+    adapter = trained_like(RetroAdapter(TINY, RETRO, seed=3))
+    adapter.attach(model)
+    n, prompt = 6, M - 3
+    tokens = torch.randint(0, TINY.vocab_size, (1, n * M), generator=torch.Generator().manual_seed(6))
+    ids, valid = random_neighbours(n, seed=7)
+    tables = []
+    real = qmatmul_cpu.q4_1_decode_stack_batch
+    monkeypatch.setattr(qmatmul_cpu, "q4_1_decode_stack_batch",
+                        lambda *a: tables.append(None if a[7] is None else a[7][:, 0].tolist()) or real(*a))
+
+    def decode(stack) -> torch.Tensor:
+        model.decode_stack = stack
+        state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
+        got = []
+        with adapter.reading(state), torch.no_grad():
+            for u in range(prompt // M):
+                state.set_neighbours(u, ids[:, u], valid[:, u])
+            got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
+            for p in range(prompt, tokens.shape[1]):
+                if (p + 1) % M == 0:
+                    state.set_neighbours((p + 1) // M - 1, ids[:, p // M], valid[:, p // M])
+                got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
+        return torch.cat(got, 1)
+
+    layered = decode(None)
+    assert tables == []
+    stacked = decode(q4_1_decode_stack)
+    assert torch.equal(stacked, layered)
+    cross = [t for t in tables if t is not None and any(t)]
+    reads = [t for t in cross if 1 in t]  # a step whose CCA layers read a chunk inside the C call
+    assert reads and all(t.count(1) == len(RETRO.layers) for t in reads)
+    assert len(cross) < tokens.shape[1] - prompt  # chunk-completing and invalid-row tokens took the layers' paths
+    assert not torch.equal(stacked, decode_without_neighbours(model, adapter, tokens, prompt))
 
 
 def decode_without_neighbours(model, adapter, tokens, prompt):

@@ -249,6 +249,13 @@ class RetroState:
                              "must both be (B, k, r)")
         self.neighbours[chunk] = (ids, valid)
 
+    def encodes_at(self, start: int, T: int) -> bool:
+        """Whether `encode` of T positions from grid position `start` would encode neighbours (a
+        chunk with neighbours completes in them), rather than only keep the decoder states."""
+        m = self.config.chunk_tokens
+        first = start if self._context is None or start == self.phase else self._context_start
+        return any(u in self.neighbours and u not in self.encoded for u in range(first // m, (start + T) // m))
+
     def encode(self, encoder: NeighbourEncoder, x: Tensor, start: int) -> None:
         """The first CCA layer's input x (B, T, D) at grid positions start.. (sequence positions
         + phase): keep the decoder states of the chunk not completed yet, and encode the
@@ -374,6 +381,44 @@ class ChunkedCrossAttention(nn.Module):
         kvs = {u: kv for u, kv in kvs.items() if kv is not None}
         return self._padded(model, x, kvs, start) if kvs else x
 
+    def stack_step(self, model: Llama, x: Tensor, input_pos: Tensor):
+        """This layer's part of a decode step that runs the whole stack in C
+        (`memlm.model.quantize.q4_1_decode_stack`): the C cross-attention step of `forward`'s
+        decode path as a row of the step's cross table (a `StackStep`), or None where that path
+        does not apply this token (then every layer runs its own path: a chunk completing, whose
+        neighbours the encoder turns into rows before this layer reads them; a neighbour with no
+        valid row; not the C step's case)."""
+        from memlm.kernels import qmatmul_cpu
+        from memlm.model.quantize import StackStep
+
+        state = self.slot.state
+        if state is None:
+            return StackStep((2,) + (0,) * (qmatmul_cpu.STACK_CROSS - 1))
+        if not (C_CROSS_ATTENTION and self._c_step_applies(model, x)):
+            return None
+        m, start = self.config.chunk_tokens, int(input_pos[0]) + state.phase
+        capture, after = None, None
+        if self.encoder is not None:  # the first CCA layer keeps the decoder states of the chunk
+            if state.encodes_at(start, 1):
+                return None
+            capture = torch.empty(x.shape[-1])
+            after = lambda: state.encode(self.encoder, capture.view(1, 1, -1), start)  # noqa: E731
+        hi = chunk_read_by(start, m)
+        kv = state.chunk_kv(self, hi) if hi >= 0 else None
+        if kv is not None and not bool(kv[2].any(-1).all()):
+            return None
+        cap = 0 if capture is None else capture.data_ptr()
+        if kv is None:
+            return StackStep((2, 0, 0, 0, 0, 0, 0, 0, cap, 0), (capture,), after)
+        k, v = state.chunk_rows(self, hi)
+        pos = self.config.neighbour_length + (start - (m - 1)) % m
+        cos, sin = model.rope_cos[pos].float().contiguous(), model.rope_sin[pos].float().contiguous()
+        gate = torch.tanh(self.gate.float()).contiguous()
+        pair = self._c_weights(model)
+        values = (1, pair.ptrs.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], gate.data_ptr(), cos.data_ptr(),
+                  sin.data_ptr(), cap, 0)
+        return StackStep(values, (pair, k, v, gate, cos, sin, capture), after)
+
     def _c_step_applies(self, model: Llama, x: Tensor) -> bool:
         """One fp32 token on CPU, no gradient wanted, and this layer's norm and projections what
         `qmatmul_cpu.q4_1_cross_attention_step` computes (RMSNorm, bias-free Q4_1 wqkv and wo)."""
@@ -392,18 +437,24 @@ class ChunkedCrossAttention(nn.Module):
         from memlm.kernels import qmatmul_cpu
 
         block = model.layers[self.layer]
-        att = block.attention
-        cached = self.__dict__.get("_c_weights")  # made once while the layer holds the same projections
-        if cached is None or cached[0] is not att.wqkv or cached[1] is not att.wo:
-            cached = self.__dict__["_c_weights"] = (att.wqkv, att.wo, qmatmul_cpu.ProjectionPair(
-                att.wqkv.kernel_weights(), att.wo.kernel_weights()))
         m = self.config.chunk_tokens
         pos = self.config.neighbour_length + (start - (m - 1)) % m
         out = qmatmul_cpu.q4_1_cross_attention_step(
-            x.view(-1), self.n_heads, block.attention_norm.eps, block.attention_norm.weight, cached[2],
+            x.view(-1), self.n_heads, block.attention_norm.eps, block.attention_norm.weight, self._c_weights(model),
             model.rope_cos[pos].float().contiguous(), model.rope_sin[pos].float().contiguous(), *rows,
             torch.tanh(self.gate.float()).contiguous())
         return out.view_as(x)
+
+    def _c_weights(self, model: Llama):
+        """The layer's wqkv and wo as the C step reads them, made once while it holds the same projections."""
+        from memlm.kernels import qmatmul_cpu
+
+        att = model.layers[self.layer].attention
+        cached = self.__dict__.get("_c_weights_pair")
+        if cached is None or cached[0] is not att.wqkv or cached[1] is not att.wo:
+            cached = self.__dict__["_c_weights_pair"] = (att.wqkv, att.wo, qmatmul_cpu.ProjectionPair(
+                att.wqkv.kernel_weights(), att.wo.kernel_weights()))
+        return cached[2]
 
     def _query(self, model: Llama, x: Tensor, start: int) -> Tensor:
         """Layer queries (B, H, T, hd) of x at grid positions start.., each rotated to r + its
