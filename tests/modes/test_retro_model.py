@@ -264,17 +264,7 @@ def test_the_c_decode_step_equals_the_module_path_on_q4_1_layers(qmatmul_isa, mo
 
     def decode(c_step: bool) -> torch.Tensor:
         monkeypatch.setattr(retro_model, "C_CROSS_ATTENTION", c_step)
-        state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
-        got = []
-        with adapter.reading(state), torch.no_grad():
-            for u in range(prompt // M):
-                state.set_neighbours(u, ids[:, u], valid[:, u])
-            got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
-            for p in range(prompt, tokens.shape[1]):
-                if (p + 1) % M == 0:
-                    state.set_neighbours((p + 1) // M - 1, ids[:, p // M], valid[:, p // M])
-                got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
-        return torch.cat(got, 1)
+        return decode_reading(model, adapter, tokens, prompt, ids, valid)
 
     module_path = decode(False)
     assert not calls
@@ -310,17 +300,7 @@ def test_the_one_call_decode_stack_runs_the_cross_attention_and_changes_no_logit
 
     def decode(stack) -> torch.Tensor:
         model.decode_stack = stack
-        state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
-        got = []
-        with adapter.reading(state), torch.no_grad():
-            for u in range(prompt // M):
-                state.set_neighbours(u, ids[:, u], valid[:, u])
-            got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
-            for p in range(prompt, tokens.shape[1]):
-                if (p + 1) % M == 0:
-                    state.set_neighbours((p + 1) // M - 1, ids[:, p // M], valid[:, p // M])
-                got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
-        return torch.cat(got, 1)
+        return decode_reading(model, adapter, tokens, prompt, ids, valid)
 
     layered = decode(None)
     assert tables == []
@@ -331,6 +311,23 @@ def test_the_one_call_decode_stack_runs_the_cross_attention_and_changes_no_logit
     assert reads and all(t.count(1) == len(RETRO.layers) for t in reads)
     assert len(cross) < tokens.shape[1] - prompt  # chunk-completing and invalid-row tokens took the layers' paths
     assert not torch.equal(stacked, decode_without_neighbours(model, adapter, tokens, prompt))
+
+
+def decode_reading(model, adapter, tokens, prompt, ids, valid):
+    """Logits of the prompt's prefill, then token by token, the adapter reading neighbours `ids`
+    (valid where `valid`): the prompt's chunks get theirs before the prefill, every later chunk
+    as its last token comes."""
+    state, cache = adapter.new_state(model), model.new_cache(1, tokens.shape[1])
+    got = []
+    with adapter.reading(state), torch.no_grad():
+        for u in range(prompt // M):
+            state.set_neighbours(u, ids[:, u], valid[:, u])
+        got.append(model(tokens[:, :prompt], torch.arange(prompt), cache))
+        for p in range(prompt, tokens.shape[1]):
+            if (p + 1) % M == 0:
+                state.set_neighbours((p + 1) // M - 1, ids[:, p // M], valid[:, p // M])
+            got.append(model(tokens[:, p : p + 1], torch.tensor([p]), cache))
+    return torch.cat(got, 1)
 
 
 def decode_without_neighbours(model, adapter, tokens, prompt):
