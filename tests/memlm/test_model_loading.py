@@ -65,6 +65,26 @@ def test_a_llama_folder_loads_as_memlm_model_and_others_as_transformers(tiny_lla
         load_model(tiny_llama, model_impl="onnx")
 
 
+def test_the_kv_cache_dtype_is_fp16_with_q4_1_unless_set(tiny_llama):
+    """model.kv_cache_dtype "auto": the owned model's caches in fp16 with q4_1 weights (what the C
+    decode layers read), else in the model's dtype; "float32" / "float16" override either way."""
+    from pydantic import ValidationError
+
+    from memlm.config import ModelSettings
+    from memlm.kernels import qmatmul_cpu
+
+    dense = load_model(tiny_llama)
+    assert dense.kv_dtype is None and dense.new_cache(1, 8).k.dtype == torch.float32
+    assert load_model(tiny_llama, kv_cache_dtype="float16").new_cache(1, 8).k.dtype == torch.float16
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        ModelSettings(kv_cache_dtype="bfloat16")
+    if qmatmul_cpu.available() is not None:
+        pytest.skip(f"q4_1 serves dense here: {qmatmul_cpu.available()}")
+    q4 = load_model(tiny_llama, weights="q4_1")
+    assert q4.kv_dtype == torch.float16 and q4.new_cache(1, 8).k.dtype == torch.float16
+    assert load_model(tiny_llama, weights="q4_1", kv_cache_dtype="float32").new_cache(1, 8).k.dtype == torch.float32
+
+
 def _run(model, tokenizer, ids, **sampling):
     *_, outcome = generation.generate_tokens(model, tokenizer, ids, SamplingParams(**sampling), threading.Event(), eos_ids=())
     return outcome.token_ids
