@@ -171,8 +171,9 @@ class BatchScheduler:
         model has a fused decode stack (q4_1: `Llama.decode_stack`): the decoders' one-call C step,
         then the prompt chunks on the module path. One mixed pass would send the decoders down the
         module path too, per-sequence attention and all: 7 decoders beside a 60-token prompt took
-        98.5 ms together against 12.9 + 69.5 apart (Sapphire Rapids, 2 threads). It also keeps a
-        decoder's arithmetic the same whether or not a prompt shared its step."""
+        91.4 ms together against 12.2 + 62.4 apart (benchmarks/batched_step.py, Sapphire Rapids, 2
+        threads). It also keeps a decoder's arithmetic the same whether or not a prompt shared its
+        step."""
         decoding = [i for i, (seq, _) in enumerate(pieces) if seq.next_token is not None]
         if getattr(self.model, "decode_stack", None) is not None and 0 < len(decoding) < len(pieces):
             prompts = [i for i, (seq, _) in enumerate(pieces) if seq.next_token is None]

@@ -327,9 +327,9 @@ class Llama(nn.Module):
         # decode step through the layers in as few calls as they allow (memlm.model.quantize sets
         # it for q4_1), tried before the layers' own `decode_fast` when the whole stack runs.
         self.decode_stack: Optional[Callable[..., Optional[Tensor]]] = None
-        # The dtype of the KV caches `new_cache` makes (None: the model's): memlm.model.load_llama
-        # sets fp16 for q4_1 on CPU, as llama.cpp keeps its cache (half the bytes a decode step
-        # reads per position; the C decode layers read and write it).
+        # The dtype of the KV caches `new_cache` makes (None: the model's): the served model's is set
+        # by memlm.models.loading.load_model (`model.kv_cache_dtype`; fp16 with q4_1, as llama.cpp
+        # keeps its cache: half the bytes a decode step reads per position; the C layers read it).
         self.kv_dtype: Optional[torch.dtype] = None
 
     def new_cache(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> KVCache:

@@ -172,8 +172,9 @@ class _BlockLinear(_WeightOnlyLinear):
 
     # With AVX512-VNNI and AMX: from AMX_ROWS rows (a prompt's prefill) the bf16 copy on oneDNN's
     # AMX GEMM, every pass, batched or not. 30 layers' projections of the bundled model on a
-    # Sapphire Rapids, 2 threads (x16 against bf16): 64 rows 35.4 / 35.6 ms, 128 rows 68.9 / 50.2,
-    # 256 131.2 / 78.6, 512 258.1 / 120.8; below 64 the bf16 GEMM stays at ~23 ms (its weight bytes).
+    # Sapphire Rapids, 2 threads (benchmarks/batched_step.py "rows", x16 against bf16): 64 rows
+    # 42.5 / 44.6 ms, 128 rows 76.5 / 58.3, 256 145.9 / 96.0, 512 294.6 / 153.7; 8 rows 8.8 / 25.1
+    # (below ~64 the bf16 GEMM is bound by its weight bytes).
     AMX_ROWS: "int | None" = 96 if BATCH_ROWS is not None and qmatmul_cpu.has_amx_bf16() else None
 
     def _kernel(self, x: Tensor) -> Tensor:
@@ -320,10 +321,7 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
     if isinstance(cache, RaggedBatch):
         if any(n != 1 for n in cache.lengths) or not _c_caches(cache.caches):
             return None
-        caches = cache.__dict__.get("_q4_1_caches")
-        if caches is None:
-            caches = cache.__dict__["_q4_1_caches"] = qmatmul_cpu.BatchCaches(
-                [c.k[:, 0] for c in cache.caches], [c.v[:, 0] for c in cache.caches], cache.starts)
+        caches = _batch_caches(cache)
     elif x.shape[:2] == (1, 1) and cache.k.shape[1] == 1 and cache.k.dtype in qmatmul_cpu.KV_DTYPES:
         caches = qmatmul_cpu.BatchCaches([cache.k[:, 0]], [cache.v[:, 0]], [kv_len - 1])
     else:
@@ -356,6 +354,15 @@ def q4_1_decode_stack(model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], 
         else:
             x = item(x, rope, input_pos, None, cache, kv_len)
     return x
+
+
+def _batch_caches(batch) -> qmatmul_cpu.BatchCaches:
+    """A RaggedBatch's caches as the C layers read them, made once a step (the same for every layer)."""
+    caches = batch.__dict__.get("_q4_1_caches")
+    if caches is None:
+        caches = batch.__dict__["_q4_1_caches"] = qmatmul_cpu.BatchCaches(
+            [c.k[:, 0] for c in batch.caches], [c.v[:, 0] for c in batch.caches], batch.starts)
+    return caches
 
 
 def _c_caches(caches) -> bool:
@@ -472,10 +479,7 @@ def _q4_1_decode_batch(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor],
             or not _plain_q4_1_layer(block, linears)):
         return None
     cos, sin = rope  # each (N, 1, hd)
-    caches = batch.__dict__.get("_q4_1_caches")  # the same for every layer of the step
-    if caches is None:
-        caches = batch.__dict__["_q4_1_caches"] = qmatmul_cpu.BatchCaches(
-            [c.k[:, 0] for c in batch.caches], [c.v[:, 0] for c in batch.caches], batch.starts)
+    caches = _batch_caches(batch)
     out = qmatmul_cpu.q4_1_decode_layer_batch(
         x.reshape(x.shape[1], -1), att.n_heads, block.attention_norm.eps, block.attention_norm.weight,
         block.ffn_norm.weight, _layer_weights(block, linears), cos.reshape(cos.shape[0], -1),

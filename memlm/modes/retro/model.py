@@ -411,9 +411,7 @@ class ChunkedCrossAttention(nn.Module):
         if kv is None:
             return StackStep((2, 0, 0, 0, 0, 0, 0, 0, cap, 0), (capture,), after)
         k, v = state.chunk_rows(self, hi)
-        pos = self.config.neighbour_length + (start - (m - 1)) % m
-        cos, sin = model.rope_cos[pos].float().contiguous(), model.rope_sin[pos].float().contiguous()
-        gate = torch.tanh(self.gate.float()).contiguous()
+        cos, sin, gate = self._c_inputs(model, start)
         pair = self._c_weights(model)
         values = (1, pair.ptrs.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], gate.data_ptr(), cos.data_ptr(),
                   sin.data_ptr(), cap, 0)
@@ -437,13 +435,19 @@ class ChunkedCrossAttention(nn.Module):
         from memlm.kernels import qmatmul_cpu
 
         block = model.layers[self.layer]
-        m = self.config.chunk_tokens
-        pos = self.config.neighbour_length + (start - (m - 1)) % m
+        cos, sin, gate = self._c_inputs(model, start)
         out = qmatmul_cpu.q4_1_cross_attention_step(
             x.view(-1), self.n_heads, block.attention_norm.eps, block.attention_norm.weight, self._c_weights(model),
-            model.rope_cos[pos].float().contiguous(), model.rope_sin[pos].float().contiguous(), *rows,
-            torch.tanh(self.gate.float()).contiguous())
+            cos, sin, *rows, gate)
         return out.view_as(x)
+
+    def _c_inputs(self, model: Llama, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The C step's RoPE rows for the query at grid position `start` (its distance from the last
+        token of the chunk it reads, past the neighbours' full length) and the tanh'd gates."""
+        m = self.config.chunk_tokens
+        pos = self.config.neighbour_length + (start - (m - 1)) % m
+        return (model.rope_cos[pos].float().contiguous(), model.rope_sin[pos].float().contiguous(),
+                torch.tanh(self.gate.float()).contiguous())
 
     def _c_weights(self, model: Llama):
         """The layer's wqkv and wo as the C step reads them, made once while it holds the same projections."""
